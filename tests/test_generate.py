@@ -63,3 +63,20 @@ def test_stop_string_filter_holds_back_partial_matches():
     assert g.push("ST") == "" and g.push("AR") == "STAR" and g.flush() == ""
     h = StopStringFilter(["STOP"])
     assert h.push("abcST") == "abc" and h.flush() == "ST"
+
+
+def test_batched_left_padded_greedy_equals_one_by_one():
+    from leantune.evaluate import greedy_batch
+
+    torch.manual_seed(0)
+    model = GPT(Config(vocab_size=97, block_size=64, **CONFIGS["llama-gqa"])).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 11, 7)]
+    stop = [5]
+    batched = greedy_batch(model, prompts, 12, stop_ids=stop)
+    for p, got in zip(prompts, batched):
+        single = list(generate_tokens(model, torch.tensor(p), 12, stop_ids=stop))
+        assert got == [t for t in single if t not in stop]
