@@ -122,9 +122,14 @@ def encode_prompt(tokenizer, prompt: str, raw: bool = False, system: str | None 
         return tokenizer.encode(prompt)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    # a template that renders the BOS text itself must not get a second one from encode
-    has_bos_text = tokenizer.bos_id is not None and text.startswith(tokenizer.decode([tokenizer.bos_id]))
-    return tokenizer.encode(text, bos=False if has_bos_text else None)
+    return tokenizer.encode(text, bos=bos_for_rendered(tokenizer, text))
+
+
+def bos_for_rendered(tokenizer, text: str) -> bool | None:
+    """A template that renders the BOS text itself must not get a second BOS from encode."""
+    if tokenizer.bos_id is None:
+        return None
+    return False if text.startswith(tokenizer.decode([tokenizer.bos_id])) else None
 
 
 def generate_command(
@@ -138,6 +143,7 @@ def generate_command(
     raw: bool = False,
     system: str | None = None,
     precision: str | None = None,
+    adapter: Path | None = None,
     seed: int = 1234,
     threads: int | None = None,
 ) -> str:
@@ -154,25 +160,39 @@ def generate_command(
         raw: Send the prompt as is, without the chat template.
         system: Optional system message for the chat template.
         precision: 32-true, bf16-true, 16-true (default: fastest safe one for the device).
+        adapter: A leantune adapter folder (e.g. out/finetune/lora/final) applied unmerged on the base.
         seed: Random seed for sampling.
         threads: CPU threads for torch (default: torch's choice).
     """
-    from leantune.checkpoint.hf import load_hf_checkpoint
-    from leantune.runtime import default_device, resolve_precision, weight_dtype
-    from leantune.tokenizer import Tokenizer
-
     if threads:
         torch.set_num_threads(threads)
-    device = default_device()
-    precision = resolve_precision(precision, device)
-    tokenizer = Tokenizer(checkpoint_dir)
-    model = load_hf_checkpoint(checkpoint_dir, dtype=weight_dtype(precision), device=device).eval()
+    model, tokenizer, precision, device = load_for_inference(checkpoint_dir, precision, adapter)
     ids = torch.tensor(encode_prompt(tokenizer, prompt, raw=raw, system=system), dtype=torch.long)
     generator = torch.Generator(device=device).manual_seed(seed)
     text, n, t0 = _stream(model, tokenizer, ids, max_new_tokens, Sampling(temperature, top_k, top_p), stop, generator)
     dt = time.perf_counter() - t0
     print(f"\n[{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s, prompt {len(ids)} tokens, {precision}]", file=sys.stderr)
     return text
+
+
+def load_for_inference(checkpoint_dir: Path, precision: str | None = None, adapter: Path | None = None):
+    """(model in eval mode, tokenizer, precision, device) with an optional unmerged adapter on the base."""
+    from leantune.checkpoint.hf import load_hf_checkpoint
+    from leantune.runtime import default_device, resolve_precision, weight_dtype
+    from leantune.tokenizer import Tokenizer
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint_dir}: no config.json. Import a model first: leantune download <repo_id>")
+    device = default_device()
+    precision = resolve_precision(precision, device)
+    tokenizer = Tokenizer(checkpoint_dir)
+    model = load_hf_checkpoint(checkpoint_dir, dtype=weight_dtype(precision), device=device)
+    if adapter is not None:
+        from leantune.methods import load_adapter
+
+        load_adapter(model, Path(adapter), checkpoint_dir)
+    return model.eval(), tokenizer, precision, device
 
 
 def _stream(model, tokenizer, ids, max_new_tokens, sampling, stop, generator):

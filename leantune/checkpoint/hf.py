@@ -281,6 +281,7 @@ def save_hf_checkpoint(model: GPT, out_dir: str | Path, source_dir: str | Path |
             cfg_dict = json.load(fh)
         if dtype is not None:
             cfg_dict["torch_dtype"] = str(dtype).removeprefix("torch.")
+        cfg_dict["tie_word_embeddings"] = model.config.tie_embeddings  # a merged head LoRA unties
     else:
         cfg_dict = hf_config_dict(model.config, dtype or next(iter(sd.values())).dtype)
     with atomic_dir(out_dir) as tmp:

@@ -1,0 +1,69 @@
+"""`leantune chat`: a multi-turn terminal chat that keeps the history in the model's chat template."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from leantune.finetune import DEFAULT_CHECKPOINT
+from leantune.generate import Sampling, _stream, bos_for_rendered, load_for_inference
+
+
+def chat_command(
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT,
+    adapter: Path | None = None,
+    system: str | None = None,
+    max_new_tokens: int = 512,
+    temperature: float = 0.7,
+    top_k: int | None = 50,
+    top_p: float = 0.9,
+    precision: str | None = None,
+    seed: int = 1234,
+) -> None:
+    """Chat with a model in the terminal. Type /reset to clear the history, /exit (or Ctrl-D) to quit.
+
+    Args:
+        checkpoint_dir: A Hugging Face model folder with a chat template.
+        adapter: A leantune adapter folder applied unmerged on the base.
+        system: Optional system message.
+        max_new_tokens: Most tokens per answer.
+        temperature: Sampling temperature; 0 means greedy.
+        top_k: Sample among the k most likely tokens.
+        top_p: Nucleus sampling mass.
+        precision: 32-true, bf16-true, 16-true.
+        seed: Random seed for sampling.
+    """
+    model, tokenizer, _, device = load_for_inference(checkpoint_dir, precision, adapter)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{checkpoint_dir} has no chat template; use `leantune generate --raw` instead")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    print("chat: /reset clears the history, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            user = input(">> ").strip()
+        except EOFError:
+            print()
+            return
+        if user in ("/exit", "/quit"):
+            return
+        if user == "/reset":
+            history = history[:1] if system else []
+            continue
+        if not user:
+            continue
+        history.append({"role": "user", "content": user})
+        text = tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        ids = torch.tensor(tokenizer.encode(text, bos=bos_for_rendered(tokenizer, text)), dtype=torch.long)
+        budget = model.config.block_size - len(ids)
+        if budget <= 0:
+            print("[history is longer than the model's context; /reset to start over]", file=sys.stderr)
+            history.pop()
+            continue
+        answer, _, _ = _stream(model, tokenizer, ids, min(max_new_tokens, budget),
+                               Sampling(temperature, top_k, top_p), None, generator)
+        print()
+        history.append({"role": "assistant", "content": answer})
+

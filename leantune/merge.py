@@ -1,0 +1,57 @@
+"""`leantune merge`: fold one or several LoRA adapters (with weights) into the base and write an HF folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from leantune.finetune import DEFAULT_CHECKPOINT
+
+
+def merge_adapters(model, adapters: list[Path], weights: list[float] | None = None):
+    """Apply and fold each LoRA adapter in turn: W <- W + sum_i w_i * scale_i * B_i A_i."""
+    from leantune.methods import apply_method, load_trainable, method_args_class, read_manifest
+    from leantune.peft.lora import merge_lora
+
+    weights = weights or [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
+    for path, w in zip(adapters, weights):
+        manifest = read_manifest(path)
+        if manifest["method"] not in ("lora", "qlora"):
+            raise ValueError(f"{path}: method {manifest['method']!r} cannot be merged into the weights; "
+                             "only LoRA adapters can (load others with --adapter instead)")
+        apply_method(model, "lora", method_args_class("lora")(**manifest["method_args"]))
+        load_trainable(model, "lora", Path(path))
+        merge_lora(model, weight=w)
+    model.requires_grad_(False)
+    return model
+
+
+def merge_command(
+    adapter: list[Path],
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT,
+    out_dir: Path | None = None,
+    weights: list[float] | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """Fold LoRA adapters into the base model and write a Hugging Face folder transformers loads.
+
+    Args:
+        adapter: One or more adapter folders written by `leantune finetune lora` (their final/ or step-N/ folder).
+        checkpoint_dir: The base model the adapters were trained on.
+        out_dir: Output folder (default: <first adapter>/merged).
+        weights: One weight per adapter (default 1.0 each), e.g. to blend two adapters.
+        dtype: float32, bfloat16 or float16 for the written weights (default: the base's dtype).
+    """
+    from leantune.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
+
+    adapters = [Path(a) for a in adapter]
+    out_dir = Path(out_dir or adapters[0] / "merged")
+    model = load_hf_checkpoint(checkpoint_dir, dtype=torch.float32)
+    merge_adapters(model, adapters, weights)
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    save_hf_checkpoint(model, out_dir, source_dir=checkpoint_dir, dtype=torch_dtype)
+    print(f"merged {len(adapters)} adapter(s) into {out_dir}")
+    return out_dir
