@@ -132,7 +132,7 @@ class Config:
                 mlp_class="gelu", gelu_approximate=_gelu(hf.get("hidden_act", "gelu")), norm_class="layernorm",
                 norm_eps=hf.get("layer_norm_eps", 1e-5), bias=True,
                 rotary_percentage=hf.get("rotary_pct", hf.get("partial_rotary_factor", 0.25)),
-                rope_base=_rope_theta(hf, 10000.0), rope_scaling=_rope_scaling(hf),
+                rope_base=_rope_theta(hf, hf.get("rotary_emb_base", 10000.0)), rope_scaling=_rope_scaling(hf),
                 parallel_residual=hf.get("use_parallel_residual", True),
             )
         elif mt == "falcon":
@@ -161,6 +161,8 @@ class Config:
                 tie_embeddings=hf.get("tie_word_embeddings", True),
             )
         elif mt == "phi":
+            if hf.get("qk_layernorm"):
+                raise ValueError("phi with qk_layernorm is not supported")
             n_head = hf["num_attention_heads"]
             kw.update(
                 block_size=hf.get("max_position_embeddings", 2048), vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],

@@ -92,16 +92,24 @@ class GPT(nn.Module):
 
     def _mask(self, T, input_pos, segment_ids, attention_mask, device) -> torch.Tensor | None:
         """A boolean (B|1, 1, T, S) mask where True means "may attend", or None for the plain causal case."""
+        window = self.config.sliding_window
         if input_pos is not None:  # KV-cache decoding: keys are positions 0..S-1 of the cache
             S = int(input_pos[-1]) + 1
-            if T == 1 and attention_mask is None:
+            if T == 1 and attention_mask is None and (window is None or S <= window):
                 return None  # a single new token attends to everything cached so far
-            mask = input_pos[:, None] >= torch.arange(S, device=device)[None]  # (T, S)
+            keys = torch.arange(S, device=device)[None]
+            mask = input_pos[:, None] >= keys  # (T, S)
+            if window is not None:
+                mask = mask & (input_pos[:, None] - keys < window)
             mask = mask[None, None]
             if attention_mask is not None:
                 mask = mask & attention_mask[:, None, None, :S].bool()
             return mask
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        if window is not None and T > window:  # Mistral-style sliding window: only the last `window` keys
+            causal = causal & ~torch.ones(T, T, dtype=torch.bool, device=device).tril(-window)
+            if segment_ids is None and attention_mask is None:
+                return causal[None, None]
         if segment_ids is not None:
             same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
             return (same & causal)[:, None]

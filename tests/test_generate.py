@@ -13,6 +13,7 @@ CONFIGS = {
                                 norm_class="layernorm", parallel_residual=True, shared_attention_norm=True),
     "neox-partial-rotary": dict(n_layer=2, n_embd=64, n_head=4, rotary_percentage=0.25, mlp_class="gelu",
                                 norm_class="layernorm", bias=True, parallel_residual=True),
+    "mistral-sliding-window": dict(n_layer=2, n_embd=64, n_head=4, n_query_groups=2, sliding_window=6),
     "gpt2-learned-pos": dict(n_layer=2, n_embd=64, n_head=4, mlp_class="gelu", norm_class="layernorm", bias=True,
                              learned_pos_emb=True, tie_embeddings=True),
 }
