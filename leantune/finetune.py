@@ -8,7 +8,10 @@ from typing import Literal
 
 import torch
 
+from leantune.data import DataModule, Demo
 from leantune.download import DEFAULT_REPO_ID
+from leantune.peft.adapter import AdapterArgs
+from leantune.peft.lora import LoRAArgs
 from leantune.train.loop import EvalArgs, TrainArgs
 from leantune.train.optim import OptimizerArgs
 
@@ -16,21 +19,20 @@ DEFAULT_CHECKPOINT = Path("checkpoints") / DEFAULT_REPO_ID
 
 
 def finetune(
-    method: Literal["lora", "qlora", "adapter", "adapter_v2", "full"] = "lora",
+    method: Literal["lora", "qlora", "adapter", "adapter_v2", "full"],
     checkpoint_dir: Path = DEFAULT_CHECKPOINT,
     out_dir: Path | None = None,
-    data=None,
+    data: DataModule | None = None,
     precision: str | None = None,
     quantize: str | None = None,
     prompt_style: str | None = None,
-    train: TrainArgs | None = None,
-    eval: EvalArgs | None = None,
-    optimizer: OptimizerArgs | None = None,
-    lora=None,
-    adapter=None,
+    train: TrainArgs = TrainArgs(),
+    eval: EvalArgs = EvalArgs(),
+    optimizer: OptimizerArgs = OptimizerArgs(),
+    lora: LoRAArgs = LoRAArgs(),
+    adapter: AdapterArgs = AdapterArgs(),
     resume: str | None = None,
     threads: int | None = None,
-    seed: int = 42,
 ) -> dict:
     """Finetune a checkpoint with one method through the shared training loop.
 
@@ -38,7 +40,8 @@ def finetune(
         method: lora, qlora, adapter (LLaMA-Adapter v1), adapter_v2, or full.
         checkpoint_dir: Base model: a Hugging Face folder (the default model is imported on first use).
         out_dir: Where checkpoints, metrics.csv and loss.png go (default out/finetune/<method>).
-        data: Dataset module, e.g. --data Demo, --data JSON --data.json_path file.jsonl, --data Alpaca.
+        data: Dataset module (default Demo, the built-in verifiable tasks), e.g. --data JSON
+            --data.json_path file.jsonl, --data Alpaca, --data Chat.
         precision: 32-true, bf16-true, bf16-mixed, 16-mixed (default: fastest safe one for the device).
         quantize: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8 for the frozen base (QLoRA).
         prompt_style: Prompt style name (default: the checkpoint's chat template, else from its config).
@@ -49,10 +52,8 @@ def finetune(
         adapter: LLaMA-Adapter hyperparameters (--adapter.prompt_length, --adapter.start_layer).
         resume: "auto" (latest step-N in out_dir) or a checkpoint folder to resume from exactly.
         threads: CPU threads for torch.
-        seed: Random seed (model init of new parameters, dropout, data order).
     """
     from leantune.checkpoint.hf import load_hf_checkpoint
-    from leantune.data import Demo, prompt_style_for_checkpoint
     from leantune.methods import apply_method, build_manifest, load_trainable, save_checkpoint
     from leantune.runtime import default_device, resolve_precision, weight_dtype
     from leantune.tokenizer import Tokenizer
@@ -60,8 +61,7 @@ def finetune(
 
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    train, eval, optimizer = train or TrainArgs(seed=seed), eval or EvalArgs(), optimizer or OptimizerArgs()
+    torch.manual_seed(train.seed)
     data = data if data is not None else Demo()
     out_dir = Path(out_dir or Path("out") / "finetune" / method)
     checkpoint_dir = _ensure_checkpoint(Path(checkpoint_dir))
@@ -76,10 +76,10 @@ def finetune(
     device = default_device()
     precision = resolve_precision(precision, device)
     tokenizer = Tokenizer(checkpoint_dir)
-    style = prompt_style_for_checkpoint(checkpoint_dir, tokenizer, name=prompt_style)
-    data.connect(tokenizer, prompt_style=style, max_seq_length=train.max_seq_length,
+    data.connect(tokenizer, prompt_style=prompt_style, max_seq_length=train.max_seq_length,
                  batch_size=train.micro_batch_size, seed=train.seed, packing=train.packing)
     data.setup()
+    style = data.prompt_style
 
     model = load_hf_checkpoint(checkpoint_dir, dtype=weight_dtype(precision), device=device)
     task = _task_eval(data, tokenizer, style)
@@ -118,7 +118,10 @@ def _method_args(method: str, lora, adapter):
     given = lora if method in ("lora", "qlora") else adapter
     if given is None:
         return cls()
-    return given if isinstance(given, cls) else cls(**dict(given))
+    if isinstance(given, cls):
+        return given
+    fields = given.__dict__ if hasattr(given, "__dict__") else dict(given)
+    return cls(**fields)  # adapter_v2 takes the same fields as adapter
 
 
 def _ensure_checkpoint(checkpoint_dir: Path) -> Path:

@@ -1,0 +1,267 @@
+"""The tokenizer of a checkpoint folder: `tokenizer.json` (tokenizers) or `tokenizer.model` (sentencepiece).
+
+Special tokens are never left to the backend: `encode` asks it for plain ids and adds BOS/EOS itself, so a
+prompt gets exactly one BOS whatever the post-processor would do. Chat templates are rendered with jinja2 in
+the same sandbox and with the same helpers as transformers, so the text equals `apply_chat_template`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _token_str(value: Any) -> str | None:
+    """A special token as written in tokenizer_config.json: a string or a serialized AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+class Tokenizer:
+    """Encode/decode and chat templates for a checkpoint folder; special-token ids resolved once at load."""
+
+    def __init__(self, checkpoint_dir: str | Path) -> None:
+        self.checkpoint_dir = d = Path(checkpoint_dir)
+        self._config = cfg = _read_json(d / "tokenizer_config.json")
+        special_map = _read_json(d / "special_tokens_map.json")
+        gen, model_cfg = _read_json(d / "generation_config.json"), _read_json(d / "config.json")
+        if (d / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self.backend = "tokenizers"
+            self._hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
+            self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
+        elif (d / "tokenizer.model").is_file():
+            import sentencepiece as spm
+
+            self.backend = "sentencepiece"
+            self._sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+            self.vocab_size = self._sp.get_piece_size()
+        else:
+            raise FileNotFoundError(f"{d}: no tokenizer.json or tokenizer.model found")
+
+        def special(name: str) -> str | None:
+            return _token_str(cfg.get(name)) or _token_str(special_map.get(name))
+
+        def resolve(name: str, fallbacks: list[int]) -> int | None:
+            token = special(name)
+            tid = self.token_to_id(token) if token is not None else None
+            return tid if tid is not None else (fallbacks[0] if fallbacks else None)
+
+        sp_ids: dict[str, int] = {}
+        if self.backend == "sentencepiece":
+            for key, get_id in (("bos", self._sp.bos_id), ("eos", self._sp.eos_id), ("pad", self._sp.pad_id)):
+                if get_id() >= 0:
+                    sp_ids[key] = get_id()
+
+        def ids_from(key: str) -> list[int]:
+            ids = _as_list(gen.get(f"{key}_token_id")) + _as_list(model_cfg.get(f"{key}_token_id"))
+            return ids + ([sp_ids[key]] if key in sp_ids else [])
+
+        self.bos_id: int | None = resolve("bos_token", ids_from("bos"))
+        self.eos_id: int | None = resolve("eos_token", ids_from("eos"))
+        self.pad_id: int | None = resolve("pad_token", ids_from("pad"))
+        self.eos_ids: list[int] = list(dict.fromkeys(
+            ([self.eos_id] if self.eos_id is not None else []) + ids_from("eos")))
+        self.special_tokens = {k: special(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        for key, tid in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)):
+            if self.special_tokens[key] is None and tid is not None:
+                self.special_tokens[key] = self.id_to_token(tid)
+        self.use_bos: bool = self._detect_use_bos()
+        self.chat_template: str | None = self._load_chat_template()
+        self._special_split = self._special_pattern() if self.backend == "sentencepiece" else None
+
+    # ---- special tokens ------------------------------------------------------------------------------------
+    def _detect_use_bos(self) -> bool:
+        """tokenizer_config's `add_bos_token` wins (transformers applies it too); else what the backend does."""
+        if self.bos_id is None:
+            return False
+        if "add_bos_token" in self._config:
+            return bool(self._config["add_bos_token"])
+        if self.backend == "tokenizers":
+            with_special = self._hf.encode("a", add_special_tokens=True).ids
+            return bool(with_special) and with_special[0] == self.bos_id
+        return True  # sentencepiece models with a BOS piece (Llama 1/2, Mistral, Gemma) prepend it by default
+
+    def token_to_id(self, token: str) -> int | None:
+        if self.backend == "tokenizers":
+            return self._hf.token_to_id(token)
+        tid = self._sp.piece_to_id(token)
+        return tid if (tid != self._sp.unk_id() or token == self._sp.id_to_piece(tid)) else None
+
+    def id_to_token(self, tid: int) -> str | None:
+        if self.backend == "tokenizers":
+            return self._hf.id_to_token(tid)
+        return self._sp.id_to_piece(tid) if 0 <= tid < self.vocab_size else None
+
+    def _special_pattern(self) -> re.Pattern | None:
+        """Sentencepiece does not know added/special token strings; split them out of the text ourselves."""
+        strings = {s for s in self.special_tokens.values() if s}
+        for entry in self._config.get("added_tokens_decoder", {}).values():
+            if isinstance(entry, dict) and entry.get("content"):
+                strings.add(entry["content"])
+        strings = {s for s in strings if self.token_to_id(s) is not None}
+        if not strings:
+            return None
+        return re.compile("(" + "|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)) + ")")
+
+    # ---- encode / decode -----------------------------------------------------------------------------------
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False, max_length: int = -1) -> list[int]:
+        """Token ids of `text`; `bos=None` follows the model's convention (`use_bos`). Never two BOS."""
+        if self.backend == "tokenizers":
+            ids = self._hf.encode(text, add_special_tokens=False).ids
+        else:
+            ids = self._encode_sp(text)
+        if (self.use_bos if bos is None else bos) and self.bos_id is not None and not (ids and ids[0] == self.bos_id):
+            ids = [self.bos_id, *ids]
+        if eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        if max_length > 0:
+            ids = ids[:max_length]
+        return ids
+
+    def _encode_sp(self, text: str) -> list[int]:
+        if self._special_split is None:
+            return list(self._sp.encode(text))
+        ids: list[int] = []
+        for i, part in enumerate(self._special_split.split(text)):
+            if i % 2:
+                ids.append(self.token_to_id(part))  # type: ignore[arg-type]
+            elif part:
+                ids.extend(self._sp.encode(part))
+        return ids
+
+    def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        """Text of `ids` (no clean-up of spaces: the model's text exactly)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()
+        ids = [int(i) for i in ids]
+        if self.backend == "tokenizers":
+            return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        # sentencepiece decodes control pieces to "": keep them as text unless asked to skip, like transformers.
+        out, run = [], []
+        for tid in ids:
+            if self._sp.is_control(tid) or self._sp.is_unknown(tid):
+                out.append(self._sp.decode(run))
+                run = []
+                if not skip_special_tokens:
+                    out.append(self._sp.id_to_piece(tid))
+            else:
+                run.append(tid)
+        out.append(self._sp.decode(run))
+        return "".join(out)
+
+    def stream_decoder(self, skip_special_tokens: bool = False) -> IncrementalDecoder:
+        return IncrementalDecoder(self, skip_special_tokens)
+
+    # ---- chat templates ------------------------------------------------------------------------------------
+    def _load_chat_template(self) -> str | None:
+        jinja = self.checkpoint_dir / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8")
+        tmpl = self._config.get("chat_template")
+        if isinstance(tmpl, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
+            tmpl = named.get("default") or next(iter(named.values()), None)
+        return tmpl if isinstance(tmpl, str) else None
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        """Render `messages` with the checkpoint's chat template (same text as transformers, tokenize=False)."""
+        if not self.chat_template:
+            raise ValueError(f"{self.checkpoint_dir}: the tokenizer has no chat template")
+        context = {k: v for k, v in self.special_tokens.items() if v is not None}
+        context.update(kwargs)
+        return _compile(self.chat_template).render(
+            messages=json.loads(json.dumps(messages)), add_generation_prompt=add_generation_prompt, **context)
+
+
+_TEMPLATE_CACHE: dict[str, Any] = {}
+
+
+def _compile(template: str) -> Any:
+    """A jinja2 template in an immutable sandbox with transformers' helpers (tojson, raise_exception, ...)."""
+    if template in _TEMPLATE_CACHE:
+        return _TEMPLATE_CACHE[template]
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """`{% generation %}...{% endgeneration %}` marks assistant text for masks; rendering passes it through."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller: Any) -> str:
+            return caller()
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    compiled = _TEMPLATE_CACHE[template] = env.from_string(template)
+    return compiled
+
+
+class IncrementalDecoder:
+    """Streaming detokenization: push ids one at a time, get the newly completed text.
+
+    Decodes a short window ending at the newest token and emits only the part past the already-emitted prefix,
+    holding back while the window ends in an incomplete UTF-8 sequence (U+FFFD), so multi-byte characters split
+    over several byte-fallback/byte-level tokens come out whole. The concatenated output equals `decode(all ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix = 0  # window start: tokens before it are never re-decoded
+        self._read = 0  # tokens up to here are already emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        prefix_text = self._decode(self.ids[self._prefix:self._read])
+        text = self._decode(self.ids[self._prefix:])
+        if len(text) > len(prefix_text) and not text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (e.g. a truncated multi-byte character at the end)."""
+        prefix_text = self._decode(self.ids[self._prefix:self._read])
+        text = self._decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return text[len(prefix_text):]
