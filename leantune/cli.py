@@ -30,8 +30,13 @@ def _components() -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jsonargparse import CLI
+    from jsonargparse import CLI, set_parsing_settings
 
+    from leantune.data import DataModule
+
+    # --data Demo / --data JSON --data.json_path f.jsonl: dataset modules are chosen by class name;
+    # dataclass field docstrings become the --help of each --x.y option.
+    set_parsing_settings(subclasses_enabled=[DataModule], docstring_parse_attribute_docstrings=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else argv
     try:

@@ -18,6 +18,8 @@ import torch
 
 from leantune.config import Config
 from leantune.model import GPT
+from leantune.peft.adapter import AdapterArgs
+from leantune.peft.lora import LoRAArgs
 
 DTYPE_BYTES = {"32-true": 4, "bf16-true": 2, "16-true": 2, "bf16-mixed": 4, "16-mixed": 4}
 QUANT_BYTES = {"bnb.nf4": 0.5 + 4 / 64, "bnb.fp4": 0.5 + 4 / 64, "bnb.nf4-dq": 0.5 + 1 / 64 + 4 / (64 * 256),
@@ -83,8 +85,8 @@ def estimate_command(
     max_seq_length: int = 2048,
     optimizer: str = "AdamW",
     activation_checkpointing: bool = False,
-    lora=None,
-    adapter=None,
+    lora: LoRAArgs = LoRAArgs(),
+    adapter: AdapterArgs = AdapterArgs(),
 ) -> dict:
     """Parameter counts and a memory estimate for finetuning, without loading any weights.
 

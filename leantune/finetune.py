@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Literal
@@ -13,7 +14,7 @@ from leantune.download import DEFAULT_REPO_ID
 from leantune.peft.adapter import AdapterArgs
 from leantune.peft.lora import LoRAArgs
 from leantune.train.loop import EvalArgs, TrainArgs
-from leantune.train.optim import OptimizerArgs
+from leantune.train.optim import DEFAULT_LR, OptimizerArgs
 
 DEFAULT_CHECKPOINT = Path("checkpoints") / DEFAULT_REPO_ID
 
@@ -63,6 +64,8 @@ def finetune(
         torch.set_num_threads(threads)
     torch.manual_seed(train.seed)
     data = data if data is not None else Demo()
+    if optimizer.lr is None:
+        optimizer = dataclasses.replace(optimizer, lr=DEFAULT_LR[method])
     out_dir = Path(out_dir or Path("out") / "finetune" / method)
     checkpoint_dir = _ensure_checkpoint(Path(checkpoint_dir))
     if method == "qlora" and quantize is None:

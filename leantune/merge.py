@@ -30,7 +30,7 @@ def merge_adapters(model, adapters: list[Path], weights: list[float] | None = No
 
 
 def merge_command(
-    adapter: list[Path],
+    adapter: Path | list[Path] | None = None,
     checkpoint_dir: Path = DEFAULT_CHECKPOINT,
     out_dir: Path | None = None,
     weights: list[float] | None = None,
@@ -39,7 +39,8 @@ def merge_command(
     """Fold LoRA adapters into the base model and write a Hugging Face folder transformers loads.
 
     Args:
-        adapter: One or more adapter folders written by `leantune finetune lora` (their final/ or step-N/ folder).
+        adapter: An adapter folder written by `leantune finetune lora` (its final/ or step-N/ folder), or a list
+            of them, e.g. --adapter [out/a/final,out/b/final] --weights [0.7,0.3].
         checkpoint_dir: The base model the adapters were trained on.
         out_dir: Output folder (default: <first adapter>/merged).
         weights: One weight per adapter (default 1.0 each), e.g. to blend two adapters.
@@ -47,7 +48,9 @@ def merge_command(
     """
     from leantune.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
 
-    adapters = [Path(a) for a in adapter]
+    if adapter is None:
+        raise ValueError("merge needs --adapter DIR (a leantune LoRA checkpoint folder, e.g. out/finetune/lora/final)")
+    adapters = [Path(a) for a in (adapter if isinstance(adapter, list | tuple) else [adapter])]
     out_dir = Path(out_dir or adapters[0] / "merged")
     model = load_hf_checkpoint(checkpoint_dir, dtype=torch.float32)
     merge_adapters(model, adapters, weights)

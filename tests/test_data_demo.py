@@ -15,14 +15,14 @@ def test_splits_deterministic_and_disjoint():
     demo = Demo()
     test = demo.test_set()
     train, val = (list(x) for x in demo.load_examples())
-    assert len(test) == 100 and len(train) == 2000 and len(val) == 100
+    assert len(test) == 100 and len(train) == 800 and len(val) == 100
     prompts = [r["instruction"] for r in test] + [e.record["instruction"] for e in train + val]
     assert len(set(prompts)) == len(prompts)  # no prompt twice, so test prompts never appear in training
     assert Demo().test_set() == test and [e.record for e in Demo().load_examples()[0]] == [e.record for e in train]
     assert Demo(num_train=50).test_set() == test  # the test set does not depend on the training size
     assert Demo(task_seed=1).test_set() != test
     assert {r["task"] for r in test} == set(TASKS)
-    assert [e.sample_id for e in train] == list(range(2000))
+    assert [e.sample_id for e in train] == list(range(800))
 
 
 def recompute(record: dict) -> str:

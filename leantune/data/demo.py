@@ -115,7 +115,7 @@ def generate(seed: int, sizes: tuple[int, ...], tasks: tuple[str, ...] = tuple(T
 class Demo(InstructionDataModule):
     """Built-in verifiable tasks (sort, reverse, count letters, add, subtract, convert units, uppercase)."""
 
-    num_train: int = 2000
+    num_train: int = 800
     """Training prompts."""
     num_val: int = 100
     """Validation prompts (for the validation loss)."""

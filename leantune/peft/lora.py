@@ -27,8 +27,8 @@ class LoRAArgs:
     """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
     dropout: float = 0.05
     """Dropout on the LoRA branch input."""
-    targets: list[str] = field(default_factory=lambda: ["query", "value"])
-    """Layers to adapt, among query, key, value, projection, mlp, head (or "all")."""
+    targets: list[str] | str = field(default_factory=lambda: ["query", "value"])
+    """Layers to adapt: a list or comma-separated string among query, key, value, projection, mlp, head; or all."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
 

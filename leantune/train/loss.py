@@ -1,7 +1,9 @@
-"""Cross-entropy only where it is needed: logits are computed for supervised positions, in chunks.
+"""Cross-entropy only where it is needed, without keeping the logits alive.
 
-The LM head is ~20% of a small model's FLOPs and its fp32 logits (tokens x vocab) dominate activation memory.
-Masked prompt tokens need no logits at all, and chunking with recomputation bounds the logits alive at once.
+The LM head is a large share of a small model's FLOPs and its fp32 logits (tokens x vocab) dominate activation
+memory. Masked prompt tokens need no logits at all, so only supervised positions are projected. For a plain
+linear head the loss and its gradients are computed chunk by chunk in one pass (softmax minus one-hot, then the
+two matmuls), so no (tokens x vocab) tensor outlives its chunk and no log-softmax backward pass is needed.
 """
 
 from __future__ import annotations
@@ -11,22 +13,69 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-def supervised_ce_sum(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
-                      chunk_size: int = 2048) -> torch.Tensor:
-    """Sum of token cross-entropies. hidden (B, T, C), labels (B, T) pre-shifted with -100 = ignore.
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T + b, y_i); gradients for h, W, b are produced during the forward pass, chunk by chunk."""
 
-    lm_head is called as a module, so any PEFT layer on the head (LoRA, adapter v2) just works.
-    """
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, chunk_size):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        gb = torch.zeros_like(bias, dtype=torch.float32) if need_b and bias is not None else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk_size):
+            hc, yc = h[s:s + chunk_size], y[s:s + chunk_size]
+            logits = F.linear(hc, weight, bias).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            loss += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if gh is None and gw is None and gb is None:
+                continue
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            probs[torch.arange(len(yc), device=yc.device), yc] -= 1.0  # d loss / d logits
+            g = probs.to(h.dtype)
+            if gh is not None:
+                gh[s:s + chunk_size] = g @ weight  # (n, C)
+            if gw is not None:
+                gw += (g.t() @ hc).float()  # (V, C)
+            if gb is not None:
+                gb += probs.sum(0)
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (gh, gw, gb)))
+        ctx.present = (gh is not None, gw is not None, gb is not None)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        gh, gw, gb = ctx.saved_tensors
+        has_h, has_w, has_b = ctx.present
+        return (gh * grad_loss.to(gh.dtype) if has_h else None,
+                (gw * grad_loss).to(ctx.dtypes[0]) if has_w else None,
+                (gb * grad_loss).to(ctx.dtypes[1]) if has_b else None, None, None)
+
+
+def supervised_ce_sum(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
+                      chunk_size: int = 1024) -> torch.Tensor:
+    """Sum of token cross-entropies. hidden (B, T, C), labels (B, T) pre-shifted with -100 = ignore."""
     keep = labels != -100  # (B, T)
     h = hidden[keep]  # (N, C): only supervised positions
     y = labels[keep]  # (N,)
     if h.shape[0] == 0:
         return hidden.sum() * 0.0
-
-    def chunk_loss(hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(lm_head(hc).float(), yc, reduction="sum")  # logits (n, V) live only here
-
+    if type(lm_head) is torch.nn.Linear:
+        if not torch.is_grad_enabled():
+            return _plain(h, lm_head, y, chunk_size)
+        return _FusedLinearCrossEntropy.apply(h, lm_head.weight, lm_head.bias, y, chunk_size)
+    # A PEFT layer on the head (LoRA, adapter v2): call it as a module; recompute per chunk to bound memory.
     pieces = list(zip(h.split(chunk_size), y.split(chunk_size)))
     if len(pieces) == 1 or not torch.is_grad_enabled():
-        return sum(chunk_loss(hc, yc) for hc, yc in pieces)
-    return sum(checkpoint(chunk_loss, hc, yc, use_reentrant=False) for hc, yc in pieces)
+        return _plain(h, lm_head, y, chunk_size)
+    return sum(checkpoint(_chunk_ce, lm_head, hc, yc, use_reentrant=False) for hc, yc in pieces)
+
+
+def _chunk_ce(lm_head, hc, yc):
+    return F.cross_entropy(lm_head(hc).float(), yc, reduction="sum")  # logits (n, V) live only here
+
+
+def _plain(h, lm_head, y, chunk_size):
+    return sum(_chunk_ce(lm_head, hc, yc) for hc, yc in zip(h.split(chunk_size), y.split(chunk_size)))
+

@@ -1,0 +1,105 @@
+"""End to end through the commands on a tiny model with the real default tokenizer: finetune (every method),
+resume, generate with --adapter, merge into a folder transformers loads, estimate."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers as tf
+
+from leantune.checkpoint.hf import TOKENIZER_FILES
+from leantune.cli import main
+from leantune.data import JSON
+from leantune.finetune import finetune
+from leantune.peft.adapter import AdapterArgs
+from leantune.train.loop import EvalArgs, TrainArgs
+from leantune.train.optim import OptimizerArgs
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(default_checkpoint, tmp_path_factory):
+    """A 2-layer random Llama with the default model's tokenizer files (so prompts are real)."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        if (default_checkpoint / name).is_file() and name != "generation_config.json":
+            shutil.copy(default_checkpoint / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def json_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": str(2 * i + 1)} for i in range(40)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def small_run(method, ckpt, data_path, out_dir, **train):
+    return finetune(method, checkpoint_dir=ckpt, out_dir=out_dir, data=JSON(json_path=data_path),
+                    train=TrainArgs(micro_batch_size=2, global_batch_size=4, max_steps=3, max_seq_length=128,
+                                    warmup_steps=1, **train),
+                    eval=EvalArgs(max_batches=2, sample_new_tokens=0), optimizer=OptimizerArgs(lr=1e-2), threads=2,
+                    adapter=AdapterArgs(start_layer=1))  # the tiny model has 2 layers
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "adapter_v2", "full"])
+def test_every_method_trains_through_the_one_loop(method, tiny_checkpoint, json_data, tmp_path):
+    report = small_run(method, tiny_checkpoint, json_data, tmp_path / method)
+    final = tmp_path / method / "final"
+    manifest = json.loads((final / "leantune.json").read_text())
+    assert manifest["method"] == method and manifest["prompt_style"] == "template"
+    assert manifest["special_tokens"]["eos_ids"] == [2]
+    assert (final / ("model/config.json" if method == "full" else "adapter.safetensors")).is_file()
+    assert report["steps"] == 3 and report["trainable_params"] > 0
+    assert (tmp_path / method / "loss.png").is_file() and (tmp_path / method / "metrics.csv").is_file()
+
+
+def test_resume_auto_continues_from_latest_step(tiny_checkpoint, json_data, tmp_path):
+    small_run("lora", tiny_checkpoint, json_data, tmp_path, save_interval=2)
+    assert (tmp_path / "step-000002" / "training_state.pt").is_file()
+    report = finetune("lora", checkpoint_dir=tiny_checkpoint, out_dir=tmp_path, data=JSON(json_path=json_data),
+                      train=TrainArgs(micro_batch_size=2, global_batch_size=4, max_steps=5, max_seq_length=128),
+                      eval=EvalArgs(max_batches=1, sample_new_tokens=0), optimizer=OptimizerArgs(lr=1e-2),
+                      resume="auto")
+    assert report["steps"] == 5
+
+
+def test_generate_with_adapter_and_merge_cli(tiny_checkpoint, json_data, tmp_path, capsys):
+    small_run("lora", tiny_checkpoint, json_data, tmp_path / "run")
+    adapter = tmp_path / "run" / "final"
+    main(["generate", "--checkpoint_dir", str(tiny_checkpoint), "--adapter", str(adapter), "--prompt", "Add 2 and 3.",
+          "--max_new_tokens", "5", "--temperature", "0"])
+    assert "tokens/s" in capsys.readouterr().err
+    main(["merge", "--adapter", str(adapter), "--checkpoint_dir", str(tiny_checkpoint), "--out_dir",
+          str(tmp_path / "merged")])
+    merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    from leantune.generate import load_for_inference
+
+    ours, _, _, _ = load_for_inference(tiny_checkpoint, adapter=adapter)
+    idx = torch.randint(0, 49152, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(idx).logits, ours(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--checkpoint_dir", str(tmp_path / "missing")])
+    assert e.value.code == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_estimate_reproduces_seed_counts(capsys):
+    from leantune.estimate import estimate_command
+
+    r = estimate_command(model="tiiuae/falcon-7b", method="adapter_v2")
+    assert r["trainable_params"] == 3_839_186
+    r = estimate_command(model="tiiuae/falcon-7b", method="adapter")
+    assert r["trainable_params"] == 1_365_330
+    main(["estimate", "--model", "meta-llama/Llama-2-7b-hf", "--method", "lora", "--lora.targets", "all"])
+    assert "20,277,248" in capsys.readouterr().out

@@ -1,0 +1,63 @@
+"""Supervised-only fused linear cross-entropy == plain cross-entropy over all logits, loss and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leantune.peft.lora import LoRAArgs, LoRALinear
+from leantune.train.loss import supervised_ce_sum
+
+
+def reference(hidden, head, labels):
+    logits = head(hidden).float()  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("train_head", [False, True])
+@pytest.mark.parametrize("chunk", [3, 1024])
+def test_fused_loss_and_grads_match_reference(bias, train_head, chunk):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias).requires_grad_(train_head)
+    hidden = torch.randn(2, 7, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 7))
+    labels[0, :3] = -100
+    labels[1, -1] = -100
+    ours = supervised_ce_sum(hidden, head, labels, chunk_size=chunk)
+    ours.backward()
+    got = {"h": hidden.grad.clone(), **{n: p.grad.clone() for n, p in head.named_parameters() if p.requires_grad}}
+    hidden.grad = None
+    head.zero_grad()
+    ref = reference(hidden, head, labels)
+    ref.backward()
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["h"], hidden.grad, atol=1e-6, rtol=1e-5)
+    for n, p in head.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-5)
+    assert ("weight" in got) == train_head
+
+
+def test_peft_head_and_no_grad_paths():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    head = LoRALinear(base, [(0, 50)], r=4, scaling=2.0, dropout=0.0)
+    torch.nn.init.normal_(head.lora_B)
+    hidden = torch.randn(2, 5, 16)
+    labels = torch.randint(0, 50, (2, 5))
+    ours = supervised_ce_sum(hidden, head, labels, chunk_size=4)
+    ours.backward()
+    g = head.lora_A.grad.clone()
+    head.zero_grad()
+    reference(hidden, head, labels).backward()
+    torch.testing.assert_close(g, head.lora_A.grad, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(supervised_ce_sum(hidden, base, labels), reference(hidden, base, labels))
+    assert LoRAArgs().targets == ["query", "value"]
+
+
+def test_no_supervised_tokens_gives_zero_with_graph():
+    hidden = torch.randn(1, 4, 8, requires_grad=True)
+    loss = supervised_ce_sum(hidden, torch.nn.Linear(8, 10), torch.full((1, 4), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.abs().sum() == 0
