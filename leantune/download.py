@@ -203,7 +203,7 @@ def download_list() -> list[str]:
     return list(dict.fromkeys([*ALIASES, DEFAULT_REPO_ID, *preset_names()]))
 
 
-def download_command(repo_id: str = "smollm2-135m-instruct", checkpoint_dir: Path = Path("checkpoints"),
+def download_command(repo_id: str, checkpoint_dir: Path = Path("checkpoints"),
                      access_token: str | None = None, force: bool = False) -> Path | None:
     """Download or import a model into `checkpoint_dir/<name>/` as a Hugging Face model folder.
 

@@ -149,6 +149,6 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path):
     with pytest.raises(OSError):
         fit(model, names, TinyData(), tmp_path, failing_save, lambda p: None,
             TrainArgs(micro_batch_size=2, global_batch_size=4, max_steps=2), EvalArgs(sample_new_tokens=0),
-            OptimizerArgs())
+            OptimizerArgs(lr=1e-3))
     assert calls["n"] == 1
     assert (tmp_path / "final" / "adapter.safetensors").read_bytes() == before
