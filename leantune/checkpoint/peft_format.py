@@ -1,0 +1,269 @@
+"""LoRA adapters in HF PEFT's format (`adapter_config.json` + `adapter_model.safetensors`), both ways.
+
+Our LoRA on the fused qkv keeps one rank-r pair per part (q, k, v). HF families with separate q/k/v projections
+get one PEFT LoRA per projection. Families with a fused HF qkv layer (falcon, gpt_neox, gpt2) get one LoRA of
+rank parts*r on it: the stacked A as is, and a block-diagonal B whose rows follow the HF qkv row order; its
+rank and alpha go in `rank_pattern`/`alpha_pattern` so PEFT's alpha/rank equals our scaling.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import transformers
+
+from leantune.checkpoint.hf import _GROUPED_QKV, _SPLIT_QKV, KEY_MAPS, blocked_to_grouped, grouped_to_blocked
+from leantune.checkpoint.io import atomic_dir, load_safetensors, save_safetensors, write_json
+from leantune.model import GPT
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+# HF module names of the separate q/k/v projections, per split family.
+_QKV_NAMES = ("q_proj", "k_proj", "v_proj")
+# Fields of adapter_config.json whose non-default values we cannot represent.
+_UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "lora_bias": False,
+                "layer_replication": None, "target_parameters": None, "trainable_token_indices": None,
+                "use_qalora": False, "alora_invocation_tokens": None}
+
+
+def is_peft_dir(path: str | Path) -> bool:
+    """True for a folder PEFT's `save_pretrained` wrote (it has adapter_config.json)."""
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def _head_name(mt: str) -> str:
+    """transformers 5 renamed GPT-NeoX's `embed_out` module to `lm_head`; PEFT keys follow the module name."""
+    if mt == "gpt_neox" and int(transformers.__version__.split(".")[0]) < 5:
+        return "embed_out"
+    return "lm_head"
+
+
+def _hf_modules(model: GPT) -> list[tuple[str, nn.Module, int | None]]:
+    """(HF module path, our LoRALinear, qkv part index or None for the whole layer) for each LoRA in `model`."""
+    from leantune.peft.lora import LoRALinear
+
+    cfg = model.config
+    mt = cfg.hf_model_type
+    prefix, layer_map, _ = KEY_MAPS[mt]
+    inv = {}
+    for hf_mod, ours in layer_map.items():
+        inv.setdefault(ours, hf_mod)
+    out = []
+    q, k, _v = cfg.qkv_sizes
+    starts = {0: 0, q: 1, q + k: 2}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, LoRALinear):
+            continue
+        if name == "lm_head":
+            out.append((_head_name(mt), mod, None))
+            continue
+        m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", name)
+        if not m:
+            raise ValueError(f"LoRA on {name} has no PEFT-format equivalent")
+        i, ours = m.group(1), m.group(2)
+        if ours == "attn.qkv" and mt in _SPLIT_QKV:
+            for idx, (s, _e) in enumerate(mod.parts):
+                out.append((f"{prefix}.{i}.self_attn.{_QKV_NAMES[starts[s]]}", mod, idx))
+        else:
+            out.append((f"{prefix}.{i}.{inv[ours]}", mod, None))
+    return out
+
+
+def export_peft(model: GPT, out_dir: str | Path, base_model_name_or_path: str, lora_args: Any,
+                dtype: torch.dtype | None = None) -> Path:
+    """Write `model`'s (unmerged) LoRA as a PEFT adapter folder that `PeftModel.from_pretrained` loads."""
+    cfg = model.config
+    mt = cfg.hf_model_type
+    modules = _hf_modules(model)
+    if not modules:
+        raise ValueError("the model has no LoRA layers to export")
+    r, rslora = int(lora_args.r), bool(lora_args.rslora)
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for path, mod, idx in modules:
+        if mod.merged:
+            raise ValueError(f"{path}: LoRA is merged into the weights; export the unmerged adapter")
+        if mod.r != r or not math.isclose(mod.scaling, lora_args.scaling, rel_tol=1e-6):
+            raise ValueError(f"{path}: rank {mod.r} / scaling {mod.scaling} differ from the adapter's args")
+        factors = mod.part_factors()
+        if idx is not None:  # one of several separate HF projections
+            _, a, b = factors[idx]
+        elif len(factors) == 1 and factors[0][0] == (0, mod.out_features):
+            _, a, b = factors[0]
+        else:  # partial or multi-part LoRA on a fused HF layer: one block-diagonal LoRA of rank parts*r
+            rank = len(factors) * r
+            a = mod.lora_A.detach()
+            b = torch.zeros(mod.out_features, rank, dtype=a.dtype)
+            for j, ((s, e), _, bj) in enumerate(factors):
+                b[s:e, j * r:(j + 1) * r] = bj.detach().cpu()
+            if mt in _GROUPED_QKV:
+                b = blocked_to_grouped(b, cfg)
+            if rank != r:
+                name = path.rsplit(".", 1)[-1]
+                rank_pattern[name] = rank
+                alpha_pattern[name] = mod.scaling * (math.sqrt(rank) if rslora else rank)
+        for kind, t in (("lora_A", a), ("lora_B", b)):
+            t = t.detach().cpu()
+            tensors[f"{_PREFIX}{path}.{kind}.weight"] = (t.to(dtype) if dtype is not None else t).clone()
+    target_modules = sorted({path.rsplit(".", 1)[-1] for path, _, _ in modules})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": float(lora_args.alpha),
+        "lora_dropout": float(lora_args.dropout),
+        "use_rslora": rslora,
+        "target_modules": target_modules,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "fan_in_fan_out": mt == "gpt2",  # GPT-2's Conv1D stores (in, out)
+        "bias": "none",
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / CONFIG_FILE, config)
+        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+    return out_dir
+
+
+def _read_config(peft_dir: Path) -> dict[str, Any]:
+    path = peft_dir / CONFIG_FILE
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported; only LORA adapters import")
+    bad = [f"{k}={cfg[k]!r}" for k, ok in _UNSUPPORTED.items() if cfg.get(k) not in (ok, None, [], {})]
+    if bad:
+        raise ValueError(f"{path}: unsupported LoRA options {', '.join(bad)} (supported: plain LoRA, bias none, "
+                         "no DoRA, no modules_to_save)")
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    for key, default in (("rank_pattern", r), ("alpha_pattern", alpha)):
+        differing = {k: v for k, v in (cfg.get(key) or {}).items() if v != default}
+        if differing:
+            raise ValueError(f"{path}: per-module {key} {differing} differs from the global value {default}; "
+                             "leantune LoRA uses one rank and alpha for every layer")
+    return cfg
+
+
+def _weights(peft_dir: Path) -> dict[str, torch.Tensor]:
+    if (peft_dir / WEIGHTS_FILE).is_file():
+        return load_safetensors(peft_dir / WEIGHTS_FILE)
+    if (peft_dir / "adapter_model.bin").is_file():
+        return torch.load(peft_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{peft_dir}: no {WEIGHTS_FILE} (or adapter_model.bin)")
+
+
+@torch.no_grad()
+def import_peft(model: GPT, peft_dir: str | Path) -> list[str]:
+    """Apply a PEFT LoRA adapter folder to `model` (unmerged) and return the trainable parameter names.
+
+    Layers the adapter leaves out inside a target group (e.g. gate_proj when only up/down were adapted) get a zero
+    update, so the outputs equal PEFT's exactly.
+    """
+    from leantune.peft.lora import LoRAArgs, apply_lora
+
+    peft_dir = Path(peft_dir)
+    pcfg = _read_config(peft_dir)
+    cfg = model.config
+    mt = cfg.hf_model_type
+    prefix, layer_map, _ = KEY_MAPS[mt]
+    r = int(pcfg["r"])
+    head_names = {"lm_head", "embed_out"}
+    # HF module (last name) -> (our module path within a block or "lm_head", target, qkv part index or None)
+    group = {ours: hf_mod for hf_mod, ours in layer_map.items()}
+    fused_qkv = None if mt in _SPLIT_QKV else group.get("attn.qkv")
+    found: dict[tuple[int | None, str, int | None], dict[str, torch.Tensor]] = {}
+    targets: set[str] = set()
+    layer_re = re.compile(rf"^{re.escape(_PREFIX + prefix)}\.(\d+)\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
+    for key, t in _weights(peft_dir).items():
+        if ".base_layer." in key:
+            continue  # base weights PEFT saves alongside a head LoRA: the base checkpoint already holds them
+        m = layer_re.match(key)
+        if m:
+            i, hf_mod, kind = int(m.group(1)), m.group(2), m.group(3)
+            if mt in _SPLIT_QKV and hf_mod.rsplit(".", 1)[-1] in _QKV_NAMES:
+                part = _QKV_NAMES.index(hf_mod.rsplit(".", 1)[-1])
+                targets.add(("query", "key", "value")[part])
+                found.setdefault((i, "attn.qkv", part), {})[kind] = t
+                continue
+            if hf_mod == fused_qkv:
+                targets.update(("query", "key", "value"))
+                found.setdefault((i, "attn.qkv", None), {})[kind] = t
+                continue
+            ours = layer_map.get(hf_mod)
+            if ours is None or not ours.startswith(("attn.proj", "mlp.")):
+                raise ValueError(f"{peft_dir}: LoRA on {hf_mod} has no leantune equivalent")
+            targets.add("projection" if ours == "attn.proj" else "mlp")
+            found.setdefault((i, ours, None), {})[kind] = t
+            continue
+        m = re.match(rf"^{re.escape(_PREFIX)}(\w+)\.(lora_A|lora_B)(?:\.default)?\.weight$", key)
+        if m and m.group(1) in head_names:
+            targets.add("head")
+            found.setdefault((None, "lm_head", None), {})[m.group(2)] = t
+            continue
+        raise ValueError(f"{peft_dir}: tensor {key} has no leantune equivalent")
+    if not found:
+        raise ValueError(f"{peft_dir}: no LoRA tensors found in the adapter")
+    alpha = float(pcfg["lora_alpha"])
+    args = LoRAArgs(r=r, alpha=alpha, dropout=float(pcfg.get("lora_dropout") or 0.0), rslora=bool(pcfg.get("use_rslora")),
+                    targets=[t for t in ("query", "key", "value", "projection", "mlp", "head") if t in targets])
+    trainable = apply_lora(model, args)
+    for n, p in model.named_parameters():
+        if n.endswith(".lora_B"):
+            p.zero_()
+    for (i, ours, part), ab in found.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{peft_dir}: layer {i} {ours}: found only {sorted(ab)}")
+        a, b = ab["lora_A"], ab["lora_B"]
+        if a.shape[0] != r or b.shape[1] != r:
+            raise ValueError(f"{peft_dir}: layer {i} {ours}: rank {a.shape[0]} differs from r={r}")
+        mod = model.lm_head if i is None else model.transformer.h[i].get_submodule(ours)
+        if part is not None:  # q/k/v index -> position among the parts this LoRALinear adapts
+            j = [s for s, _ in mod.parts].index(sum(cfg.qkv_sizes[:part]))
+            mod.lora_A[j * r:(j + 1) * r] = a.to(mod.lora_A.dtype)
+            off = sum(e - s for s, e in mod.parts[:j])
+            mod.lora_B[off:off + b.shape[0]] = b.to(mod.lora_B.dtype)
+        elif ours == "attn.qkv":  # one fused LoRA: the same A for each of our q/k/v parts, B rows split
+            if mt in _GROUPED_QKV:
+                b = grouped_to_blocked(b, cfg)
+            mod.lora_A.copy_(a.repeat(len(mod.parts), 1))
+            mod.lora_B.copy_(b)
+        else:
+            mod.lora_A.copy_(a)
+            mod.lora_B.copy_(b)
+    return trainable
+
+
+def load_any_adapter(model: GPT, path: str | Path, checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
+    """Load a leantune adapter folder or a PEFT LoRA folder onto `model` (unmerged, frozen); returns a manifest.
+
+    For a PEFT folder the returned dict mimics a leantune manifest (method lora, its args) so callers need not care.
+    """
+    from leantune.methods import load_adapter
+
+    path = Path(path)
+    if not is_peft_dir(path):
+        return load_adapter(model, path, Path(checkpoint_dir) if checkpoint_dir is not None else None)
+    import_peft(model, path)
+    model.requires_grad_(False)
+    pcfg = _read_config(path)
+    return {"format": "peft", "method": "lora",
+            "method_args": {"r": pcfg["r"], "alpha": pcfg["lora_alpha"], "dropout": pcfg.get("lora_dropout") or 0.0,
+                            "rslora": bool(pcfg.get("use_rslora"))},
+            "base_checkpoint": {"path": pcfg.get("base_model_name_or_path")}}
