@@ -26,7 +26,7 @@ def chat_command(
 
     Args:
         checkpoint_dir: A Hugging Face model folder with a chat template.
-        adapter: A leantune adapter folder applied unmerged on the base.
+        adapter: A leantune adapter folder or a PEFT LoRA folder, applied unmerged on the base.
         system: Optional system message.
         max_new_tokens: Most tokens per answer.
         temperature: Sampling temperature; 0 means greedy.

@@ -160,7 +160,7 @@ def generate_command(
         raw: Send the prompt as is, without the chat template.
         system: Optional system message for the chat template.
         precision: 32-true, bf16-true, 16-true (default: fastest safe one for the device).
-        adapter: A leantune adapter folder (e.g. out/finetune/lora/final) applied unmerged on the base.
+        adapter: A leantune adapter folder (e.g. out/finetune/lora/final) or a PEFT LoRA folder, applied unmerged.
         seed: Random seed for sampling.
         threads: CPU threads for torch (default: torch's choice).
     """
@@ -188,10 +188,10 @@ def load_for_inference(checkpoint_dir: Path, precision: str | None = None, adapt
     precision = resolve_precision(precision, device)
     tokenizer = Tokenizer(checkpoint_dir)
     model = load_hf_checkpoint(checkpoint_dir, dtype=weight_dtype(precision), device=device)
-    if adapter is not None:
-        from leantune.methods import load_adapter
+    if adapter is not None:  # a leantune adapter folder or a PEFT-format LoRA folder
+        from leantune.checkpoint.peft_format import load_any_adapter
 
-        load_adapter(model, Path(adapter), checkpoint_dir)
+        load_any_adapter(model, Path(adapter), checkpoint_dir)
     return model.eval(), tokenizer, precision, device
 
 

@@ -17,7 +17,13 @@ def merge_adapters(model, adapters: list[Path], weights: list[float] | None = No
     weights = weights or [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
+    from leantune.checkpoint.peft_format import import_peft, is_peft_dir
+
     for path, w in zip(adapters, weights):
+        if is_peft_dir(path):  # a LoRA saved by peft
+            import_peft(model, Path(path))
+            merge_lora(model, weight=w)
+            continue
         manifest = read_manifest(path)
         if manifest["method"] not in ("lora", "qlora"):
             raise ValueError(f"{path}: method {manifest['method']!r} cannot be merged into the weights; "
