@@ -33,6 +33,7 @@ def finetune(
     lora: LoRAArgs = LoRAArgs(),
     adapter: AdapterArgs = AdapterArgs(),
     resume: str | None = None,
+    resume_adapter: Path | None = None,
     threads: int | None = None,
 ) -> dict:
     """Finetune a checkpoint with one method through the shared training loop.
@@ -52,6 +53,8 @@ def finetune(
         lora: LoRA hyperparameters (--lora.r, --lora.alpha, --lora.dropout, --lora.targets).
         adapter: LLaMA-Adapter hyperparameters (--adapter.prompt_length, --adapter.start_layer).
         resume: "auto" (latest step-N in out_dir) or a checkpoint folder to resume from exactly.
+        resume_adapter: Start LoRA training from an existing LoRA: a leantune adapter folder or a PEFT folder
+            (adapter_config.json + adapter_model.safetensors); its r/alpha/targets replace --lora.*.
         threads: CPU threads for torch.
     """
     from leantune.checkpoint.hf import load_hf_checkpoint
@@ -92,7 +95,10 @@ def finetune(
         report["exact_match_before"] = acc
         print(f"held-out exact match before finetuning: {acc:.1%} ({len(data.test_set())} prompts)")
 
-    trainable = apply_method(model, method, args)
+    if resume_adapter is not None:
+        trainable, args = _start_from_adapter(model, method, Path(resume_adapter), checkpoint_dir)
+    else:
+        trainable = apply_method(model, method, args)
     manifest = build_manifest(method, args, checkpoint_dir, tokenizer, style.name, precision, quantize,
                               extra={"data": type(data).__name__, "max_seq_length": train.max_seq_length})
 
@@ -125,6 +131,30 @@ def _method_args(method: str, lora, adapter):
         return given
     fields = given.__dict__ if hasattr(given, "__dict__") else dict(given)
     return cls(**fields)  # adapter_v2 takes the same fields as adapter
+
+
+def _start_from_adapter(model, method: str, path: Path, checkpoint_dir: Path):
+    """Load an existing LoRA (leantune or PEFT format) and make its tensors the trainable ones."""
+    from leantune.checkpoint.peft_format import load_any_adapter
+    from leantune.peft.lora import LoRALinear, target_layers
+
+    if method not in ("lora", "qlora"):
+        raise ValueError(f"--resume_adapter continues a LoRA; method {method!r} cannot start from {path}")
+    loaded = load_any_adapter(model, path, checkpoint_dir)
+    if loaded["method"] not in ("lora", "qlora"):
+        raise ValueError(f"{path} holds a {loaded['method']} adapter; --resume_adapter needs a LoRA")
+    # the targets actually present in the model (PEFT folders do not name ours)
+    targets = [t for t in ("query", "key", "value", "projection", "mlp", "head")
+               if any(isinstance(getattr(p, n), LoRALinear) and all(r in getattr(p, n).parts for r in parts)
+                      for p, n, parts in target_layers(model, [t]))]
+    margs = {k: v for k, v in loaded["method_args"].items() if k != "targets"}
+    args = LoRAArgs(**margs, targets=targets)
+    trainable = []
+    for n, p in model.named_parameters():
+        if n.endswith((".lora_A", ".lora_B")):
+            p.requires_grad_(True)
+            trainable.append(n)
+    return trainable, args
 
 
 def _ensure_checkpoint(checkpoint_dir: Path) -> Path:

@@ -103,3 +103,26 @@ def test_estimate_reproduces_seed_counts(capsys):
     assert r["trainable_params"] == 1_365_330
     main(["estimate", "--model", "meta-llama/Llama-2-7b-hf", "--method", "lora", "--lora.targets", "all"])
     assert "20,277,248" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["leantune", "peft"])
+def test_resume_adapter_starts_from_an_existing_lora(fmt, tiny_checkpoint, json_data, tmp_path):
+    from leantune.export import export_command
+    from leantune.peft.lora import LoRAArgs
+
+    first = finetune("lora", checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / "a", data=JSON(json_path=json_data),
+                     train=TrainArgs(micro_batch_size=2, global_batch_size=4, max_steps=2, max_seq_length=128),
+                     eval=EvalArgs(max_batches=1, sample_new_tokens=0), optimizer=OptimizerArgs(lr=1e-2),
+                     lora=LoRAArgs(r=4, targets=["query", "value", "mlp"]))
+    start = tmp_path / "a" / "final"
+    if fmt == "peft":
+        start = export_command(adapter=start, checkpoint_dir=tiny_checkpoint, format="peft", out_dir=tmp_path / "p")
+    second = finetune("lora", checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / "b", data=JSON(json_path=json_data),
+                      train=TrainArgs(micro_batch_size=2, global_batch_size=4, max_steps=1, max_seq_length=128),
+                      eval=EvalArgs(max_batches=1, sample_new_tokens=0), optimizer=OptimizerArgs(lr=1e-9),
+                      resume_adapter=start)
+    assert second["trainable_params"] == first["trainable_params"]
+    manifest = json.loads((tmp_path / "b" / "final" / "leantune.json").read_text())
+    assert manifest["method_args"]["targets"] == ["query", "value", "mlp"] and manifest["method_args"]["r"] == 4
+    # a near-zero learning rate keeps the loaded LoRA: validation loss continues from where the first run ended
+    assert second["val_loss"] == pytest.approx(first["val_loss"], abs=1e-4)
