@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -60,7 +61,11 @@ def merge_command(
     out_dir = Path(out_dir or adapters[0] / "merged")
     model = load_hf_checkpoint(checkpoint_dir, dtype=torch.float32)
     merge_adapters(model, adapters, weights)
-    torch_dtype = getattr(torch, dtype) if dtype else None
+    if dtype is None:  # keep the base's dtype: the copied config.json must describe the written weights
+        with open(Path(checkpoint_dir) / "config.json", encoding="utf-8") as f:
+            base = json.load(f)
+        dtype = base.get("torch_dtype") or base.get("dtype") or "float32"
+    torch_dtype = getattr(torch, dtype)
     save_hf_checkpoint(model, out_dir, source_dir=checkpoint_dir, dtype=torch_dtype)
     print(f"merged {len(adapters)} adapter(s) into {out_dir}")
     return out_dir

@@ -78,6 +78,13 @@ def test_generate_with_adapter_and_merge_cli(tiny_checkpoint, json_data, tmp_pat
     assert "tokens/s" in capsys.readouterr().err
     main(["merge", "--adapter", str(adapter), "--checkpoint_dir", str(tiny_checkpoint), "--out_dir",
           str(tmp_path / "merged")])
+    from leantune.checkpoint.hf import iter_hf_tensors
+
+    written = json.loads((tmp_path / "merged" / "config.json").read_text())
+    base_cfg = json.loads((tiny_checkpoint / "config.json").read_text())
+    declared = written.get("torch_dtype") or written.get("dtype")
+    assert declared == (base_cfg.get("torch_dtype") or base_cfg.get("dtype") or "float32")
+    assert {str(t.dtype) for _, t in iter_hf_tensors(tmp_path / "merged")} == {f"torch.{declared}"}
     merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     from leantune.generate import load_for_inference
 
@@ -126,3 +133,17 @@ def test_resume_adapter_starts_from_an_existing_lora(fmt, tiny_checkpoint, json_
     assert manifest["method_args"]["targets"] == ["query", "value", "mlp"] and manifest["method_args"]["r"] == 4
     # a near-zero learning rate keeps the loaded LoRA: validation loss continues from where the first run ended
     assert second["val_loss"] == pytest.approx(first["val_loss"], abs=1e-4)
+
+
+def test_merge_keeps_the_base_dtype(tiny_checkpoint, json_data, tmp_path):
+    """A bfloat16 base merges into bfloat16 weights, and config.json says so (no fp32 file labelled bf16)."""
+    from leantune.checkpoint.hf import iter_hf_tensors
+    from leantune.merge import merge_command
+
+    small_run("lora", tiny_checkpoint, json_data, tmp_path / "run")
+    bf16_base = tmp_path / "bf16-base"
+    tf.AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16).save_pretrained(bf16_base)
+    merge_command(adapter=tmp_path / "run" / "final", checkpoint_dir=bf16_base, out_dir=tmp_path / "merged")
+    written = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert (written.get("torch_dtype") or written.get("dtype")) == "bfloat16"
+    assert {t.dtype for _, t in iter_hf_tensors(tmp_path / "merged")} == {torch.bfloat16}

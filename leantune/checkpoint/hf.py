@@ -281,8 +281,9 @@ def save_hf_checkpoint(model: GPT, out_dir: str | Path, source_dir: str | Path |
     if src_cfg is not None and src_cfg.is_file():
         with open(src_cfg, encoding="utf-8") as fh:
             cfg_dict = json.load(fh)
-        if dtype is not None:
-            cfg_dict["torch_dtype"] = str(dtype).removeprefix("torch.")
+        written = dtype or next((t.dtype for t in hf_sd.values() if t.is_floating_point()), torch.float32)
+        cfg_dict["torch_dtype"] = str(written).removeprefix("torch.")  # describe the weights actually written
+        cfg_dict.pop("dtype", None)
         cfg_dict["tie_word_embeddings"] = model.config.tie_embeddings  # a merged head LoRA unties
     else:
         cfg_dict = hf_config_dict(model.config, dtype or next(iter(sd.values())).dtype)

@@ -125,7 +125,7 @@ def target_layers(model: GPT, targets: list[str]) -> list[tuple[nn.Module, str, 
     for block in model.transformer.h:
         parts = [qkv_ranges[t] for t in ("query", "key", "value") if t in targets]
         if parts:
-            chosen.append((block.attn, "qkv", _merge_ranges(parts)))
+            chosen.append((block.attn, "qkv", parts))  # q, k, v each keep their own rank-r pair, in output order
         if "projection" in targets:
             chosen.append((block.attn, "proj", None))
         if "mlp" in targets:
@@ -134,11 +134,6 @@ def target_layers(model: GPT, targets: list[str]) -> list[tuple[nn.Module, str, 
     if "head" in targets:
         chosen.append((model, "lm_head", None))
     return [(p, n, parts or [(0, getattr(p, n).out_features)]) for p, n, parts in chosen]
-
-
-def _merge_ranges(parts: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Keep q, k, v as separate parts (each its own rank-r pair), in output order."""
-    return sorted(parts)
 
 
 def apply_lora(model: GPT, args: LoRAArgs) -> list[str]:
