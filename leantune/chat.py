@@ -20,6 +20,7 @@ def chat_command(
     top_k: int | None = 50,
     top_p: float = 0.9,
     precision: str | None = None,
+    quantize: str | None = None,
     seed: int = 1234,
 ) -> None:
     """Chat with a model in the terminal. Type /reset to clear the history, /exit (or Ctrl-D) to quit.
@@ -33,9 +34,10 @@ def chat_command(
         top_k: Sample among the k most likely tokens.
         top_p: Nucleus sampling mass.
         precision: 32-true, bf16-true, 16-true.
+        quantize: Load the base in 4/8 bits: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8.
         seed: Random seed for sampling.
     """
-    model, tokenizer, _, device = load_for_inference(checkpoint_dir, precision, adapter)
+    model, tokenizer, _, device = load_for_inference(checkpoint_dir, precision, adapter, quantize)
     if not tokenizer.chat_template:
         raise ValueError(f"{checkpoint_dir} has no chat template; use `leantune generate --raw` instead")
     generator = torch.Generator(device=device).manual_seed(seed)

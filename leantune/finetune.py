@@ -45,7 +45,9 @@ def finetune(
         data: Dataset module (default Demo, the built-in verifiable tasks), e.g. --data JSON
             --data.json_path file.jsonl, --data Alpaca, --data Chat.
         precision: 32-true, bf16-true, bf16-mixed, 16-mixed (default: fastest safe one for the device).
-        quantize: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8 for the frozen base (QLoRA).
+        quantize: Store the frozen base's block linears in 4 or 8 bits with bitsandbytes (QLoRA): bnb.nf4,
+            bnb.nf4-dq (double-quantized scales; the qlora default), bnb.fp4, bnb.fp4-dq, bnb.int8. Works with every
+            PEFT method, not with full. Compute runs in the --precision dtype.
         prompt_style: Prompt style name (default: the checkpoint's chat template, else from its config).
         train: Training loop settings (--train.*).
         eval: Evaluation settings (--eval.*).
@@ -59,7 +61,7 @@ def finetune(
     """
     from leantune.checkpoint.hf import load_hf_checkpoint
     from leantune.methods import apply_method, build_manifest, load_trainable, save_checkpoint
-    from leantune.runtime import default_device, resolve_precision, weight_dtype
+    from leantune.runtime import compute_dtype, default_device, resolve_precision, weight_dtype
     from leantune.tokenizer import Tokenizer
     from leantune.train.loop import fit
 
@@ -76,7 +78,9 @@ def finetune(
     if quantize and method == "full":
         raise ValueError("--quantize freezes a quantized base; it cannot be combined with full finetuning")
     if quantize:
-        raise NotImplementedError("--quantize (QLoRA) is not available in this version of leantune yet")
+        from leantune.quantize import check_mode
+
+        check_mode(quantize)
     args = _method_args(method, lora, adapter)
 
     device = default_device()
@@ -87,7 +91,8 @@ def finetune(
     data.setup()
     style = data.prompt_style
 
-    model = load_hf_checkpoint(checkpoint_dir, dtype=weight_dtype(precision), device=device)
+    model = load_hf_checkpoint(checkpoint_dir, dtype=weight_dtype(precision), device=device, quantize=quantize,
+                               compute_dtype=compute_dtype(precision))
     task = _task_eval(data, tokenizer, style)
     report: dict = {"method": method, "checkpoint": str(checkpoint_dir), "out_dir": str(out_dir)}
     if task and not resume:
@@ -99,6 +104,7 @@ def finetune(
         trainable, args = _start_from_adapter(model, method, Path(resume_adapter), checkpoint_dir)
     else:
         trainable = apply_method(model, method, args)
+    _trainable_in_weight_dtype(model, trainable, weight_dtype(precision))
     manifest = build_manifest(method, args, checkpoint_dir, tokenizer, style.name, precision, quantize,
                               extra={"data": type(data).__name__, "max_seq_length": train.max_seq_length})
 
@@ -116,6 +122,15 @@ def finetune(
     _print_summary(report)
     (out_dir / "summary.json").write_text(json.dumps(report, indent=2, default=str))
     return report
+
+
+def _trainable_in_weight_dtype(model, trainable: list[str], dtype: torch.dtype) -> None:
+    """Trained tensors live in the precision's weight dtype (fp32 masters under -mixed), even where a method made
+    them in a quantized base's compute dtype."""
+    params = dict(model.named_parameters())
+    for n in trainable:
+        if params[n].dtype != dtype:
+            params[n].data = params[n].data.to(dtype)
 
 
 def _method_args(method: str, lora, adapter):

@@ -144,6 +144,7 @@ def generate_command(
     system: str | None = None,
     precision: str | None = None,
     adapter: Path | None = None,
+    quantize: str | None = None,
     seed: int = 1234,
     threads: int | None = None,
 ) -> str:
@@ -161,12 +162,14 @@ def generate_command(
         system: Optional system message for the chat template.
         precision: 32-true, bf16-true, 16-true (default: fastest safe one for the device).
         adapter: A leantune adapter folder (e.g. out/finetune/lora/final) or a PEFT LoRA folder, applied unmerged.
+        quantize: Load the base's block linears in 4/8 bits: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8
+            (use the mode a QLoRA adapter was trained with).
         seed: Random seed for sampling.
         threads: CPU threads for torch (default: torch's choice).
     """
     if threads:
         torch.set_num_threads(threads)
-    model, tokenizer, precision, device = load_for_inference(checkpoint_dir, precision, adapter)
+    model, tokenizer, precision, device = load_for_inference(checkpoint_dir, precision, adapter, quantize)
     ids = torch.tensor(encode_prompt(tokenizer, prompt, raw=raw, system=system), dtype=torch.long)
     generator = torch.Generator(device=device).manual_seed(seed)
     text, n, t0 = _stream(model, tokenizer, ids, max_new_tokens, Sampling(temperature, top_k, top_p), stop, generator)
@@ -175,10 +178,12 @@ def generate_command(
     return text
 
 
-def load_for_inference(checkpoint_dir: Path, precision: str | None = None, adapter: Path | None = None):
-    """(model in eval mode, tokenizer, precision, device) with an optional unmerged adapter on the base."""
+def load_for_inference(checkpoint_dir: Path, precision: str | None = None, adapter: Path | None = None,
+                       quantize: str | None = None):
+    """(model in eval mode, tokenizer, precision, device) with an optional unmerged adapter on the base, which
+    `quantize` loads in 4/8 bits."""
     from leantune.checkpoint.hf import load_hf_checkpoint
-    from leantune.runtime import default_device, resolve_precision, weight_dtype
+    from leantune.runtime import compute_dtype, default_device, resolve_precision, weight_dtype
     from leantune.tokenizer import Tokenizer
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -187,7 +192,8 @@ def load_for_inference(checkpoint_dir: Path, precision: str | None = None, adapt
     device = default_device()
     precision = resolve_precision(precision, device)
     tokenizer = Tokenizer(checkpoint_dir)
-    model = load_hf_checkpoint(checkpoint_dir, dtype=weight_dtype(precision), device=device)
+    model = load_hf_checkpoint(checkpoint_dir, dtype=weight_dtype(precision), device=device, quantize=quantize,
+                               compute_dtype=compute_dtype(precision))
     if adapter is not None:  # a leantune adapter folder or a PEFT-format LoRA folder
         from leantune.checkpoint.peft_format import load_any_adapter
 

@@ -128,6 +128,10 @@ def read_manifest(adapter_dir: Path) -> dict[str, Any]:
         return json.load(f)
 
 
+def _describe(quantize: str | None) -> str:
+    return f"quantized with {quantize}" if quantize else "in full precision"
+
+
 def load_adapter(model: GPT, adapter_dir: Path, checkpoint_dir: Path | None = None) -> dict[str, Any]:
     """Apply a saved PEFT adapter (unmerged) to a base model; warns when the base differs from training's."""
     import warnings
@@ -140,6 +144,13 @@ def load_adapter(model: GPT, adapter_dir: Path, checkpoint_dir: Path | None = No
     apply_method(model, method, args)
     load_trainable(model, method, Path(adapter_dir))
     model.requires_grad_(False)
+    trained_q, loaded_q = manifest.get("quantize"), getattr(model, "quantize", None)
+    if trained_q != loaded_q:
+        warnings.warn(f"{adapter_dir} was trained on a base {_describe(trained_q)} but is being loaded onto a base "
+                      f"{_describe(loaded_q)}; outputs will differ from training's (pass --quantize {trained_q} to match)"
+                      if trained_q else
+                      f"{adapter_dir} was trained on a full-precision base but the base is {_describe(loaded_q)}; "
+                      "outputs will differ from training's", stacklevel=2)
     if checkpoint_dir is not None:
         fp = base_identity(checkpoint_dir)["fingerprint"]
         if fp != manifest["base_checkpoint"]["fingerprint"]:

@@ -37,3 +37,8 @@ def weight_dtype(precision: str) -> torch.dtype:
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """dtype the matmuls run in: the autocast dtype of a -mixed precision, else the weights' dtype."""
+    return autocast_dtype(precision) or weight_dtype(precision)

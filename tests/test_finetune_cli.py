@@ -40,8 +40,8 @@ def json_data(tmp_path_factory):
     return path
 
 
-def small_run(method, ckpt, data_path, out_dir, **train):
-    return finetune(method, checkpoint_dir=ckpt, out_dir=out_dir, data=JSON(json_path=data_path),
+def small_run(method, ckpt, data_path, out_dir, quantize=None, **train):
+    return finetune(method, checkpoint_dir=ckpt, out_dir=out_dir, data=JSON(json_path=data_path), quantize=quantize,
                     train=TrainArgs(micro_batch_size=2, global_batch_size=4, max_steps=3, max_seq_length=128,
                                     warmup_steps=1, **train),
                     eval=EvalArgs(max_batches=2, sample_new_tokens=0), optimizer=OptimizerArgs(lr=1e-2), threads=2,
@@ -147,3 +147,45 @@ def test_merge_keeps_the_base_dtype(tiny_checkpoint, json_data, tmp_path):
     written = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert (written.get("torch_dtype") or written.get("dtype")) == "bfloat16"
     assert {t.dtype for _, t in iter_hf_tensors(tmp_path / "merged")} == {torch.bfloat16}
+
+
+def test_qlora_trains_generates_and_merges_into_the_dequantized_base(tiny_checkpoint, json_data, tmp_path, capsys):
+    from leantune.generate import load_for_inference
+    from leantune.merge import merge_command
+
+    report = small_run("qlora", tiny_checkpoint, json_data, tmp_path / "run")
+    adapter = tmp_path / "run" / "final"
+    manifest = json.loads((adapter / "leantune.json").read_text())
+    assert manifest["method"] == "qlora" and manifest["quantize"] == "bnb.nf4-dq"
+    assert report["total_params"] == sum(p.numel() for p in tf.AutoModelForCausalLM.from_pretrained(
+        tiny_checkpoint).parameters()) + report["trainable_params"]  # logical count, not packed bytes
+    main(["generate", "--checkpoint_dir", str(tiny_checkpoint), "--adapter", str(adapter), "--quantize",
+          "bnb.nf4-dq", "--prompt", "Add 2 and 3.", "--max_new_tokens", "4", "--temperature", "0"])
+    assert "tokens/s" in capsys.readouterr().err
+
+    ours, _, _, _ = load_for_inference(tiny_checkpoint, adapter=adapter, quantize="bnb.nf4-dq")
+    merge_command(adapter=adapter, checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / "merged")
+    merge_command(adapter=adapter, checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / "merged-orig",
+                  dequantize_base=False)
+    idx = torch.randint(0, 49152, (1, 12))
+    with torch.no_grad():
+        expected = ours(idx)
+        merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()(idx).logits
+        orig = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged-orig", dtype=torch.float32).eval()(idx).logits
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+    assert (orig - expected).abs().max() > 1e-3  # the original weights are not what the adapter was trained on
+    with pytest.warns(UserWarning, match="full precision"):
+        load_for_inference(tiny_checkpoint, adapter=adapter)
+
+
+def test_adapter_v2_trains_on_an_int8_base(tiny_checkpoint, json_data, tmp_path):
+    report = small_run("adapter_v2", tiny_checkpoint, json_data, tmp_path / "run", quantize="bnb.int8")
+    assert report["steps"] == 3 and report["val_loss"] == report["val_loss"]  # finite, not NaN
+    assert json.loads((tmp_path / "run" / "final" / "leantune.json").read_text())["quantize"] == "bnb.int8"
+
+
+def test_quantize_with_full_finetuning_is_refused(tiny_checkpoint, json_data, tmp_path):
+    with pytest.raises(ValueError, match="cannot be combined with full"):
+        small_run("full", tiny_checkpoint, json_data, tmp_path, quantize="bnb.nf4")
+    with pytest.raises(ValueError, match="is not one of"):
+        small_run("lora", tiny_checkpoint, json_data, tmp_path, quantize="nf4")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -67,9 +67,15 @@ _GROUPED_QKV = {"gpt_neox", "falcon"}
 _IGNORED = re.compile(r"\.(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias|attention\.bias|attention\.masked_bias)$")
 
 
-def hf_to_ours(hf_sd: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
-    """Rename/reshape an HF state dict into GPT's keys. Unknown keys raise with the full list."""
+def hf_to_ours(hf_sd: dict[str, torch.Tensor], config: Config,
+               convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Rename/reshape an HF state dict into GPT's keys. Unknown keys raise with the full list.
+
+    `convert(our_key, tensor)` is applied to each tensor as soon as it is produced (copy to a device/dtype,
+    quantize), so a fused q/k/v never waits in memory for the rest of the model.
+    """
     prefix, layer_map, global_map = KEY_MAPS[config.hf_model_type]
+    convert = convert or (lambda _, t: t)
     out: dict[str, torch.Tensor] = {}
     pending_qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     unexpected = []
@@ -91,17 +97,20 @@ def hf_to_ours(hf_sd: dict[str, torch.Tensor], config: Config) -> dict[str, torc
                 t = t.t()  # GPT-2's Conv1D stores (in, out)
             if ours == "attn.qkv" and config.hf_model_type in _GROUPED_QKV:
                 t = grouped_to_blocked(t, config)
-            out[f"transformer.h.{i}.{ours}.{kind}"] = t
+            key = f"transformer.h.{i}.{ours}.{kind}"
+            out[key] = convert(key, t)
             continue
         mod, _, kind = key.rpartition(".")
         if mod in global_map:
-            out[f"{global_map[mod]}.{kind}"] = t
+            ours_key = f"{global_map[mod]}.{kind}"
+            out[ours_key] = convert(ours_key, t)
         else:
             unexpected.append(key)
     for (i, kind), parts in pending_qkv.items():
         if set(parts) != {"q", "k", "v"}:
             raise KeyError(f"layer {i}: incomplete q/k/v {kind}s in checkpoint (found {sorted(parts)})")
-        out[f"transformer.h.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+        key = f"transformer.h.{i}.attn.qkv.{kind}"
+        out[key] = convert(key, torch.cat([parts["q"], parts["k"], parts["v"]]))
     if unexpected:
         raise KeyError(f"checkpoint has {len(unexpected)} keys this {config.hf_model_type} model does not know: "
                        f"{unexpected[:20]}")
@@ -199,26 +208,49 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
 
 
 def load_hf_checkpoint(checkpoint_dir: str | Path, config: Config | None = None, dtype: torch.dtype | None = None,
-                       device: str | torch.device = "cpu", model: GPT | None = None) -> GPT:
-    """Build GPT on the meta device and assign the folder's weights. Missing/unexpected keys raise clearly."""
+                       device: str | torch.device = "cpu", model: GPT | None = None, quantize: str | None = None,
+                       compute_dtype: torch.dtype | None = None) -> GPT:
+    """Build GPT on the meta device and assign the folder's weights. Missing/unexpected keys raise clearly.
+
+    With `quantize` (a leantune.quantize mode) the block linears are quantized one tensor at a time as they are
+    read, from `compute_dtype` (default `dtype`, else float32), so the float model is never whole in memory.
+    """
     checkpoint_dir = Path(checkpoint_dir)
     config = config or Config.from_checkpoint(checkpoint_dir)
     if model is None:
         with torch.device("meta"):
             model = GPT(config)
-    sd = hf_to_ours(dict(iter_hf_tensors(checkpoint_dir)), config)
+    expected = {k for k in model.state_dict() if not (config.tie_embeddings and k == "lm_head.weight")}
+    if quantize:
+        from leantune.quantize import check_mode, is_quantizable, quantize_weight
+
+        check_mode(quantize)
+        qdtype = compute_dtype or dtype or torch.float32
+
+    def convert(key: str, t: torch.Tensor) -> torch.Tensor:
+        if key not in expected:
+            return t  # reported below
+        if quantize and is_quantizable(key):
+            return quantize_weight(t, quantize, device, qdtype)
+        # copy=True: tensors read from safetensors may live in the file's memory map at unaligned offsets, which
+        # made every matmul on CPU ~30% slower; fresh allocations are aligned and owned.
+        return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype, copy=True)
+
+    sd = hf_to_ours(dict(iter_hf_tensors(checkpoint_dir)), config, convert)
     if config.tie_embeddings:
         sd.pop("lm_head.weight", None)
-    expected = {k for k in model.state_dict() if not (config.tie_embeddings and k == "lm_head.weight")}
     missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
     if missing or unexpected:
         raise KeyError(f"{checkpoint_dir}: weights do not match the architecture in config.json; "
                        f"missing {missing[:20]} ({len(missing)} total), unexpected {unexpected[:20]} ({len(unexpected)} total)")
-    # copy=True: tensors read from safetensors may live in the file's memory map at unaligned offsets, which
-    # made every matmul on CPU ~30% slower; fresh allocations are aligned and owned.
-    sd = {k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype, copy=True)
-          for k, v in sd.items()}
-    model.load_state_dict(sd, strict=False, assign=True)
+    if quantize:
+        from leantune.quantize import quantize_model
+
+        quantized = {k: sd.pop(k) for k in list(sd) if is_quantizable(k)}
+        model.load_state_dict(sd, strict=False, assign=True)  # biases first: QuantLinear takes the layer's bias
+        quantize_model(model, quantize, qdtype, weights=quantized)
+    else:
+        model.load_state_dict(sd, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
     return model

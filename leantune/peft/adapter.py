@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from leantune.config import Config
 from leantune.model import GPT
+from leantune.quantize import compute_dtype_of
 
 
 @dataclass
@@ -107,7 +108,7 @@ def add_prefixes(model: GPT, prompt_length: int, start_layer: int) -> list[nn.Pa
         if attn.adapter is not None:
             raise ValueError(f"block {attn.index} already has an attention adapter")
         w = attn.qkv.weight
-        attn.adapter = AdapterPrefix(cfg, prompt_length, device=w.device, dtype=w.dtype)
+        attn.adapter = AdapterPrefix(cfg, prompt_length, device=w.device, dtype=compute_dtype_of(w))
         params.extend(attn.adapter.parameters())
     return params
 

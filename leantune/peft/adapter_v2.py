@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from leantune.model import GPT
 from leantune.peft.adapter import add_prefixes, mark_trainable
+from leantune.quantize import QuantLinear, compute_dtype_of, is_quantized, quantized_linear
 
 
 @dataclass
@@ -32,12 +33,13 @@ class AdapterV2Linear(nn.Module):
 
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
-        if type(base) is not nn.Linear:
-            raise TypeError(f"adapter_v2 wraps plain nn.Linear layers, got {type(base).__name__}")
+        if type(base) not in (nn.Linear, QuantLinear):
+            raise TypeError(f"adapter_v2 wraps plain or quantized linear layers, got {type(base).__name__}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # the same Parameter object: ties and base keys are preserved
         self.bias = base.bias
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.quantized = is_quantized(base.weight)
+        factory = dict(device=base.weight.device, dtype=compute_dtype_of(base.weight))
         self.adapter_bias = nn.Parameter(torch.zeros(self.out_features, **factory))
         self.adapter_scale = nn.Parameter(torch.ones(self.out_features, **factory))
 
@@ -47,7 +49,7 @@ class AdapterV2Linear(nn.Module):
         nn.init.ones_(self.adapter_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # (..., out)
+        y = quantized_linear(x, self.weight, self.bias) if self.quantized else F.linear(x, self.weight, self.bias)
         # adapter_bias + y * adapter_scale in one fused op; exact at init (y * 1 + 0 == y)
         return torch.addcmul(self.adapter_bias.to(y.dtype), y, self.adapter_scale.to(y.dtype))
 

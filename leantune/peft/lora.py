@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leantune.model import GPT
+from leantune.quantize import compute_dtype_of, dequantize_weight, is_quantized, quantized_linear
 
 TARGETS = ("query", "key", "value", "projection", "mlp", "head")
 
@@ -57,11 +58,12 @@ class LoRALinear(nn.Module):
         self.weight = base.weight  # the same Parameter object: ties and base keys are preserved
         self.bias = base.bias
         self.parts = parts
+        self.quantized = is_quantized(base.weight)  # a frozen 4/8-bit base (QLoRA): never merged in place
         self.r = r
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         widths = sum(e - s for s, e in parts)
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        factory = dict(device=base.weight.device, dtype=compute_dtype_of(base.weight))
         self.lora_A = nn.Parameter(torch.empty(len(parts) * r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(widths, r, **factory))
         self.merged = False
@@ -84,24 +86,29 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The full (out, in) update scaling * B A (zeros outside the adapted ranges)."""
-        delta = torch.zeros_like(self.weight)
+        delta = torch.zeros(self.out_features, self.in_features, dtype=self.lora_A.dtype, device=self.lora_A.device)
         for (s, e), a, b in self.part_factors():
             delta[s:e] = (b.float() @ a.float()).to(delta.dtype) * self.scaling
         return delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = quantized_linear(x, self.weight, self.bias) if self.quantized else F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
         a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., parts * r)
         if self._full:
             return y + F.linear(a, self.lora_B.to(x.dtype)) * self.scaling
+        if self.quantized:
+            y = y.clone()  # bitsandbytes' autograd Function output may not be modified in place
         for i, ((s, e), _, b) in enumerate(self.part_factors()):
             y[..., s:e] += F.linear(a[..., i * self.r:(i + 1) * self.r], b.to(x.dtype)) * self.scaling
         return y
 
     @torch.no_grad()
     def merge(self) -> None:
+        if self.quantized:
+            raise ValueError("cannot merge a LoRA into a quantized weight in place (that would requantize); "
+                             "use merge_lora, which writes a dequantized float weight")
         if not self.merged:
             self.weight.add_(self.delta_weight())
             self.merged = True
@@ -156,6 +163,7 @@ def merge_lora(model: GPT, weight: float = 1.0) -> GPT:
     """Fold every LoRA update (times `weight`) into its base weight and put plain nn.Linear layers back.
 
     A LoRA on a head tied to the embedding unties it first: the merged head differs from the embedding.
+    A LoRA on a quantized weight (QLoRA) is added to the dequantized weight, in the compute dtype: never requantized.
     """
     head = model.lm_head
     if isinstance(head, LoRALinear) and head.weight is model.transformer.wte.weight:
@@ -166,10 +174,14 @@ def merge_lora(model: GPT, weight: float = 1.0) -> GPT:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
-                with torch.no_grad():
-                    if not child.merged:
-                        child.weight.add_(child.delta_weight() * weight)
                 linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-                linear.weight, linear.bias = child.weight, child.bias
+                with torch.no_grad():
+                    if child.quantized:
+                        w = nn.Parameter(dequantize_weight(child.weight).clone(), requires_grad=False)
+                    else:
+                        w = child.weight
+                    if not child.merged:
+                        w.add_(child.delta_weight().to(w.dtype) * weight)
+                linear.weight, linear.bias = w, child.bias
                 setattr(module, name, linear)
     return model

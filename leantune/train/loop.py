@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from leantune.checkpoint.io import atomic_dir
+from leantune.quantize import logical_numel
 from leantune.runtime import autocast_dtype
 from leantune.train.loss import supervised_ce_sum
 from leantune.train.optim import OptimizerArgs, build_optimizer
@@ -221,7 +222,7 @@ def fit(
     final_dir = out_dir / "final"
     _checkpoint(final_dir, save_fn, optimizer, state, epoch)
     n_trainable = sum(named[n].numel() for n in trainable)
-    n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    n_total = sum(logical_numel(p) for p in {id(p): p for p in model.parameters()}.values())  # 4-bit: 2 per byte
     summary = dict(steps=state["step"], tokens=state["tokens"], time_s=round(state["train_time"], 2),
                    tokens_per_s=round(state["tokens"] / max(state["train_time"], 1e-9), 1), final_loss=last_loss,
                    peak_memory_gb=round(_memory_gb(device, peak=True), 3), trainable_params=n_trainable,

@@ -1,0 +1,190 @@
+"""bitsandbytes quantization of the frozen base: NF4 / FP4 (optionally double-quantized) and LLM.int8 weights.
+
+Only the transformer blocks' linear layers (attention qkv/proj, MLP) are quantized, as transformers does by default:
+embeddings, norms and the LM head (often tied to the embedding) stay in the compute dtype. Each weight is quantized
+as it streams out of the checkpoint (`load_hf_checkpoint(..., quantize=...)`), on the target device, so the whole
+model never sits in memory in 16/32-bit.
+
+A quantized layer is a `QuantLinear` whose `weight` is bitsandbytes' own Parameter (`Params4bit` carrying its
+`quant_state`, or `Int8Params` carrying its row scales `SCB`); LoRA and LLaMA-Adapter v2 wrap it like a plain linear
+and call `quantized_linear` for the frozen product. Weights are never requantized after training: merging
+dequantizes (see `dequantize_weight`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from types import ModuleType
+
+import torch
+import torch.nn as nn
+
+QUANT_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8")
+BLOCKSIZE = 64  # 4-bit absmax block, as QLoRA and transformers use
+INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold (transformers' and LitGPT's default)
+_QUANTIZABLE = re.compile(r"^transformer\.h\.\d+\.(attn\.(qkv|proj)|mlp\.(fc_1|fc_2|fc|proj))\.weight$")
+
+
+def check_mode(mode: str | None) -> str | None:
+    if mode is not None and mode not in QUANT_MODES:
+        raise ValueError(f"--quantize {mode!r} is not one of {', '.join(QUANT_MODES)}")
+    return mode
+
+
+def bnb() -> ModuleType:
+    """bitsandbytes, imported on first use (it is a dependency, but a broken install should fail clearly)."""
+    try:
+        import bitsandbytes
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError(f"--quantize needs bitsandbytes (pip install bitsandbytes): {e}") from e
+    return bitsandbytes
+
+
+def is_quantizable(key: str) -> bool:
+    """Whether a GPT state-dict key is a weight the quantized base stores in 4/8 bits."""
+    return bool(_QUANTIZABLE.match(key))
+
+
+def quantize_weight(w: torch.Tensor, mode: str, device: torch.device | str, compute_dtype: torch.dtype) -> nn.Parameter:
+    """(out, in) float weight -> a frozen bitsandbytes Parameter on `device`, quantized there."""
+    b = bnb()
+    w = w.to(device=device, dtype=compute_dtype)
+    if mode == "bnb.int8":
+        # Int8Params quantizes row-wise (absmax / 127) when it is moved to its device.
+        p = b.nn.Int8Params(w.cpu() if w.device.type != "cpu" else w, requires_grad=False, has_fp16_weights=False)
+        p = p.to(device)
+        p.compute_dtype = compute_dtype
+        return p
+    quant_type = "nf4" if mode.startswith("bnb.nf4") else "fp4"
+    packed, state = b.functional.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type=quant_type,
+                                              compress_statistics=mode.endswith("-dq"))
+    return b.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCKSIZE,
+                           compress_statistics=mode.endswith("-dq"), quant_type=quant_type, bnb_quantized=True)
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    return hasattr(weight, "quant_state") or hasattr(weight, "SCB")
+
+
+def compute_dtype_of(weight: torch.Tensor) -> torch.dtype:
+    """The float dtype a (possibly quantized) weight computes in."""
+    state = getattr(weight, "quant_state", None)
+    return state.dtype if state is not None else getattr(weight, "compute_dtype", weight.dtype)
+
+
+def weight_shape(weight: torch.Tensor) -> torch.Size:
+    """The logical (out, in) shape of a plain or quantized weight (Params4bit stores packed bytes)."""
+    state = getattr(weight, "quant_state", None)
+    return torch.Size(state.shape) if state is not None else weight.shape
+
+
+def logical_numel(p: torch.Tensor) -> int:
+    """Parameters a tensor stands for: a packed 4-bit weight holds two per byte."""
+    return math.prod(weight_shape(p))
+
+
+def dequantize_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The (out, in) float weight the quantized base actually computes with (its compute dtype)."""
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        return bnb().functional.dequantize_4bit(weight.data, state)
+    if hasattr(weight, "SCB"):
+        return (weight.data.float() * (weight.SCB.float() / 127.0)[:, None]).to(compute_dtype_of(weight))
+    return weight
+
+
+def _int8_state(weight: torch.Tensor):
+    """bitsandbytes' matmul state for an Int8Params, made once and kept on the parameter itself."""
+    state = getattr(weight, "lt_state", None)
+    if state is None:
+        state = bnb().MatmulLtState()
+        state.has_fp16_weights = False
+        state.threshold = INT8_THRESHOLD
+        state.CB, state.SCB = weight.data, weight.SCB
+        weight.lt_state = state
+    return state
+
+
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b for a bitsandbytes weight; gradients flow to x (the weight is frozen)."""
+    b = bnb()
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        dtype = state.dtype  # the compute dtype the weight was quantized from
+        y = b.matmul_4bit(x.to(dtype), weight.t(), quant_state=state, bias=None if bias is None else bias.to(dtype))
+        return y.to(x.dtype)
+    return b.matmul(x, weight, bias=None if bias is None else bias.to(x.dtype), state=_int8_state(weight))
+
+
+class QuantLinear(nn.Module):
+    """A frozen linear layer whose weight bitsandbytes stores in 4 or 8 bits."""
+
+    def __init__(self, in_features: int, out_features: int, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        kind = getattr(getattr(self.weight, "quant_state", None), "quant_type", "int8")
+        return f"in={self.in_features}, out={self.out_features}, {kind}, bias={self.bias is not None}"
+
+
+def quantized_module_names(model: nn.Module) -> list[str]:
+    return [n.removesuffix(".weight") for n, _ in model.named_parameters(remove_duplicate=False) if is_quantizable(n)]
+
+
+def _swap(model: nn.Module, name: str, make) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, attr, make(getattr(parent, attr)))
+
+
+def quantize_model(model: nn.Module, mode: str, compute_dtype: torch.dtype, weights: dict[str, torch.Tensor] | None = None,
+                   device: torch.device | str | None = None) -> nn.Module:
+    """Swap every quantizable block linear for a QuantLinear, in place.
+
+    `weights` maps their state-dict keys to float or already quantized weights (as `load_hf_checkpoint` streams
+    them); without it the layers' own weights are quantized (models built in memory). Records `model.quantize`.
+    """
+    check_mode(mode)
+    for name in quantized_module_names(model):
+        def make(layer: nn.Module, key=f"{name}.weight") -> QuantLinear:
+            w = weights.pop(key) if weights is not None else layer.weight.detach()
+            dev = device if device is not None else w.device
+            q = w if is_quantized(w) else quantize_weight(w, mode, dev, compute_dtype)
+            return QuantLinear(layer.in_features, layer.out_features, q, layer.bias)
+        _swap(model, name, make)
+    model.quantize = mode
+    return model
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every QuantLinear by a plain nn.Linear holding its dequantized weight (no requantization ever)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            def make(layer: QuantLinear) -> nn.Linear:
+                linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+                linear.weight = nn.Parameter(dequantize_weight(layer.weight).clone(), requires_grad=False)
+                linear.bias = layer.bias
+                return linear
+            _swap(model, name, make)
+    model.quantize = None
+    return model
+
+
+@torch.no_grad()
+def round_trip_(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> nn.Module:
+    """Replace each quantizable weight by quantize -> dequantize of itself, keeping plain layers and their dtype:
+    the float weights a base loaded with `mode` from `compute_dtype` computes with (how a QLoRA adapter is merged)."""
+    params = dict(model.named_parameters())
+    for name in quantized_module_names(model):
+        w = params[f"{name}.weight"]
+        q = quantize_weight(w.detach(), mode, w.device, compute_dtype)
+        w.copy_(dequantize_weight(q).to(w.dtype))
+    return model
