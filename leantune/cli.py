@@ -14,6 +14,7 @@ def _components() -> dict:
     from leantune.data.preview import preview_command
     from leantune.download import download_command
     from leantune.estimate import estimate_command
+    from leantune.evaluate import evaluate_command
     from leantune.export import export_command
     from leantune.finetune import finetune
     from leantune.generate import generate_command
@@ -25,6 +26,7 @@ def _components() -> dict:
         "generate": generate_command,
         "chat": chat_command,
         "merge": merge_command,
+        "evaluate": evaluate_command,
         "estimate": estimate_command,
         "export": export_command,
         "data": {"preview": preview_command},

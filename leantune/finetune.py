@@ -60,6 +60,7 @@ def finetune(
         threads: CPU threads for torch.
     """
     from leantune.checkpoint.hf import load_hf_checkpoint
+    from leantune.evaluate import task_eval
     from leantune.methods import apply_method, build_manifest, load_trainable, save_checkpoint
     from leantune.runtime import compute_dtype, default_device, resolve_precision, weight_dtype
     from leantune.tokenizer import Tokenizer
@@ -93,7 +94,7 @@ def finetune(
 
     model = load_hf_checkpoint(checkpoint_dir, dtype=weight_dtype(precision), device=device, quantize=quantize,
                                compute_dtype=compute_dtype(precision))
-    task = _task_eval(data, tokenizer, style)
+    task = task_eval(data, tokenizer, style)
     report: dict = {"method": method, "checkpoint": str(checkpoint_dir), "out_dir": str(out_dir)}
     if task and not resume:
         acc, _ = task(model)
@@ -181,22 +182,6 @@ def _ensure_checkpoint(checkpoint_dir: Path) -> Path:
 
         return download(DEFAULT_REPO_ID, checkpoint_dir=Path("checkpoints"))
     raise FileNotFoundError(f"{checkpoint_dir}: no config.json. Import a model first: leantune download <repo_id or path>")
-
-
-def _task_eval(data, tokenizer, style):
-    """Exact-match evaluation on the data module's held-out test set, when it has one (the demo tasks do)."""
-    if not hasattr(data, "test_set"):
-        return None
-    from leantune.evaluate import exact_match
-
-    records = data.test_set()
-    prompts = [style.render_prompt(r) for r in records]
-    answers = [r["output"] for r in records]
-
-    def run(model):
-        return exact_match(model, tokenizer, prompts, answers, data.score, max_new_tokens=32)
-
-    return run
 
 
 def _sampler(model, tokenizer, data, style, max_new_tokens):

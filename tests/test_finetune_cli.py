@@ -189,3 +189,20 @@ def test_quantize_with_full_finetuning_is_refused(tiny_checkpoint, json_data, tm
         small_run("full", tiny_checkpoint, json_data, tmp_path, quantize="bnb.nf4")
     with pytest.raises(ValueError, match="is not one of"):
         small_run("lora", tiny_checkpoint, json_data, tmp_path, quantize="nf4")
+
+
+def test_evaluate_reproduces_the_validation_loss_of_training(tiny_checkpoint, json_data, tmp_path):
+    from leantune.evaluate import evaluate_command
+
+    report = small_run("lora", tiny_checkpoint, json_data, tmp_path / "run")
+    main(["evaluate", "--checkpoint_dir", str(tiny_checkpoint), "--adapter", str(tmp_path / "run" / "final"),
+          "--data", "JSON", "--data.json_path", str(json_data), "--batch_size", "2", "--max_seq_length", "128",
+          "--max_batches", "2", "--out_file", str(tmp_path / "eval.json")])
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["val_loss"] == pytest.approx(report["val_loss"], abs=1e-5)
+    base = evaluate_command(checkpoint_dir=tiny_checkpoint, data=JSON(json_path=json_data), batch_size=2,
+                            max_seq_length=128, max_batches=2)
+    assert base["val_loss"] != pytest.approx(result["val_loss"], abs=1e-3)  # the adapter made a difference
+    quantized = evaluate_command(checkpoint_dir=tiny_checkpoint, data=JSON(json_path=json_data), batch_size=2,
+                                 max_seq_length=128, max_batches=2, quantize="bnb.int8")
+    assert quantized["val_loss"] == pytest.approx(base["val_loss"], rel=0.02) and quantized["quantize"] == "bnb.int8"

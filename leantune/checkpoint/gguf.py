@@ -38,7 +38,7 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLIT_PRE = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+SPLIT_PRETOKENIZERS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
               "dbrx": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
 _IGNORE_MERGES_PRE = {"llama3", "llama-bpe", "llama-v3", "smaug-bpe", "dbrx"}  # llama.cpp and HF's tokenizer.json agree
 CONTROL, USER_DEFINED = 3, 4  # gguf token types
@@ -218,7 +218,7 @@ def _hf_tensors(reader: Any, cfg: dict[str, Any], path: Path, dtype: torch.dtype
 def build_tokenizer(meta: dict[str, Any], path: Path) -> Any:
     """A `tokenizers.Tokenizer` equivalent to the one the GGUF describes."""
     model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt2")
-    if model == "gpt2" and "tokenizer.ggml.merges" in meta and (pre in _GPT2_PRE | _DIGITS_PRE or pre in _SPLIT_PRE):
+    if model == "gpt2" and "tokenizer.ggml.merges" in meta and (pre in _GPT2_PRE | _DIGITS_PRE or pre in SPLIT_PRETOKENIZERS):
         return _byte_level_bpe(meta)
     try:
         from transformers import AutoTokenizer
@@ -236,9 +236,9 @@ def _byte_level_bpe(meta: dict[str, Any]) -> Any:
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _IGNORE_MERGES_PRE))
-    if pre in _SPLIT_PRE:
+    if pre in SPLIT_PRETOKENIZERS:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated"),
+            pre_tokenizers.Split(Regex(SPLIT_PRETOKENIZERS[pre]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     elif pre in _DIGITS_PRE:
         tok.pre_tokenizer = pre_tokenizers.Sequence([

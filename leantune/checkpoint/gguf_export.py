@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from leantune.checkpoint.gguf import _SPLIT_PRE
+from leantune.checkpoint.gguf import SPLIT_PRETOKENIZERS
 from leantune.model import GPT
 
 SUPPORTED_HF_TYPES = ("llama", "mistral")
@@ -168,7 +168,7 @@ def _pre_name(pre: dict[str, Any] | None) -> str:
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
         regex = (parts[0].get("pattern") or {}).get("Regex")
-        names = {"llama-bpe": _SPLIT_PRE["llama-bpe"], "qwen2": _SPLIT_PRE["qwen2"]}
+        names = {"llama-bpe": SPLIT_PRETOKENIZERS["llama-bpe"], "qwen2": SPLIT_PRETOKENIZERS["qwen2"]}
         for name, pattern in names.items():
             if regex == pattern:
                 return name
