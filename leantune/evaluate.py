@@ -121,6 +121,7 @@ def evaluate_command(
     batch_size: int = 8,
     max_batches: int | None = None,
     max_new_tokens: int = 32,
+    exact_match: bool = True,
     out_file: Path | None = None,
     threads: int | None = None,
 ) -> dict:
@@ -140,6 +141,7 @@ def evaluate_command(
         batch_size: Validation batch size.
         max_batches: Evaluate on at most this many validation batches (default: all).
         max_new_tokens: Generation budget per exact-match prompt.
+        exact_match: Run the held-out exact-match evaluation when the data module has a test set.
         out_file: Also write the results as JSON here.
         threads: CPU threads for torch.
     """
@@ -161,7 +163,7 @@ def evaluate_command(
     if data.val_dataset is not None and len(data.val_dataset):
         result.update(validation_loss(model, data.val_dataloader(), device, max_batches))
         print(f"validation loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.2f})")
-    task = task_eval(data, tokenizer, data.prompt_style, max_new_tokens)
+    task = task_eval(data, tokenizer, data.prompt_style, max_new_tokens) if exact_match else None
     if task is not None:
         acc, _ = task(model)
         result["exact_match"] = acc
