@@ -65,7 +65,8 @@ def export_command(
             raise ValueError(f"{adapter}: method {method!r} cannot be exported as PEFT; only lora/qlora adapters "
                              f"can{why}; use it with --adapter in generate/chat instead")
         model = load_hf_checkpoint(checkpoint_dir, dtype=torch.float32)
-        manifest = load_adapter(model, adapter, checkpoint_dir)
+        # only the LoRA tensors are written: the base's quantization does not matter here
+        manifest = load_adapter(model, adapter, checkpoint_dir, check_quantization=False)
         args = method_args_class("lora")(**manifest["method_args"])
         export_peft(model, out, str(checkpoint_dir), args, dtype=torch_dtype)
         print(f"exported PEFT adapter to {out}")

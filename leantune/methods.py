@@ -132,7 +132,8 @@ def _describe(quantize: str | None) -> str:
     return f"quantized with {quantize}" if quantize else "in full precision"
 
 
-def load_adapter(model: GPT, adapter_dir: Path, checkpoint_dir: Path | None = None) -> dict[str, Any]:
+def load_adapter(model: GPT, adapter_dir: Path, checkpoint_dir: Path | None = None,
+                 check_quantization: bool = True) -> dict[str, Any]:
     """Apply a saved PEFT adapter (unmerged) to a base model; warns when the base differs from training's."""
     import warnings
 
@@ -145,7 +146,7 @@ def load_adapter(model: GPT, adapter_dir: Path, checkpoint_dir: Path | None = No
     load_trainable(model, method, Path(adapter_dir))
     model.requires_grad_(False)
     trained_q, loaded_q = manifest.get("quantize"), getattr(model, "quantize", None)
-    if trained_q != loaded_q:
+    if check_quantization and trained_q != loaded_q:
         warnings.warn(f"{adapter_dir} was trained on a base {_describe(trained_q)} but is being loaded onto a base "
                       f"{_describe(loaded_q)}; outputs will differ from training's (pass --quantize {trained_q} to match)"
                       if trained_q else

@@ -84,6 +84,31 @@ def logical_numel(p: torch.Tensor) -> int:
     return math.prod(weight_shape(p))
 
 
+def storage_tensors(weight: torch.Tensor) -> list[torch.Tensor]:
+    """Every tensor a (quantized) weight keeps in memory: packed data plus its scales, code tables and nested state."""
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        out = [weight.data, state.absmax, state.code]
+        if state.nested:
+            out += [state.offset, state.state2.absmax, state.state2.code]
+        return [t for t in out if isinstance(t, torch.Tensor)]
+    if hasattr(weight, "SCB"):
+        return [weight.data, weight.SCB]
+    return [weight]
+
+
+def quantized_nbytes(out_features: int, in_features: int, mode: str) -> int:
+    """Bytes a (out, in) weight takes quantized with `mode`, as bitsandbytes stores it (what `estimate` counts)."""
+    n = out_features * in_features
+    if mode == "bnb.int8":
+        return n + 4 * out_features  # int8 weights + one fp32 absmax per row
+    blocks = -(-n // BLOCKSIZE)
+    packed = -(-n // 2) + 16 * 4  # two 4-bit codes per byte, plus the 16-entry fp32 code table
+    if mode.endswith("-dq"):  # uint8 block scales, quantized again in blocks of 256 with their own fp32 code
+        return packed + blocks + 4 * -(-blocks // 256) + 256 * 4 + 4
+    return packed + 4 * blocks
+
+
 def dequantize_weight(weight: torch.Tensor) -> torch.Tensor:
     """The (out, in) float weight the quantized base actually computes with (its compute dtype)."""
     state = getattr(weight, "quant_state", None)

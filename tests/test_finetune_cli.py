@@ -176,6 +176,15 @@ def test_qlora_trains_generates_and_merges_into_the_dequantized_base(tiny_checkp
     assert (orig - expected).abs().max() > 1e-3  # the original weights are not what the adapter was trained on
     with pytest.warns(UserWarning, match="full precision"):
         load_for_inference(tiny_checkpoint, adapter=adapter)
+    import warnings
+
+    from leantune.export import export_command
+
+    with warnings.catch_warnings():  # exporting the LoRA tensors alone does not involve the base's quantization
+        warnings.simplefilter("error", UserWarning)
+        peft_dir = export_command(adapter=adapter, checkpoint_dir=tiny_checkpoint, format="peft",
+                                  out_dir=tmp_path / "peft")
+    assert (peft_dir / "adapter_model.safetensors").is_file()
 
 
 def test_adapter_v2_trains_on_an_int8_base(tiny_checkpoint, json_data, tmp_path):

@@ -21,7 +21,10 @@ from leantune.quantize import (
     is_quantized,
     logical_numel,
     quantize_model,
+    quantize_weight,
+    quantized_nbytes,
     round_trip_,
+    storage_tensors,
 )
 from leantune.train.loss import supervised_ce_sum
 
@@ -186,3 +189,12 @@ def test_adapter_on_a_differently_quantized_base_warns(tmp_path):
 def test_bad_mode_is_refused():
     with pytest.raises(ValueError, match="bnb.nf4-dq"):
         quantize_model(tiny(), "nf4", torch.float32)
+
+
+@pytest.mark.parametrize("mode", QUANT_MODES)
+@pytest.mark.parametrize("shape", [(96, 64), (100, 37), (1536, 576)])  # 100 x 37: blocks of 64 do not divide it
+def test_quantized_nbytes_is_what_bitsandbytes_stores(mode, shape):
+    """`estimate` counts quantized weights with this formula: it must equal the bytes actually held."""
+    q = quantize_weight(torch.randn(*shape), mode, "cpu", torch.float32)
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in storage_tensors(q)}
+    assert quantized_nbytes(*shape, mode) == sum(held.values())
