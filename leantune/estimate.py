@@ -1,13 +1,23 @@
 """`leantune estimate`: trainable/total parameters and a training memory estimate, on the meta device.
 
-Memory model (bytes), for a frozen or trained base:
-  weights      = frozen params x weight bytes (+ trainable in their dtype; 4-bit: 0.5 byte + block scales)
-  gradients    = trainable x 4 (fp32 master) or x weight bytes for -true precisions
-  optimizer    = trainable x state bytes (AdamW: two fp32 moments = 8; SGD: 0, or 4 with momentum)
-  activations  = per layer and token, what backward keeps: the block input, the norm outputs, q/k/v, the
-                 attention output (SDPA keeps no T x T matrix), the MLP intermediates; plus the LM head's logits
-                 for the supervised tokens of one chunk (leantune never materialises all logits).
-It is an estimate: allocator fragmentation and framework workspaces come on top.
+Memory model (bytes), checked against a measured CPU training step by bench/estimate_memory.py:
+  weights      = parameters x weight bytes + the fp32 RoPE cache; with --quantize the block linears take what
+                 bitsandbytes stores (leantune.quantize.quantized_nbytes: 4-bit 0.5 byte + a 4-byte scale per 64,
+                 or with -dq a 1-byte scale + 4 bytes per 64 x 256; int8 1 byte + 4 per row)
+  gradients    = trainable x weight bytes (-true) or 4 (-mixed: fp32 master weights)
+  optimizer    = trainable x state bytes: torch Adam/AdamW keep two moments in the parameter dtype (2 x weight
+                 bytes), bnb 8-bit 2, bnb 32-bit 8, SGD 0 (leantune's default momentum is 0)
+  activations  = what backward keeps, per token and layer that gradient flows through, counted tensor by tensor
+                 (`_block_bytes`: the norms' fp32 inputs, q/k after RoPE, the qkv output, the attention output and
+                 log-sum-exp, the MLP intermediates; plus the inputs of trained linears, LoRA's dropout output and
+                 mask, adapter-v2's pre-scale outputs), plus the larger of the loss's working set (one 1024-token
+                 chunk of fp32 logits; leantune never materialises all logits) and, with activation checkpointing,
+                 the one block that backward recomputes.
+                 A trained plain LM head adds its fp32 gradient here: the fused loss builds it during the forward.
+  total        = the peak, not the sum: weights + optimizer + max(activations, gradients + the optimizer step's
+                 temporaries). A full finetune's gradients grow while activations are freed, so the two never peak
+                 together.
+Not included: the CUDA context and caching-allocator slack (typically 0.3-1 GB on a GPU).
 """
 
 from __future__ import annotations
@@ -22,8 +32,7 @@ from leantune.peft.adapter import AdapterArgs
 from leantune.peft.lora import LoRAArgs
 
 DTYPE_BYTES = {"32-true": 4, "bf16-true": 2, "16-true": 2, "bf16-mixed": 4, "16-mixed": 4}
-QUANT_BYTES = {"bnb.nf4": 0.5 + 4 / 64, "bnb.fp4": 0.5 + 4 / 64, "bnb.nf4-dq": 0.5 + 1 / 64 + 4 / (64 * 256),
-               "bnb.fp4-dq": 0.5 + 1 / 64 + 4 / (64 * 256), "bnb.int8": 1 + 4 / 4096}
+CE_CHUNK = 1024  # tokens per logits chunk in leantune.train.loss.supervised_ce_sum
 
 
 def resolve_config(model: str) -> Config:
@@ -35,7 +44,10 @@ def resolve_config(model: str) -> Config:
 
 def estimate(config: Config, method: str, method_args=None, precision: str = "bf16-true", quantize: str | None = None,
              micro_batch_size: int = 1, max_seq_length: int = 2048, optimizer: str = "AdamW",
-             activation_checkpointing: bool = False) -> dict:
+             activation_checkpointing: bool = False, device: str = "cuda") -> dict:
+    """Parameter counts and the memory model above, in GiB. `device` ("cuda" or "cpu") selects two kernel details
+    that differ: CPU dropout keeps its mask in the activation dtype (CUDA: 1 byte), and CUDA's AdamW updates all
+    tensors at once (foreach: one trainable-sized temporary) where CPU loops tensor by tensor."""
     from leantune.methods import apply_method, method_args_class
 
     if method_args is None and method_args_class(method) is not None:
@@ -48,32 +60,142 @@ def estimate(config: Config, method: str, method_args=None, precision: str = "bf
         unique.setdefault(id(p), (n, p))
     total = sum(p.numel() for _, p in unique.values())
     trainable = sum(p.numel() for n, p in unique.values() if n in trainable_names)
-    frozen_linear = sum(p.numel() for n, p in unique.values() if n not in trainable_names and p.dim() == 2
-                        and "wte" not in n)
-    frozen_other = total - trainable - frozen_linear
     wbytes = DTYPE_BYTES[precision] if precision.endswith("true") else 4
-    if quantize:
-        weights = frozen_linear * QUANT_BYTES[quantize] + frozen_other * 2 + trainable * wbytes
-    else:
-        weights = (total - trainable) * wbytes + trainable * wbytes
-    grads = trainable * (4 if precision.endswith("mixed") else wbytes)
-    state = {"AdamW": 8, "Adam": 8, "SGD": 0, "bnb.AdamW8bit": 2, "bnb.PagedAdamW8bit": 2, "bnb.PagedAdamW": 8}
-    optim = trainable * state.get(optimizer, 8)
-    act_bytes = 2 if precision != "32-true" else 4
     c = config
+    rope_cache = 2 * c.block_size * c.rope_n_elem * 4  # cos and sin, fp32, built at the first forward
+    if quantize:
+        from leantune.quantize import check_mode, is_quantizable, quantized_nbytes
+
+        check_mode(quantize)
+        # the block linears are stored by bitsandbytes; everything else stays in the weight dtype
+        quantized = [p for n, p in unique.values() if is_quantizable(n) and n not in trainable_names]
+        weights = sum(quantized_nbytes(*p.shape, quantize) for p in quantized)
+        weights += (total - sum(p.numel() for p in quantized)) * wbytes
+        dequant_temp = max((p.numel() for p in quantized), default=0) * (2 if precision != "32-true" else 4)
+    else:
+        weights = total * wbytes
+        dequant_temp = 0
+    weights += rope_cache
+    grads = trainable * (4 if precision.endswith("mixed") else wbytes)
+    adam = 2 * wbytes if precision.endswith("true") else 8  # torch keeps the moments in the parameter dtype
+    state = {"AdamW": adam, "Adam": adam, "SGD": 0, "bnb.AdamW8bit": 2, "bnb.PagedAdamW8bit": 2,
+             "bnb.PagedAdamW": 8, "bnb.AdamW": 8}
+    optim = trainable * state.get(optimizer, adam)
+    largest = max((p.numel() for n, p in unique.values() if n in trainable_names), default=0)
+    if optimizer.startswith(("Adam", "bnb.")):
+        # CUDA foreach: sqrt of every second moment at once; CPU: per tensor (sqrt, divide and clipping temporaries
+        # of the largest tensor: 3x measured)
+        step_temp = trainable * wbytes if device == "cuda" else 3 * largest * wbytes
+    else:
+        step_temp = 0
+
+    act = 2 if precision != "32-true" else 4
     tokens = micro_batch_size * max_seq_length
-    qkv = sum(c.qkv_sizes)
-    mlp = (3 if c.mlp_class == "swiglu" else 2) * c.intermediate_size
-    per_token_layer = 3 * c.n_embd + qkv + c.n_head * c.head_size + mlp  # input, norms, qkv, attn out, mlp
-    layers = 1 if activation_checkpointing else c.n_layer
-    activations = tokens * (layers * per_token_layer + (c.n_layer * c.n_embd if activation_checkpointing else 0))
-    activations = activations * act_bytes + min(tokens, 2048) * c.padded_vocab_size * 4 * 2  # one logits chunk + grad
+    first = _first_block_with_gradient(model, trainable_names)
+    grad_layers = c.n_layer - first
+    block = _block_bytes(model.transformer.h[-1], c, act, device)
+    if quantize == "bnb.int8":
+        # bitsandbytes' int8 matmul keeps its input for backward even with a frozen weight: the qkv, attention
+        # projection, MLP input and MLP projection inputs of each block (4-bit matmuls keep none)
+        block += act * (3 * c.n_embd + c.intermediate_size)
+    prefix = sum(_prefix_bytes(b, c, act) for b in model.transformer.h[first:])
+    head = model.lm_head
+    head_trains = any(p.requires_grad for p in head.parameters())
+    final_norm = _norm_bytes(model.transformer.ln_f, c, act)
+    # each checkpointed block keeps only its input; backward recomputes one block at a time (after the loss)
+    recompute = block * tokens if activation_checkpointing and grad_layers else 0
+    saved = grad_layers * (act * c.n_embd if activation_checkpointing else block) * tokens
+    saved += prefix + (final_norm * tokens if grad_layers else 0)
+    chunk = min(tokens, CE_CHUNK)
+    V, C = c.padded_vocab_size, c.n_embd
+    if type(head) is torch.nn.Linear:
+        # fused linear + CE: keeps d loss / d hidden and works on one chunk of fp32 logits at a time. Its largest
+        # moments: the logits in both dtypes (a CPU without native bf16 matmuls adds an fp32 copy), and, when the
+        # head trains, softmax + its act-dtype copy + the chunk's (V, C) weight-gradient product and its fp32 copy.
+        saved += act * tokens * C
+        low = 0 if act == 4 else act + (4 if device == "cpu" else 0)
+        ce_work = (4 + low) * chunk * V
+        head_grad = 4 * V * C if head_trains else 0  # fp32 gradient built during the forward
+        if head_trains:
+            ce_work = max(ce_work, (4 + (0 if act == 4 else act)) * chunk * V + (4 + (0 if act == 4 else act)) * V * C)
+    else:
+        # a PEFT-wrapped head runs as a module: one chunk keeps its logits (act) and fp32 log-softmax, more chunks
+        # are recomputed in backward and keep only the hidden states
+        saved += (act + 4) * tokens * V if tokens <= CE_CHUNK else act * tokens * C
+        ce_work = 8 * chunk * V
+        head_grad = 0
+    # a quantized layer's matmul dequantizes its weight into a temporary, one layer at a time
+    activations = saved + max(ce_work, recompute, dequant_temp) + head_grad
+    peak = weights + optim + max(activations, grads + step_temp)
     gib = 2**30
     return dict(
         trainable_params=trainable, total_params=total, trainable_percent=round(100 * trainable / total, 4),
         weights_gb=round(weights / gib, 3), gradients_gb=round(grads / gib, 3), optimizer_gb=round(optim / gib, 3),
-        activations_gb=round(activations / gib, 3), total_gb=round((weights + grads + optim + activations) / gib, 3),
+        activations_gb=round(activations / gib, 3), total_gb=round(peak / gib, 3),
     )
+
+
+def _first_block_with_gradient(model: GPT, trainable: set[str]) -> int:
+    """Blocks below the first one holding a trainable tensor get no gradient and keep nothing for backward."""
+    if any(n.startswith("transformer.wte") or n.startswith("transformer.wpe") for n in trainable):
+        return 0
+    for i in range(model.config.n_layer):
+        if any(n.startswith(f"transformer.h.{i}.") for n in trainable):
+            return i
+    return model.config.n_layer
+
+
+def _norm_bytes(norm: torch.nn.Module, c: Config, act: int) -> int:
+    """Per token: RMSNorm keeps its fp32 input and 1/rms (+ the normalised input if its weight trains, except in
+    fp32, where leantune.ops' fused RMSNorm recomputes it); LayerNorm keeps its input, mean and 1/std."""
+    trains = any(p.requires_grad for p in norm.parameters())
+    if c.norm_class == "rmsnorm":
+        return 4 * c.n_embd + 4 + (act * c.n_embd if trains and act != 4 else 0)
+    return act * c.n_embd + 8
+
+
+def _block_bytes(block: torch.nn.Module, c: Config, act: int, device: str) -> int:
+    """Bytes per token one block keeps for backward (counted against torch's saved tensors; see the tests)."""
+    from leantune.peft.adapter_v2 import AdapterV2Linear
+    from leantune.peft.lora import LoRALinear
+
+    C, inter = c.n_embd, c.intermediate_size
+    q, k, v = c.qkv_sizes
+    attn, mlp = block.attn, block.mlp
+    norms = [n for n in (block.norm_1, block.norm_2) if n is not None]
+    b = sum(_norm_bytes(n, c, act) for n in norms)
+    linears_train = attn.qkv.weight.requires_grad
+    if linears_train:
+        b += act * C * len(norms)  # the norm outputs, inputs of trained linears
+        if act == 4:  # fp32: leantune.ops' fused RoPE leaves SDPA's output (B, nh, T, hs)-contiguous, so proj's
+            b += act * q  # reshape of it is a copy that proj keeps (in bf16 it is a view of the output)
+    # SDPA keeps q and k after RoPE, v (a view: the whole qkv output), its output (also proj's input) and lse
+    b += act * (q + k + v) + (act * (q + k) if c.rope_n_elem else 0) + act * q + 4 * c.n_head
+    if attn.adapter is not None:
+        b += act * q + 4 * c.n_head  # the prefix attention's output and lse
+    if c.mlp_class == "swiglu":
+        b += 3 * act * inter + (act * inter if linears_train else 0)  # fc_1 out, silu out, fc_2 out (+ proj's input)
+    else:
+        b += act * inter + (act * inter if linears_train else 0)
+    mask = act if device == "cpu" else 1
+    for m in [*attn.children(), *mlp.children()]:
+        if isinstance(m, LoRALinear):
+            p = m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0
+            b += (act + mask) * m.in_features if p > 0 else 0  # dropout output (A's input) and mask
+            b += act * len(m.parts) * m.r  # x A^T, the input of B
+        elif isinstance(m, AdapterV2Linear):
+            b += act * m.out_features  # x W^T before the trainable scale
+    return b
+
+
+def _prefix_bytes(block: torch.nn.Module, c: Config, act: int) -> int:
+    """Per block, independent of tokens: LLaMA-Adapter's projected prefix (P x qkv) kept for backward."""
+    from leantune.peft.adapter_v2 import AdapterV2Linear
+
+    if block.attn.adapter is None:
+        return 0
+    P = block.attn.adapter.wte.weight.shape[0]
+    return act * P * sum(c.qkv_sizes) * (2 if isinstance(block.attn.qkv, AdapterV2Linear) else 1)
 
 
 def estimate_command(
@@ -85,6 +207,7 @@ def estimate_command(
     max_seq_length: int = 2048,
     optimizer: str = "AdamW",
     activation_checkpointing: bool = False,
+    device: str = "cuda",
     lora: LoRAArgs = LoRAArgs(),
     adapter: AdapterArgs = AdapterArgs(),
 ) -> dict:
@@ -99,6 +222,7 @@ def estimate_command(
         max_seq_length: Tokens per sample.
         optimizer: AdamW, SGD, bnb.AdamW8bit, bnb.PagedAdamW, bnb.PagedAdamW8bit.
         activation_checkpointing: Estimate with block recomputation.
+        device: cuda or cpu (CPU dropout keeps a wider mask; CUDA's AdamW updates all tensors at once).
         lora: LoRA hyperparameters (--lora.r, --lora.targets, ...).
         adapter: LLaMA-Adapter hyperparameters.
     """
@@ -108,10 +232,153 @@ def estimate_command(
         quantize = "bnb.nf4-dq"
     cfg = resolve_config(model)
     result = estimate(cfg, method, _method_args(method, lora, adapter), precision, quantize, micro_batch_size,
-                      max_seq_length, optimizer, activation_checkpointing)
+                      max_seq_length, optimizer, activation_checkpointing, device)
     width = max(len(k) for k in result)
     print(f"{cfg.name or model}: {method}" + (f" + {quantize}" if quantize else "") + f", {precision}, "
           f"batch {micro_batch_size} x {max_seq_length} tokens")
     for k, v in result.items():
         print(f"  {k:<{width}}  {v:,}" if isinstance(v, int) else f"  {k:<{width}}  {v}")
     return result
+
+
+# ---- measurement: what one real training step holds, to check `estimate` against ---------------------------------
+
+
+def build_random_model(config: Config, method: str, method_args, precision: str, quantize: str | None = None):
+    """A random-weight GPT in the precision's weight dtype, its block linears quantized with `quantize` (pass it
+    with functools.partial), with `method` applied; returns (model, trainable names). The model builder of
+    `measure_training_memory`."""
+    from leantune.methods import apply_method, method_args_class
+    from leantune.quantize import quantize_model
+    from leantune.runtime import compute_dtype, weight_dtype
+
+    if method_args is None and method_args_class(method) is not None:
+        method_args = method_args_class(method)()
+    torch.manual_seed(0)
+    model = GPT(config).to(weight_dtype(precision))
+    if quantize:
+        quantize_model(model, quantize, compute_dtype(precision))
+    return model, apply_method(model, method, method_args)
+
+
+def measure_training_memory(config: Config, method: str, method_args=None, precision: str = "32-true",
+                            micro_batch_size: int = 1, max_seq_length: int = 512, optimizer: str = "AdamW",
+                            activation_checkpointing: bool = False, build_model=build_random_model) -> dict:
+    """Peak bytes of live tensors during a real training step on CPU, measured in a fresh subprocess.
+
+    `build_model(config, method, method_args, precision) -> (model, trainable_names)` must be picklable (a
+    module-level function or a functools.partial of one). Returns the measured components in GiB (see `_measure`).
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    spec = dict(config=config, method=method, method_args=method_args, precision=precision,
+                micro_batch_size=micro_batch_size, max_seq_length=max_seq_length, optimizer=optimizer,
+                activation_checkpointing=activation_checkpointing, build_model=build_model)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measure, spec).result()
+
+
+def _tensors(tree):
+    """Every tensor in a nested dict (bitsandbytes nests its 8-bit optimizer state one level deeper)."""
+    for v in tree.values():
+        if isinstance(v, dict):
+            yield from _tensors(v)
+        elif isinstance(v, torch.Tensor):
+            yield v
+
+
+def _measure(spec: dict) -> dict:
+    """A warm-up step on 8 tokens, then one profiled step of exactly fit's inner loop (forward with return_hidden, the
+    chunked supervised cross-entropy, backward, clip_grad_norm_, optimizer step, zero_grad(set_to_none)).
+
+    Method, and why it is sound: every CPU tensor's memory comes from c10's CPU allocator, and under
+    `torch.profiler(profile_memory=True)` that allocator reports each allocation and free together with its running
+    total of live bytes (`total_allocated`, updated under a lock, so its maximum is the true peak whatever the event
+    order; it counts kernel-internal temporaries and autograd's saved tensors alike). This process is fresh and
+    profiles once, so the running total starts at 0 and counts exactly the bytes allocated during the profiled step
+    that are still alive; the bytes alive before it (parameters, buffers, the optimizer state created by the
+    warm-up step, the batch) are summed from the tensors themselves. Peak = that baseline + the running total's
+    maximum. The second step is measured because from then on the optimizer state is resident, as in a real run
+    (its size does not depend on the batch, so a tiny warm-up batch creates all of it).
+    Not counted: allocator caching/fragmentation and the Python/torch runtime (CPU has no caching allocator; on a
+    GPU, add the CUDA context and the caching allocator's slack). Peak RSS would not do: glibc keeps freed
+    blocks of the warm-up step and reuses them, so an RSS delta under-counts, and the runtime's own pages blur it.
+    """
+    from torch._C._profiler import _ExtraFields_Allocation
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from leantune.quantize import storage_tensors
+    from leantune.train.loop import enable_activation_checkpointing
+    from leantune.train.loss import supervised_ce_sum
+    from leantune.train.optim import OptimizerArgs, build_optimizer
+
+    torch.set_num_threads(2)
+    model, trainable = spec["build_model"](spec["config"], spec["method"], spec["method_args"], spec["precision"])
+    model.train()
+    if spec["activation_checkpointing"]:
+        enable_activation_checkpointing(model)
+    named = dict(model.named_parameters())
+    params = [named[n] for n in trainable]
+    opt = build_optimizer(params, OptimizerArgs(name=spec["optimizer"], lr=1e-4))
+    g = torch.Generator().manual_seed(0)
+    B, T = spec["micro_batch_size"], spec["max_seq_length"]
+    ids = torch.randint(0, spec["config"].vocab_size, (B, T + 1), generator=g)
+    x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()  # every token supervised: the CE's worst case
+
+    def forward(x, y):
+        hidden = model(x, return_hidden=True)  # (B, T, C)
+        return supervised_ce_sum(hidden, model.lm_head, y) / y.numel()
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    forward(x[:1, :8], y[:1, :8]).backward()  # warm-up on a few tokens: creates the optimizer state, RoPE cache
+    step()
+
+    def nbytes(tensors) -> int:
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors
+                    if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
+        return sum(storages.values())
+
+    resident = [t for p in model.parameters() for t in storage_tensors(p)]  # quantized: packed data + scales
+    resident += [*model.buffers(), *(model._rope or ())]
+    state_tensors = list(_tensors(opt.state))
+    weights = nbytes(resident)
+    optim_state = nbytes(state_tensors)
+    baseline = nbytes([*resident, x, y, *state_tensors])
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with record_function("phase:forward"):
+            loss = forward(x, y)
+        with record_function("phase:backward"):
+            loss.backward()
+            del loss
+        grads = nbytes(p.grad for p in params if p.grad is not None)
+        with record_function("phase:step"):
+            step()
+
+    phases = {"phase:forward": [], "phase:backward": [], "phase:step": []}
+
+    def walk(nodes, phase):
+        for n in nodes:
+            phase = n.name if n.name in phases else phase
+            if isinstance(n.extra_fields, _ExtraFields_Allocation) and n.extra_fields.device.type == "cpu":
+                phases[phase or "phase:forward"].append(n.extra_fields)
+            walk(n.children, phase)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree(), None)
+    gib = 2**30
+    out = dict(weights_gb=weights / gib, gradients_gb=grads / gib, optimizer_gb=optim_state / gib)
+    live = 0  # bytes allocated in the profiled step and still alive, at the start of each phase
+    for name, events in phases.items():
+        short = name.split(":")[1]
+        out[f"{short}_peak_gb"] = (baseline + max([e.total_allocated for e in events], default=live)) / gib
+        live += sum(e.alloc_size for e in events)
+        if short == "forward":
+            out["activations_gb"] = live / gib  # what the forward left for backward (incl. the fused CE's grads)
+    out["total_gb"] = max(out[f"{p}_peak_gb"] for p in ("forward", "backward", "step"))
+    out["baseline_gb"] = baseline / gib
+    return out
+

@@ -13,7 +13,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from leantune import ops
 from leantune.config import Config
+
+# Under torch.compile, end the graph after the qkv projection: a LoRA qkv adds its updates to output slices in
+# place, and inductor fusing those slice writes with RoPE's rotate-half concat gave one slow, mask-heavy loop nest.
+# Split there, each side compiles to plain loops (see leantune/compile.py).
+_COMPILE_SPLIT_QKV = True
 
 
 class GPT(nn.Module):
@@ -154,13 +160,17 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cos, sin, mask, input_pos):
         cfg = self.config
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(cfg.qkv_sizes, dim=-1)
+        qkv = self.qkv(x)  # (B, T, (nh + 2 * ng) * hs)
+        if torch.compiler.is_compiling() and _COMPILE_SPLIT_QKV:
+            torch._dynamo.graph_break()
+        q, k, v = qkv.split(cfg.qkv_sizes, dim=-1)
         q = q.view(B, T, cfg.n_head, cfg.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, cfg.n_query_groups, cfg.head_size).transpose(1, 2)  # (B, ng, T, hs)
         v = v.view(B, T, cfg.n_query_groups, cfg.head_size).transpose(1, 2)  # (B, ng, T, hs)
         if cos is not None:
-            q = apply_rope(q, cos, sin)
-            k = apply_rope(k, cos, sin)
+            rope = ops.rope if _use_fused(q) else apply_rope
+            q = rope(q, cos, sin)
+            k = rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, ng, S, hs)
         is_causal = mask is None and input_pos is None and T > 1
@@ -222,6 +232,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        if _use_fused(x) and self.weight.dtype == torch.float32:
+            return ops.rms_norm(x, self.weight, self.eps)  # same math, fewer passes and saved tensors
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -260,6 +272,12 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, rs: dict) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def _use_fused(x: torch.Tensor) -> bool:
+    """Hand-fused ops (leantune.ops) serve eager fp32; under torch.compile the plain expressions fuse better, and
+    other dtypes keep the reference rounding of transformers."""
+    return x.dtype == torch.float32 and not torch.compiler.is_compiling()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -50,7 +50,12 @@ class TrainArgs:
     """Pack several samples per row (no padding, no attention across samples)."""
     activation_checkpointing: bool = False
     """Recompute each block in backward to save activation memory."""
+    compile: bool = False
+    """Regional torch.compile of the transformer blocks (a minute of compiling on 2 CPU cores; on CPU it did not
+    measurably beat leantune's fused eager ops, see bench/lora_cpu.py --compile)."""
     log_interval: int = 1
+    logger: Literal["csv", "tensorboard"] = "csv"
+    """metrics.csv is always written; tensorboard also writes event files to <out_dir>/tensorboard."""
     save_interval: int | None = None
     """Save a checkpoint every N optimizer steps (always at the end)."""
     seed: int = 42
@@ -94,6 +99,7 @@ def fit(
     sample_fn: Callable[[], str] | None = None,
 ) -> dict[str, Any]:
     """Train `trainable` parameters of `model` on `data`; returns a summary dict. Checkpoints go to out_dir/step-N."""
+    summary_writer_cls = _require_tensorboard() if train.logger == "tensorboard" else None  # fail before any work
     device = device or next(model.parameters()).device
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -102,7 +108,11 @@ def fit(
     accumulation = train.accumulation
     optimizer = build_optimizer(params, optimizer_args)
     if train.activation_checkpointing:
-        _enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model)
+    if train.compile:
+        from leantune.compile import compile_blocks
+
+        compile_blocks(model)
 
     steps_per_epoch = max(1, len(data.train_dataloader(epoch=0)) // accumulation)
     total_steps = train.max_steps or steps_per_epoch * train.epochs
@@ -120,7 +130,11 @@ def fit(
             print(f"Resumed from {ckpt} at step {state['step']}")
 
     metrics_path = out_dir / "metrics.csv"
-    metrics = _MetricsWriter(metrics_path, append=bool(resume) and state["step"] > 0)
+    resumed = bool(resume) and state["step"] > 0
+    metrics = _MetricsWriter(metrics_path, append=resumed, after_step=state["step"])
+    if summary_writer_cls is not None:
+        metrics = _Loggers([metrics, _TensorBoardWriter(summary_writer_cls, out_dir / "tensorboard",
+                                                        first_step=state["step"] + 1 if resumed else None)])
     amp = autocast_dtype(precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
@@ -269,7 +283,8 @@ def _fmt(row: dict) -> str:
     return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
 
 
-def _enable_activation_checkpointing(model) -> None:
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each block in backward (non-reentrant checkpoint): backward keeps only the block inputs."""
     from torch.utils.checkpoint import checkpoint
 
     for block in model.transformer.h:
@@ -284,12 +299,29 @@ def _enable_activation_checkpointing(model) -> None:
 class _MetricsWriter:
     FIELDS = ["step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "time_s", "mem_gb", "val_loss", "val_ppl"]
 
-    def __init__(self, path: Path, append: bool) -> None:
+    def __init__(self, path: Path, append: bool, after_step: int = 0) -> None:
         new = not (append and path.exists())
+        if not new:
+            self._truncate(path, after_step)
         self.f = open(path, "a" if not new else "w", newline="", encoding="utf-8")
         self.w = csv.DictWriter(self.f, fieldnames=self.FIELDS, extrasaction="ignore")
         if new:
             self.w.writeheader()
+
+    @staticmethod
+    def _truncate(path: Path, after_step: int) -> None:
+        """Drop rows past the resumed step: a run that got further than its last checkpoint logged steps the
+        resumed run repeats, and each step must appear once (TensorBoard's purge_step does the same)."""
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        if all(int(r["step"]) <= after_step for r in rows):
+            return
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=_MetricsWriter.FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(r for r in rows if int(r["step"]) <= after_step)
+        tmp.replace(path)
 
     def write(self, row: dict) -> None:
         self.w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -297,6 +329,51 @@ class _MetricsWriter:
 
     def close(self) -> None:
         self.f.close()
+
+
+def _require_tensorboard():
+    """SummaryWriter, or a clear error before any training work when the optional package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError("--train.logger tensorboard needs the tensorboard package: pip install tensorboard "
+                          "(or pip install 'leantune[tensorboard]')") from e
+    return SummaryWriter
+
+
+class _TensorBoardWriter:
+    """The CSV's scalars as TensorBoard event files, keyed by optimizer step."""
+
+    TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens": "train/tokens",
+            "tokens_per_s": "train/tokens_per_s", "time_s": "train/time_s", "mem_gb": "train/mem_gb",
+            "epoch": "train/epoch", "val_loss": "val/loss", "val_ppl": "val/ppl"}
+
+    def __init__(self, summary_writer_cls, log_dir: Path, first_step: int | None) -> None:
+        # purge_step: on resume TensorBoard hides events of earlier runs from first_step on (steps logged after
+        # the checkpoint the run resumed from), so every step shows once, from the run that continued.
+        self.writer = summary_writer_cls(log_dir=str(log_dir), purge_step=first_step)
+
+    def write(self, row: dict) -> None:
+        for key, tag in self.TAGS.items():
+            if row.get(key) is not None:
+                self.writer.add_scalar(tag, float(row[key]), global_step=int(row["step"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Loggers:
+    def __init__(self, loggers: list) -> None:
+        self.loggers = loggers
+
+    def write(self, row: dict) -> None:
+        for logger in self.loggers:
+            logger.write(row)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
 
 
 def _plot_loss(metrics_path: Path, png: Path) -> None:

@@ -14,7 +14,13 @@ from torch.utils.checkpoint import checkpoint
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i W^T + b, y_i); gradients for h, W, b are produced during the forward pass, chunk by chunk."""
+    """sum_i CE(h_i W^T + b, y_i); gradients for h, W, b are produced during the forward pass, chunk by chunk.
+
+    Per chunk: one GEMM into a reused fp32 buffer, one row-wise softmax in place (each row is read from memory
+    once and stays in cache for max, sum and scale), loss = -log p_y, then (softmax - one-hot) @ W. Nothing
+    (chunk x vocab)-sized is allocated per chunk, which matters on CPU where such buffers are fresh, page-faulted
+    mmaps. Rows whose p_y underflows get the exact logsumexp from recomputed logits (a few rows at most).
+    """
 
     @staticmethod
     def forward(ctx, h, weight, bias, y, chunk_size):
@@ -23,18 +29,31 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         gw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         gb = torch.zeros_like(bias, dtype=torch.float32) if need_b and bias is not None else None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        probs_buf = torch.empty(min(chunk_size, h.shape[0]), weight.shape[0], dtype=torch.float32,
+                                device=h.device)  # (n, V), reused by every chunk
         for s in range(0, h.shape[0], chunk_size):
             hc, yc = h[s:s + chunk_size], y[s:s + chunk_size]
-            logits = F.linear(hc, weight, bias).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            loss += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            n = hc.shape[0]
+            probs = probs_buf[:n]
+            if h.dtype == torch.float32 and bias is None:
+                torch.mm(hc, weight.t(), out=probs)  # logits, then softmax in place
+                torch.softmax(probs, dim=-1, out=probs)
+            else:
+                torch.softmax(F.linear(hc, weight, bias), dim=-1, dtype=torch.float32, out=probs)
+            rows = torch.arange(n, device=yc.device)
+            p_y = probs[rows, yc]  # (n,)
+            ce = -p_y.log()
+            tiny = p_y < 1e-30  # -log(p_y) loses precision (or is inf) only where p_y underflows
+            if bool(tiny.any()):
+                bad = F.linear(hc[tiny], weight, bias).float()  # (k, V)
+                ce[tiny] = torch.logsumexp(bad, dim=-1) - bad.gather(1, yc[tiny][:, None]).squeeze(1)
+            loss += ce.sum()
             if gh is None and gw is None and gb is None:
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-            probs[torch.arange(len(yc), device=yc.device), yc] -= 1.0  # d loss / d logits
+            probs[rows, yc] -= 1.0  # d loss / d logits = softmax - one-hot
             g = probs.to(h.dtype)
             if gh is not None:
-                gh[s:s + chunk_size] = g @ weight  # (n, C)
+                torch.mm(g, weight, out=gh[s:s + n])  # (n, C)
             if gw is not None:
                 gw += (g.t() @ hc).float()  # (V, C)
             if gb is not None:

@@ -1,0 +1,59 @@
+"""Regional torch.compile: compile one transformer Block's forward and let every layer reuse the graph.
+
+Compiling the whole model makes one huge graph (slow to build, recompiled whenever anything outside the blocks
+changes); compiling each Block separately gives N identical graphs. `nn.Module.compile` on every block shares
+one Dynamo cache entry keyed by Block.forward's code, because parameters are graph inputs rather than
+constants, so the cost is one forward + backward graph (two: the first block sees an input that needs no grad).
+Inductor fuses RMSNorm, RoPE, SwiGLU, the residual adds and the LoRA branch's dropout/scale into a few C++
+loops around the GEMMs. On CPU inductor needs a C++ compiler; without one, or if compilation fails, the blocks
+stay eager and the caller is told why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+
+def compile_unavailable_reason(device: torch.device | str = "cpu") -> str | None:
+    """Why inductor cannot compile for `device` here, or None when it can."""
+    if not hasattr(torch, "compile"):
+        return "this torch has no torch.compile"
+    if torch.device(device).type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except Exception as e:  # InvalidCxxCompiler, or an inductor without cpp_builder
+            cxx = os.environ.get("CXX", "g++")
+            return f"no working C++ compiler for inductor ({cxx} {'found' if shutil.which(cxx) else 'not found'}: {e})"
+    return None
+
+
+def compile_blocks(model: nn.Module, *, dynamic: bool | None = None, mode: str | None = None) -> bool:
+    """Compile each block of `model.transformer.h` in place. Returns False (model untouched) if not possible.
+
+    Call after PEFT layers are swapped in (the graph traces them too) and before the first forward. The first
+    step pays the compile time (about a minute on 2 CPU cores); later steps reuse the graphs. Evaluation under
+    no_grad and new sequence lengths compile further graphs (new lengths go dynamic after the first change).
+    """
+    device = next(model.parameters()).device
+    reason = compile_unavailable_reason(device)
+    if reason is not None:
+        log.warning("torch.compile disabled, running eager: %s", reason)
+        return False
+    for block in model.transformer.h:
+        block.compile(dynamic=dynamic, mode=mode)
+    return True
+
+
+def uncompile_blocks(model: nn.Module) -> None:
+    """Undo compile_blocks: the blocks run eager again (e.g. after a compile error)."""
+    for block in model.transformer.h:
+        block._compiled_call_impl = None
