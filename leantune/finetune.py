@@ -94,7 +94,7 @@ def finetune(
 
     model = load_hf_checkpoint(checkpoint_dir, dtype=weight_dtype(precision), device=device, quantize=quantize,
                                compute_dtype=compute_dtype(precision))
-    task = task_eval(data, tokenizer, style)
+    task = task_eval(data, tokenizer, style) if eval.exact_match else None
     report: dict = {"method": method, "checkpoint": str(checkpoint_dir), "out_dir": str(out_dir)}
     if task and not resume:
         acc, _ = task(model)

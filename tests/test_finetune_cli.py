@@ -215,3 +215,15 @@ def test_evaluate_reproduces_the_validation_loss_of_training(tiny_checkpoint, js
     quantized = evaluate_command(checkpoint_dir=tiny_checkpoint, data=JSON(json_path=json_data), batch_size=2,
                                  max_seq_length=128, max_batches=2, quantize="bnb.int8")
     assert quantized["val_loss"] == pytest.approx(base["val_loss"], rel=0.02) and quantized["quantize"] == "bnb.int8"
+
+
+def test_exact_match_evaluation_can_be_switched_off(tiny_checkpoint, tmp_path):
+    from leantune.data import Demo
+
+    kw = dict(checkpoint_dir=tiny_checkpoint, data=Demo(num_train=16, num_val=4, num_test=4), threads=2,
+              train=TrainArgs(micro_batch_size=2, global_batch_size=2, max_steps=1, max_seq_length=128))
+    on = finetune("lora", out_dir=tmp_path / "on", eval=EvalArgs(max_batches=1, sample_new_tokens=0), **kw)
+    off = finetune("lora", out_dir=tmp_path / "off", eval=EvalArgs(max_batches=1, sample_new_tokens=0,
+                                                                     exact_match=False), **kw)
+    assert "exact_match_before" in on and "exact_match_after" in on
+    assert "exact_match_before" not in off and "exact_match_after" not in off

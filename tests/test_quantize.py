@@ -198,3 +198,44 @@ def test_quantized_nbytes_is_what_bitsandbytes_stores(mode, shape):
     q = quantize_weight(torch.randn(*shape), mode, "cpu", torch.float32)
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in storage_tensors(q)}
     assert quantized_nbytes(*shape, mode) == sum(held.values())
+
+
+def allocation_peak(fn) -> int:
+    """Peak bytes of live CPU tensors allocated while `fn` runs, from the allocator's own running total (the
+    profiler reports it with each allocation and free), less what was live before."""
+    from torch._C._profiler import _ExtraFields_Allocation
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = []
+
+    def walk(nodes):
+        for n in nodes:
+            if isinstance(n.extra_fields, _ExtraFields_Allocation) and n.extra_fields.device.type == "cpu":
+                events.append((n.start_time_ns, n.extra_fields))
+            walk(n.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
+    events.sort(key=lambda e: e[0])
+    first = events[0][1]
+    return max(e.total_allocated for _, e in events) - (first.total_allocated - first.alloc_size)
+
+
+def test_quantized_loading_never_holds_the_float_model(tmp_path):
+    """Each block linear is quantized as it streams in: the load's peak is the quantized model plus one layer,
+    far below loading in float (which a load-everything-then-quantize path would exceed)."""
+    torch.manual_seed(0)
+    cfg = Config(vocab_size=512, block_size=64, n_layer=4, n_embd=256, n_head=4, n_query_groups=2,
+                 intermediate_size=704)
+    save_hf_checkpoint(GPT(cfg), tmp_path / "ckpt")
+    holder = {}
+    float_peak = allocation_peak(lambda: holder.update(f=load_hf_checkpoint(tmp_path / "ckpt")))
+    float_bytes = sum(p.numel() * p.element_size() for p in holder["f"].parameters())
+    quant_peak = allocation_peak(lambda: holder.update(q=load_hf_checkpoint(tmp_path / "ckpt", quantize="bnb.nf4")))
+    quant_bytes = sum(t.untyped_storage().nbytes() for p in holder["q"].parameters() for t in storage_tensors(p))
+    largest_layer = 4 * max(p.numel() for n, p in holder["f"].named_parameters() if ".h." in n)
+    assert float_peak >= float_bytes
+    # the quantized model plus one layer in flight (its float copy and bitsandbytes' working buffers: < 3x)
+    assert quant_peak < quant_bytes + 3 * largest_layer, (quant_peak, quant_bytes, largest_layer)
+    assert quant_peak < 0.5 * float_peak

@@ -77,6 +77,8 @@ class EvalArgs:
     initial_validation: bool = False
     sample_new_tokens: int = 48
     """Generate a sample answer for the first validation prompt at each evaluation (0: off)."""
+    exact_match: bool = True
+    """Before and after training, score greedy answers on the data's held-out test set when it has one (Demo)."""
 
 
 class NonFiniteError(RuntimeError):
