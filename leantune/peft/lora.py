@@ -85,24 +85,33 @@ class LoRALinear(nn.Module):
         return out
 
     def delta_weight(self) -> torch.Tensor:
-        """The full (out, in) update scaling * B A (zeros outside the adapted ranges)."""
-        delta = torch.zeros(self.out_features, self.in_features, dtype=self.lora_A.dtype, device=self.lora_A.device)
-        for (s, e), a, b in self.part_factors():
-            delta[s:e] = (b.float() @ a.float()).to(delta.dtype) * self.scaling
-        return delta
+        """The full (out, in) update scaling * B A (zeros outside the adapted ranges), computed in fp32."""
+        return (self.update_matrix().float() @ self.lora_A.float()).to(self.lora_A.dtype)
+
+    def update_matrix(self) -> torch.Tensor:
+        """scaling * B as one (out, parts * r) matrix: part i's B_i at its output rows and columns i*r..(i+1)*r,
+        zeros elsewhere, so the whole update is one matmul on the stacked A output (no per-part slice writes,
+        which cost extra copies in backward)."""
+        P, r = len(self.parts), self.r
+        B = self.lora_B * self.scaling  # (sum of part widths, r): scaling the small factor, not the output
+        if self._full:
+            return B
+        rows, off, prev = [], 0, 0
+        for i, (s, e) in enumerate(self.parts):  # parts are disjoint and in output order
+            if s > prev:
+                rows.append(B.new_zeros(s - prev, P * r))
+            rows.append(F.pad(B[off:off + e - s], (i * r, (P - i - 1) * r)))  # (width_i, P * r)
+            off, prev = off + e - s, e
+        if prev < self.out_features:
+            rows.append(B.new_zeros(self.out_features - prev, P * r))
+        return torch.cat(rows)  # (out, P * r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = quantized_linear(x, self.weight, self.bias) if self.quantized else F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
         a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., parts * r)
-        if self._full:
-            return y + F.linear(a, self.lora_B.to(x.dtype)) * self.scaling
-        if self.quantized:
-            y = y.clone()  # bitsandbytes' autograd Function output may not be modified in place
-        for i, ((s, e), _, b) in enumerate(self.part_factors()):
-            y[..., s:e] += F.linear(a[..., i * self.r:(i + 1) * self.r], b.to(x.dtype)) * self.scaling
-        return y
+        return y + F.linear(a, self.update_matrix().to(x.dtype))  # (..., out)
 
     @torch.no_grad()
     def merge(self) -> None:
