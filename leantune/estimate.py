@@ -98,7 +98,7 @@ def estimate(config: Config, method: str, method_args=None, precision: str = "bf
         # bitsandbytes' int8 matmul keeps its input for backward even with a frozen weight: the qkv, attention
         # projection, MLP input and MLP projection inputs of each block (4-bit matmuls keep none)
         block += act * (3 * c.n_embd + c.intermediate_size)
-    prefix = sum(_prefix_bytes(b, c, act) for b in model.transformer.h[first:])
+    prefix = sum(_block_constant_bytes(b, c, act) for b in model.transformer.h[first:])
     head = model.lm_head
     head_trains = any(p.requires_grad for p in head.parameters())
     final_norm = _norm_bytes(model.transformer.ln_f, c, act)
@@ -188,14 +188,17 @@ def _block_bytes(block: torch.nn.Module, c: Config, act: int, device: str) -> in
     return b
 
 
-def _prefix_bytes(block: torch.nn.Module, c: Config, act: int) -> int:
-    """Per block, independent of tokens: LLaMA-Adapter's projected prefix (P x qkv) kept for backward."""
+def _block_constant_bytes(block: torch.nn.Module, c: Config, act: int) -> int:
+    """Per block, independent of tokens, kept for backward: LLaMA-Adapter's projected prefix (P x qkv) and each
+    LoRA layer's (out, parts * r) update matrix scaling * B."""
     from leantune.peft.adapter_v2 import AdapterV2Linear
+    from leantune.peft.lora import LoRALinear
 
+    b = sum(act * m.out_features * len(m.parts) * m.r for m in block.modules() if isinstance(m, LoRALinear))
     if block.attn.adapter is None:
-        return 0
+        return b
     P = block.attn.adapter.wte.weight.shape[0]
-    return act * P * sum(c.qkv_sizes) * (2 if isinstance(block.attn.qkv, AdapterV2Linear) else 1)
+    return b + act * P * sum(c.qkv_sizes) * (2 if isinstance(block.attn.qkv, AdapterV2Linear) else 1)
 
 
 def estimate_command(
