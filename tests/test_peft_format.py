@@ -6,27 +6,11 @@ import peft
 import pytest
 import torch
 import transformers as tf
+from test_parity import TINY, V  # the same tiny random configs per family
 
 from leantune.checkpoint.hf import load_hf_checkpoint
 from leantune.checkpoint.peft_format import export_peft, import_peft, is_peft_dir, load_any_adapter
 from leantune.peft.lora import LoRAArgs, LoRALinear, apply_lora
-
-V = 160
-TINY = {
-    "llama-gqa": lambda: tf.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
-    "falcon-7b-mqa": lambda: tf.FalconConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                             multi_query=True, parallel_attn=True, new_decoder_architecture=False,
-                                             bias=False, alibi=False, max_position_embeddings=64),
-    "falcon-40b-gqa": lambda: tf.FalconConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
-                                              num_kv_heads=2, new_decoder_architecture=True, parallel_attn=True,
-                                              bias=False, alibi=False, max_position_embeddings=64),
-    "pythia": lambda: tf.GPTNeoXConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=64),
-    "gpt2": lambda: tf.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64),
-    "phi-2": lambda: tf.PhiConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=64),
-}
 
 
 def make_hf(name, tmp_path):
@@ -60,7 +44,7 @@ def peft_logits(base_dir, adapter_dir, idx):
     ("llama-gqa", ["key", "mlp"], True),
     ("falcon-7b-mqa", ["query", "value"], False),
     ("falcon-40b-gqa", ["query", "value", "head"], True),
-    ("pythia", ["query", "key", "value", "mlp", "head"], False),
+    ("pythia-partial-rotary", ["query", "key", "value", "mlp", "head"], False),
     ("gpt2", ["key", "value", "projection", "mlp"], False),
     ("phi-2", ["query", "value", "projection", "mlp"], False),
 ])
@@ -97,7 +81,7 @@ def make_peft(base, tmp_path, target_modules, r=4, alpha=8, **kw):
     ("llama-gqa", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"], False),
     ("llama-gqa", ["q_proj", "v_proj", "up_proj"], True),
     ("falcon-40b-gqa", ["query_key_value", "dense_h_to_4h"], False),
-    ("pythia", ["query_key_value", "dense"], False),
+    ("pythia-partial-rotary", ["query_key_value", "dense"], False),
     ("gpt2", ["c_attn", "c_fc"], False),
     ("phi-2", ["q_proj", "k_proj", "dense", "fc2"], False),
 ])
