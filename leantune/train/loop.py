@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from leantune.checkpoint.io import atomic_dir
+from leantune.evaluate import validation_loss
 from leantune.quantize import logical_numel
 from leantune.runtime import autocast_dtype
 from leantune.train.loss import supervised_ce_sum
@@ -142,19 +143,8 @@ def fit(
     scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
 
     def evaluate() -> dict[str, float]:
-        model.eval()
-        tot, n = 0.0, 0
-        with torch.no_grad(), autocast():
-            for i, batch in enumerate(data.val_dataloader()):
-                if eval.max_batches is not None and i >= eval.max_batches:
-                    break
-                batch = _to_device(batch, device)
-                hidden = model(batch["input_ids"], return_hidden=True, **_positional(batch))
-                tot += float(supervised_ce_sum(hidden, model.lm_head, batch["labels"]))
-                n += int((batch["labels"] != -100).sum())
-        model.train()
-        loss = tot / max(n, 1)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+        with autocast():
+            return validation_loss(model, data.val_dataloader(), device, eval.max_batches)
 
     if eval.initial_validation:
         print(f"initial validation: {_fmt(evaluate())}")
