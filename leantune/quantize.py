@@ -52,7 +52,7 @@ def quantize_weight(w: torch.Tensor, mode: str, device: torch.device | str, comp
     w = w.to(device=device, dtype=compute_dtype)
     if mode == "bnb.int8":
         # Int8Params quantizes row-wise (absmax / 127) when it is moved to its device.
-        p = b.nn.Int8Params(w.cpu() if w.device.type != "cpu" else w, requires_grad=False, has_fp16_weights=False)
+        p = b.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
         p = p.to(device)
         p.compute_dtype = compute_dtype
         return p
@@ -73,15 +73,10 @@ def compute_dtype_of(weight: torch.Tensor) -> torch.dtype:
     return state.dtype if state is not None else getattr(weight, "compute_dtype", weight.dtype)
 
 
-def weight_shape(weight: torch.Tensor) -> torch.Size:
-    """The logical (out, in) shape of a plain or quantized weight (Params4bit stores packed bytes)."""
-    state = getattr(weight, "quant_state", None)
-    return torch.Size(state.shape) if state is not None else weight.shape
-
-
 def logical_numel(p: torch.Tensor) -> int:
-    """Parameters a tensor stands for: a packed 4-bit weight holds two per byte."""
-    return math.prod(weight_shape(p))
+    """Parameters a tensor stands for: a packed 4-bit weight holds two per byte (its quant_state has the shape)."""
+    state = getattr(p, "quant_state", None)
+    return math.prod(state.shape) if state is not None else p.numel()
 
 
 def storage_tensors(weight: torch.Tensor) -> list[torch.Tensor]:
