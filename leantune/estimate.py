@@ -27,9 +27,13 @@ from pathlib import Path
 import torch
 
 from leantune.config import Config
+from leantune.families import config_from_checkpoint
+from leantune.methods import apply_method, get_method
 from leantune.model import GPT
-from leantune.peft.adapter import AdapterArgs
-from leantune.peft.lora import LoRAArgs
+from leantune.peft.adapter_v2 import AdapterV2Linear
+from leantune.peft.lora import LoRALinear
+from leantune.quantize import check_mode, is_quantizable, quantize_model, quantized_nbytes
+from leantune.runtime import compute_dtype, weight_dtype
 
 DTYPE_BYTES = {"32-true": 4, "bf16-true": 2, "16-true": 2, "bf16-mixed": 4, "16-mixed": 4}
 CE_CHUNK = 1024  # tokens per logits chunk in leantune.train.loss.supervised_ce_sum
@@ -38,7 +42,7 @@ CE_CHUNK = 1024  # tokens per logits chunk in leantune.train.loss.supervised_ce_
 def resolve_config(model: str) -> Config:
     path = Path(model)
     if (path / "config.json").is_file():
-        return Config.from_checkpoint(path)
+        return config_from_checkpoint(path)
     return Config.from_name(model)
 
 
@@ -48,10 +52,7 @@ def estimate(config: Config, method: str, method_args=None, precision: str = "bf
     """Parameter counts and the memory model above, in GiB. `device` ("cuda" or "cpu") selects two kernel details
     that differ: CPU dropout keeps its mask in the activation dtype (CUDA: 1 byte), and CUDA's AdamW updates all
     tensors at once (foreach: one trainable-sized temporary) where CPU loops tensor by tensor."""
-    from leantune.methods import apply_method, method_args_class
-
-    if method_args is None and method_args_class(method) is not None:
-        method_args = method_args_class(method)()
+    method_args = get_method(method).make_args(method_args)
     with torch.device("meta"):
         model = GPT(config)
         trainable_names = set(apply_method(model, method, method_args))
@@ -64,8 +65,6 @@ def estimate(config: Config, method: str, method_args=None, precision: str = "bf
     c = config
     rope_cache = 2 * c.block_size * c.rope_n_elem * 4  # cos and sin, fp32, built at the first forward
     if quantize:
-        from leantune.quantize import check_mode, is_quantizable, quantized_nbytes
-
         check_mode(quantize)
         # the block linears are stored by bitsandbytes; everything else stays in the weight dtype
         quantized = [p for n, p in unique.values() if is_quantizable(n) and n not in trainable_names]
@@ -156,9 +155,6 @@ def _norm_bytes(norm: torch.nn.Module, c: Config, act: int) -> int:
 
 def _block_bytes(block: torch.nn.Module, c: Config, act: int, device: str) -> int:
     """Bytes per token one block keeps for backward (counted against torch's saved tensors; see the tests)."""
-    from leantune.peft.adapter_v2 import AdapterV2Linear
-    from leantune.peft.lora import LoRALinear
-
     C, inter = c.n_embd, c.intermediate_size
     q, k, v = c.qkv_sizes
     attn, mlp = block.attn, block.mlp
@@ -191,57 +187,11 @@ def _block_bytes(block: torch.nn.Module, c: Config, act: int, device: str) -> in
 def _block_constant_bytes(block: torch.nn.Module, c: Config, act: int) -> int:
     """Per block, independent of tokens, kept for backward: LLaMA-Adapter's projected prefix (P x qkv) and each
     LoRA layer's (out, parts * r) update matrix scaling * B."""
-    from leantune.peft.adapter_v2 import AdapterV2Linear
-    from leantune.peft.lora import LoRALinear
-
     b = sum(act * m.out_features * len(m.parts) * m.r for m in block.modules() if isinstance(m, LoRALinear))
     if block.attn.adapter is None:
         return b
     P = block.attn.adapter.wte.weight.shape[0]
     return b + act * P * sum(c.qkv_sizes) * (2 if isinstance(block.attn.qkv, AdapterV2Linear) else 1)
-
-
-def estimate_command(
-    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
-    method: str = "lora",
-    precision: str = "bf16-true",
-    quantize: str | None = None,
-    micro_batch_size: int = 1,
-    max_seq_length: int = 2048,
-    optimizer: str = "AdamW",
-    activation_checkpointing: bool = False,
-    device: str = "cuda",
-    lora: LoRAArgs = LoRAArgs(),
-    adapter: AdapterArgs = AdapterArgs(),
-) -> dict:
-    """Parameter counts and a memory estimate for finetuning, without loading any weights.
-
-    Args:
-        model: A preset name (see `leantune download list`) or a checkpoint folder.
-        method: lora, qlora, adapter, adapter_v2 or full.
-        precision: 32-true, bf16-true, 16-true, bf16-mixed, 16-mixed.
-        quantize: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8 for the frozen base.
-        micro_batch_size: Samples per forward/backward pass.
-        max_seq_length: Tokens per sample.
-        optimizer: AdamW, SGD, bnb.AdamW8bit, bnb.PagedAdamW, bnb.PagedAdamW8bit.
-        activation_checkpointing: Estimate with block recomputation.
-        device: cuda or cpu (CPU dropout keeps a wider mask; CUDA's AdamW updates all tensors at once).
-        lora: LoRA hyperparameters (--lora.r, --lora.targets, ...).
-        adapter: LLaMA-Adapter hyperparameters.
-    """
-    from leantune.finetune import _method_args
-
-    if method == "qlora" and quantize is None:
-        quantize = "bnb.nf4-dq"
-    cfg = resolve_config(model)
-    result = estimate(cfg, method, _method_args(method, lora, adapter), precision, quantize, micro_batch_size,
-                      max_seq_length, optimizer, activation_checkpointing, device)
-    width = max(len(k) for k in result)
-    print(f"{cfg.name or model}: {method}" + (f" + {quantize}" if quantize else "") + f", {precision}, "
-          f"batch {micro_batch_size} x {max_seq_length} tokens")
-    for k, v in result.items():
-        print(f"  {k:<{width}}  {v:,}" if isinstance(v, int) else f"  {k:<{width}}  {v}")
-    return result
 
 
 # ---- measurement: what one real training step holds, to check `estimate` against ---------------------------------
@@ -251,12 +201,7 @@ def build_random_model(config: Config, method: str, method_args, precision: str,
     """A random-weight GPT in the precision's weight dtype, its block linears quantized with `quantize` (pass it
     with functools.partial), with `method` applied; returns (model, trainable names). The model builder of
     `measure_training_memory`."""
-    from leantune.methods import apply_method, method_args_class
-    from leantune.quantize import quantize_model
-    from leantune.runtime import compute_dtype, weight_dtype
-
-    if method_args is None and method_args_class(method) is not None:
-        method_args = method_args_class(method)()
+    method_args = get_method(method).make_args(method_args)
     torch.manual_seed(0)
     model = GPT(config).to(weight_dtype(precision))
     if quantize:
@@ -313,8 +258,8 @@ def _measure(spec: dict) -> dict:
 
     from leantune.quantize import storage_tensors
     from leantune.train.loop import enable_activation_checkpointing
-    from leantune.train.loss import supervised_ce_sum
     from leantune.train.optim import OptimizerArgs, build_optimizer
+    from leantune.train.step import train_step
 
     torch.set_num_threads(2)
     model, trainable = spec["build_model"](spec["config"], spec["method"], spec["method_args"], spec["precision"])
@@ -328,18 +273,9 @@ def _measure(spec: dict) -> dict:
     B, T = spec["micro_batch_size"], spec["max_seq_length"]
     ids = torch.randint(0, spec["config"].vocab_size, (B, T + 1), generator=g)
     x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()  # every token supervised: the CE's worst case
-
-    def forward(x, y):
-        hidden = model(x, return_hidden=True)  # (B, T, C)
-        return supervised_ce_sum(hidden, model.lm_head, y) / y.numel()
-
-    def step():
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    forward(x[:1, :8], y[:1, :8]).backward()  # warm-up on a few tokens: creates the optimizer state, RoPE cache
-    step()
+    # the training loop's own step (leantune.train.step.train_step) on one micro-batch; the warm-up on a few tokens
+    # creates the optimizer state and the RoPE cache
+    train_step(model, [{"input_ids": x[:1, :8], "labels": y[:1, :8]}], opt, params, max_norm=1.0)
 
     def nbytes(tensors) -> int:
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors
@@ -352,15 +288,16 @@ def _measure(spec: dict) -> dict:
     weights = nbytes(resident)
     optim_state = nbytes(state_tensors)
     baseline = nbytes([*resident, x, y, *state_tensors])
+    grads = 0
+
+    def mark_phase(name: str):
+        nonlocal grads
+        if name == "step":  # backward is done: every gradient is there
+            grads = nbytes(p.grad for p in params if p.grad is not None)
+        return record_function(f"phase:{name}")
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        with record_function("phase:forward"):
-            loss = forward(x, y)
-        with record_function("phase:backward"):
-            loss.backward()
-            del loss
-        grads = nbytes(p.grad for p in params if p.grad is not None)
-        with record_function("phase:step"):
-            step()
+        train_step(model, [{"input_ids": x, "labels": y}], opt, params, max_norm=1.0, phase=mark_phase)
 
     phases = {"phase:forward": [], "phase:backward": [], "phase:step": []}
 

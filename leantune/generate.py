@@ -1,12 +1,11 @@
-"""KV-cache sampling: greedy, temperature, top-k, top-p; stop on EOS ids and stop strings; streaming."""
+"""KV-cache decoding: sampling (greedy, temperature, top-k, top-p), stop ids and strings, streaming, and batched
+greedy completion with left padding."""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -19,6 +18,14 @@ class Sampling:
     """0 means greedy decoding."""
     top_k: int | None = None
     top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:  # `not >=` also refuses NaN
+            raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"--top_k must be >= 1 (or None for all tokens), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
 
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -132,77 +139,8 @@ def bos_for_rendered(tokenizer, text: str) -> bool | None:
     return False if text.startswith(tokenizer.decode([tokenizer.bos_id])) else None
 
 
-def generate_command(
-    prompt: str = "What is the capital of France?",
-    checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"),
-    max_new_tokens: int = 256,
-    temperature: float = 0.7,
-    top_k: int | None = 50,
-    top_p: float = 0.9,
-    stop: list[str] | None = None,
-    raw: bool = False,
-    system: str | None = None,
-    precision: str | None = None,
-    adapter: Path | None = None,
-    quantize: str | None = None,
-    seed: int = 1234,
-    threads: int | None = None,
-) -> str:
-    """Generate text from a prompt with the KV cache, streaming tokens to the terminal.
-
-    Args:
-        prompt: The prompt. Instruct checkpoints get their chat template applied unless --raw.
-        checkpoint_dir: A Hugging Face model folder (see `leantune download`).
-        max_new_tokens: Most tokens to generate.
-        temperature: Sampling temperature; 0 means greedy decoding.
-        top_k: Sample only among the k most likely tokens (None: all).
-        top_p: Nucleus sampling mass (1.0: off).
-        stop: Extra stop strings; generation also stops on the checkpoint's EOS ids.
-        raw: Send the prompt as is, without the chat template.
-        system: Optional system message for the chat template.
-        precision: 32-true, bf16-true, 16-true (default: fastest safe one for the device).
-        adapter: A leantune adapter folder (e.g. out/finetune/lora/final) or a PEFT LoRA folder, applied unmerged.
-        quantize: Load the base's block linears in 4/8 bits: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8
-            (use the mode a QLoRA adapter was trained with).
-        seed: Random seed for sampling.
-        threads: CPU threads for torch (default: torch's choice).
-    """
-    if threads:
-        torch.set_num_threads(threads)
-    model, tokenizer, precision, device = load_for_inference(checkpoint_dir, precision, adapter, quantize)
-    ids = torch.tensor(encode_prompt(tokenizer, prompt, raw=raw, system=system), dtype=torch.long)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    text, n, t0 = _stream(model, tokenizer, ids, max_new_tokens, Sampling(temperature, top_k, top_p), stop, generator)
-    dt = time.perf_counter() - t0
-    print(f"\n[{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s, prompt {len(ids)} tokens, {precision}]", file=sys.stderr)
-    return text
-
-
-def load_for_inference(checkpoint_dir: Path, precision: str | None = None, adapter: Path | None = None,
-                       quantize: str | None = None):
-    """(model in eval mode, tokenizer, precision, device) with an optional unmerged adapter on the base, which
-    `quantize` loads in 4/8 bits."""
-    from leantune.checkpoint.hf import load_hf_checkpoint
-    from leantune.runtime import compute_dtype, default_device, resolve_precision, weight_dtype
-    from leantune.tokenizer import Tokenizer
-
-    checkpoint_dir = Path(checkpoint_dir)
-    if not (checkpoint_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{checkpoint_dir}: no config.json. Import a model first: leantune download <repo_id>")
-    device = default_device()
-    precision = resolve_precision(precision, device)
-    tokenizer = Tokenizer(checkpoint_dir)
-    model = load_hf_checkpoint(checkpoint_dir, dtype=weight_dtype(precision), device=device, quantize=quantize,
-                               compute_dtype=compute_dtype(precision))
-    if adapter is not None:  # a leantune adapter folder or a PEFT-format LoRA folder
-        from leantune.checkpoint.peft_format import load_any_adapter
-
-        load_any_adapter(model, Path(adapter), checkpoint_dir)
-    return model.eval(), tokenizer, precision, device
-
-
-def _stream(model, tokenizer, ids, max_new_tokens, sampling, stop, generator):
-    """Print tokens as they are decoded; returns (text, tokens generated, start time)."""
+def stream_text(model, tokenizer, ids, max_new_tokens, sampling, stop, generator):
+    """Print tokens as they are decoded (stop strings held back); returns (text, tokens generated, start time)."""
     decoder = tokenizer.stream_decoder()
     stops = StopStringFilter(stop or [])
     eos = set(tokenizer.eos_ids)
@@ -221,3 +159,40 @@ def _stream(model, tokenizer, ids, max_new_tokens, sampling, stop, generator):
     print(tail, end="", flush=True)
     pieces.append(tail)
     return "".join(pieces), n, t0
+
+
+@torch.inference_mode()
+def greedy_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int],
+                 pad_id: int = 0) -> list[list[int]]:
+    """Greedy continuations of several prompts at once; each stops at its first stop id (not included)."""
+    device = model.lm_head.weight.device
+    B, L = len(prompts), max(len(p) for p in prompts)
+    max_len = min(L + max_new_tokens, model.config.block_size)
+    idx = torch.full((B, L), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros(B, max_len, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):  # left padding: every prompt ends at column L-1
+        idx[i, L - len(p):] = torch.tensor(p, device=device)
+        attn[i, L - len(p):L] = 1
+    pos = (attn[:, :L].cumsum(-1) - 1).clamp(min=0)  # (B, L) per-row positions
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(B)]
+    model.set_kv_cache(B, max_len, device=device)
+    try:
+        input_pos = torch.arange(L, device=device)
+        x = idx
+        for t in range(max_len - L):
+            hidden = model(x, input_pos=input_pos, position_ids=pos, attention_mask=attn, return_hidden=True)
+            nxt = model.lm_head(hidden[:, -1]).argmax(-1)  # (B,)
+            done |= torch.isin(nxt, stop)
+            for i in (~done).nonzero().flatten().tolist():
+                out[i].append(int(nxt[i]))
+            if bool(done.all()):
+                break
+            attn[:, L + t] = 1
+            x = nxt[:, None]  # (B, 1)
+            pos = pos[:, -1:] + 1
+            input_pos = input_pos[-1:] + 1
+    finally:
+        model.clear_kv_cache()
+    return out

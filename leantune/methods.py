@@ -1,64 +1,68 @@
-"""The finetuning methods as data: how each one transforms a model and how its checkpoints are written.
+"""The method table: every finetuning method as one record (`leantune.peft.base.Method`), and the method-agnostic
+checkpoint I/O built on it.
 
-A PEFT method saves only its trainable tensors (`adapter.safetensors`) plus the manifest; `full` saves an HF
-folder. Loading an adapter re-applies the method with the manifest's hyperparameters, then loads the tensors.
+Each module of `leantune.peft` that defines `METHOD` (or `METHODS`) is registered here; nothing else in leantune
+asks for a method by name. A PEFT method saves only its trainable tensors (`adapter.safetensors`) plus the manifest;
+a method with `saves_full_model` saves an HF folder. Loading an adapter re-applies the method with the manifest's
+hyperparameters, checks that the saved tensors cover exactly what it made, then copies them in.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
+import pkgutil
 import platform
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import leantune.peft
 from leantune.checkpoint.hf import hf_to_ours, iter_hf_tensors, save_hf_checkpoint, weight_files
 from leantune.checkpoint.io import load_safetensors, save_safetensors, write_json
+from leantune.checkpoint.peft_dir import is_peft_dir, read_peft_config
 from leantune.model import GPT
+from leantune.peft.base import Method, mark_trainable
 
 ADAPTER_FILE = "adapter.safetensors"
 MANIFEST_FILE = "leantune.json"
-PEFT_METHODS = ("lora", "qlora", "adapter", "adapter_v2")
-METHODS = (*PEFT_METHODS, "full")
 
 
-def apply_method(model: GPT, method: str, args: Any) -> list[str]:
-    """Transform `model` in place for `method`; returns the names of its trainable parameters."""
-    if method in ("lora", "qlora"):
-        from leantune.peft.lora import apply_lora
-
-        return apply_lora(model, args)
-    if method == "adapter":
-        from leantune.peft.adapter import apply_adapter
-
-        return apply_adapter(model, args)
-    if method == "adapter_v2":
-        from leantune.peft.adapter_v2 import apply_adapter_v2
-
-        return apply_adapter_v2(model, args)
-    if method == "full":
-        model.requires_grad_(True)
-        return [n for n, _ in model.named_parameters()]
-    raise ValueError(f"unknown method {method!r}; choose among {', '.join(METHODS)}")
+def _discover() -> dict[str, Method]:
+    found: dict[str, Method] = {}
+    for info in sorted(pkgutil.iter_modules(leantune.peft.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"leantune.peft.{info.name}")
+        records = getattr(module, "METHODS", None) or ((module.METHOD,) if hasattr(module, "METHOD") else ())
+        for m in records:
+            if m.name in found:
+                raise RuntimeError(f"method {m.name!r} is defined twice ({module.__name__})")
+            found[m.name] = m
+    return found
 
 
-def method_args_class(method: str):
-    if method in ("lora", "qlora"):
-        from leantune.peft.lora import LoRAArgs
+METHODS: dict[str, Method] = _discover()
 
-        return LoRAArgs
-    if method == "adapter":
-        from leantune.peft.adapter import AdapterArgs
 
-        return AdapterArgs
-    if method == "adapter_v2":
-        from leantune.peft.adapter_v2 import AdapterV2Args
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose among {', '.join(METHODS)}") from None
 
-        return AdapterV2Args
-    return None
+
+def apply_method(model: GPT, method: str | Method, args: Any) -> list[str]:
+    """Transform `model` in place for `method`; returns the names of its trainable parameters (all else frozen)."""
+    m = method if isinstance(method, Method) else get_method(method)
+    m.apply(model, m.make_args(args))
+    return mark_trainable(model, m.adapter_params(model))
+
+
+def method_args_class(method: str) -> type | None:
+    return get_method(method).args_class
 
 
 def base_identity(checkpoint_dir: Path) -> dict[str, Any]:
@@ -74,16 +78,24 @@ def base_identity(checkpoint_dir: Path) -> dict[str, Any]:
     return {"path": str(checkpoint_dir), "name": checkpoint_dir.name, "fingerprint": h.hexdigest()}
 
 
-def build_manifest(method: str, args: Any, checkpoint_dir: Path, tokenizer, prompt_style: str | None,
-                   precision: str, quantize: str | None = None, extra: dict | None = None) -> dict[str, Any]:
-    import leantune
+def base_architecture(model: GPT) -> dict[str, Any]:
+    """The shape facts an adapter depends on, recorded in its manifest and checked before it touches a base."""
+    c = model.config
+    return {"model_type": c.hf_model_type, "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head,
+            "n_query_groups": c.n_query_groups, "head_size": c.head_size, "intermediate_size": c.intermediate_size,
+            "vocab_size": c.padded_vocab_size}
 
+
+def build_manifest(method: str, args: Any, checkpoint_dir: Path, tokenizer, prompt_style: str | None,
+                   precision: str, quantize: str | None = None, extra: dict | None = None,
+                   model: GPT | None = None) -> dict[str, Any]:
     versions = {"leantune": leantune.__version__, "torch": torch.__version__, "python": platform.python_version()}
     return {
         "format": "leantune-adapter/1",
         "method": method,
         "method_args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else {},
         "base_checkpoint": base_identity(checkpoint_dir),
+        **({"base_architecture": base_architecture(model)} if model is not None else {}),
         "prompt_style": prompt_style,
         "special_tokens": {"bos_id": tokenizer.bos_id, "eos_ids": list(tokenizer.eos_ids), "pad_id": tokenizer.pad_id},
         "precision": precision,
@@ -93,29 +105,47 @@ def build_manifest(method: str, args: Any, checkpoint_dir: Path, tokenizer, prom
     }
 
 
-def save_checkpoint(out: Path, model: GPT, method: str, trainable: list[str], manifest: dict,
+def save_checkpoint(out: Path, model: GPT, method: str | Method, trainable: list[str], manifest: dict,
                     checkpoint_dir: Path) -> None:
     """Write a checkpoint into the (temporary, then atomically renamed) folder `out`."""
-    if method == "full":
+    m = method if isinstance(method, Method) else get_method(method)
+    if m.saves_full_model:
         save_hf_checkpoint(model, out / "model", source_dir=checkpoint_dir)
     else:
         params = dict(model.named_parameters())
         tensors = {n: params[n].detach().cpu().contiguous() for n in trainable}
-        save_safetensors(tensors, out / ADAPTER_FILE, metadata={"method": method})
+        save_safetensors(tensors, out / ADAPTER_FILE, metadata={"method": m.name})
     write_json(out / MANIFEST_FILE, manifest)
 
 
 @torch.no_grad()
-def load_trainable(model: GPT, method: str, ckpt: Path) -> None:
-    """Copy a checkpoint's trained tensors into an already transformed model (in place: optimizer refs stay)."""
-    if method == "full":
-        sd = hf_to_ours(dict(iter_hf_tensors(ckpt / "model")), model.config)
-    else:
-        sd = load_safetensors(ckpt / ADAPTER_FILE)
+def load_trainable(model: GPT, method: str | Method, ckpt: Path, expected: list[str] | None = None) -> None:
+    """Copy a checkpoint's trained tensors into an already transformed model (in place: optimizer refs stay).
+
+    Every tensor is checked before any is copied: none unknown, none missing from `expected` (default: the
+    method's trainable tensors), every shape equal. A mismatch means another base or other method args.
+    """
+    m = method if isinstance(method, Method) else get_method(method)
+    ckpt = Path(ckpt)
+    source = ckpt / "model" if m.saves_full_model else ckpt / ADAPTER_FILE
+    sd = hf_to_ours(dict(iter_hf_tensors(source)), model.config) if m.saves_full_model else load_safetensors(source)
     params = dict(model.named_parameters())
+    if expected is None:
+        chosen = {id(p) for p in m.adapter_params(model)}
+        expected = [n for n, p in params.items() if id(p) in chosen]
+    if m.saves_full_model and model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
     unknown = sorted(set(sd) - set(params))
-    if unknown:
-        raise KeyError(f"{ckpt}: tensors not in this model: {unknown[:10]}; was it trained with other method args?")
+    missing = sorted(set(expected) - set(sd))
+    shapes = [f"{n} {tuple(sd[n].shape)} vs {tuple(params[n].shape)}" for n in sorted(set(sd) & set(params))
+              if sd[n].shape != params[n].shape]
+    if unknown or missing or shapes:
+        what = "; ".join(x for x in (
+            f"{len(unknown)} tensors this model lacks (e.g. {unknown[:3]})" if unknown else "",
+            f"{len(missing)} tensors missing (e.g. {missing[:3]})" if missing else "",
+            f"{len(shapes)} with other shapes (e.g. {shapes[:2]})" if shapes else "") if x)
+        raise ValueError(f"{source}: does not fit this model: {what}. It was trained on another base model or with "
+                         "other method args; pass the --checkpoint_dir it was trained on")
     for n, t in sd.items():
         params[n].copy_(t)
 
@@ -123,9 +153,29 @@ def load_trainable(model: GPT, method: str, ckpt: Path) -> None:
 def read_manifest(adapter_dir: Path) -> dict[str, Any]:
     path = Path(adapter_dir) / MANIFEST_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a leantune checkpoint (no {MANIFEST_FILE})")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        hint = " (a PEFT folder has adapter_config.json)" if Path(adapter_dir).is_dir() else ""
+        raise FileNotFoundError(f"{path}: not a leantune checkpoint (no {MANIFEST_FILE}){hint}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); the checkpoint is damaged") from e
+    if not isinstance(manifest, dict) or "method" not in manifest:
+        raise ValueError(f"{path}: not a leantune manifest (no \"method\")")
+    return manifest
+
+
+def check_base(manifest: dict[str, Any], model: GPT, adapter_dir: Path) -> None:
+    """Refuse an adapter recorded for another architecture before touching the base."""
+    recorded = manifest.get("base_architecture")
+    if not recorded:
+        return  # older manifests: load_trainable's tensor checks still apply
+    here = base_architecture(model)
+    diff = [f"{k} {recorded[k]} vs {here[k]}" for k in recorded if k in here and recorded[k] != here[k]]
+    if diff:
+        raise ValueError(f"{adapter_dir} was trained on a different base model ({', '.join(diff)}; adapter vs this "
+                         f"base {model.config.name or ''}); pass the --checkpoint_dir it was trained on "
+                         f"({manifest.get('base_checkpoint', {}).get('path', '?')})")
 
 
 def _describe(quantize: str | None) -> str:
@@ -134,16 +184,14 @@ def _describe(quantize: str | None) -> str:
 
 def load_adapter(model: GPT, adapter_dir: Path, checkpoint_dir: Path | None = None,
                  check_quantization: bool = True) -> dict[str, Any]:
-    """Apply a saved PEFT adapter (unmerged) to a base model; warns when the base differs from training's."""
-    import warnings
-
+    """Apply a saved leantune adapter (unmerged) to a base model; warns when the base differs from training's."""
     manifest = read_manifest(adapter_dir)
-    method = manifest["method"]
-    if method == "full":
-        raise ValueError(f"{adapter_dir} is a full finetune: pass its model/ folder as --checkpoint_dir instead")
-    args = method_args_class(method)(**manifest["method_args"])
-    apply_method(model, method, args)
-    load_trainable(model, method, Path(adapter_dir))
+    m = get_method(manifest["method"])
+    if m.saves_full_model:
+        raise ValueError(f"{adapter_dir} is a {m.name} finetune: pass its model/ folder as --checkpoint_dir instead")
+    check_base(manifest, model, Path(adapter_dir))
+    apply_method(model, m, m.make_args(manifest["method_args"]))
+    load_trainable(model, m, Path(adapter_dir))
     model.requires_grad_(False)
     trained_q, loaded_q = manifest.get("quantize"), getattr(model, "quantize", None)
     if check_quantization and trained_q != loaded_q:
@@ -159,3 +207,32 @@ def load_adapter(model: GPT, adapter_dir: Path, checkpoint_dir: Path | None = No
                           f"(fingerprint {manifest['base_checkpoint']['fingerprint'][:12]}), not on {checkpoint_dir}",
                           stacklevel=2)
     return manifest
+
+
+def peft_method(peft_type: str) -> Method:
+    """The registered method whose adapters PEFT saves with this `peft_type`."""
+    for m in METHODS.values():
+        if m.peft is not None and m.peft.peft_type == peft_type and m.variant_of is None:
+            return m
+    known = sorted({m.peft.peft_type for m in METHODS.values() if m.peft})
+    raise ValueError(f"PEFT adapters of type {peft_type!r} are not supported; supported: {', '.join(known)}")
+
+
+def load_any_adapter(model: GPT, path: str | Path, checkpoint_dir: str | Path | None = None,
+                     check_quantization: bool = True) -> dict[str, Any]:
+    """Load a leantune adapter folder or a PEFT adapter folder onto `model` (unmerged, frozen); returns a manifest.
+
+    For a PEFT folder the returned dict mimics a leantune manifest (method, its args) so callers need not care.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--adapter {path}: no such folder")
+    if not is_peft_dir(path):
+        return load_adapter(model, path, Path(checkpoint_dir) if checkpoint_dir is not None else None,
+                            check_quantization=check_quantization)
+    pcfg = read_peft_config(path)
+    m = peft_method(pcfg.get("peft_type", "LORA"))
+    args = m.peft.load(model, path)
+    model.requires_grad_(False)
+    return {"format": "peft", "method": m.name, "method_args": dataclasses.asdict(args) if args is not None else {},
+            "base_checkpoint": {"path": pcfg.get("base_model_name_or_path")}}

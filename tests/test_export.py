@@ -6,7 +6,7 @@ import torch
 import transformers as tf
 
 from leantune.checkpoint.hf import load_hf_checkpoint
-from leantune.export import export_command
+from leantune.commands.export import export as export_command
 from leantune.methods import apply_method, build_manifest, method_args_class, save_checkpoint
 from leantune.peft.lora import LoRALinear
 
@@ -95,7 +95,7 @@ def test_export_peft_of_adapter_v2_errors_clearly(base, tmp_path):
 
 
 def test_export_gguf_passes_merged_model(base, tmp_path, monkeypatch):
-    import leantune.checkpoint.gguf_export as gguf_export
+    import leantune.export as export_lib
 
     ours, adapter = make_adapter(base, tmp_path / "lora", "lora", r=4, alpha=8, dropout=0.0, targets=["query"])
     idx = torch.randint(0, V, (1, 8))
@@ -110,7 +110,7 @@ def test_export_gguf_passes_merged_model(base, tmp_path, monkeypatch):
             seen["logits"] = model(idx)
         return out_path
 
-    monkeypatch.setattr(gguf_export, "export_gguf", fake_export_gguf)
+    monkeypatch.setattr(export_lib, "export_gguf", fake_export_gguf)
     path = export_command(adapter=adapter, checkpoint_dir=base, format="gguf", gguf_type="q8_0")
     assert path == adapter / "export-gguf" / "model-q8_0.gguf"
     assert seen["tokenizer_dir"] == base and seen["gguf_type"] == "q8_0" and not seen["lora"]

@@ -2,42 +2,21 @@
 resume, generate with --adapter, merge into a folder transformers loads, estimate."""
 
 import json
-import shutil
 
 import pytest
 import torch
 import transformers as tf
 
-from leantune.checkpoint.hf import TOKENIZER_FILES
 from leantune.cli import main
 from leantune.data import JSON
-from leantune.finetune import finetune
 from leantune.peft.adapter import AdapterArgs
-from leantune.train.loop import EvalArgs, TrainArgs
+from leantune.peft.adapter_v2 import AdapterV2Args
+from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.optim import OptimizerArgs
+from leantune.train.recipe import finetune
 
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(default_checkpoint, tmp_path_factory):
-    """A 2-layer random Llama with the default model's tokenizer files (so prompts are real)."""
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    for name in TOKENIZER_FILES:
-        if (default_checkpoint / name).is_file() and name != "generation_config.json":
-            shutil.copy(default_checkpoint / name, path / name)
-    return path
-
-
-@pytest.fixture(scope="module")
-def json_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": str(2 * i + 1)} for i in range(40)]
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
+# the tiny model has 2 layers: adapters start at layer 1
+TWO_LAYER_ARGS = {"adapter": AdapterArgs(start_layer=1), "adapter_v2": AdapterV2Args(start_layer=1)}
 
 
 def small_run(method, ckpt, data_path, out_dir, quantize=None, **train):
@@ -45,7 +24,7 @@ def small_run(method, ckpt, data_path, out_dir, quantize=None, **train):
                     train=TrainArgs(micro_batch_size=2, global_batch_size=4, max_steps=3, max_seq_length=128,
                                     warmup_steps=1, **train),
                     eval=EvalArgs(max_batches=2, sample_new_tokens=0), optimizer=OptimizerArgs(lr=1e-2), threads=2,
-                    adapter=AdapterArgs(start_layer=1))  # the tiny model has 2 layers
+                    method_args=TWO_LAYER_ARGS.get(method))
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter", "adapter_v2", "full"])
@@ -86,7 +65,7 @@ def test_generate_with_adapter_and_merge_cli(tiny_checkpoint, json_data, tmp_pat
     assert declared == (base_cfg.get("torch_dtype") or base_cfg.get("dtype") or "float32")
     assert {str(t.dtype) for _, t in iter_hf_tensors(tmp_path / "merged")} == {f"torch.{declared}"}
     merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    from leantune.generate import load_for_inference
+    from leantune.inference import load_for_inference
 
     ours, _, _, _ = load_for_inference(tiny_checkpoint, adapter=adapter)
     idx = torch.randint(0, 49152, (1, 12))
@@ -102,7 +81,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_estimate_reproduces_seed_counts(capsys):
-    from leantune.estimate import estimate_command
+    from leantune.commands.estimate import estimate_command
 
     r = estimate_command(model="tiiuae/falcon-7b", method="adapter_v2")
     assert r["trainable_params"] == 3_839_186
@@ -114,13 +93,13 @@ def test_estimate_reproduces_seed_counts(capsys):
 
 @pytest.mark.parametrize("fmt", ["leantune", "peft"])
 def test_resume_adapter_starts_from_an_existing_lora(fmt, tiny_checkpoint, json_data, tmp_path):
-    from leantune.export import export_command
+    from leantune.commands.export import export as export_command
     from leantune.peft.lora import LoRAArgs
 
     first = finetune("lora", checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / "a", data=JSON(json_path=json_data),
                      train=TrainArgs(micro_batch_size=2, global_batch_size=4, max_steps=2, max_seq_length=128),
                      eval=EvalArgs(max_batches=1, sample_new_tokens=0), optimizer=OptimizerArgs(lr=1e-2),
-                     lora=LoRAArgs(r=4, targets=["query", "value", "mlp"]))
+                     method_args=LoRAArgs(r=4, targets=["query", "value", "mlp"]))
     start = tmp_path / "a" / "final"
     if fmt == "peft":
         start = export_command(adapter=start, checkpoint_dir=tiny_checkpoint, format="peft", out_dir=tmp_path / "p")
@@ -138,7 +117,7 @@ def test_resume_adapter_starts_from_an_existing_lora(fmt, tiny_checkpoint, json_
 def test_merge_keeps_the_base_dtype(tiny_checkpoint, json_data, tmp_path):
     """A bfloat16 base merges into bfloat16 weights, and config.json says so (no fp32 file labelled bf16)."""
     from leantune.checkpoint.hf import iter_hf_tensors
-    from leantune.merge import merge_command
+    from leantune.commands.merge import merge as merge_command
 
     small_run("lora", tiny_checkpoint, json_data, tmp_path / "run")
     bf16_base = tmp_path / "bf16-base"
@@ -150,8 +129,8 @@ def test_merge_keeps_the_base_dtype(tiny_checkpoint, json_data, tmp_path):
 
 
 def test_qlora_trains_generates_and_merges_into_the_dequantized_base(tiny_checkpoint, json_data, tmp_path, capsys):
-    from leantune.generate import load_for_inference
-    from leantune.merge import merge_command
+    from leantune.commands.merge import merge as merge_command
+    from leantune.inference import load_for_inference
 
     report = small_run("qlora", tiny_checkpoint, json_data, tmp_path / "run")
     adapter = tmp_path / "run" / "final"
@@ -178,7 +157,7 @@ def test_qlora_trains_generates_and_merges_into_the_dequantized_base(tiny_checkp
         load_for_inference(tiny_checkpoint, adapter=adapter)
     import warnings
 
-    from leantune.export import export_command
+    from leantune.commands.export import export as export_command
 
     with warnings.catch_warnings():  # exporting the LoRA tensors alone does not involve the base's quantization
         warnings.simplefilter("error", UserWarning)
@@ -201,7 +180,7 @@ def test_quantize_with_full_finetuning_is_refused(tiny_checkpoint, json_data, tm
 
 
 def test_evaluate_reproduces_the_validation_loss_of_training(tiny_checkpoint, json_data, tmp_path):
-    from leantune.evaluate import evaluate_command
+    from leantune.commands.evaluate import evaluate as evaluate_command
 
     report = small_run("lora", tiny_checkpoint, json_data, tmp_path / "run")
     main(["evaluate", "--checkpoint_dir", str(tiny_checkpoint), "--adapter", str(tmp_path / "run" / "final"),

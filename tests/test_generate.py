@@ -67,7 +67,7 @@ def test_stop_string_filter_holds_back_partial_matches():
 
 
 def test_batched_left_padded_greedy_equals_one_by_one():
-    from leantune.evaluate import greedy_batch
+    from leantune.generate import greedy_batch
 
     torch.manual_seed(0)
     model = GPT(Config(vocab_size=97, block_size=64, **CONFIGS["llama-gqa"])).eval()

@@ -9,8 +9,10 @@ import transformers as tf
 from test_parity import TINY, V  # the same tiny random configs per family
 
 from leantune.checkpoint.hf import load_hf_checkpoint
-from leantune.checkpoint.peft_format import export_peft, import_peft, is_peft_dir, load_any_adapter
+from leantune.checkpoint.peft_dir import is_peft_dir
+from leantune.methods import load_any_adapter
 from leantune.peft.lora import LoRAArgs, LoRALinear, apply_lora
+from leantune.peft.lora_peft import export_peft, import_peft
 
 
 def make_hf(name, tmp_path):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from leantune.config import Config
 from leantune.model import GPT
+from leantune.peft.base import Method, mark_trainable
 from leantune.quantize import compute_dtype_of
 
 
@@ -113,18 +114,21 @@ def add_prefixes(model: GPT, prompt_length: int, start_layer: int) -> list[nn.Pa
     return params
 
 
-def mark_trainable(model: GPT, params: list[nn.Parameter]) -> list[str]:
-    """Freeze the model except `params`; returns their `named_parameters()` names (tied tensors listed once)."""
-    model.requires_grad_(False)
-    chosen = {id(p) for p in params}
-    names = []
-    for n, p in model.named_parameters():
-        if id(p) in chosen:
-            p.requires_grad_(True)
-            names.append(n)
-    return names
-
-
 def apply_adapter(model: GPT, args: AdapterArgs) -> list[str]:
     """Add the gated prefixes and freeze everything else. Returns the trainable parameter names."""
     return mark_trainable(model, add_prefixes(model, args.prompt_length, args.start_layer))
+
+
+def prefix_params(model: nn.Module) -> list[nn.Parameter]:
+    """Every AdapterPrefix's tensors (prefix embeddings and gates)."""
+    return [p for m in model.modules() if isinstance(m, AdapterPrefix) for p in m.parameters()]
+
+
+METHOD = Method(
+    name="adapter",
+    summary="LLaMA-Adapter v1: learned zero-gated prefixes attended to by the upper blocks",
+    args_class=AdapterArgs,
+    apply=apply_adapter,
+    adapter_params=prefix_params,
+    default_lr=3e-3,
+)

@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leantune.model import GPT
-from leantune.peft.adapter import add_prefixes, mark_trainable
+from leantune.peft.adapter import add_prefixes, prefix_params
+from leantune.peft.base import Method, mark_trainable
 from leantune.quantize import QuantLinear, compute_dtype_of, is_quantized, quantized_linear
 
 
@@ -89,3 +90,24 @@ def apply_adapter_v2(model: GPT, args: AdapterV2Args) -> list[str]:
     for norm in norm_modules(model):
         params += list(norm.parameters())
     return mark_trainable(model, params)
+
+
+def adapter_v2_params(model: nn.Module) -> list[nn.Parameter]:
+    """The prefixes, every AdapterV2Linear's scale and bias, and the norms."""
+    params = prefix_params(model)
+    for m in model.modules():
+        if isinstance(m, AdapterV2Linear):
+            params += [m.adapter_bias, m.adapter_scale]
+    for norm in norm_modules(model):
+        params += list(norm.parameters())
+    return params
+
+
+METHOD = Method(
+    name="adapter_v2",
+    summary="LLaMA-Adapter v2: v1's prefixes plus a per-output scale and bias on every linear layer, trainable norms",
+    args_class=AdapterV2Args,
+    apply=apply_adapter_v2,
+    adapter_params=adapter_v2_params,
+    default_lr=3e-3,
+)

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
-from leantune.finetune import DEFAULT_CHECKPOINT
-from leantune.generate import Sampling, _stream, bos_for_rendered, load_for_inference
+from leantune.download import DEFAULT_CHECKPOINT
+from leantune.generate import Sampling, bos_for_rendered, stream_text
+from leantune.inference import load_for_inference
 
 
-def chat_command(
+def chat(
     checkpoint_dir: Path = DEFAULT_CHECKPOINT,
     adapter: Path | None = None,
     system: str | None = None,
@@ -27,19 +28,22 @@ def chat_command(
 
     Args:
         checkpoint_dir: A Hugging Face model folder with a chat template.
-        adapter: A leantune adapter folder or a PEFT LoRA folder, applied unmerged on the base.
+        adapter: An adapter folder (any method) or a PEFT folder, applied unmerged on the base.
         system: Optional system message.
         max_new_tokens: Most tokens per answer.
         temperature: Sampling temperature; 0 means greedy.
         top_k: Sample among the k most likely tokens.
-        top_p: Nucleus sampling mass.
+        top_p: Nucleus sampling mass in (0, 1].
         precision: 32-true, bf16-true, 16-true.
         quantize: Load the base in 4/8 bits: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8.
         seed: Random seed for sampling.
     """
+    sampling = Sampling(temperature, top_k, top_p)
+    if max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
     model, tokenizer, _, device = load_for_inference(checkpoint_dir, precision, adapter, quantize)
     if not tokenizer.chat_template:
-        raise ValueError(f"{checkpoint_dir} has no chat template; use `leantune generate --raw` instead")
+        raise ValueError(f"{checkpoint_dir} has no chat template; use `leantune generate --raw true` instead")
     generator = torch.Generator(device=device).manual_seed(seed)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     print("chat: /reset clears the history, /exit quits", file=sys.stderr)
@@ -64,8 +68,6 @@ def chat_command(
             print("[history is longer than the model's context; /reset to start over]", file=sys.stderr)
             history.pop()
             continue
-        answer, _, _ = _stream(model, tokenizer, ids, min(max_new_tokens, budget),
-                               Sampling(temperature, top_k, top_p), None, generator)
+        answer, _, _ = stream_text(model, tokenizer, ids, min(max_new_tokens, budget), sampling, None, generator)
         print()
         history.append({"role": "assistant", "content": answer})
-

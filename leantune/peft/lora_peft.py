@@ -8,22 +8,21 @@ rank and alpha go in `rank_pattern`/`alpha_pattern` so PEFT's alpha/rank equals 
 
 from __future__ import annotations
 
-import json
 import math
 import re
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-import transformers
 
 from leantune.checkpoint.hf import _GROUPED_QKV, _SPLIT_QKV, KEY_MAPS, blocked_to_grouped, grouped_to_blocked
-from leantune.checkpoint.io import atomic_dir, load_safetensors, save_safetensors, write_json
+from leantune.checkpoint.io import atomic_dir, save_safetensors, write_json
+from leantune.checkpoint.peft_dir import CONFIG_FILE, WEIGHTS_FILE, peft_weights, read_peft_config
 from leantune.model import GPT
+from leantune.peft.lora_layers import TARGETS, LoRAArgs, LoRALinear, apply_lora
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 # HF module names of the separate q/k/v projections, per split family.
 _QKV_NAMES = ("q_proj", "k_proj", "v_proj")
@@ -33,22 +32,23 @@ _UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "lor
                 "use_qalora": False, "alora_invocation_tokens": None}
 
 
-def is_peft_dir(path: str | Path) -> bool:
-    """True for a folder PEFT's `save_pretrained` wrote (it has adapter_config.json)."""
-    return (Path(path) / CONFIG_FILE).is_file()
-
-
 def _head_name(mt: str) -> str:
     """transformers 5 renamed GPT-NeoX's `embed_out` module to `lm_head`; PEFT keys follow the module name."""
-    if mt == "gpt_neox" and int(transformers.__version__.split(".")[0]) < 5:
+    if mt == "gpt_neox" and _transformers_major() < 5:
         return "embed_out"
     return "lm_head"
 
 
+def _transformers_major() -> int:
+    """The installed transformers' major version, read without importing it (5 when it is not installed)."""
+    try:
+        return int(metadata.version("transformers").split(".")[0])
+    except (metadata.PackageNotFoundError, ValueError):
+        return 5
+
+
 def _hf_modules(model: GPT) -> list[tuple[str, nn.Module, int | None]]:
     """(HF module path, our LoRALinear, qkv part index or None for the whole layer) for each LoRA in `model`."""
-    from leantune.peft.lora import LoRALinear
-
     cfg = model.config
     mt = cfg.hf_model_type
     prefix, layer_map, _ = KEY_MAPS[mt]
@@ -144,8 +144,7 @@ def export_peft(model: GPT, out_dir: str | Path, base_model_name_or_path: str, l
 
 def _read_config(peft_dir: Path) -> dict[str, Any]:
     path = peft_dir / CONFIG_FILE
-    with open(path, encoding="utf-8") as f:
-        cfg = json.load(f)
+    cfg = read_peft_config(peft_dir)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported; only LORA adapters import")
     bad = [f"{k}={cfg[k]!r}" for k, ok in _UNSUPPORTED.items() if cfg.get(k) not in (ok, None, [], {})]
@@ -161,14 +160,6 @@ def _read_config(peft_dir: Path) -> dict[str, Any]:
     return cfg
 
 
-def _weights(peft_dir: Path) -> dict[str, torch.Tensor]:
-    if (peft_dir / WEIGHTS_FILE).is_file():
-        return load_safetensors(peft_dir / WEIGHTS_FILE)
-    if (peft_dir / "adapter_model.bin").is_file():
-        return torch.load(peft_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{peft_dir}: no {WEIGHTS_FILE} (or adapter_model.bin)")
-
-
 @torch.no_grad()
 def import_peft(model: GPT, peft_dir: str | Path) -> list[str]:
     """Apply a PEFT LoRA adapter folder to `model` (unmerged) and return the trainable parameter names.
@@ -176,8 +167,6 @@ def import_peft(model: GPT, peft_dir: str | Path) -> list[str]:
     Layers the adapter leaves out inside a target group (e.g. gate_proj when only up/down were adapted) get a zero
     update, so the outputs equal PEFT's exactly.
     """
-    from leantune.peft.lora import LoRAArgs, apply_lora
-
     peft_dir = Path(peft_dir)
     pcfg = _read_config(peft_dir)
     cfg = model.config
@@ -191,7 +180,7 @@ def import_peft(model: GPT, peft_dir: str | Path) -> list[str]:
     found: dict[tuple[int | None, str, int | None], dict[str, torch.Tensor]] = {}
     targets: set[str] = set()
     layer_re = re.compile(rf"^{re.escape(_PREFIX + prefix)}\.(\d+)\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
-    for key, t in _weights(peft_dir).items():
+    for key, t in peft_weights(peft_dir).items():
         if ".base_layer." in key:
             continue  # base weights PEFT saves alongside a head LoRA: the base checkpoint already holds them
         m = layer_re.match(key)
@@ -222,7 +211,7 @@ def import_peft(model: GPT, peft_dir: str | Path) -> list[str]:
         raise ValueError(f"{peft_dir}: no LoRA tensors found in the adapter")
     alpha = float(pcfg["lora_alpha"])
     args = LoRAArgs(r=r, alpha=alpha, dropout=float(pcfg.get("lora_dropout") or 0.0), rslora=bool(pcfg.get("use_rslora")),
-                    targets=[t for t in ("query", "key", "value", "projection", "mlp", "head") if t in targets])
+                    targets=[t for t in TARGETS if t in targets])
     trainable = apply_lora(model, args)
     for n, p in model.named_parameters():
         if n.endswith(".lora_B"):
@@ -248,22 +237,3 @@ def import_peft(model: GPT, peft_dir: str | Path) -> list[str]:
             mod.lora_A.copy_(a)
             mod.lora_B.copy_(b)
     return trainable
-
-
-def load_any_adapter(model: GPT, path: str | Path, checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
-    """Load a leantune adapter folder or a PEFT LoRA folder onto `model` (unmerged, frozen); returns a manifest.
-
-    For a PEFT folder the returned dict mimics a leantune manifest (method lora, its args) so callers need not care.
-    """
-    from leantune.methods import load_adapter
-
-    path = Path(path)
-    if not is_peft_dir(path):
-        return load_adapter(model, path, Path(checkpoint_dir) if checkpoint_dir is not None else None)
-    import_peft(model, path)
-    model.requires_grad_(False)
-    pcfg = _read_config(path)
-    return {"format": "peft", "method": "lora",
-            "method_args": {"r": pcfg["r"], "alpha": pcfg["lora_alpha"], "dropout": pcfg.get("lora_dropout") or 0.0,
-                            "rslora": bool(pcfg.get("use_rslora"))},
-            "base_checkpoint": {"path": pcfg.get("base_model_name_or_path")}}

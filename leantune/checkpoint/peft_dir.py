@@ -1,0 +1,43 @@
+"""HF PEFT adapter folders, method-agnostic: recognise one, read its config and tensors.
+
+Each method's own mapping to and from these folders lives beside the method (e.g. `leantune.peft.lora_peft`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from leantune.checkpoint.io import load_safetensors
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def is_peft_dir(path: str | Path) -> bool:
+    """True for a folder PEFT's `save_pretrained` wrote (it has adapter_config.json)."""
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def read_peft_config(peft_dir: str | Path) -> dict[str, Any]:
+    path = Path(peft_dir) / CONFIG_FILE
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); re-save the adapter with peft") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return cfg
+
+
+def peft_weights(peft_dir: str | Path) -> dict[str, torch.Tensor]:
+    peft_dir = Path(peft_dir)
+    if (peft_dir / WEIGHTS_FILE).is_file():
+        return load_safetensors(peft_dir / WEIGHTS_FILE)
+    if (peft_dir / "adapter_model.bin").is_file():
+        return torch.load(peft_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{peft_dir}: no {WEIGHTS_FILE} (or adapter_model.bin)")

@@ -1,0 +1,62 @@
+"""`leantune estimate`: parameter counts and a training memory estimate on the meta device, without weights."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+
+from leantune.estimate import estimate, resolve_config
+from leantune.methods import METHODS
+
+
+def _estimate(model: str = "HuggingFaceTB/SmolLM2-135M-Instruct", method: str = "lora", precision: str = "bf16-true",
+              quantize: str | None = None, micro_batch_size: int = 1, max_seq_length: int = 2048,
+              optimizer: str = "AdamW", activation_checkpointing: bool = False, device: str = "cuda",
+              **method_flags) -> dict:
+    m = METHODS.get(method)
+    if m is None:
+        raise ValueError(f"--method {method!r}: choose among {', '.join(METHODS)}")
+    quantize = quantize if quantize is not None else m.default_quantize
+    cfg = resolve_config(model)
+    result = estimate(cfg, method, method_flags.get(m.flag), precision, quantize, micro_batch_size, max_seq_length,
+                      optimizer, activation_checkpointing, device)
+    width = max(len(k) for k in result)
+    print(f"{cfg.name or model}: {method}" + (f" + {quantize}" if quantize else "") + f", {precision}, "
+          f"batch {micro_batch_size} x {max_seq_length} tokens")
+    for k, v in result.items():
+        print(f"  {k:<{width}}  {v:,}" if isinstance(v, int) else f"  {k:<{width}}  {v}")
+    return result
+
+
+def _build() -> Callable[..., dict]:
+    """`_estimate` with one --<flag>.* group per method that has hyperparameters (from the method table)."""
+    hints = typing.get_type_hints(_estimate)
+    base = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+            for p in inspect.signature(_estimate).parameters.values() if p.kind != p.VAR_KEYWORD]
+    groups = {m.flag: m.args_class for m in METHODS.values() if m.args_class is not None}
+    params = base + [inspect.Parameter(flag, inspect.Parameter.KEYWORD_ONLY, default=cls(), annotation=cls)
+                     for flag, cls in groups.items()]
+
+    def command(**kwargs) -> dict:
+        return _estimate(**kwargs)
+
+    command.__signature__ = inspect.Signature(params, return_annotation=dict)
+    command.__name__ = command.__qualname__ = "estimate"
+    command.__doc__ = "\n".join([
+        "Parameter counts and a memory estimate for finetuning, without loading any weights.", "", "Args:",
+        "    model: A preset name (see `leantune download list`) or a checkpoint folder.",
+        f"    method: One of {', '.join(METHODS)}.",
+        "    precision: 32-true, bf16-true, 16-true, bf16-mixed, 16-mixed.",
+        "    quantize: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8 for the frozen base (default: the method's).",
+        "    micro_batch_size: Samples per forward/backward pass.",
+        "    max_seq_length: Tokens per sample.",
+        "    optimizer: AdamW, SGD, bnb.AdamW8bit, bnb.PagedAdamW, bnb.PagedAdamW8bit.",
+        "    activation_checkpointing: Estimate with block recomputation.",
+        "    device: cuda or cpu (CPU dropout keeps a wider mask; CUDA's AdamW updates all tensors at once).",
+        *(f"    {flag}: Hyperparameters of {flag} (--{flag}.*)." for flag in groups),
+    ])
+    return command
+
+
+estimate_command = _build()

@@ -1,0 +1,87 @@
+"""`leantune finetune <method>`: one subcommand per method of the table, each with its own flags and --help.
+
+The subcommands are built from the method records and the recipe's signature, so a new method (one module under
+`leantune/peft/`) appears here with its `--<name>.*` flags without touching this file.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+
+from leantune.data import DataModule, Demo
+from leantune.methods import METHODS
+from leantune.peft.base import Method
+from leantune.train import recipe
+from leantune.train.args import EvalArgs, TrainArgs
+from leantune.train.optim import OptimizerArgs
+
+HELP = {
+    "checkpoint_dir": "Base model: a Hugging Face folder (the default model is imported on first use).",
+    "out_dir": "Where checkpoints, metrics.csv and loss.png go (default out/finetune/<method>).",
+    "data": "Dataset module (default Demo, the built-in verifiable tasks), e.g. --data JSON --data.json_path "
+            "file.jsonl, --data Alpaca, --data Chat; `--data.help JSON` lists a module's own flags.",
+    "precision": "32-true, bf16-true, bf16-mixed, 16-mixed (default: the fastest safe one for the device).",
+    "quantize": "Store the frozen base's block linears in 4 or 8 bits with bitsandbytes (QLoRA): bnb.nf4, bnb.nf4-dq, "
+                "bnb.fp4, bnb.fp4-dq, bnb.int8. Compute runs in the --precision dtype.",
+    "prompt_style": "Prompt style name (default: the checkpoint's chat template, else from its config).",
+    "train": "Training loop settings (--train.*).",
+    "eval": "Evaluation settings (--eval.*).",
+    "optimizer": "Optimizer and learning rate (--optimizer.*).",
+    "resume": '"auto" (latest step-N in out_dir) or a checkpoint folder to resume from exactly.',
+    "resume_adapter": "Start from an existing adapter of this method: a leantune adapter folder or a PEFT folder "
+                      "(adapter_config.json + adapter_model.safetensors); its hyperparameters replace the flags.",
+    "threads": "CPU threads for torch.",
+    "overwrite": "Replace the previous run in out_dir (only leantune's own outputs are removed).",
+}
+# Defaults the command line shows in full (the recipe takes None for "default").
+CLI_DEFAULTS = {"train": TrainArgs(), "eval": EvalArgs(), "optimizer": OptimizerArgs()}
+
+
+def _recipe_parameters() -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(recipe.finetune, include_extras=True)
+    params = []
+    for p in inspect.signature(recipe.finetune).parameters.values():
+        if p.name in ("method", "method_args"):
+            continue
+        annotation = hints.get(p.name, p.annotation)
+        if p.name == "data":
+            annotation, default = DataModule | None, None
+        else:
+            default = CLI_DEFAULTS.get(p.name, p.default)
+            if p.name in CLI_DEFAULTS:
+                annotation = type(default)
+        params.append(inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+    return params
+
+
+def method_command(method: Method) -> Callable[..., dict]:
+    """A typed function for `leantune finetune <method.name>` whose docstring is that method's --help."""
+    params = _recipe_parameters()
+    if method.args_class is not None:
+        params.append(inspect.Parameter(method.flag, inspect.Parameter.KEYWORD_ONLY, default=method.args_class(),
+                                        annotation=method.args_class))
+
+    def command(**kwargs) -> dict:
+        method_args = kwargs.pop(method.flag, None) if method.args_class is not None else None
+        if kwargs.get("data") is None:
+            kwargs["data"] = Demo()
+        return recipe.finetune(method.name, method_args=method_args, **kwargs)
+
+    command.__signature__ = inspect.Signature(params, return_annotation=dict)
+    command.__name__ = command.__qualname__ = method.name
+    lines = [f"{method.summary}.", "", f"Default learning rate {method.default_lr:g}"
+             + (f"; default --quantize {method.default_quantize}" if method.default_quantize else "") + ".", "",
+             "Args:"]
+    for p in params:
+        text = HELP.get(p.name) or (f"{method.name} hyperparameters (--{method.flag}.*)." if p.name == method.flag
+                                    else p.name.replace("_", " ") + ".")
+        lines.append(f"    {p.name}: {text}")
+    command.__doc__ = "\n".join(lines)
+    return command
+
+
+def commands() -> dict[str, Callable[..., dict]]:
+    """{method name: its finetune subcommand} for every registered method."""
+    return {name: method_command(m) for name, m in METHODS.items()}

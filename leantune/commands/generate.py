@@ -1,0 +1,66 @@
+"""`leantune generate`: one prompt, streamed to the terminal."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from leantune.download import DEFAULT_CHECKPOINT
+from leantune.generate import Sampling, encode_prompt, stream_text
+from leantune.inference import load_for_inference
+
+
+def generate(
+    prompt: str = "What is the capital of France?",
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = 50,
+    top_p: float = 0.9,
+    stop: list[str] | None = None,
+    raw: bool = False,
+    system: str | None = None,
+    precision: str | None = None,
+    adapter: Path | None = None,
+    quantize: str | None = None,
+    seed: int = 1234,
+    threads: int | None = None,
+) -> str:
+    """Generate text from a prompt with the KV cache, streaming tokens to the terminal.
+
+    Args:
+        prompt: The prompt. Instruct checkpoints get their chat template applied unless --raw.
+        checkpoint_dir: A Hugging Face model folder (see `leantune download`; the default model is imported on
+            first use).
+        max_new_tokens: Most tokens to generate.
+        temperature: Sampling temperature; 0 (the default) means greedy decoding, e.g. 0.7 samples.
+        top_k: When sampling, only among the k most likely tokens (None: all).
+        top_p: When sampling, nucleus mass in (0, 1] (1.0: off).
+        stop: Extra stop strings; generation also stops on the checkpoint's EOS ids.
+        raw: Send the prompt as is, without the chat template.
+        system: Optional system message for the chat template.
+        precision: 32-true, bf16-true, 16-true (default: fastest safe one for the device).
+        adapter: An adapter folder (e.g. out/finetune/lora/final, any method) or a PEFT folder, applied unmerged.
+        quantize: Load the base's block linears in 4/8 bits: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8
+            (use the mode a QLoRA adapter was trained with).
+        seed: Random seed for sampling.
+        threads: CPU threads for torch (default: torch's choice).
+    """
+    sampling = Sampling(temperature, top_k, top_p)
+    if max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer, precision, device = load_for_inference(checkpoint_dir, precision, adapter, quantize)
+    ids = encode_prompt(tokenizer, prompt, raw=raw, system=system)
+    if not ids:
+        raise ValueError("--prompt is empty: give a prompt (or drop --raw to use the chat template)")
+    ids = torch.tensor(ids, dtype=torch.long)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    text, n, t0 = stream_text(model, tokenizer, ids, max_new_tokens, sampling, stop, generator)
+    dt = time.perf_counter() - t0
+    print(f"\n[{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s, prompt {len(ids)} tokens, {precision}]", file=sys.stderr)
+    return text

@@ -1,0 +1,51 @@
+"""`leantune merge`: fold adapters into the base and write a Hugging Face folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from leantune.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
+from leantune.download import DEFAULT_CHECKPOINT, ensure_checkpoint
+from leantune.merge import merge_adapters
+
+
+def merge(
+    adapter: Path | list[Path] | None = None,
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT,
+    out_dir: Path | None = None,
+    weights: list[float] | None = None,
+    dtype: str | None = None,
+    dequantize_base: bool = True,
+) -> Path:
+    """Fold adapters into the base model and write a Hugging Face folder transformers loads.
+
+    Args:
+        adapter: An adapter folder of a mergeable method (lora, qlora; e.g. out/finetune/lora/final) or a PEFT LoRA
+            folder, or a list of them, e.g. --adapter [out/a/final,out/b/final] --weights [0.7,0.3].
+        checkpoint_dir: The base model the adapters were trained on.
+        out_dir: Output folder (default: <first adapter>/merged).
+        weights: One weight per adapter (default 1.0 each), e.g. to blend two adapters.
+        dtype: float32, bfloat16 or float16 for the written weights (default: the base's dtype).
+        dequantize_base: For an adapter trained on a quantized base (QLoRA): fold it into that base dequantized
+            (the weights it was trained against, so the merged model reproduces the finetuned one; it keeps the
+            quantization error) or, with false, into the original full-precision weights.
+    """
+    if adapter is None:
+        raise ValueError("merge needs --adapter DIR (an adapter folder, e.g. out/finetune/lora/final)")
+    adapters = [Path(a) for a in (adapter if isinstance(adapter, list | tuple) else [adapter])]
+    checkpoint_dir = ensure_checkpoint(Path(checkpoint_dir))
+    out_dir = Path(out_dir or adapters[0] / "merged")
+    if dtype is None:  # keep the base's dtype: the copied config.json must describe the written weights
+        with open(checkpoint_dir / "config.json", encoding="utf-8") as f:
+            base = json.load(f)
+        dtype = base.get("torch_dtype") or base.get("dtype") or "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {dtype!r}: choose among float32, bfloat16, float16")
+    model = load_hf_checkpoint(checkpoint_dir, dtype=torch.float32)
+    merge_adapters(model, adapters, weights, dequantize_base, checkpoint_dir=checkpoint_dir)
+    save_hf_checkpoint(model, out_dir, source_dir=checkpoint_dir, dtype=getattr(torch, dtype))
+    print(f"merged {len(adapters)} adapter(s) into {out_dir}")
+    return out_dir

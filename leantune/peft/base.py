@@ -1,0 +1,97 @@
+"""What a finetuning method is, as one record: the registry (`leantune.methods`) holds one per module of this package.
+
+A method transforms a built `GPT` in place (`apply`) and names its trained tensors by what it added or chose
+(`adapter_params`: found by module type, never by matching parameter-name suffixes). Everything else a command
+needs (checkpoint kind, merge, PEFT-format mapping, default learning rate, which bases it accepts) is a field here,
+so no command or loop asks for a method by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class PeftFormat:
+    """How a method's adapter maps onto HF PEFT's folder format (`adapter_config.json` + safetensors)."""
+
+    peft_type: str
+    """PEFT's `peft_type` value, e.g. LORA."""
+    export: Callable[..., Path]
+    """export(model, out_dir, base_model_name_or_path, args, dtype) writes the folder."""
+    load: Callable[[nn.Module, Path], Any]
+    """load(model, peft_dir) applies the folder's adapter (unmerged) and returns the method args it implies."""
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    """One line for `leantune finetune --help`."""
+    args_class: type | None
+    """Dataclass of the method's hyperparameters (its field docstrings become --<name>.* help), or None."""
+    apply: Callable[[nn.Module, Any], None]
+    """Transform the model in place for these args (swap modules, add parameters)."""
+    adapter_params: Callable[[nn.Module], list[nn.Parameter]]
+    """The tensors the method trains in an already transformed model."""
+    default_lr: float
+    saves_full_model: bool = False
+    """True: checkpoints are HF model folders (`model/`); False: only the trained tensors (`adapter.safetensors`)."""
+    merge: Callable[[nn.Module, float], nn.Module] | None = None
+    """merge(model, weight) folds the (weighted) update into the base weights and removes the method's modules."""
+    peft: PeftFormat | None = None
+    accepts_quantized_base: bool = True
+    default_quantize: str | None = None
+    """--quantize mode used when none is given (qlora: bnb.nf4-dq)."""
+    variant_of: str | None = None
+    """Another method whose checkpoints this one shares (qlora is lora on a quantized base)."""
+    args_flag: str | None = None
+    """CLI group of the args (`--lora.r`); default: the method name."""
+
+    @property
+    def kind(self) -> str:
+        """Methods with the same kind read each other's checkpoints."""
+        return self.variant_of or self.name
+
+    @property
+    def flag(self) -> str:
+        return self.args_flag or self.name
+
+    def make_args(self, given: Any = None) -> Any:
+        """The method's args from a dataclass, a dict or None (defaults)."""
+        if self.args_class is None:
+            return None
+        if given is None:
+            return self.args_class()
+        if isinstance(given, self.args_class):
+            return given
+        return self.args_class(**(given if isinstance(given, dict) else vars(given)))
+
+
+def mark_trainable(model: nn.Module, params: list[nn.Parameter]) -> list[str]:
+    """Freeze the model except `params`; returns their `named_parameters()` names (tied tensors listed once)."""
+    model.requires_grad_(False)
+    chosen = {id(p) for p in params}
+    names = []
+    for n, p in model.named_parameters():
+        if id(p) in chosen:
+            p.requires_grad_(True)
+            names.append(n)
+    return names
+
+
+def params_of(modules: list[nn.Module], *attrs: str) -> list[nn.Parameter]:
+    """The named attributes of each module that are Parameters (e.g. lora_A, lora_B)."""
+    out = []
+    for m in modules:
+        for a in attrs:
+            p = getattr(m, a, None)
+            if isinstance(p, torch.nn.Parameter):
+                out.append(p)
+    return out

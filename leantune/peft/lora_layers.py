@@ -1,0 +1,207 @@
+"""LoRA's layer: W x + (alpha / r) * B A x on chosen linear layers, as a module swap that keeps base keys.
+
+`LoRALinear` owns the base `weight`/`bias` (moved, not copied, so tied weights stay tied and a base checkpoint
+loads unchanged) plus `lora_A` and `lora_B`. On GPT's fused qkv projection each enabled part (q, k, v) gets its
+own rank-r pair, stored stacked: `lora_A` is (parts * r, in) and `lora_B` is (sum of part widths, r).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from leantune.model import GPT
+from leantune.peft.base import mark_trainable, params_of
+from leantune.quantize import compute_dtype_of, dequantize_weight, is_quantized, quantized_linear
+
+TARGETS = ("query", "key", "value", "projection", "mlp", "head")
+
+
+@dataclass
+class LoRAArgs:
+    r: int = 8
+    """Rank of the update."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA branch input."""
+    targets: list[str] | str = field(default_factory=lambda: ["query", "value"])
+    """Layers to adapt: a list or comma-separated string among query, key, value, projection, mlp, head; or all."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if self.targets == ["all"]:
+            self.targets = list(TARGETS)
+        bad = sorted(set(self.targets) - set(TARGETS))
+        if bad or not self.targets:
+            raise ValueError(f"--lora.targets {bad or '(empty)'}: choose among {', '.join(TARGETS)} or all")
+        if self.r < 1:
+            raise ValueError(f"--lora.r must be >= 1, got {self.r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class LoRALinear(nn.Module):
+    """A linear layer with LoRA updates on one or more contiguous output ranges (`parts`)."""
+
+    def __init__(self, base: nn.Linear, parts: list[tuple[int, int]], r: int, scaling: float, dropout: float) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # the same Parameter object: ties and base keys are preserved
+        self.bias = base.bias
+        self.parts = parts
+        self.quantized = is_quantized(base.weight)  # a frozen 4/8-bit base (QLoRA): never merged in place
+        self.r = r
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        widths = sum(e - s for s, e in parts)
+        factory = dict(device=base.weight.device, dtype=compute_dtype_of(base.weight))
+        self.lora_A = nn.Parameter(torch.empty(len(parts) * r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(widths, r, **factory))
+        self.merged = False
+        if not self.lora_A.is_meta:
+            self.reset_lora_parameters()
+        self._full = len(parts) == 1 and parts[0] == (0, self.out_features)
+
+    def reset_lora_parameters(self) -> None:
+        for i in range(len(self.parts)):  # same init as PEFT, per part
+            nn.init.kaiming_uniform_(self.lora_A.data[i * self.r:(i + 1) * self.r], a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def part_factors(self) -> list[tuple[tuple[int, int], torch.Tensor, torch.Tensor]]:
+        """[(output range, A_i (r, in), B_i (width_i, r))] for each adapted part."""
+        out, off = [], 0
+        for i, (s, e) in enumerate(self.parts):
+            out.append(((s, e), self.lora_A[i * self.r:(i + 1) * self.r], self.lora_B[off:off + e - s]))
+            off += e - s
+        return out
+
+    def delta_weight(self) -> torch.Tensor:
+        """The full (out, in) update scaling * B A (zeros outside the adapted ranges), computed in fp32."""
+        return (self.update_matrix().float() @ self.lora_A.float()).to(self.lora_A.dtype)
+
+    def update_matrix(self) -> torch.Tensor:
+        """scaling * B as one (out, parts * r) matrix: part i's B_i at its output rows and columns i*r..(i+1)*r,
+        zeros elsewhere, so the whole update is one matmul on the stacked A output (no per-part slice writes,
+        which cost extra copies in backward)."""
+        P, r = len(self.parts), self.r
+        B = self.lora_B * self.scaling  # (sum of part widths, r): scaling the small factor, not the output
+        if self._full:
+            return B
+        rows, off, prev = [], 0, 0
+        for i, (s, e) in enumerate(self.parts):  # parts are disjoint and in output order
+            if s > prev:
+                rows.append(B.new_zeros(s - prev, P * r))
+            rows.append(F.pad(B[off:off + e - s], (i * r, (P - i - 1) * r)))  # (width_i, P * r)
+            off, prev = off + e - s, e
+        if prev < self.out_features:
+            rows.append(B.new_zeros(self.out_features - prev, P * r))
+        return torch.cat(rows)  # (out, P * r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = quantized_linear(x, self.weight, self.bias) if self.quantized else F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., parts * r)
+        return y + F.linear(a, self.update_matrix().to(x.dtype))  # (..., out)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.quantized:
+            raise ValueError("cannot merge a LoRA into a quantized weight in place (that would requantize); "
+                             "use merge_lora, which writes a dequantized float weight")
+        if not self.merged:
+            self.weight.add_(self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.sub_(self.delta_weight())
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, parts={self.parts}, scaling={self.scaling:g}"
+
+
+def target_layers(model: GPT, targets: list[str]) -> list[tuple[nn.Module, str, list[tuple[int, int]]]]:
+    """(parent module, attribute name, adapted output ranges) for every layer the targets select."""
+    cfg = model.config
+    q, k, v = cfg.qkv_sizes
+    qkv_ranges = {"query": (0, q), "key": (q, q + k), "value": (q + k, q + k + v)}
+    chosen = []
+    for block in model.transformer.h:
+        parts = [qkv_ranges[t] for t in ("query", "key", "value") if t in targets]
+        if parts:
+            chosen.append((block.attn, "qkv", parts))  # q, k, v each keep their own rank-r pair, in output order
+        if "projection" in targets:
+            chosen.append((block.attn, "proj", None))
+        if "mlp" in targets:
+            names = ("fc_1", "fc_2", "proj") if cfg.mlp_class == "swiglu" else ("fc", "proj")
+            chosen.extend((block.mlp, n, None) for n in names)
+    if "head" in targets:
+        chosen.append((model, "lm_head", None))
+    return [(p, n, parts or [(0, getattr(p, n).out_features)]) for p, n, parts in chosen]
+
+
+def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def lora_params(model: nn.Module) -> list[nn.Parameter]:
+    """LoRA's trained tensors: every LoRALinear's A and B."""
+    return params_of(lora_layers(model), "lora_A", "lora_B")
+
+
+def apply_lora(model: GPT, args: LoRAArgs) -> list[str]:
+    """Swap the targeted linears for LoRALinear; freeze everything else. Returns trainable parameter names."""
+    for parent, name, parts in target_layers(model, args.targets):
+        base = getattr(parent, name)
+        if isinstance(base, LoRALinear):
+            raise ValueError(f"{name} already has LoRA applied")
+        setattr(parent, name, LoRALinear(base, parts, args.r, args.scaling, args.dropout))
+    return mark_trainable(model, lora_params(model))
+
+
+def present_targets(model: GPT) -> list[str]:
+    """The LoRA targets a model carries (an imported PEFT folder names HF modules, not our targets)."""
+    return [t for t in TARGETS
+            if any(isinstance(getattr(p, n), LoRALinear) and all(r in getattr(p, n).parts for r in parts)
+                   for p, n, parts in target_layers(model, [t]))]
+
+
+def merge_lora(model: GPT, weight: float = 1.0) -> GPT:
+    """Fold every LoRA update (times `weight`) into its base weight and put plain nn.Linear layers back.
+
+    A LoRA on a head tied to the embedding unties it first: the merged head differs from the embedding.
+    A LoRA on a quantized weight (QLoRA) is added to the dequantized weight, in the compute dtype: never requantized.
+    """
+    head = model.lm_head
+    if isinstance(head, LoRALinear) and head.weight is model.transformer.wte.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        model.config = model.config.replace(tie_embeddings=False)
+        for block in model.transformer.h:
+            block.config = block.attn.config = model.config
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                with torch.no_grad():
+                    if child.quantized:
+                        w = nn.Parameter(dequantize_weight(child.weight).clone(), requires_grad=False)
+                    else:
+                        w = child.weight
+                    if not child.merged:
+                        w.add_(child.delta_weight().to(w.dtype) * weight)
+                linear.weight, linear.bias = w, child.bias
+                setattr(module, name, linear)
+    return model

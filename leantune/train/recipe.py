@@ -1,0 +1,178 @@
+"""The finetuning recipe, for every method of the table: set up the run, the data and the model, evaluate, apply the
+method (or continue an adapter), train with the one loop, evaluate again. `leantune finetune <method>` is a thin
+command over `finetune`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from leantune.checkpoint.hf import load_hf_checkpoint
+from leantune.data import DataModule, Demo
+from leantune.download import DEFAULT_CHECKPOINT, ensure_checkpoint
+from leantune.evaluate import task_eval
+from leantune.generate import greedy_batch
+from leantune.methods import apply_method, build_manifest, get_method, load_any_adapter, load_trainable, save_checkpoint
+from leantune.peft.base import Method, mark_trainable
+from leantune.quantize import check_mode
+from leantune.runtime import compute_dtype, default_device, resolve_precision, weight_dtype
+from leantune.tokenizer import Tokenizer
+from leantune.train.args import EvalArgs, TrainArgs
+from leantune.train.loop import fit
+from leantune.train.optim import OptimizerArgs
+from leantune.train.run_dir import prepare_run_dir
+
+
+@dataclasses.dataclass
+class Setup:
+    """What the recipe resolved from its arguments before any heavy work."""
+
+    method: Method
+    method_args: Any
+    quantize: str | None
+    optimizer: OptimizerArgs
+    out_dir: Path
+
+
+def resolve(method: str, method_args: Any, quantize: str | None, optimizer: OptimizerArgs,
+            out_dir: Path | None) -> Setup:
+    """Check the method's flags against its record: defaults, quantization, learning rate. Nothing is loaded."""
+    m = get_method(method)
+    quantize = quantize if quantize is not None else m.default_quantize
+    if quantize and not m.accepts_quantized_base:
+        raise ValueError(f"--quantize freezes a quantized base; it cannot be combined with {m.name} finetuning")
+    check_mode(quantize)
+    if optimizer.lr is None:
+        optimizer = dataclasses.replace(optimizer, lr=m.default_lr)
+    return Setup(m, m.make_args(method_args), quantize, optimizer, Path(out_dir or Path("out") / "finetune" / m.name))
+
+
+def finetune(
+    method: str,
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT,
+    out_dir: Path | None = None,
+    data: DataModule | None = None,
+    precision: str | None = None,
+    quantize: str | None = None,
+    prompt_style: str | None = None,
+    train: TrainArgs | None = None,
+    eval: EvalArgs | None = None,
+    optimizer: OptimizerArgs | None = None,
+    method_args: Any = None,
+    resume: str | None = None,
+    resume_adapter: Path | None = None,
+    threads: int | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Finetune `checkpoint_dir` with `method`; returns the run's summary (also written to out_dir/summary.json)."""
+    train, eval, optimizer = train or TrainArgs(), eval or EvalArgs(), optimizer or OptimizerArgs()
+    run = resolve(method, method_args, quantize, optimizer, out_dir)
+    prepare_run_dir(run.out_dir, resume, overwrite)  # first: a bad or taken --out_dir fails before any loading
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(train.seed)
+    data = data if data is not None else Demo()
+    checkpoint_dir = ensure_checkpoint(Path(checkpoint_dir))
+
+    device = default_device()
+    precision = resolve_precision(precision, device)
+    tokenizer = Tokenizer(checkpoint_dir)
+    data.connect(tokenizer, prompt_style=prompt_style, max_seq_length=train.max_seq_length,
+                 batch_size=train.micro_batch_size, seed=train.seed, packing=train.packing)
+    data.setup()
+    style = data.prompt_style
+
+    model = load_hf_checkpoint(checkpoint_dir, dtype=weight_dtype(precision), device=device, quantize=run.quantize,
+                               compute_dtype=compute_dtype(precision))
+    task = task_eval(data, tokenizer, style) if eval.exact_match else None
+    report: dict = {"method": run.method.name, "checkpoint": str(checkpoint_dir), "out_dir": str(run.out_dir)}
+    if task and not resume:
+        acc, _ = task(model)
+        report["exact_match_before"] = acc
+        print(f"held-out exact match before finetuning: {acc:.1%} ({len(data.test_set())} prompts)")
+
+    if resume_adapter is not None:
+        trainable, args = start_from_adapter(model, run.method, Path(resume_adapter), checkpoint_dir)
+    else:
+        args = run.method_args
+        trainable = apply_method(model, run.method, args)
+    trainable_in_weight_dtype(model, trainable, weight_dtype(precision))
+    manifest = build_manifest(run.method.name, args, checkpoint_dir, tokenizer, style.name, precision, run.quantize,
+                              extra={"data": type(data).__name__, "max_seq_length": train.max_seq_length}, model=model)
+
+    def save_fn(path: Path) -> None:
+        save_checkpoint(path, model, run.method, trainable, manifest, checkpoint_dir)
+
+    def load_fn(path: Path) -> None:
+        load_trainable(model, run.method, path, expected=trainable)
+
+    sample_fn = sampler(model, tokenizer, data, style, eval.sample_new_tokens)
+    summary = fit(model, trainable, data, run.out_dir, save_fn, load_fn, train, eval, run.optimizer,
+                  precision=precision, device=device, resume=resume, sample_fn=sample_fn,
+                  run_config={"method": run.method.name, "checkpoint_dir": str(checkpoint_dir), "data": data,
+                              run.method.flag: args, "quantize": run.quantize, "prompt_style": prompt_style})
+    report.update(summary)
+    if task:
+        acc, _ = task(model)
+        report["exact_match_after"] = acc
+        print(f"held-out exact match after finetuning: {acc:.1%}")
+    print_summary(report)
+    (run.out_dir / "summary.json").write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def trainable_in_weight_dtype(model, trainable: list[str], dtype: torch.dtype) -> None:
+    """Trained tensors live in the precision's weight dtype (fp32 masters under -mixed), even where a method made
+    them in a quantized base's compute dtype."""
+    params = dict(model.named_parameters())
+    for n in trainable:
+        if params[n].dtype != dtype:
+            params[n].data = params[n].data.to(dtype)
+
+
+def start_from_adapter(model, method: Method, path: Path, checkpoint_dir: Path) -> tuple[list[str], Any]:
+    """Load an existing adapter of the same method (leantune or PEFT folder) and train its tensors further; its
+    hyperparameters replace the command line's."""
+    if method.saves_full_model:
+        raise ValueError(f"--resume_adapter continues an adapter; {method.name} finetuning starts from "
+                         "--checkpoint_dir instead")
+    loaded = load_any_adapter(model, path, checkpoint_dir)
+    if get_method(loaded["method"]).kind != method.kind:
+        raise ValueError(f"{path} holds a {loaded['method']} adapter; --resume_adapter for {method.name} needs a "
+                         f"{method.kind} adapter")
+    return mark_trainable(model, method.adapter_params(model)), method.make_args(loaded["method_args"])
+
+
+def sampler(model, tokenizer, data, style, max_new_tokens):
+    """A callable that greedily answers the first held-out prompt (shown at each evaluation), or None."""
+    if not max_new_tokens or not hasattr(data, "test_set"):
+        return None
+    record = data.test_set()[0]
+    ids = tokenizer.encode(style.render_prompt(record))
+
+    def sample() -> str:
+        was = model.training
+        model.eval()
+        out = greedy_batch(model, [ids], max_new_tokens, tokenizer.eos_ids)[0]
+        model.train(was)
+        return tokenizer.decode(out, skip_special_tokens=True)
+
+    return sample
+
+
+def print_summary(r: dict) -> None:
+    lines = [
+        f"method {r['method']}: {r.get('steps')} steps, {r.get('tokens')} tokens in {r.get('time_s')} s "
+        f"({r.get('tokens_per_s')} tokens/s), peak memory {r.get('peak_memory_gb')} GB",
+        f"trainable parameters {r.get('trainable_params'):,} of {r.get('total_params'):,}",
+        f"validation loss {r.get('val_loss', float('nan')):.4f} (perplexity {r.get('val_ppl', float('nan')):.2f})",
+    ]
+    if "exact_match_after" in r:
+        lines.append(f"held-out exact match: {r.get('exact_match_before', float('nan')):.1%} -> {r['exact_match_after']:.1%}")
+    lines.append(f"checkpoint: {r.get('checkpoint')}")
+    print("\n".join(lines))
