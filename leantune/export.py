@@ -22,7 +22,8 @@ def torch_dtype(dtype: str | None) -> torch.dtype | None:
     return getattr(torch, dtype)
 
 
-def export_peft_adapter(adapter: Path, checkpoint_dir: Path, out: Path, dtype: torch.dtype | None = None) -> Path:
+def export_peft_adapter(adapter: Path, checkpoint_dir: Path, out: Path, dtype: torch.dtype | None = None,
+                        kind: str | None = None) -> Path:
     """The adapter, unmerged, in PEFT's folder format (for methods whose record maps to one)."""
     m = get_method(read_manifest(adapter)["method"])
     if m.peft is None:
@@ -32,7 +33,7 @@ def export_peft_adapter(adapter: Path, checkpoint_dir: Path, out: Path, dtype: t
     model = load_hf_checkpoint(checkpoint_dir, dtype=torch.float32)
     # only the adapter's tensors are written: the base's quantization does not matter here
     manifest = load_adapter(model, adapter, checkpoint_dir, check_quantization=False)
-    return m.peft.export(model, out, str(checkpoint_dir), m.make_args(manifest["method_args"]), dtype=dtype)
+    return m.peft.export(model, out, str(checkpoint_dir), m.make_args(manifest["method_args"]), dtype=dtype, kind=kind)
 
 
 def merged_model(checkpoint_dir: Path, adapter: Path | None):
@@ -43,8 +44,10 @@ def merged_model(checkpoint_dir: Path, adapter: Path | None):
     return model.eval()
 
 
-def export_hf(checkpoint_dir: Path, adapter: Path | None, out: Path, dtype: torch.dtype | None = None) -> Path:
-    return save_hf_checkpoint(merged_model(checkpoint_dir, adapter), out, source_dir=checkpoint_dir, dtype=dtype)
+def export_hf(checkpoint_dir: Path, adapter: Path | None, out: Path, dtype: torch.dtype | None = None,
+              kind: str | None = None) -> Path:
+    return save_hf_checkpoint(merged_model(checkpoint_dir, adapter), out, source_dir=checkpoint_dir, dtype=dtype,
+                              kind=kind)
 
 
 def export_gguf_file(checkpoint_dir: Path, adapter: Path | None, path: Path, gguf_type: str = "f16") -> Path:

@@ -133,8 +133,11 @@ def load_trainable(model: GPT, method: str | Method, ckpt: Path, expected: list[
     if expected is None:
         chosen = {id(p) for p in m.adapter_params(model)}
         expected = [n for n, p in params.items() if id(p) in chosen]
-    if m.saves_full_model and model.config.tie_embeddings:
-        sd.pop("lm_head.weight", None)
+    if m.saves_full_model and model.config.tie_embeddings:  # one tensor, two names: use the one named_parameters uses
+        tied = [sd.pop(n) for n in ("transformer.wte.weight", "lm_head.weight") if n in sd]
+        kept = next((n for n in ("transformer.wte.weight", "lm_head.weight") if n in params), None)
+        if tied and kept:
+            sd[kept] = tied[0]
     unknown = sorted(set(sd) - set(params))
     missing = sorted(set(expected) - set(sd))
     shapes = [f"{n} {tuple(sd[n].shape)} vs {tuple(params[n].shape)}" for n in sorted(set(sd) & set(params))

@@ -1,8 +1,8 @@
 """Architecture presets: `Config` keyword arguments for known checkpoints, keyed by their Hugging Face repo id.
 
 Every row is plain data copied from the upstream `config.json` (the repo named by the key), spelled in `Config`'s
-field names, so `Config.from_hf(config_json)` and `Config(**row)` agree (tests/test_presets.py checks both and the
-parameter counts). `padded_vocab_size` is always the config.json `vocab_size`: our embedding and LM head have
+field names, so `families.config_from_hf(config_json)` and `Config(**row)` agree (tests/test_presets.py checks both
+and the parameter counts). `padded_vocab_size` is always the config.json `vocab_size`: our embedding and LM head have
 exactly the checkpoint's row count, so weights load without padding or slicing.
 
 Look a preset up with `find_preset` (repo id, the part after the slash, case-insensitive; a trailing "-hf" may be

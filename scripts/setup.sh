@@ -2,11 +2,13 @@
 # Fresh-machine set-up: a venv in .venv with leantune, the bundled default model imported into checkpoints/.
 #   bash scripts/setup.sh          # runtime only
 #   bash scripts/setup.sh --dev    # plus the test/benchmark references (transformers, peft, pytest, ruff)
+# VENV=path picks another venv folder (CI builds a runtime-only one beside the dev one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-. .venv/bin/activate
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+. "$VENV/bin/activate"
 pip install -q --upgrade pip
 # torch first, pinned to the CPU build this machine kind carries; a GPU machine may install its own torch first.
 python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"

@@ -40,7 +40,7 @@ def test_bad_input_names_file_and_line(name, line, problem):
 
 def test_prompt_longer_than_max_seq_length_is_an_error_under_truncation_error():
     with pytest.raises(DataError) as e:
-        setup_json(BAD / "too_long.jsonl", max_seq_length=64)
+        setup_json(BAD / "too_long.jsonl", max_seq_length=64, truncation="error")
     assert str(e.value).startswith(f"{BAD / 'too_long.jsonl'}:2: sample is ")
     assert "longer than max_seq_length 64" in str(e.value) and "--data.truncation" in str(e.value)
 
@@ -73,7 +73,8 @@ def test_skip_invalid_counts_and_reports(name, skipped, kept):
 
 def test_skip_invalid_also_skips_too_long_samples():
     with pytest.warns(UserWarning, match="skipped 1 sample"):
-        data = setup_json(BAD / "too_long.jsonl", max_seq_length=64, skip_invalid=True, val_split_fraction=0.0)
+        data = setup_json(BAD / "too_long.jsonl", max_seq_length=64, skip_invalid=True, val_split_fraction=0.0,
+                          truncation="error")
     assert [s.sample_id for s in data.train_dataset.samples] == [0]
 
 

@@ -25,6 +25,7 @@ from leantune.data import (
     Text,
     get_data_module,
 )
+from leantune.data.prompts import to_messages
 
 
 def records(module):
@@ -127,8 +128,9 @@ def test_chat_openai_and_sharegpt():
     assert openai[1]["messages"] == [{"role": "user", "content": "Name a fruit."},
                                      {"role": "assistant", "content": "Apple."}]
     share, _ = records(Chat(json_path=FIXTURES / "chat" / "sharegpt.json", system_prompt="Be nice."))
-    assert [m["role"] for m in share[0]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
-    assert share[0]["messages"][0]["content"] == "Be nice." and share[1]["messages"][0]["content"] == "Answer in French."
+    assert [m["role"] for m in to_messages(share[0])] == ["system", "user", "assistant", "user", "assistant"]
+    assert to_messages(share[0])[0]["content"] == "Be nice." and to_messages(share[1])[0]["content"] == "Answer in French."
+    assert [m["role"] for m in share[0]["messages"]] == ["user", "assistant", "user", "assistant"]  # as in the file
     module, tok = connected(Chat(json_path=FIXTURES / "chat" / "sharegpt.json", val_split_fraction=0.0))
     texts = sorted(supervised_text(tok, s) for s in module.train_dataset.samples)
     assert texts == ["Blue.<|im_end|>Black.<|im_end|>", "Merci<|im_end|>"]  # assistant turns only
@@ -198,7 +200,9 @@ def test_data_package_never_imports_the_model_or_the_loop():
     import subprocess
     import sys
 
+    # facts only (the family table's default prompt styles and the config they describe): never the model or loop
+    allowed = ("leantune.data", "leantune.families", "leantune.config", "leantune.presets")
     code = ("import sys, leantune.data; "
-            "print(sorted(m for m in sys.modules if m.startswith('leantune.') and not m.startswith('leantune.data')))")
+            f"print(sorted(m for m in sys.modules if m.startswith('leantune.') and not m.startswith({allowed!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from test_data_support import FIXTURES, StubTokenizer
 
-from leantune.data import JSON, Demo, preview_command
+from leantune.commands.data import preview as preview_command
+from leantune.data import JSON, Demo
 from leantune.data.errors import Skips
 from leantune.data.preview import render_sample
 from leantune.data.prompts import PromptStyle
@@ -29,8 +30,8 @@ def test_preview_demo_on_default_model(default_checkpoint, capsys):
 
 
 def test_preview_reports_over_long_samples_instead_of_failing(default_checkpoint, capsys):
-    data = JSON(json_path=FIXTURES / "bad" / "too_long.jsonl", val_split_fraction=0.0)
+    data = JSON(json_path=FIXTURES / "bad" / "too_long.jsonl", val_split_fraction=0.0, truncation="error")
     stats = preview_command(data, default_checkpoint, num_samples=1, max_seq_length=37, prompt_style="chatml")
     out = capsys.readouterr().out
-    assert stats["train"]["over_max_seq_length"] == 1 and stats["train"]["truncated"] == 1
+    assert stats["train"]["over_max_seq_length"] == 1 and stats["train"]["truncated"] == 0  # measured, not cut
     assert "too_long.jsonl:2" in out and "--data.truncation error" in out

@@ -97,7 +97,8 @@ def test_drop_is_counted_never_silent():
     skips = Skips()
     assert sample_of(ex(output="z" * 80), max_len=50, truncation="drop", skips=skips) is None
     assert skips.counts == {"longer than max_seq_length 50 (truncation=drop)": 1}
-    with pytest.warns(UserWarning, match="skipped 1 sample"):
+    with pytest.warns(UserWarning, match=r"test: dropped 1 of 1 samples longer than 50 tokens; "
+                                          r"--train.max_seq_length \d+ keeps them"):
         skips.report("test")
 
 

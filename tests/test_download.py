@@ -13,11 +13,11 @@ from huggingface_hub import constants as hub_constants
 
 from leantune import download as dl
 from leantune.checkpoint.io import load_safetensors, save_safetensors
+from leantune.commands.download import download as download_command
 from leantune.download import (
     DEFAULT_REPO_ID,
     HubUnreachableError,
     download,
-    download_command,
     download_list,
     is_complete,
 )

@@ -1,5 +1,7 @@
 """`leantune export`: merged HF folder, PEFT adapter and GGUF hand-off, from a leantune adapter folder."""
 
+from pathlib import Path
+
 import peft
 import pytest
 import torch
@@ -72,14 +74,19 @@ def test_export_hf_without_adapter_reexports_base(base, tmp_path):
         assert t.dtype == torch.bfloat16 and torch.equal(t, original[k].to(torch.bfloat16)), k
 
 
-def test_export_peft_loads_in_peft(base, tmp_path):
+def test_export_peft_loads_in_peft(base, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default out_dir is relative to the working directory
     ours, adapter = make_adapter(base, tmp_path / "lora", "lora", r=4, alpha=16, dropout=0.0,
                                  targets=["query", "value", "mlp", "head"])
     idx = torch.randint(0, V, (2, 16))
     with torch.no_grad():
         expected = ours(idx)
     out = export_command(adapter=adapter, checkpoint_dir=base, format="peft")
-    assert out == adapter / "export-peft" and (out / "adapter_model.safetensors").is_file()
+    assert out == Path("out/export") / f"{adapter.parent.name}-{adapter.name}-peft"
+    assert (out / "adapter_model.safetensors").is_file() and (out / ".leantune-output").is_file()
+    with pytest.raises(FileExistsError, match="--overwrite"):  # leantune's own export: replaced only on request
+        export_command(adapter=adapter, checkpoint_dir=base, format="peft")
+    assert export_command(adapter=adapter, checkpoint_dir=base, format="peft", overwrite=True) == out
     pm = peft.PeftModel.from_pretrained(hf_model(base), out).eval()
     with torch.no_grad():
         torch.testing.assert_close(pm(idx).logits, expected, atol=1e-5, rtol=0)
@@ -95,6 +102,7 @@ def test_export_peft_of_adapter_v2_errors_clearly(base, tmp_path):
 
 
 def test_export_gguf_passes_merged_model(base, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     import leantune.export as export_lib
 
     ours, adapter = make_adapter(base, tmp_path / "lora", "lora", r=4, alpha=8, dropout=0.0, targets=["query"])
@@ -112,6 +120,6 @@ def test_export_gguf_passes_merged_model(base, tmp_path, monkeypatch):
 
     monkeypatch.setattr(export_lib, "export_gguf", fake_export_gguf)
     path = export_command(adapter=adapter, checkpoint_dir=base, format="gguf", gguf_type="q8_0")
-    assert path == adapter / "export-gguf" / "model-q8_0.gguf"
+    assert path == Path("out/export") / f"{adapter.parent.name}-{adapter.name}-gguf" / "model-q8_0.gguf"
     assert seen["tokenizer_dir"] == base and seen["gguf_type"] == "q8_0" and not seen["lora"]
     torch.testing.assert_close(seen["logits"], expected, atol=1e-4, rtol=0)

@@ -162,7 +162,7 @@ def test_unpermute_inverts_llamacpp_permute():
 
 
 def test_synthetic_loads_in_transformers_with_same_logits(tmp_path, bpe):
-    tf = pytest.importorskip("transformers")
+    import transformers as tf
     weights = make_weights(len(bpe[1]), tied=False)
     path = write_gguf(tmp_path / "tiny.gguf", bpe, weights)
     out = gguf_to_hf(path, tmp_path / "out")
@@ -230,7 +230,7 @@ def test_default_gguf_path_error_names_the_package(monkeypatch):
 # ---- the real default model ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_default_model_logits_equal_transformers_gguf_loader(default_checkpoint):
-    tf = pytest.importorskip("transformers")
+    import transformers as tf
     path = default_gguf_path()
     ref = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     ours = tf.AutoModelForCausalLM.from_pretrained(default_checkpoint, dtype=torch.float32).eval()
@@ -248,7 +248,7 @@ def test_default_model_logits_equal_transformers_gguf_loader(default_checkpoint)
 
 @pytest.mark.slow
 def test_default_tokenizer_matches_transformers_gguf_conversion(default_checkpoint):
-    tf = pytest.importorskip("transformers")
+    import transformers as tf
     path = default_gguf_path()
     ref = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     ours = HFTokenizer.from_file(str(default_checkpoint / "tokenizer.json"))
@@ -261,8 +261,8 @@ def test_default_tokenizer_matches_transformers_gguf_conversion(default_checkpoi
 
 def test_sentencepiece_gguf_tokenizer_via_transformers(tmp_path):
     """Non byte-level vocabularies (Llama 2 style sentencepiece) go through transformers' GGUF conversion."""
-    pytest.importorskip("transformers")
     import sentencepiece as spm
+    import transformers  # noqa: F401
 
     from leantune.tokenizer import Tokenizer
 

@@ -6,11 +6,16 @@ import transformers as tf
 
 from leantune.checkpoint.hf import hf_to_ours, iter_hf_tensors, load_hf_checkpoint, ours_to_hf, save_hf_checkpoint
 from leantune.config import Config
+from leantune.families import FAMILIES, config_from_checkpoint
 
 V = 160
 TINY = {
     "llama-gqa": lambda: tf.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+    # Llama's attention_bias + mlp_bias (a bias on every attention and MLP linear): Config.bias
+    "llama-bias": lambda: tf.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         attention_bias=True, mlp_bias=True),
     "llama3-scaled-tied": lambda: tf.LlamaConfig(
         vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True, rope_theta=500000.0,
@@ -44,6 +49,11 @@ TINY = {
     "phi-2": lambda: tf.PhiConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=64),
 }
+
+
+def test_every_family_has_a_tiny_config():
+    """The suite runs over the family table: a newly registered family fails here until it has a tiny config."""
+    assert set(FAMILIES) <= {make().model_type for make in TINY.values()}
 
 
 def make_hf(name: str, tmp_path):
@@ -90,7 +100,7 @@ def test_left_padded_batch_matches_transformers(family):
 
 def test_round_trip_is_bit_identical(family, tmp_path):
     name, hf, path = family
-    config = Config.from_checkpoint(path)
+    config = config_from_checkpoint(path)
     hf_sd = dict(iter_hf_tensors(path))  # the file layout is the HF format (in-memory names may differ)
     back = ours_to_hf(hf_to_ours(hf_sd, config), config)
     assert back.keys() == hf_sd.keys(), name

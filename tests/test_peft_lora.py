@@ -127,3 +127,14 @@ def test_trainability_only_lora_tensors_change():
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
+
+
+def test_lora_defaults_and_flag_checks():
+    """The documented defaults (r 8, alpha 16, query/value), `all`, and one clear error per bad value."""
+    args = LoRAArgs()
+    assert (args.r, args.alpha, args.targets, args.scaling) == (8, 16.0, ["query", "value"], 2.0)
+    assert LoRAArgs(targets="all").targets == ["query", "key", "value", "projection", "mlp", "head"]
+    for bad, flag in ((dict(r=0), "--lora.r"), (dict(targets="qkv"), "--lora.targets"), (dict(dropout=1.0), "--lora.dropout"),
+                      (dict(alpha=0), "--lora.alpha")):
+        with pytest.raises(ValueError, match=flag):
+            LoRAArgs(**bad)

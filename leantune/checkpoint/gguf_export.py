@@ -1,7 +1,8 @@
 """Export a `GPT` to a GGUF file (llama.cpp's format): the reverse of `leantune.checkpoint.gguf`.
 
-Only Llama-architecture models (HF `llama`, `mistral`) are exported; other families have their own llama.cpp
-architectures with different tensor sets, and a file llama.cpp mis-reads is worse than a clear refusal.
+Only families whose `leantune.families` record names a GGUF architecture (the Llama layout) are exported; other
+families have their own llama.cpp architectures with different tensor sets, and a file llama.cpp mis-reads is worse
+than a clear refusal.
 Q/K rows are permuted the way llama.cpp's `convert_hf_to_gguf.py` does (its rope kernel wants each head's two
 rotary halves interleaved). Tensors are converted and written one at a time, so peak memory stays near one copy
 of the model, and the file appears atomically (temporary sibling, then `os.replace`).
@@ -21,16 +22,33 @@ from typing import Any
 import numpy as np
 import torch
 
-from leantune.checkpoint.gguf import SPLIT_PRETOKENIZERS
+from leantune.checkpoint.gguf import BPE_MODEL, SPLIT_PRETOKENIZERS, SPM_MODEL
+from leantune.families import FAMILIES, Family, family_of
 from leantune.model import GPT
+from leantune.tokenizer import Tokenizer
 
-SUPPORTED_HF_TYPES = ("llama", "mistral")
+SUPPORTED_HF_TYPES = tuple(mt for mt, f in FAMILIES.items() if f.gguf_arch)
 GGUF_TYPES = ("f16", "q8_0")
 # gguf token types (gguf.TokenType)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-_LAYER_NAMES = {"norm_1.weight": "attn_norm", "norm_2.weight": "ffn_norm", "attn.proj.weight": "attn_output",
-                "mlp.fc_1.weight": "ffn_gate", "mlp.fc_2.weight": "ffn_up", "mlp.proj.weight": "ffn_down"}
+
+
+def _layer_names(family: Family) -> dict[str, str]:
+    """Our block weight (besides qkv) -> its GGUF tensor stem, through the family's HF module names."""
+    to_gguf = {hf: g for g, hf in family.gguf_layer_names.items()}
+    return {f"{ours}.weight": to_gguf[hf] for hf, ours in family.layer_map.items() if hf in to_gguf}
+
+
+def _qkv_names(family: Family) -> tuple[str, ...]:
+    """GGUF tensor stems of the q, k, v projections."""
+    to_gguf = {hf: g for g, hf in family.gguf_layer_names.items()}
+    return tuple(to_gguf[hf] for hf in family.qkv_modules)
+
+
+def _global_names(family: Family) -> dict[str, str]:
+    """Our global tensor module -> its GGUF tensor stem."""
+    return {family.global_map[hf]: g for g, hf in family.gguf_global_names.items()}
 
 
 def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -41,7 +59,7 @@ def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
 # ---- checks --------------------------------------------------------------------------------------------------
 def _check_architecture(model: GPT) -> None:
     c = model.config
-    if c.hf_model_type not in SUPPORTED_HF_TYPES:
+    if family_of(c).gguf_arch is None:
         raise ValueError(f"GGUF export supports the Llama architecture ({', '.join(SUPPORTED_HF_TYPES)}); "
                          f"this model's architecture is {c.hf_model_type!r}")
     odd = {"bias": c.bias, "attn_bias": c.attn_bias, "lm_head_bias": c.lm_head_bias,
@@ -62,7 +80,7 @@ def _tensor_plan_keys(model: GPT) -> Iterator[str]:
     yield "transformer.wte.weight"
     for i in range(model.config.n_layer):
         yield f"transformer.h.{i}.attn.qkv.weight"
-        for k in _LAYER_NAMES:
+        for k in _layer_names(family_of(model.config)):
             yield f"transformer.h.{i}.{k}"
     yield "transformer.ln_f.weight"
     yield "lm_head.weight"
@@ -72,8 +90,11 @@ def _tensor_plan_keys(model: GPT) -> Iterator[str]:
 def _tensors(model: GPT) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple[int, ...]]]:
     """(gguf name, thunk giving the float tensor, shape): thunks so only one converted tensor lives at a time."""
     c = model.config
+    family = family_of(c)
+    layer_names, glob, (q_name, k_name, v_name) = _layer_names(family), _global_names(family), _qkv_names(family)
     sd = model.state_dict()  # references, not copies
-    yield "token_embd.weight", lambda: sd["transformer.wte.weight"], tuple(sd["transformer.wte.weight"].shape)
+    wte = "transformer.wte.weight"
+    yield f"{glob['transformer.wte']}.weight", lambda: sd[wte], tuple(sd[wte].shape)
     if c.rope_scaling and c.rope_scaling["type"] == "llama3":
         freqs = _llama3_rope_factors(c.rope_scaling, c.rope_base, c.head_size)
         yield "rope_freqs.weight", lambda: freqs, tuple(freqs.shape)
@@ -89,16 +110,17 @@ def _tensors(model: GPT) -> Iterator[tuple[str, Callable[[], torch.Tensor], tupl
                 return permute_rotary(w, n_head) if n_head else w
             return get
 
-        yield f"blk.{i}.attn_norm.weight", (lambda k=p + "norm_1.weight": sd[k]), (c.n_embd,)
-        yield f"blk.{i}.attn_q.weight", part(0, q_rows, c.n_head), shape_q
-        yield f"blk.{i}.attn_k.weight", part(q_rows, kv_rows, c.n_query_groups), shape_kv
-        yield f"blk.{i}.attn_v.weight", part(q_rows + kv_rows, kv_rows, None), shape_kv
-        for ours, name in _LAYER_NAMES.items():
-            if name != "attn_norm":
+        # the attention norm, then q/k/v, then the rest: the order llama.cpp's converter writes
+        yield f"blk.{i}.{layer_names['norm_1.weight']}.weight", (lambda k=p + "norm_1.weight": sd[k]), (c.n_embd,)
+        yield f"blk.{i}.{q_name}.weight", part(0, q_rows, c.n_head), shape_q
+        yield f"blk.{i}.{k_name}.weight", part(q_rows, kv_rows, c.n_query_groups), shape_kv
+        yield f"blk.{i}.{v_name}.weight", part(q_rows + kv_rows, kv_rows, None), shape_kv
+        for ours, name in layer_names.items():
+            if ours != "norm_1.weight":
                 yield f"blk.{i}.{name}.weight", (lambda k=p + ours: sd[k]), tuple(sd[p + ours].shape)
-    yield "output_norm.weight", lambda: sd["transformer.ln_f.weight"], (c.n_embd,)
+    yield f"{glob['transformer.ln_f']}.weight", lambda: sd["transformer.ln_f.weight"], (c.n_embd,)
     if not _tied(model):
-        yield "output.weight", lambda: sd["lm_head.weight"], tuple(sd["lm_head.weight"].shape)
+        yield f"{glob['lm_head']}.weight", lambda: sd["lm_head.weight"], tuple(sd["lm_head.weight"].shape)
 
 
 def _tied(model: GPT) -> bool:
@@ -205,8 +227,6 @@ def _byte_level_vocab(tj: dict[str, Any], n_vocab: int, tok_cfg: dict[str, Any])
 
 
 def _add_tokenizer(w: Any, tokenizer_dir: Path, n_vocab: int) -> None:
-    from leantune.tokenizer import Tokenizer
-
     tok = Tokenizer(tokenizer_dir)
     tok_cfg = _read_json(tokenizer_dir / "tokenizer_config.json")
     tj = _read_json(tokenizer_dir / "tokenizer.json")
@@ -214,7 +234,7 @@ def _add_tokenizer(w: Any, tokenizer_dir: Path, n_vocab: int) -> None:
     byte_level = model.get("type") == "BPE" and "ByteLevel" in json.dumps(tj.get("pre_tokenizer"))
     if byte_level:
         tokens, types, merges = _byte_level_vocab(tj, n_vocab, tok_cfg)
-        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_model(BPE_MODEL)
         w.add_tokenizer_pre(_pre_name(tj.get("pre_tokenizer")))
         w.add_token_list(tokens)
         w.add_token_types(types)
@@ -260,7 +280,7 @@ def _add_sentencepiece(w: Any, tokenizer_dir: Path, n_vocab: int) -> None:
         tokens.append(f"[PAD{i}]")
         scores.append(-1000.0)
         types.append(UNUSED)
-    w.add_tokenizer_model("llama")
+    w.add_tokenizer_model(SPM_MODEL)
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
@@ -312,7 +332,7 @@ def export_gguf(model: GPT, tokenizer_dir: Path, out_path: Path, gguf_type: str 
     plan = list(_tensors(model))
     w = None
     try:
-        w = GGUFWriter(tmp, "llama")
+        w = GGUFWriter(tmp, family_of(model.config).gguf_arch)
         _add_metadata(w, model, model.config.name or tokenizer_dir.name, gguf_type)
         _add_tokenizer(w, tokenizer_dir, model.config.padded_vocab_size)
         storage = {}

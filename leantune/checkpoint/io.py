@@ -1,16 +1,20 @@
-"""Atomic file and folder writes, used for every checkpoint, manifest and config the project writes.
+"""Atomic file and folder writes, used for every checkpoint, manifest and config the project writes, and the
+policy for output folders (`claim_output`).
 
 A crash, Ctrl-C or full disk mid-write must never leave a half-written file where a good one was: we write to
 a temporary sibling (same directory, so the final `os.replace` is an atomic rename), fsync, then rename.
+A folder is only ever replaced when it is leantune's own previous output of the same kind: every output folder
+carries a small marker file (`.leantune-output`) naming its kind and the files leantune wrote there.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -97,18 +101,25 @@ def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
 
 
 @contextmanager
-def atomic_dir(final_dir: str | Path) -> Iterator[Path]:
+def atomic_dir(final_dir: str | Path, kind: str | None = None) -> Iterator[Path]:
     """Yield a temporary sibling directory; when the block succeeds it replaces `final_dir` in one rename.
 
     On any exception the temporary directory is deleted and an existing `final_dir` is left untouched. An
     existing `final_dir` is moved aside only once the new one is complete, and deleted after the swap.
+    With `kind` (an output folder the user named, e.g. "merged-model"), the new folder gets the output marker, and
+    an existing `final_dir` that is not leantune's own output of that kind is refused before anything is written
+    (the command should already have called `claim_output`, which also asks for --overwrite).
     """
     final_dir = Path(final_dir)
+    if kind is not None:
+        claim_output(final_dir, kind, overwrite=True)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(final_dir, "tmp")
     os.mkdir(tmp, 0o777)
     try:
         yield tmp
+        if kind is not None:
+            write_output_marker(tmp, kind)
         for root, _, files in os.walk(tmp):
             for name in files:
                 p = Path(root) / name
@@ -134,3 +145,140 @@ def atomic_dir(final_dir: str | Path) -> Iterator[Path]:
     else:
         os.replace(tmp, final_dir)
     _fsync_dir(final_dir.parent)
+
+
+# ---- output folders: never replace anything but leantune's own previous output of the same kind ---------------
+OUTPUT_MARKER = ".leantune-output"
+HF_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+                  "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                  "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+                  "chat_template.json")
+"""The files of an HF model folder written by `save_hf_checkpoint` (for `claim_output(legacy_files=...)`)."""
+PEFT_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+"""The files of a PEFT adapter folder written by the PEFT export (for `claim_output(legacy_files=...)`)."""
+
+
+class OutputPathError(ValueError):
+    """An output path leantune will not write to; the message names the path and what to do instead.
+
+    A ValueError, so the CLI reports it as one line with exit status 2.
+    """
+
+
+class OutputExistsError(OutputPathError, FileExistsError):
+    """The output path holds something leantune must not replace (or was not told to: --overwrite)."""
+
+
+def claim_output(path: str | Path, kind: str, overwrite: bool = False, *, legacy_files: Iterable[str] = ()) -> None:
+    """Check, before any heavy work, that a command may write its `kind` of output at `path`; raise if not.
+
+    Allowed: a path that does not exist (its parent is created later), or an empty folder. A folder holding
+    leantune's previous output of the same `kind` (its marker says so and every file in it is one leantune listed
+    there) is allowed only with `overwrite=True`. Refused even with `overwrite`: a file or symlink at `path`, a
+    folder with any file leantune did not write (named in the message), a folder holding another kind of leantune
+    output, and a path whose nearest existing parent is a file or is not writable.
+    `legacy_files`: fnmatch patterns (relative paths; `*` also crosses `/`) that make an unmarked folder count as
+    leantune's output of this kind when every file matches; pass them only for a path leantune itself chose (a
+    default --out_dir), since a user's own model folder has the same files.
+    """
+    path = Path(path)
+    _check_parent(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        what = "a symbolic link" if path.is_symlink() else "a file"
+        raise OutputExistsError(f"{path} is {what}, not a folder: nothing was written. Pick another --out_dir.")
+    if not path.exists():
+        return
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write to {path}: permission denied. Pick another --out_dir.")
+    files = _files_under(path)
+    if not files:
+        return
+    marker = read_output_marker(path)
+    if marker is None and not (legacy_files and all(_matches(f, legacy_files) for f in files)):
+        raise OutputExistsError(f"{path} is not empty and leantune did not write it ({path / files[0]} is not "
+                                "leantune's): nothing was written and nothing there is replaced. Pick another "
+                                "--out_dir, or empty that folder.")
+    if marker is not None:
+        if marker.get("kind") != kind:
+            raise OutputExistsError(f"{path} holds leantune's {marker.get('kind') or 'unknown'} output, not a {kind}: "
+                                    "nothing was written and it is not replaced. Pick another --out_dir.")
+        owned = set(marker.get("files") or ()) | {OUTPUT_MARKER}
+        foreign = [f for f in files if f not in owned]
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise OutputExistsError(f"{path} holds files leantune did not write there ({path / foreign[0]}{more}): "
+                                    "nothing was written and nothing is replaced, even with --overwrite. Pick another "
+                                    "--out_dir, or move those files away.")
+    if not overwrite:
+        raise OutputExistsError(f"{path} already holds a {kind} leantune wrote earlier: nothing was written. Pass "
+                                "--overwrite true to replace it, or pick another --out_dir.")
+
+
+def claim_output_file(path: str | Path, overwrite: bool = False, *, magic: bytes | None = None) -> None:
+    """The same check for a single output file the user named (e.g. `--out_dir model.gguf`): a new path is fine
+    (its nearest existing parent must be a writable folder); an existing file is replaced only with `overwrite`,
+    and never when `magic` is given and the file does not start with it (then it is not that kind of output)."""
+    path = Path(path)
+    _check_parent(path)
+    if path.is_dir() or path.is_symlink():
+        what = "a folder" if path.is_dir() and not path.is_symlink() else "a symbolic link"
+        raise OutputExistsError(f"{path} is {what}, not a file: nothing was written. Pick another --out_dir.")
+    if not path.exists():
+        return
+    if magic is not None:
+        with open(path, "rb") as fh:
+            if fh.read(len(magic)) != magic:
+                raise OutputExistsError(f"{path} exists and is not a {magic.decode(errors='replace')} file: nothing "
+                                        "was written and it is not replaced. Pick another --out_dir.")
+    if not overwrite:
+        raise OutputExistsError(f"{path} already exists: nothing was written. Pass --overwrite true to replace it, "
+                                "or pick another --out_dir.")
+
+
+def write_output_marker(folder: str | Path, kind: str, files: Iterable[str] | None = None) -> Path:
+    """Mark `folder` as leantune's `kind` output, listing the files leantune wrote (default: every file there now,
+    except inside sub-folders that carry their own marker, e.g. an export saved inside a checkpoint)."""
+    folder = Path(folder)
+    listed = sorted(set(files)) if files is not None else _files_under(folder, skip_marked=True)
+    return write_json(folder / OUTPUT_MARKER, {"kind": kind, "files": [f for f in listed if f != OUTPUT_MARKER]})
+
+
+def read_output_marker(folder: str | Path) -> dict[str, Any] | None:
+    """The marker of an output folder ({"kind", "files"}), {} when it is unreadable, None when there is none."""
+    marker = Path(folder) / OUTPUT_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _check_parent(path: Path) -> None:
+    """The nearest existing parent of `path` must be a writable folder (one clear error instead of a late trace)."""
+    parent = path.absolute().parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"cannot create {path}: {parent} is a file, not a folder. Pick another --out_dir.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot create {path}: no permission to write in {parent}. Pick another --out_dir.")
+
+
+def _files_under(folder: Path, skip_marked: bool = False) -> list[str]:
+    """Relative posix paths of everything under `folder` that is not a directory (symlinks included, not followed)."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        if skip_marked and here != folder and (here / OUTPUT_MARKER).is_file():
+            dirs.clear()
+            continue
+        links = [d for d in dirs if (here / d).is_symlink()]
+        dirs[:] = sorted(d for d in dirs if d not in links)
+        out += [(here / name).relative_to(folder).as_posix() for name in [*files, *links]]
+    return sorted(out)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)

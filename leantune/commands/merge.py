@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from leantune.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
+from leantune.checkpoint.io import HF_MODEL_FILES, claim_output
 from leantune.download import DEFAULT_CHECKPOINT, ensure_checkpoint
 from leantune.merge import merge_adapters
 
@@ -19,6 +20,7 @@ def merge(
     weights: list[float] | None = None,
     dtype: str | None = None,
     dequantize_base: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Fold adapters into the base model and write a Hugging Face folder transformers loads.
 
@@ -26,18 +28,24 @@ def merge(
         adapter: An adapter folder of a mergeable method (lora, qlora; e.g. out/finetune/lora/final) or a PEFT LoRA
             folder, or a list of them, e.g. --adapter [out/a/final,out/b/final] --weights [0.7,0.3].
         checkpoint_dir: The base model the adapters were trained on.
-        out_dir: Output folder (default: <first adapter>/merged).
+        out_dir: Output folder (default: out/merged/<run>-<checkpoint>, e.g. out/merged/lora-final).
         weights: One weight per adapter (default 1.0 each), e.g. to blend two adapters.
         dtype: float32, bfloat16 or float16 for the written weights (default: the base's dtype).
         dequantize_base: For an adapter trained on a quantized base (QLoRA): fold it into that base dequantized
             (the weights it was trained against, so the merged model reproduces the finetuned one; it keeps the
             quantization error) or, with false, into the original full-precision weights.
+        overwrite: Replace leantune's own earlier merge at out_dir (a folder with other files is never touched).
     """
     if adapter is None:
         raise ValueError("merge needs --adapter DIR (an adapter folder, e.g. out/finetune/lora/final)")
     adapters = [Path(a) for a in (adapter if isinstance(adapter, list | tuple) else [adapter])]
+    missing = [a for a in adapters if not a.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"--adapter {missing[0]}: no such folder")
     checkpoint_dir = ensure_checkpoint(Path(checkpoint_dir))
-    out_dir = Path(out_dir or adapters[0] / "merged")
+    default = Path("out") / "merged" / f"{adapters[0].parent.name}-{adapters[0].name}"
+    claim_output(out_dir or default, "merged-model", overwrite, legacy_files=HF_MODEL_FILES if out_dir is None else ())
+    out_dir = Path(out_dir or default)
     if dtype is None:  # keep the base's dtype: the copied config.json must describe the written weights
         with open(checkpoint_dir / "config.json", encoding="utf-8") as f:
             base = json.load(f)
@@ -46,6 +54,6 @@ def merge(
         raise ValueError(f"--dtype {dtype!r}: choose among float32, bfloat16, float16")
     model = load_hf_checkpoint(checkpoint_dir, dtype=torch.float32)
     merge_adapters(model, adapters, weights, dequantize_base, checkpoint_dir=checkpoint_dir)
-    save_hf_checkpoint(model, out_dir, source_dir=checkpoint_dir, dtype=getattr(torch, dtype))
+    save_hf_checkpoint(model, out_dir, source_dir=checkpoint_dir, dtype=getattr(torch, dtype), kind="merged-model")
     print(f"merged {len(adapters)} adapter(s) into {out_dir}")
     return out_dir

@@ -5,7 +5,7 @@ Every dataset module is a dataclass `DataModule` subclass, so the CLI builds it 
 """
 
 from leantune.data.alpaca import Alpaca
-from leantune.data.base import DataModule, InstructionDataModule
+from leantune.data.base import DEFAULT_MAX_SEQ_LENGTH, DataModule, InstructionDataModule
 from leantune.data.chat import Chat
 from leantune.data.demo import Demo
 from leantune.data.dolly import Dolly
@@ -14,7 +14,6 @@ from leantune.data.flan import FLAN
 from leantune.data.json_data import JSON
 from leantune.data.lima import LIMA
 from leantune.data.longform import LongForm
-from leantune.data.preview import preview_command
 from leantune.data.prompts import PromptStyle, prompt_style_for_checkpoint
 from leantune.data.summarization import Summarization
 from leantune.data.text import Text
@@ -33,7 +32,7 @@ def get_data_module(name: str, **kwargs) -> DataModule:
 
 
 __all__ = [
-    "DATA_MODULES", "FLAN", "JSON", "LIMA", "Alpaca", "Chat", "DataError", "DataModule", "Demo", "Dolly",
+    "DATA_MODULES", "DEFAULT_MAX_SEQ_LENGTH", "FLAN", "JSON", "LIMA", "Alpaca", "Chat", "DataError", "DataModule", "Demo", "Dolly",
     "InstructionDataModule", "LongForm", "PromptStyle", "Summarization", "Text", "get_data_module",
-    "preview_command", "prompt_style_for_checkpoint",
+    "prompt_style_for_checkpoint",
 ]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from leantune.data.errors import DataError, Skips
+from leantune.data.errors import DataError, RowError, Skips
 from leantune.data.readers import optional_text, read_examples, require_text
 from leantune.data.remote import DownloadedDataModule
 from leantune.data.sft import Example
@@ -53,8 +53,6 @@ def parquet_examples(path: Path, convert, skips: Skips) -> list[Example]:
     except ImportError:
         raise DataError(f"{path}: reading parquet needs pyarrow. `pip install pyarrow`, or convert the file to JSON "
                         "Lines and use --data JSON --data.json_path FILE", path=path) from None
-    from leantune.data.errors import RowError
-
     out = []
     for i, row in enumerate(pq.read_table(path).to_pylist()):
         try:

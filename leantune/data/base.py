@@ -20,7 +20,11 @@ from leantune.data.prompts import PromptStyle, prompt_style_for_checkpoint
 from leantune.data.sft import Example, Sample, SFTDataset, Truncation, tokenize_examples
 
 T = TypeVar("T")
-__all__ = ["DataError", "DataModule", "InstructionDataModule", "RowError", "split_examples"]
+__all__ = ["DEFAULT_MAX_SEQ_LENGTH", "DataError", "DataModule", "InstructionDataModule", "RowError",
+           "split_examples"]
+
+DEFAULT_MAX_SEQ_LENGTH = 512
+"""The one default sequence length: training (TrainArgs), `data preview` and `connect` all use it."""
 
 
 @dataclass
@@ -39,14 +43,15 @@ class DataModule:
     def __post_init__(self) -> None:
         self.tokenizer: Any = None
         self.prompt_style: PromptStyle | None = None
-        self.max_seq_length, self.batch_size, self.seed, self.packing = 2048, 1, 42, False
+        self.max_seq_length, self.batch_size, self.seed, self.packing = DEFAULT_MAX_SEQ_LENGTH, 1, 42, False
         self.train_dataset: SFTDataset | None = None
         self.val_dataset: SFTDataset | None = None
         self.skips = Skips(self.skip_invalid)
 
     # ---- the loop's API --------------------------------------------------------------------------------------
     def connect(self, tokenizer: Any = None, prompt_style: str | PromptStyle | None = None,
-                max_seq_length: int = 2048, batch_size: int = 1, seed: int = 42, packing: bool = False) -> None:
+                max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, batch_size: int = 1, seed: int = 42,
+                packing: bool = False) -> None:
         """Bind the tokenizer and batching settings (prompt style: given, else the checkpoint's own)."""
         self.tokenizer = tokenizer
         if tokenizer is not None or prompt_style is not None:
@@ -60,19 +65,30 @@ class DataModule:
             raise RuntimeError(f"{type(self).__name__}.setup(): call connect(tokenizer, ...) first")
         self.skips = Skips(self.skip_invalid)
         train, val = self.build_samples()
+        if not train or (not val and self.val_split_fraction > 0):
+            if not self.skips.dropped.n:
+                self.skips.report(type(self).__name__)
+            self._raise_empty("training" if not train else "validation")
         self.skips.report(type(self).__name__)
-        if not train:
-            raise DataError(f"{type(self).__name__}: the training split is empty"
-                            + (f" after skipping {self.skips.total} sample(s)" if self.skips.total else "")
-                            + ". Give more data, or check --data.truncation and max_seq_length.")
-        if not val and self.val_split_fraction > 0:
-            raise DataError(f"{type(self).__name__}: the validation split is empty. Give more rows or a validation "
-                            "file, or set --data.val_split_fraction 0 to train without validation.")
         self.train_dataset, self.val_dataset = SFTDataset(train), SFTDataset(val)
 
     def build_samples(self) -> tuple[list[Sample], list[Sample]]:
         """Train and validation samples; implemented by each kind of module."""
         raise NotImplementedError
+
+    def _raise_empty(self, split: str) -> None:
+        """Refuse an empty split, saying what emptied it (over-long samples first: the fix is a flag)."""
+        name, dropped = type(self).__name__, self.skips.dropped
+        if dropped.n:
+            raise DataError(f"{name}: the {split} split is empty: {'; '.join(self.skips.length_lines())}. "
+                            f"Raise --train.max_seq_length (to {dropped.longest} to keep every sample), or set "
+                            "--data.truncation truncate_response to cut the replies instead of dropping them.")
+        if split == "training":
+            raise DataError(f"{name}: the training split is empty"
+                            + (f" after skipping {self.skips.total} sample(s)" if self.skips.total else "")
+                            + ". Give more data, or check --data.truncation and max_seq_length.")
+        raise DataError(f"{name}: the validation split is empty. Give more rows or a validation "
+                        "file, or set --data.val_split_fraction 0 to train without validation.")
 
     def train_dataloader(self, epoch: int = 0) -> DataLoader:
         """Batches of one epoch, in an order fixed by (seed, epoch): rebuild and skip k batches to resume."""
@@ -107,8 +123,9 @@ class InstructionDataModule(DataModule):
 
     mask_prompt: bool = True
     """Train only on replies (assistant turns + EOS); false trains on the prompt tokens too."""
-    truncation: Truncation = "error"
-    """A sample longer than max_seq_length: error (stop, naming file:line), truncate_response, or drop (counted)."""
+    truncation: Truncation = "drop"
+    """A sample longer than max_seq_length: drop (skip it; the count and the length that keeps it are reported),
+    truncate_response (cut the reply; counted too), or error (stop, naming file:line)."""
 
     def load_examples(self) -> tuple[list[Example], list[Example] | None]:
         """(train, val) examples; val None means split `val_split_fraction` off train. Needs no tokenizer."""

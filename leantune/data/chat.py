@@ -64,10 +64,12 @@ class Chat(InstructionDataModule):
     """System prompt for conversations that have none (None: the prompt style's default)."""
 
     def convert(self, row: dict) -> dict:
-        messages = parse_messages(row)
-        if self.system_prompt and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        return {"messages": messages}
+        """The row's turns exactly as in the file (so errors can name turn i); a default system prompt goes in
+        `system`, which the prompt style puts first when the conversation has none of its own."""
+        record: dict = {"messages": parse_messages(row)}
+        if self.system_prompt:
+            record["system"] = self.system_prompt
+        return record
 
     def load_examples(self) -> tuple[list[Example], list[Example] | None]:
         train, val = data_files(self.json_path)

@@ -10,12 +10,16 @@ import hashlib
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from leantune.data.errors import DataError
 
 CHUNK = 1 << 20
+HUB_HOSTS = frozenset({"huggingface.co", "hf.co"})
+"""Hosts that get HF_TOKEN. Only these serve `/resolve/` URLs; the CDN hosts they redirect to (cdn-lfs*.huggingface.co,
+*.xethub.hf.co) get pre-signed URLs and need no token, so they are deliberately not listed."""
 
 
 class DownloadError(DataError):
@@ -100,10 +104,11 @@ def _fetch(url: str, part: Path, timeout: float) -> None:
     req = urllib.request.Request(url, headers={"User-Agent": "leantune"})
     if have:
         req.add_header("Range", f"bytes={have}-")
-    token = os.environ.get("HF_TOKEN")
-    if token and "huggingface.co" in url:
+    token = hub_token_for(url)
+    if token:
         req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
+    opener = urllib.request.build_opener(TokenSafeRedirects)
+    with opener.open(req, timeout=timeout) as resp:
         resume = have and resp.status == 206
         total = resp.headers.get("Content-Length")
         expected = int(total) if total is not None else None
@@ -111,6 +116,42 @@ def _fetch(url: str, part: Path, timeout: float) -> None:
             got = _copy(resp, fh, url, (have if resume else 0), expected)
         if expected is not None and got < expected:
             raise ConnectionError(f"connection closed after {got} of {expected} bytes")
+
+
+def hub_token_for(url: str) -> str | None:
+    """HF_TOKEN for an https URL on a Hub host (exact match, default port), else None: the token is the user's
+    account, so it never goes to a host that merely has "huggingface.co" somewhere in its URL."""
+    token = os.environ.get("HF_TOKEN")
+    return token if token and _is_hub_origin(url) else None
+
+
+def _is_hub_origin(url: str) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        return False
+    return parts.scheme == "https" and parts.hostname in HUB_HOSTS and port in (None, 443)
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    return parts.scheme, parts.hostname, port
+
+
+class TokenSafeRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib copies every header into the redirected request; drop Authorization unless the redirect stays on the
+    same scheme, host and port (the Hub redirects file downloads to CDN hosts that must never see the token)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
 
 
 def _copy(resp, fh, url: str, start: int, length: int | None) -> int:

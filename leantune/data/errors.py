@@ -34,9 +34,9 @@ class RowError(ValueError):
 
 
 class Skips:
-    """Counts what was skipped and why; raises instead when skipping is not allowed.
+    """Counts what was skipped or cut and why; raises instead when skipping is not allowed.
 
-    `skip_invalid=False` makes invalid rows fatal (first one raises). Policy drops (truncation="drop") are always
+    `skip_invalid=False` makes invalid rows fatal (first one raises). Length-policy drops and reply cuts are always
     counted, never fatal. `report()` warns once with the totals so nothing disappears without a number.
     """
 
@@ -44,6 +44,10 @@ class Skips:
         self.skip_invalid = skip_invalid
         self.counts: Counter[str] = Counter()
         self.first: dict[str, str] = {}
+        self.seen = 0
+        """Samples offered to the length policy (the "of N" of the report)."""
+        self.dropped = LengthTally()
+        self.cut = LengthTally()
 
     def invalid(self, error: DataError) -> None:
         """An invalid row: raise, or count it under its problem when `skip_invalid` is on."""
@@ -55,13 +59,54 @@ class Skips:
         self.counts[reason] += 1
         self.first.setdefault(reason, example)
 
+    def too_long(self, length: int, max_seq_length: int, origin: str, dropped: bool) -> None:
+        """A sample over max_seq_length that was dropped, or kept with its reply cut."""
+        (self.dropped if dropped else self.cut).add(length, max_seq_length, origin)
+        if dropped:
+            self.count(drop_reason(max_seq_length), origin)
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def length_lines(self, what: str = "") -> list[str]:
+        """One line per length policy that acted, naming the longest sample and the flag that keeps it whole."""
+        lines, what = [], f"{what}: " if what else ""
+        if self.dropped.n:
+            d = self.dropped
+            lines.append(f"{what}dropped {d.n} of {self.seen} samples longer than {d.limit} tokens; "
+                         f"--train.max_seq_length {d.longest} keeps them (longest: {d.longest_origin})")
+        if self.cut.n:
+            c = self.cut
+            lines.append(f"{what}cut the reply of {c.n} of {self.seen} samples longer than {c.limit} tokens; "
+                         f"--train.max_seq_length {c.longest} keeps them whole (longest: {c.longest_origin})")
+        return lines
+
     def report(self, what: str = "data") -> None:
-        if not self.counts:
-            return
-        lines = [f"{what}: skipped {self.total} sample(s):"]
-        lines += [f"  {n} x {reason} (first: {self.first[reason]})" for reason, n in self.counts.most_common()]
-        warnings.warn("\n".join(lines), stacklevel=2)
+        lines = self.length_lines(what)
+        invalid = [(reason, n) for reason, n in self.counts.most_common() if not reason.startswith(DROP_PREFIX)]
+        if invalid:
+            lines.append(f"{what}: skipped {sum(n for _, n in invalid)} sample(s):")
+            lines += [f"  {n} x {reason} (first: {self.first[reason]})" for reason, n in invalid]
+        if lines:
+            warnings.warn("\n".join(lines), stacklevel=2)
+
+
+DROP_PREFIX = "longer than max_seq_length"
+
+
+def drop_reason(max_seq_length: int) -> str:
+    return f"{DROP_PREFIX} {max_seq_length} (truncation=drop)"
+
+
+class LengthTally:
+    """How many samples exceeded the limit, and the longest of them (its length says what limit keeps them all)."""
+
+    def __init__(self) -> None:
+        self.n, self.limit, self.longest, self.longest_origin = 0, 0, 0, ""
+
+    def add(self, length: int, limit: int, origin: str) -> None:
+        self.n += 1
+        self.limit = limit
+        if length > self.longest:
+            self.longest, self.longest_origin = length, origin

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
+from leantune.families import default_prompt_style
+
 
 class Segment(NamedTuple):
     text: str
@@ -289,9 +291,6 @@ STYLES: dict[str, type[PromptStyle]] = {
 }
 _ALIASES = {"llama2": "llama2-chat", "llama-2-chat": "llama2-chat", "llama-3": "llama3", "phi-2": "phi",
             "phi2": "phi", "stablelm": "stablelm-alpha", "chat_template": "template"}
-# config.json facts -> style, for checkpoints without a chat template (never the folder name).
-_MODEL_TYPE_STYLES = {"falcon": "falcon", "RefinedWeb": "falcon", "RefinedWebModel": "falcon", "phi": "phi",
-                      "qwen2": "chatml"}
 
 
 def prompt_style_for_checkpoint(checkpoint_dir: str | Path | None, tokenizer: Any = None,
@@ -307,9 +306,5 @@ def prompt_style_for_checkpoint(checkpoint_dir: str | Path | None, tokenizer: An
     config: dict[str, Any] = {}
     if checkpoint_dir is not None and (Path(checkpoint_dir) / "config.json").is_file():
         config = json.loads((Path(checkpoint_dir) / "config.json").read_text(encoding="utf-8"))
-    model_type = config.get("model_type")
-    if model_type in _MODEL_TYPE_STYLES:
-        return STYLES[_MODEL_TYPE_STYLES[model_type]]()
-    if model_type == "llama" and int(config.get("vocab_size", 0)) >= 128000:
-        return Llama3()
-    return Alpaca()
+    style = default_prompt_style(config)  # config.json facts, per the family table (never the folder name)
+    return STYLES[style]() if style else Alpaca()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from jinja2.exceptions import TemplateError
 from tqdm import tqdm
 
 from leantune.data.errors import DataError, Skips
@@ -23,6 +24,8 @@ IGNORE_INDEX = -100
 Truncation = Literal["error", "truncate_response", "drop"]
 TOO_LONG_FIX = ("Raise --train.max_seq_length, or set --data.truncation truncate_response (cut the reply) or "
                 "drop (skip such samples)")
+ROLE_ORDER_FIX = ("Reorder or merge the turns (start with a user turn, then alternate user/assistant; join consecutive "
+                  "turns of one role), or pass a named --prompt_style such as chatml, which accepts any order")
 
 
 @dataclass(frozen=True)
@@ -89,11 +92,11 @@ def make_sample(ids: Sequence[int], labels: Sequence[int], sample_id: int, origi
 def tokenize_example(example: Example, style: PromptStyle, tokenizer: Any, max_seq_length: int, skips: Skips,
                      mask_prompt: bool = True, truncation: Truncation = "error") -> Sample | None:
     """One Example -> Sample, or None when the policy drops it (counted in `skips`)."""
+    skips.seen += 1
     try:
         segments = style.render_sft(example.record)
-    except (KeyError, TypeError, ValueError) as e:
-        skips.invalid(DataError.at(example.path, example.line, f"cannot render this row ({e})",
-                                   "Check the row's fields or pick another --prompt_style"))
+    except (KeyError, TypeError, ValueError, TemplateError) as e:
+        skips.invalid(render_error(example, e))
         return None
     if mask_prompt:
         while segments and not segments[-1].supervised:
@@ -107,7 +110,7 @@ def tokenize_example(example: Example, style: PromptStyle, tokenizer: Any, max_s
             skips.invalid(DataError.at(example.path, example.line, problem, TOO_LONG_FIX))
             return None
         if truncation == "drop":
-            skips.count(f"longer than max_seq_length {max_seq_length} (truncation=drop)", example.origin)
+            skips.too_long(full, max_seq_length, example.origin, dropped=True)
             return None
         ids, target = ids[:max_seq_length], target[:max_seq_length]
     labels = shift_labels(ids, target)
@@ -118,7 +121,36 @@ def tokenize_example(example: Example, style: PromptStyle, tokenizer: Any, max_s
             skips.invalid(DataError.at(example.path, example.line, "no supervised tokens in this sample",
                                        "Give the row a non-empty reply (assistant turn)"))
         return None
+    if full > len(ids):
+        skips.too_long(full, max_seq_length, example.origin, dropped=False)
     return make_sample(ids, labels, example.sample_id, example.origin, full)
+
+
+def render_error(example: Example, error: Exception) -> DataError:
+    """Why a row could not be rendered. A chat template that rejects a conversation (most require user/assistant
+    turns alternating from a user turn) is reported as the turn that breaks the order, not as a template fault."""
+    messages = example.record.get("messages")
+    problem = role_order_problem(messages) if isinstance(messages, list) else None
+    if problem is not None:
+        return DataError.at(example.path, example.line, f"the chat template cannot render this conversation: {problem}",
+                            ROLE_ORDER_FIX)
+    return DataError.at(example.path, example.line, f"cannot render this row ({error})",
+                        "Check the row's fields or pick another --prompt_style")
+
+
+def role_order_problem(messages: Sequence[Any]) -> str | None:
+    """The first turn that breaks "optional system, then user/assistant alternating from user", or None."""
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+    start = 1 if roles[:1] == ["system"] else 0
+    for i in range(start, len(roles)):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if roles[i] == expected:
+            continue
+        if i == start:
+            after = " (after the system turn)" if start else ""
+            return f"turn {i} is {roles[i]!r}, but a conversation must start with a 'user' turn{after}"
+        return f"turn {i} is {roles[i]!r} right after turn {i - 1} ({roles[i - 1]!r}); roles must alternate"
+    return None
 
 
 def tokenize_examples(examples: Sequence[Example], style: PromptStyle, tokenizer: Any, max_seq_length: int,

@@ -28,6 +28,12 @@ class AdapterArgs:
     start_layer: int = 2
     """Index of the first adapted block; the blocks below it keep no prefix (they carry low-level features)."""
 
+    def __post_init__(self) -> None:
+        if self.prompt_length < 1:
+            raise ValueError(f"--adapter.prompt_length must be >= 1, got {self.prompt_length}")
+        if self.start_layer < 0:
+            raise ValueError(f"--adapter.start_layer must be >= 0, got {self.start_layer}")
+
 
 class AdapterPrefix(nn.Module):
     """The gated prefix attention of one block, called by the attention as `adapter(attn, q)`."""
@@ -101,8 +107,8 @@ def add_prefixes(model: GPT, prompt_length: int, start_layer: int) -> list[nn.Pa
     if prompt_length < 1:
         raise ValueError(f"--adapter.prompt_length must be >= 1, got {prompt_length}")
     if not 0 <= start_layer < cfg.n_layer:
-        raise ValueError(f"--adapter.start_layer must be in [0, {cfg.n_layer}) for a {cfg.n_layer}-layer model, "
-                         f"got {start_layer}")
+        raise ValueError(f"start_layer (--adapter.start_layer, --adapter_v2.start_layer) must be in "
+                         f"[0, {cfg.n_layer}) for a {cfg.n_layer}-layer model, got {start_layer}")
     params = []
     for block in model.transformer.h[start_layer:]:
         attn = block.attn

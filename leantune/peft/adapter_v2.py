@@ -28,6 +28,12 @@ class AdapterV2Args:
     start_layer: int = 2
     """Index of the first block with a prefix; the scale/bias and norms are trained in every block regardless."""
 
+    def __post_init__(self) -> None:
+        if self.prompt_length < 1:
+            raise ValueError(f"--adapter_v2.prompt_length must be >= 1, got {self.prompt_length}")
+        if self.start_layer < 0:
+            raise ValueError(f"--adapter_v2.start_layer must be >= 0, got {self.start_layer}")
+
 
 class AdapterV2Linear(nn.Module):
     """A frozen linear layer followed by a trainable per-output affine map (LLaMA-Adapter v2's bias/scale tuning)."""

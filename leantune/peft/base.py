@@ -24,7 +24,8 @@ class PeftFormat:
     peft_type: str
     """PEFT's `peft_type` value, e.g. LORA."""
     export: Callable[..., Path]
-    """export(model, out_dir, base_model_name_or_path, args, dtype) writes the folder."""
+    """export(model, out_dir, base_model_name_or_path, args, dtype=None, kind=None) writes the folder (kind: the
+    output marker of a folder the user named, see `leantune.checkpoint.io.claim_output`)."""
     load: Callable[[nn.Module, Path], Any]
     """load(model, peft_dir) applies the folder's adapter (unmerged) and returns the method args it implies."""
 

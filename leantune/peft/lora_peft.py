@@ -1,8 +1,8 @@
 """LoRA adapters in HF PEFT's format (`adapter_config.json` + `adapter_model.safetensors`), both ways.
 
-Our LoRA on the fused qkv keeps one rank-r pair per part (q, k, v). HF families with separate q/k/v projections
-get one PEFT LoRA per projection. Families with a fused HF qkv layer (falcon, gpt_neox, gpt2) get one LoRA of
-rank parts*r on it: the stacked A as is, and a block-diagonal B whose rows follow the HF qkv row order; its
+Our LoRA on the fused qkv keeps one rank-r pair per part (q, k, v). Families whose HF layout splits q/k/v
+(`Family.qkv_layout == "split"`) get one PEFT LoRA per projection; families with a fused HF qkv layer get one LoRA
+of rank parts*r on it: the stacked A as is, and a block-diagonal B whose rows follow the HF qkv row order; its
 rank and alpha go in `rank_pattern`/`alpha_pattern` so PEFT's alpha/rank equals our scaling.
 """
 
@@ -10,51 +10,31 @@ from __future__ import annotations
 
 import math
 import re
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from leantune.checkpoint.hf import _GROUPED_QKV, _SPLIT_QKV, KEY_MAPS, blocked_to_grouped, grouped_to_blocked
+from leantune.checkpoint.hf import blocked_to_grouped, grouped_to_blocked
 from leantune.checkpoint.io import atomic_dir, save_safetensors, write_json
 from leantune.checkpoint.peft_dir import CONFIG_FILE, WEIGHTS_FILE, peft_weights, read_peft_config
+from leantune.families import family_of
 from leantune.model import GPT
 from leantune.peft.lora_layers import TARGETS, LoRAArgs, LoRALinear, apply_lora
 
 _PREFIX = "base_model.model."
-# HF module names of the separate q/k/v projections, per split family.
-_QKV_NAMES = ("q_proj", "k_proj", "v_proj")
 # Fields of adapter_config.json whose non-default values we cannot represent.
 _UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "lora_bias": False,
                 "layer_replication": None, "target_parameters": None, "trainable_token_indices": None,
                 "use_qalora": False, "alora_invocation_tokens": None}
 
 
-def _head_name(mt: str) -> str:
-    """transformers 5 renamed GPT-NeoX's `embed_out` module to `lm_head`; PEFT keys follow the module name."""
-    if mt == "gpt_neox" and _transformers_major() < 5:
-        return "embed_out"
-    return "lm_head"
-
-
-def _transformers_major() -> int:
-    """The installed transformers' major version, read without importing it (5 when it is not installed)."""
-    try:
-        return int(metadata.version("transformers").split(".")[0])
-    except (metadata.PackageNotFoundError, ValueError):
-        return 5
-
-
 def _hf_modules(model: GPT) -> list[tuple[str, nn.Module, int | None]]:
     """(HF module path, our LoRALinear, qkv part index or None for the whole layer) for each LoRA in `model`."""
     cfg = model.config
-    mt = cfg.hf_model_type
-    prefix, layer_map, _ = KEY_MAPS[mt]
-    inv = {}
-    for hf_mod, ours in layer_map.items():
-        inv.setdefault(ours, hf_mod)
+    fam = family_of(cfg)
+    hf_names = fam.linear_modules()  # our block linear -> its HF module(s), q/k/v order for a split qkv
     out = []
     q, k, _v = cfg.qkv_sizes
     starts = {0: 0, q: 1, q + k: 2}
@@ -62,25 +42,25 @@ def _hf_modules(model: GPT) -> list[tuple[str, nn.Module, int | None]]:
         if not isinstance(mod, LoRALinear):
             continue
         if name == "lm_head":
-            out.append((_head_name(mt), mod, None))
+            out.append((fam.peft_head_module(), mod, None))
             continue
         m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", name)
         if not m:
             raise ValueError(f"LoRA on {name} has no PEFT-format equivalent")
         i, ours = m.group(1), m.group(2)
-        if ours == "attn.qkv" and mt in _SPLIT_QKV:
+        if ours == "attn.qkv" and fam.qkv_layout == "split":
             for idx, (s, _e) in enumerate(mod.parts):
-                out.append((f"{prefix}.{i}.self_attn.{_QKV_NAMES[starts[s]]}", mod, idx))
+                out.append((f"{fam.layer_prefix}.{i}.{hf_names[ours][starts[s]]}", mod, idx))
         else:
-            out.append((f"{prefix}.{i}.{inv[ours]}", mod, None))
+            out.append((f"{fam.layer_prefix}.{i}.{hf_names[ours][0]}", mod, None))
     return out
 
 
 def export_peft(model: GPT, out_dir: str | Path, base_model_name_or_path: str, lora_args: Any,
-                dtype: torch.dtype | None = None) -> Path:
+                dtype: torch.dtype | None = None, kind: str | None = None) -> Path:
     """Write `model`'s (unmerged) LoRA as a PEFT adapter folder that `PeftModel.from_pretrained` loads."""
     cfg = model.config
-    mt = cfg.hf_model_type
+    fam = family_of(cfg)
     modules = _hf_modules(model)
     if not modules:
         raise ValueError("the model has no LoRA layers to export")
@@ -104,15 +84,15 @@ def export_peft(model: GPT, out_dir: str | Path, base_model_name_or_path: str, l
             b = torch.zeros(mod.out_features, rank, dtype=a.dtype)
             for j, ((s, e), _, bj) in enumerate(factors):
                 b[s:e, j * r:(j + 1) * r] = bj.detach().cpu()
-            if mt in _GROUPED_QKV:
+            if fam.qkv_layout == "grouped":
                 b = blocked_to_grouped(b, cfg)
             if rank != r:
                 name = path.rsplit(".", 1)[-1]
                 rank_pattern[name] = rank
                 alpha_pattern[name] = mod.scaling * (math.sqrt(rank) if rslora else rank)
-        for kind, t in (("lora_A", a), ("lora_B", b)):
+        for factor, t in (("lora_A", a), ("lora_B", b)):
             t = t.detach().cpu()
-            tensors[f"{_PREFIX}{path}.{kind}.weight"] = (t.to(dtype) if dtype is not None else t).clone()
+            tensors[f"{_PREFIX}{path}.{factor}.weight"] = (t.to(dtype) if dtype is not None else t).clone()
     target_modules = sorted({path.rsplit(".", 1)[-1] for path, _, _ in modules})
     config = {
         "peft_type": "LORA",
@@ -125,7 +105,7 @@ def export_peft(model: GPT, out_dir: str | Path, base_model_name_or_path: str, l
         "target_modules": target_modules,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": mt == "gpt2",  # GPT-2's Conv1D stores (in, out)
+        "fan_in_fan_out": fam.transposed_linears,  # GPT-2's Conv1D stores (in, out)
         "bias": "none",
         "use_dora": False,
         "modules_to_save": None,
@@ -136,7 +116,7 @@ def export_peft(model: GPT, out_dir: str | Path, base_model_name_or_path: str, l
         "revision": None,
     }
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, kind=kind) as tmp:  # kind: an output the user named gets leantune's marker
         write_json(tmp / CONFIG_FILE, config)
         save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
     return out_dir
@@ -170,13 +150,12 @@ def import_peft(model: GPT, peft_dir: str | Path) -> list[str]:
     peft_dir = Path(peft_dir)
     pcfg = _read_config(peft_dir)
     cfg = model.config
-    mt = cfg.hf_model_type
-    prefix, layer_map, _ = KEY_MAPS[mt]
+    fam = family_of(cfg)
+    prefix, layer_map = fam.layer_prefix, fam.layer_map
     r = int(pcfg["r"])
-    head_names = {"lm_head", "embed_out"}
-    # HF module (last name) -> (our module path within a block or "lm_head", target, qkv part index or None)
-    group = {ours: hf_mod for hf_mod, ours in layer_map.items()}
-    fused_qkv = None if mt in _SPLIT_QKV else group.get("attn.qkv")
+    head_names = {fam.head_module, fam.head_module_before_v5} - {None}
+    split_qkv = fam.linear_modules()["attn.qkv"] if fam.qkv_layout == "split" else ()  # q, k, v HF modules
+    fused_qkv = None if split_qkv else fam.linear_modules()["attn.qkv"][0]
     found: dict[tuple[int | None, str, int | None], dict[str, torch.Tensor]] = {}
     targets: set[str] = set()
     layer_re = re.compile(rf"^{re.escape(_PREFIX + prefix)}\.(\d+)\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
@@ -186,8 +165,11 @@ def import_peft(model: GPT, peft_dir: str | Path) -> list[str]:
         m = layer_re.match(key)
         if m:
             i, hf_mod, kind = int(m.group(1)), m.group(2), m.group(3)
-            if mt in _SPLIT_QKV and hf_mod.rsplit(".", 1)[-1] in _QKV_NAMES:
-                part = _QKV_NAMES.index(hf_mod.rsplit(".", 1)[-1])
+            if i >= cfg.n_layer:
+                raise ValueError(f"{peft_dir}: {key} is for layer {i}, but this base has {cfg.n_layer} layers; "
+                                 "pass the --checkpoint_dir the adapter was trained on")
+            if hf_mod in split_qkv:
+                part = split_qkv.index(hf_mod)
                 targets.add(("query", "key", "value")[part])
                 found.setdefault((i, "attn.qkv", part), {})[kind] = t
                 continue
@@ -223,13 +205,18 @@ def import_peft(model: GPT, peft_dir: str | Path) -> list[str]:
         if a.shape[0] != r or b.shape[1] != r:
             raise ValueError(f"{peft_dir}: layer {i} {ours}: rank {a.shape[0]} differs from r={r}")
         mod = model.lm_head if i is None else model.transformer.h[i].get_submodule(ours)
+        width = (cfg.qkv_sizes[part] if part is not None else mod.out_features)
+        if a.shape[1] != mod.in_features or b.shape[0] != width:
+            raise ValueError(f"{peft_dir}: layer {i} {ours}: LoRA shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not "
+                             f"fit this base's ({mod.in_features} in, {width} out): the adapter was trained on another "
+                             "model; pass the --checkpoint_dir it was trained on")
         if part is not None:  # q/k/v index -> position among the parts this LoRALinear adapts
             j = [s for s, _ in mod.parts].index(sum(cfg.qkv_sizes[:part]))
             mod.lora_A[j * r:(j + 1) * r] = a.to(mod.lora_A.dtype)
             off = sum(e - s for s, e in mod.parts[:j])
             mod.lora_B[off:off + b.shape[0]] = b.to(mod.lora_B.dtype)
         elif ours == "attn.qkv":  # one fused LoRA: the same A for each of our q/k/v parts, B rows split
-            if mt in _GROUPED_QKV:
+            if fam.qkv_layout == "grouped":
                 b = grouped_to_blocked(b, cfg)
             mod.lora_A.copy_(a.repeat(len(mod.parts), 1))
             mod.lora_B.copy_(b)
