@@ -6,7 +6,7 @@ import csv
 
 import pytest
 import torch
-from test_train_loop import TinyData, make_model
+from conftest import TinyData, make_model
 
 from leantune.methods import load_trainable, save_checkpoint
 from leantune.runtime import resolve_precision

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from test_train_loop import TinyData, make_model
+from conftest import TinyData, make_model
 
 from leantune.methods import load_trainable, save_checkpoint
 from leantune.train.loop import EvalArgs, TrainArgs, fit

@@ -5,60 +5,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import TinyData, make_model
 
-from leantune.config import Config
-from leantune.methods import apply_method, load_trainable, save_checkpoint
-from leantune.model import GPT
-from leantune.peft.lora import LoRAArgs
+from leantune.methods import load_trainable, save_checkpoint
 from leantune.train.loop import EvalArgs, NonFiniteError, TrainArgs, fit
 from leantune.train.optim import OptimizerArgs
-
-V = 89
-
-
-class TinyData:
-    """Deterministic samples of unequal lengths, right-padded, labels pre-shifted with a masked prompt part."""
-
-    def __init__(self, n: int = 48, seed: int = 0, micro_batch_size: int = 2) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.samples = []
-        for i in range(n):
-            length = int(torch.randint(6, 20, (1,), generator=g))
-            ids = torch.randint(0, V, (length,), generator=g)
-            labels = torch.cat([ids[1:], torch.tensor([-100])])
-            labels[: length // 3] = -100  # "prompt" tokens are not supervised
-            self.samples.append((i, ids, labels))
-        self.mbs = micro_batch_size
-        self.seed = seed
-
-    def _collate(self, rows):
-        T = max(len(r[1]) for r in rows)
-        ids = torch.zeros(len(rows), T, dtype=torch.long)
-        labels = torch.full((len(rows), T), -100)
-        mask = torch.zeros(len(rows), T, dtype=torch.long)
-        for j, (_, i, lab) in enumerate(rows):
-            ids[j, : len(i)], labels[j, : len(i)], mask[j, : len(i)] = i, lab, 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "sample_ids": [[r[0]] for r in rows]}
-
-    def train_dataloader(self, epoch: int = 0):
-        order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-        return [self._collate([self.samples[k] for k in order[s:s + self.mbs]])
-                for s in range(0, len(order) - self.mbs + 1, self.mbs)]
-
-    def val_dataloader(self):
-        return [self._collate(self.samples[s:s + 4]) for s in range(0, 8, 4)]
-
-
-def make_model(method: str, dropout: float = 0.1):
-    torch.manual_seed(0)
-    model = GPT(Config(vocab_size=V, block_size=32, n_layer=2, n_embd=32, n_head=4, n_query_groups=2))
-    args = LoRAArgs(r=4, dropout=dropout, targets="all") if method == "lora" else None
-    names = apply_method(model, method, args)
-    return model, names
-
-
-class FakeTokenizer:
-    bos_id, eos_ids, pad_id = None, [1], 0
 
 
 def run(method, out_dir, resume=None, data=None, save_interval=None, max_steps=6, mbs=2, gbs=4, optimizer=None,
@@ -175,3 +126,63 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path):
             OptimizerArgs(lr=1e-3))
     assert calls["n"] == 1
     assert (tmp_path / "final" / "adapter.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("cls, kwargs, flag", [
+    (TrainArgs, dict(max_steps=0), "--train.max_steps must be >= 1, got 0"),
+    (TrainArgs, dict(max_steps=-3), "--train.max_steps must be >= 1, got -3"),
+    (TrainArgs, dict(micro_batch_size=0), "--train.micro_batch_size must be >= 1, got 0"),
+    (TrainArgs, dict(global_batch_size=0), "--train.global_batch_size must be >= 1"),
+    (TrainArgs, dict(global_batch_size=6, micro_batch_size=4), "must be a multiple of --train.micro_batch_size"),
+    (TrainArgs, dict(epochs=0), "--train.epochs must be >= 1"),
+    (TrainArgs, dict(warmup_steps=-1), "--train.warmup_steps must be >= 0"),
+    (TrainArgs, dict(min_lr_ratio=1.5), "--train.min_lr_ratio must be in [0, 1]"),
+    (TrainArgs, dict(max_norm=0.0), "--train.max_norm must be > 0"),
+    (TrainArgs, dict(max_seq_length=0), "--train.max_seq_length must be >= 1"),
+    (TrainArgs, dict(save_interval=0), "--train.save_interval must be >= 1"),
+    (TrainArgs, dict(log_interval=0), "--train.log_interval must be >= 1"),
+    (TrainArgs, dict(max_tokens=0), "--train.max_tokens must be >= 1"),
+    (TrainArgs, dict(max_time=-1.0), "--train.max_time must be > 0"),
+    (EvalArgs, dict(interval=0), "--eval.interval must be >= 1"),
+    (EvalArgs, dict(max_batches=0), "--eval.max_batches must be >= 1"),
+    (OptimizerArgs, dict(lr=0.0), "--optimizer.lr must be a finite (float32) number > 0, got 0.0"),
+    (OptimizerArgs, dict(lr=-1e-3), "--optimizer.lr must be a finite"),
+])
+def test_bad_loop_flags_fail_when_parsed(cls, kwargs, flag):
+    """Issue 11 item 5: each bad value is one ValueError naming the flag, raised when the args are built."""
+    with pytest.raises(ValueError) as e:
+        cls(**kwargs)
+    assert flag in str(e.value)
+
+
+def test_bad_flag_on_the_command_line_exits_2_before_loading(tmp_path, capsys):
+    from leantune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "lora", "--train.max_steps", "0", "--checkpoint_dir", str(tmp_path / "no-such-model"),
+              "--out_dir", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert "--train.max_steps must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_steps_sets_the_length_and_stop_reason_names_the_limit(tmp_path):
+    """Issue 11 item 14: 24 batches of 2 at 4 per step are 12 steps per epoch; --train.max_steps 30 runs 30 steps
+    (epochs repeat), and summary.json's stop_reason names the limit that stopped the run."""
+    _, _, s = run("lora", tmp_path / "steps", max_steps=30)
+    assert (s["steps"], s["stop_reason"]) == (30, "max_steps")
+    _, _, s = run("lora", tmp_path / "epochs", max_steps=None, epochs=2)
+    assert (s["steps"], s["stop_reason"]) == (24, "epochs")
+    model, names = make_model("lora")
+    s = fit(model, names, TinyData(), tmp_path / "tokens", lambda p: None, lambda p: None,
+            TrainArgs(micro_batch_size=2, global_batch_size=4, max_tokens=50), EvalArgs(sample_new_tokens=0),
+            OptimizerArgs(lr=1e-3))
+    assert (s["steps"], s["stop_reason"]) == (2, "max_tokens")
+
+
+def test_a_split_smaller_than_one_step_is_refused(tmp_path):
+    model, names = make_model("lora")
+    with pytest.raises(ValueError, match="fewer than one optimizer step"):
+        fit(model, names, TinyData(n=4), tmp_path, lambda p: None, lambda p: None,
+            TrainArgs(micro_batch_size=2, global_batch_size=8, max_steps=3), EvalArgs(sample_new_tokens=0),
+            OptimizerArgs(lr=1e-3))

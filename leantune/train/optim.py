@@ -14,7 +14,7 @@ class OptimizerArgs:
     name: str = "AdamW"
     """A torch.optim class name (AdamW, SGD, Adam, ...) or bnb.<name> for bitsandbytes optimizers."""
     lr: float | None = None
-    """Peak learning rate (default per method: lora/qlora 1e-3, adapter/adapter_v2 3e-3, full 3e-5)."""
+    """Peak learning rate (default: the method's, see `leantune finetune <method> --help`)."""
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     momentum: float = 0.0
@@ -22,8 +22,16 @@ class OptimizerArgs:
     extra: dict[str, Any] = field(default_factory=dict)
     """Further keyword arguments for the optimizer class."""
 
+    def __post_init__(self) -> None:
+        if self.lr is not None and not 0 < self.lr <= torch.finfo(torch.float32).max:  # `not <` also refuses NaN
+            raise ValueError(f"--optimizer.lr must be a finite (float32) number > 0, got {self.lr}")
+        if not 0 <= self.weight_decay < float("inf"):
+            raise ValueError(f"--optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"--optimizer.betas must be two numbers in [0, 1), got {self.betas}")
+        if not self.momentum >= 0:
+            raise ValueError(f"--optimizer.momentum must be >= 0, got {self.momentum}")
 
-DEFAULT_LR = {"lora": 1e-3, "qlora": 1e-3, "adapter": 3e-3, "adapter_v2": 3e-3, "full": 3e-5}
 
 
 def optimizer_class(name: str):
@@ -35,7 +43,7 @@ def optimizer_class(name: str):
         cls = getattr(bnb.optim, name[4:], None)
     else:
         cls = getattr(torch.optim, name, None)
-    if cls is None or not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+    if cls is None or cls is torch.optim.Optimizer or not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise ValueError(f"--optimizer.name {name!r} is not a torch.optim optimizer (e.g. AdamW, SGD, Adam)")
     return cls
 

@@ -1,0 +1,98 @@
+"""One optimizer step over one accumulation window: the hot path, shared by the loop and estimate's measurement."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+
+from leantune.train.loss import supervised_ce_sum
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class StepResult:
+    loss: float
+    """Mean cross-entropy over the window's supervised tokens (token-weighted across micro-batches)."""
+    grad_norm: float
+    """Total gradient norm before clipping."""
+    tokens: int
+    """Non-pad tokens trained on."""
+    supervised: int
+    """Tokens whose label counted in the loss."""
+
+
+def _no_phase(name: str) -> AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def train_step(model: torch.nn.Module, window: list[dict], optimizer: torch.optim.Optimizer,
+               params: list[torch.nn.Parameter], *, device: torch.device | None = None,
+               autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+               scaler: torch.amp.GradScaler | None = None, max_norm: float | None = None, step: int = 1,
+               phase: Callable[[str], AbstractContextManager] = _no_phase) -> StepResult:
+    """Forward/backward every micro-batch of `window`, clip, check for non-finite values, step, zero the grads.
+
+    The loss of each micro-batch is divided by the window's supervised-token count, so 1x8, 2x4 and 8x1 give the
+    same update. `step` (1-based) only labels errors. `phase(name)` wraps "forward", "backward" and "step" (estimate
+    profiles each); a non-finite loss or gradient raises before the optimizer touches the weights.
+    """
+    device = device or params[0].device
+    n_sup = sum(int((b["labels"] != -100).sum()) for b in window)
+    if n_sup == 0:
+        raise ValueError(f"step {step}: no supervised tokens in the batch (samples {_sample_ids(window)}); check "
+                         "--data.mask_prompt and max_seq_length")
+    loss_sum = torch.zeros((), device=device)
+    tokens = 0
+    for b in window:
+        b = _to_device(b, device)
+        with phase("forward"), autocast():
+            # the hidden states are not kept past the loss: backward needs only what the graph saved
+            loss = supervised_ce_sum(model(b["input_ids"], return_hidden=True, **_positional(b)), model.lm_head,
+                                     b["labels"]) / n_sup
+        with phase("backward"):
+            (scaler.scale(loss) if scaler else loss).backward()
+        loss_sum += loss.detach()
+        del loss
+        tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+    with phase("step"):
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")))
+        loss_value = float(loss_sum)
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"step {step}: non-finite {what} (loss={loss_value}, grad_norm={grad_norm}) on "
+                                 f"samples {_sample_ids(window)}; no checkpoint was written from this state. Lower "
+                                 "the learning rate or check these samples.")
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=loss_value, grad_norm=grad_norm, tokens=tokens, supervised=n_sup)
+
+
+def _positional(batch: dict) -> dict:
+    return {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _sample_ids(window: list[dict]) -> list[int]:
+    ids: list[int] = []
+    for b in window:
+        for row in b.get("sample_ids", []):
+            ids.extend(row if isinstance(row, list | tuple) else [int(row)])
+    return ids
