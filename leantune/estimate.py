@@ -32,8 +32,11 @@ from leantune.methods import apply_method, get_method
 from leantune.model import GPT
 from leantune.peft.adapter_v2 import AdapterV2Linear
 from leantune.peft.lora import LoRALinear
-from leantune.quantize import check_mode, is_quantizable, quantize_model, quantized_nbytes
+from leantune.quantize import check_mode, is_quantizable, quantize_model, quantized_nbytes, storage_tensors
 from leantune.runtime import compute_dtype, weight_dtype
+from leantune.train.loop import enable_activation_checkpointing
+from leantune.train.optim import OptimizerArgs, build_optimizer
+from leantune.train.step import train_step
 
 DTYPE_BYTES = {"32-true": 4, "bf16-true": 2, "16-true": 2, "bf16-mixed": 4, "16-mixed": 4}
 CE_CHUNK = 1024  # tokens per logits chunk in leantune.train.loss.supervised_ce_sum
@@ -255,11 +258,6 @@ def _measure(spec: dict) -> dict:
     """
     from torch._C._profiler import _ExtraFields_Allocation
     from torch.profiler import ProfilerActivity, profile, record_function
-
-    from leantune.quantize import storage_tensors
-    from leantune.train.loop import enable_activation_checkpointing
-    from leantune.train.optim import OptimizerArgs, build_optimizer
-    from leantune.train.step import train_step
 
     torch.set_num_threads(2)
     model, trainable = spec["build_model"](spec["config"], spec["method"], spec["method_args"], spec["precision"])

@@ -7,7 +7,7 @@ import json
 
 import jinja2
 import pytest
-from test_data_support import CHATML_TEMPLATE, FIXTURES, StubTokenizer
+from data_support import CHATML_TEMPLATE, FIXTURES, StubTokenizer
 
 from leantune.data import Chat, DataError
 

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_data_support import FIXTURES
+from data_support import FIXTURES
 
 from leantune.data import Alpaca, Dolly
 from leantune.data.download import DownloadError, download, ensure_file

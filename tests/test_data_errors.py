@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_data_support import FIXTURES, StubTokenizer
+from data_support import FIXTURES, StubTokenizer
 
 from leantune.data import JSON, Chat, DataError
 

@@ -7,7 +7,7 @@ import shutil
 import typing
 
 import pytest
-from test_data_support import FIXTURES, StubTokenizer, supervised_text
+from data_support import FIXTURES, StubTokenizer, supervised_text
 
 import leantune.data as data_pkg
 from leantune.data import (

@@ -8,7 +8,7 @@ import json
 import warnings
 
 import pytest
-from test_data_support import FIXTURES, StubTokenizer
+from data_support import FIXTURES, StubTokenizer
 
 from leantune.data import JSON, Alpaca, DataError
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from test_data_support import FIXTURES, StubTokenizer
+from data_support import FIXTURES, StubTokenizer
 
 from leantune.commands.data import preview as preview_command
 from leantune.data import JSON, Demo

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_data_support import CHATML_TEMPLATE, StubTokenizer
+from data_support import CHATML_TEMPLATE, StubTokenizer
 
 from leantune.data.errors import Skips
 from leantune.data.prompts import STYLES, PromptStyle, Segment, TemplateStyle, prompt_style_for_checkpoint

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_data_support import CHATML_TEMPLATE, StubTokenizer, supervised_text
+from data_support import CHATML_TEMPLATE, StubTokenizer, supervised_text
 
 from leantune.data.collate import collate_rows, first_fit, plan_epoch
 from leantune.data.errors import DataError, Skips

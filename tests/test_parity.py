@@ -3,52 +3,11 @@
 import pytest
 import torch
 import transformers as tf
+from tiny_families import TINY, V
 
 from leantune.checkpoint.hf import hf_to_ours, iter_hf_tensors, load_hf_checkpoint, ours_to_hf, save_hf_checkpoint
 from leantune.config import Config
 from leantune.families import FAMILIES, config_from_checkpoint
-
-V = 160
-TINY = {
-    "llama-gqa": lambda: tf.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
-    # Llama's attention_bias + mlp_bias (a bias on every attention and MLP linear): Config.bias
-    "llama-bias": lambda: tf.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                         attention_bias=True, mlp_bias=True),
-    "llama3-scaled-tied": lambda: tf.LlamaConfig(
-        vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 16}),
-    "smollm2-tied": lambda: tf.LlamaConfig(vocab_size=V, hidden_size=48, intermediate_size=128, num_hidden_layers=3,
-                                           num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=64,
-                                           tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5),
-    "mistral": lambda: tf.MistralConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                        sliding_window=4096),
-    "mistral-sliding-window": lambda: tf.MistralConfig(vocab_size=V, hidden_size=64, intermediate_size=96,
-                                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                       max_position_embeddings=64, sliding_window=8),
-    "qwen2-qkv-bias": lambda: tf.Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                             tie_word_embeddings=True),
-    "falcon-7b-mqa": lambda: tf.FalconConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                             multi_query=True, parallel_attn=True, new_decoder_architecture=False,
-                                             bias=False, alibi=False, max_position_embeddings=64),
-    "falcon-40b-gqa": lambda: tf.FalconConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
-                                              num_kv_heads=2, new_decoder_architecture=True, parallel_attn=True,
-                                              bias=False, alibi=False, max_position_embeddings=64),
-    "pythia-partial-rotary": lambda: tf.GPTNeoXConfig(vocab_size=V, hidden_size=64, intermediate_size=128,
-                                                      num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.25,
-                                                      use_parallel_residual=True, max_position_embeddings=64),
-    "stablelm-alpha-sequential": lambda: tf.GPTNeoXConfig(vocab_size=V, hidden_size=64, intermediate_size=128,
-                                                          num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.25,
-                                                          use_parallel_residual=False, max_position_embeddings=64),
-    "gpt2": lambda: tf.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64),
-    "phi-2": lambda: tf.PhiConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=64),
-}
 
 
 def test_every_family_has_a_tiny_config():

@@ -6,7 +6,7 @@ import peft
 import pytest
 import torch
 import transformers as tf
-from test_parity import TINY, V  # the same tiny random configs per family
+from tiny_families import TINY, V  # the same tiny random configs per family
 
 from leantune.checkpoint.hf import load_hf_checkpoint
 from leantune.checkpoint.peft_dir import is_peft_dir

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from leantune.checkpoint.io import atomic_dir
+from leantune.compile import compile_blocks
 from leantune.evaluate import validation_loss
 from leantune.quantize import logical_numel
 from leantune.runtime import autocast_dtype
@@ -172,8 +173,6 @@ def setup_model(model: torch.nn.Module, train: TrainArgs) -> None:
     if train.activation_checkpointing:
         enable_activation_checkpointing(model)
     if train.compile:
-        from leantune.compile import compile_blocks  # optional heavy path (torch.compile)
-
         compile_blocks(model)
 
 
