@@ -11,17 +11,20 @@ import os
 import re
 import sys
 
+import torch
 from jsonargparse import CLI, ArgumentError, set_parsing_settings
+from tqdm import tqdm
 
 from leantune.commands import chat, data, download, estimate, evaluate, export, generate, merge
 from leantune.commands import finetune as finetune_commands
 from leantune.data import DATA_MODULES, DataModule
 from leantune.download import HubUnreachableError
 from leantune.methods import METHODS
+from leantune.train.step import NonFiniteError
 
-# Errors a user causes and can fix from the message alone.
+# Errors a user causes and can fix from the message alone (NonFiniteError names the step, samples and the fix).
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
-               KeyError, NotImplementedError, ImportError, HubUnreachableError)
+               KeyError, NotImplementedError, ImportError, HubUnreachableError, NonFiniteError)
 
 
 def components() -> dict:
@@ -47,7 +50,25 @@ def _message(e: BaseException) -> str:
         text = f"{e.filename}: {e.strerror or text}"
     if isinstance(e, ImportError) and getattr(e, "name", None) and "pip install" not in text:
         text = f"{text} (pip install {e.name})"
+    if _out_of_memory(e):
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        text = (f"out of memory ({first[:300]}); lower --train.micro_batch_size or --train.max_seq_length, use a "
+                "lower --precision or --quantize, or check sizes such as --lora.r")
     return text
+
+
+def _fail(message: str) -> None:
+    """Print the one error line and exit 2; progress bars a failed phase left open are closed first, so the
+    line starts on its own instead of being glued to the end of a bar."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """A failed allocation (CUDA OOM, or the CPU allocator's refusal): the sizes asked for, not a bug."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
 def _chosen(table, argv: list[str]) -> tuple[dict, list[str]]:
@@ -60,11 +81,14 @@ def _chosen(table, argv: list[str]) -> tuple[dict, list[str]]:
     return {**({"_help": table["_help"]} if "_help" in table else {}), word: branch}, [word, *words]
 
 
-def _parse_error(message: str, words: list[str]) -> str:
+def _parse_error(message: str, words: list[str], argv: list[str]) -> str:
     """jsonargparse's multi-line parse error as one line naming the flag, the accepted types and the given value."""
     hint = f" (`{' '.join(['leantune', *words, '--help'])}` lists the flags)"
     message = message.replace("argument subcommand: invalid choice:", "unknown command")
     m = re.match(r'Parser key "([^"]+)":\s*(.*)', message, re.S)
+    configs = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "--config"]
+    if not m and configs and "config" in message.lower():  # e.g. "Unexpected config": name the file
+        return f"--config {configs[-1]}: {' '.join(message.split())}"
     if not m:
         return " ".join(message.split()) + hint
     key, rest = m.groups()
@@ -117,13 +141,11 @@ def main(argv: list[str] | None = None) -> None:
     except ArgumentError as e:  # a flag's value jsonargparse could not parse (wrong type, unknown choice or flag)
         if debug:
             raise
-        print(f"error: {_parse_error(str(e), words)}", file=sys.stderr)
-        sys.exit(2)
-    except USER_ERRORS as e:
-        if debug:
+        _fail(_parse_error(str(e), words, argv))
+    except Exception as e:
+        if debug or not (isinstance(e, USER_ERRORS) or _out_of_memory(e)):
             raise
-        print(f"error: {_message(e)}", file=sys.stderr)
-        sys.exit(2)
+        _fail(_message(e))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,14 @@ def _discover() -> dict[str, Method]:
 METHODS: dict[str, Method] = _discover()
 
 
+def register(method: Method) -> Method:
+    """Add a method defined outside `leantune.peft` (a plugin, or a test); it then appears in every command."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
 def get_method(name: str) -> Method:
     try:
         return METHODS[name]

@@ -19,8 +19,11 @@ import torch
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as e:  # name the file: a bare "Expecting value" says nothing about where
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
 
 
 def _token_str(value: Any) -> str | None:

@@ -97,7 +97,10 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
 
 def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load every tensor of a safetensors file (memory-mapped on CPU, so untouched tensors cost no RAM)."""
-    return safetensors.torch.load_file(str(path), device=str(device))
+    try:
+        return safetensors.torch.load_file(str(path), device=str(device))
+    except safetensors.SafetensorError as e:  # truncated or not safetensors at all: name the file, not a trace
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); it is truncated or damaged") from e
 
 
 @contextmanager

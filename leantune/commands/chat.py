@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from leantune.commands.flags import check_at_least, check_folder, check_model_flags, check_seed
 from leantune.download import DEFAULT_CHECKPOINT
 from leantune.generate import Sampling, bos_for_rendered, stream_text
 from leantune.inference import load_for_inference
@@ -39,8 +40,10 @@ def chat(
         seed: Random seed for sampling.
     """
     sampling = Sampling(temperature, top_k, top_p)
-    if max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_at_least("max_new_tokens", max_new_tokens, 1)
+    check_seed(seed)
+    check_model_flags(precision, quantize)
+    check_folder("adapter", adapter)
     model, tokenizer, _, device = load_for_inference(checkpoint_dir, precision, adapter, quantize)
     if not tokenizer.chat_template:
         raise ValueError(f"{checkpoint_dir} has no chat template; use `leantune generate --raw true` instead")

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from leantune.commands.flags import check_at_least
 from leantune.data import DEFAULT_MAX_SEQ_LENGTH, DataModule, Demo, InstructionDataModule
 from leantune.data.preview import format_stats, render_sample
 from leantune.data.prompts import prompt_style_for_checkpoint
@@ -31,6 +32,8 @@ def preview(
             --train.max_seq_length).
         prompt_style: Prompt style name (default: the checkpoint's chat template, else from its config).
     """
+    check_at_least("num_samples", num_samples, 0)
+    check_at_least("max_seq_length", max_seq_length, 1)
     if data is None:
         data = Demo()
     tokenizer = Tokenizer(ensure_checkpoint(Path(checkpoint_dir)))

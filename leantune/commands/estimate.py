@@ -5,19 +5,32 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Callable
+from typing import Literal
 
+from leantune.commands.flags import check_at_least
 from leantune.estimate import estimate, resolve_config
 from leantune.methods import METHODS
+from leantune.quantize import check_mode
+from leantune.runtime import PRECISIONS
+from leantune.train.optim import optimizer_class
 
 
 def _estimate(model: str = "HuggingFaceTB/SmolLM2-135M-Instruct", method: str = "lora", precision: str = "bf16-true",
               quantize: str | None = None, micro_batch_size: int = 1, max_seq_length: int = 2048,
-              optimizer: str = "AdamW", activation_checkpointing: bool = False, device: str = "cuda",
-              **method_flags) -> dict:
+              optimizer: str = "AdamW", activation_checkpointing: bool = False,
+              device: Literal["cuda", "cpu"] = "cuda", **method_flags) -> dict:
     m = METHODS.get(method)
     if m is None:
         raise ValueError(f"--method {method!r}: choose among {', '.join(METHODS)}")
-    quantize = quantize if quantize is not None else m.default_quantize
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    check_at_least("micro_batch_size", micro_batch_size, 1)
+    check_at_least("max_seq_length", max_seq_length, 1)
+    try:
+        optimizer_class(optimizer)  # refuses a name torch.optim (or bitsandbytes) does not have
+    except ValueError as e:
+        raise ValueError(str(e).replace("--optimizer.name", "--optimizer")) from None
+    quantize = check_mode(quantize if quantize is not None else m.default_quantize)
     cfg = resolve_config(model)
     result = estimate(cfg, method, method_flags.get(m.flag), precision, quantize, micro_batch_size, max_seq_length,
                       optimizer, activation_checkpointing, device)

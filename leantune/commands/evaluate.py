@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from leantune.checkpoint.io import write_json
+from leantune.commands.flags import check_at_least, check_folder, check_model_flags, check_threads
 from leantune.data import DataModule, Demo
 from leantune.download import DEFAULT_CHECKPOINT
 from leantune.evaluate import task_eval, validation_loss
@@ -52,9 +53,12 @@ def evaluate(
         threads: CPU threads for torch.
     """
     for flag, value in (("max_seq_length", max_seq_length), ("batch_size", batch_size),
-                        ("max_new_tokens", max_new_tokens), ("max_batches", max_batches or 1)):
-        if value < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {value}")
+                        ("max_new_tokens", max_new_tokens)):
+        check_at_least(flag, value, 1)
+    check_at_least("max_batches", max_batches, 1, allow_none=True)  # 0 is not "all" (that is the default, unset)
+    check_threads(threads)
+    check_model_flags(precision, quantize)
+    check_folder("adapter", adapter)
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer, precision, device = load_for_inference(checkpoint_dir, precision, adapter, quantize)

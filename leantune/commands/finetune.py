@@ -9,13 +9,16 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Callable
+from pathlib import Path
 
+from leantune.commands.flags import check_folder, check_model_flags, check_threads
 from leantune.data import DataModule, Demo
 from leantune.methods import METHODS
 from leantune.peft.base import Method
 from leantune.train import recipe
 from leantune.train.args import EvalArgs, TrainArgs
-from leantune.train.optim import OptimizerArgs
+from leantune.train.optim import OptimizerArgs, optimizer_class
+from leantune.train.state import STATE_FILE
 
 HELP = {
     "checkpoint_dir": "Base model: a Hugging Face folder (the default model is imported on first use).",
@@ -64,6 +67,7 @@ def method_command(method: Method) -> Callable[..., dict]:
                                         annotation=method.args_class))
 
     def command(**kwargs) -> dict:
+        check_flags(**kwargs)
         method_args = kwargs.pop(method.flag, None) if method.args_class is not None else None
         if kwargs.get("data") is None:
             kwargs["data"] = Demo()
@@ -80,6 +84,20 @@ def method_command(method: Method) -> Callable[..., dict]:
         lines.append(f"    {p.name}: {text}")
     command.__doc__ = "\n".join(lines)
     return command
+
+
+def check_flags(threads: int | None = None, optimizer: OptimizerArgs | None = None, resume: str | None = None,
+                resume_adapter: Path | None = None, precision: str | None = None, quantize: str | None = None,
+                **_) -> None:
+    """The flags the args dataclasses cannot check alone, checked before the recipe loads data or a model."""
+    check_threads(threads)
+    check_model_flags(precision, quantize)
+    if optimizer is not None:
+        optimizer_class(optimizer.name)
+    if resume and str(resume) != "auto" and not (Path(resume) / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint of a run (no {STATE_FILE}); pass a step-N "
+                                "folder of the run, or auto for the latest one in --out_dir")
+    check_folder("resume_adapter", resume_adapter)
 
 
 def commands() -> dict[str, Callable[..., dict]]:

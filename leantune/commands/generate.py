@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from leantune.commands.flags import check_at_least, check_folder, check_model_flags, check_seed, check_threads
 from leantune.download import DEFAULT_CHECKPOINT
 from leantune.generate import Sampling, encode_prompt, stream_text
 from leantune.inference import load_for_inference
@@ -50,8 +51,13 @@ def generate(
         threads: CPU threads for torch (default: torch's choice).
     """
     sampling = Sampling(temperature, top_k, top_p)
-    if max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_at_least("max_new_tokens", max_new_tokens, 1)
+    check_seed(seed)
+    check_threads(threads)
+    check_model_flags(precision, quantize)
+    check_folder("adapter", adapter)
+    if raw and not prompt:
+        raise ValueError("--prompt is empty: give a prompt (with --raw true nothing would be sent to the model)")
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer, precision, device = load_for_inference(checkpoint_dir, precision, adapter, quantize)

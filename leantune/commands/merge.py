@@ -9,6 +9,7 @@ import torch
 
 from leantune.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
 from leantune.checkpoint.io import HF_MODEL_FILES, claim_output
+from leantune.commands.flags import check_weights
 from leantune.download import DEFAULT_CHECKPOINT, ensure_checkpoint
 from leantune.merge import merge_adapters
 
@@ -42,13 +43,16 @@ def merge(
     missing = [a for a in adapters if not a.is_dir()]
     if missing:
         raise FileNotFoundError(f"--adapter {missing[0]}: no such folder")
+    check_weights(weights, len(adapters))
     checkpoint_dir = ensure_checkpoint(Path(checkpoint_dir))
     default = Path("out") / "merged" / f"{adapters[0].parent.name}-{adapters[0].name}"
     claim_output(out_dir or default, "merged-model", overwrite, legacy_files=HF_MODEL_FILES if out_dir is None else ())
     out_dir = Path(out_dir or default)
     if dtype is None:  # keep the base's dtype: the copied config.json must describe the written weights
-        with open(checkpoint_dir / "config.json", encoding="utf-8") as f:
-            base = json.load(f)
+        try:
+            base = json.loads((checkpoint_dir / "config.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{checkpoint_dir / 'config.json'}:{e.lineno}: not valid JSON ({e.msg})") from e
         dtype = base.get("torch_dtype") or base.get("dtype") or "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {dtype!r}: choose among float32, bfloat16, float16")

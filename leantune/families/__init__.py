@@ -52,8 +52,11 @@ def config_from_checkpoint(checkpoint_dir: str | Path, **overrides: Any) -> Conf
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json; is {checkpoint_dir} a Hugging Face model folder?")
-    with open(path, encoding="utf-8") as f:
-        hf = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except json.JSONDecodeError as e:  # name the file: a bare "Expecting value" says nothing about where
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
     return config_from_hf(hf, name=Path(checkpoint_dir).name, **overrides)
 
 

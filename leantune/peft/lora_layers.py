@@ -44,8 +44,8 @@ class LoRAArgs:
             raise ValueError(f"--lora.targets {bad or '(empty)'}: choose among {', '.join(TARGETS)} or all")
         if self.r < 1:
             raise ValueError(f"--lora.r must be >= 1, got {self.r}")
-        if not self.alpha > 0:  # `not >` also refuses NaN
-            raise ValueError(f"--lora.alpha must be > 0, got {self.alpha}")
+        if not 0 < self.alpha < math.inf:  # `not <` also refuses NaN
+            raise ValueError(f"--lora.alpha must be a finite number > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--lora.dropout must be in [0, 1), got {self.dropout}")
 
