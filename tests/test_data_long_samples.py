@@ -101,16 +101,20 @@ def test_real_tokenizer_names_the_real_length(default_checkpoint):
 
 
 def test_one_default_max_seq_length():
-    from leantune.data import DEFAULT_MAX_SEQ_LENGTH, DataModule, preview_command
+    from leantune.commands.data import preview as preview_command
+    from leantune.commands.evaluate import evaluate
+    from leantune.data import DEFAULT_MAX_SEQ_LENGTH, DataModule
+    from leantune.train.args import TrainArgs
 
-    assert DEFAULT_MAX_SEQ_LENGTH == 512
+    assert DEFAULT_MAX_SEQ_LENGTH == 512 == TrainArgs().max_seq_length
+    assert inspect.signature(evaluate).parameters["max_seq_length"].default == DEFAULT_MAX_SEQ_LENGTH
     assert inspect.signature(preview_command).parameters["max_seq_length"].default == DEFAULT_MAX_SEQ_LENGTH
     assert inspect.signature(DataModule.connect).parameters["max_seq_length"].default == DEFAULT_MAX_SEQ_LENGTH
     assert DataModule().max_seq_length == DEFAULT_MAX_SEQ_LENGTH
 
 
 def test_preview_measures_what_training_drops(default_checkpoint, capsys):
-    from leantune.data import preview_command
+    from leantune.commands.data import preview as preview_command
     from leantune.tokenizer import Tokenizer
 
     longest = full_length_of_long_row(Tokenizer(default_checkpoint), style="chatml")

@@ -7,17 +7,13 @@ import math
 import pytest
 import torch
 import transformers as tf
+from method_cases import EVERY_METHOD, tiny_args
 
 from leantune.cli import main
 from leantune.data import JSON
-from leantune.peft.adapter import AdapterArgs
-from leantune.peft.adapter_v2 import AdapterV2Args
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.optim import OptimizerArgs
 from leantune.train.recipe import finetune
-
-# the tiny model has 2 layers: adapters start at layer 1
-TWO_LAYER_ARGS = {"adapter": AdapterArgs(start_layer=1), "adapter_v2": AdapterV2Args(start_layer=1)}
 
 
 def small_run(method, ckpt, data_path, out_dir, quantize=None, **train):
@@ -25,10 +21,10 @@ def small_run(method, ckpt, data_path, out_dir, quantize=None, **train):
                     train=TrainArgs(micro_batch_size=2, global_batch_size=4, max_steps=3, max_seq_length=128,
                                     warmup_steps=1, **train),
                     eval=EvalArgs(max_batches=2, sample_new_tokens=0), optimizer=OptimizerArgs(lr=1e-2), threads=2,
-                    method_args=TWO_LAYER_ARGS.get(method))
+                    method_args=tiny_args(method))
 
 
-@pytest.mark.parametrize("method", ["lora", "adapter", "adapter_v2", "full"])
+@pytest.mark.parametrize("method", EVERY_METHOD)
 def test_every_method_trains_through_the_one_loop(method, tiny_checkpoint, json_data, tmp_path):
     report = small_run(method, tiny_checkpoint, json_data, tmp_path / method)
     final = tmp_path / method / "final"

@@ -5,18 +5,14 @@ import csv
 import shutil
 
 import pytest
+from method_cases import EVERY_METHOD, tiny_args
 from safetensors.torch import load_file
 
 from leantune.data import JSON
-from leantune.peft.adapter import AdapterArgs
-from leantune.peft.adapter_v2 import AdapterV2Args
 from leantune.peft.lora import LoRAArgs
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.optim import OptimizerArgs
 from leantune.train.recipe import finetune
-
-METHOD_ARGS = {"lora": LoRAArgs(r=4, dropout=0.1), "adapter": AdapterArgs(start_layer=1),
-               "adapter_v2": AdapterV2Args(start_layer=1), "full": None}
 
 
 def run(method, ckpt, data_path, out_dir, resume=None, max_steps=6, method_args=None, save_interval=3):
@@ -24,7 +20,7 @@ def run(method, ckpt, data_path, out_dir, resume=None, max_steps=6, method_args=
                     train=TrainArgs(micro_batch_size=2, global_batch_size=4, max_steps=max_steps, max_seq_length=128,
                                     warmup_steps=1, save_interval=save_interval),
                     eval=EvalArgs(max_batches=1, sample_new_tokens=0, exact_match=False),
-                    optimizer=OptimizerArgs(lr=1e-2), method_args=method_args or METHOD_ARGS[method], resume=resume,
+                    optimizer=OptimizerArgs(lr=1e-2), method_args=method_args or tiny_args(method), resume=resume,
                     threads=2)
 
 
@@ -39,7 +35,7 @@ def losses(out_dir):
         return [(r["step"], r["loss"]) for r in csv.DictReader(f) if r["loss"]]
 
 
-@pytest.mark.parametrize("method", ["lora", "adapter", "adapter_v2", "full"])
+@pytest.mark.parametrize("method", EVERY_METHOD)
 def test_resume_through_a_dataloader_is_bit_identical(method, tiny_checkpoint, json_data, tmp_path):
     """6 steps straight == 3 + resume + 3: same weights bit for bit, same logged losses (issue 11, item 2)."""
     run(method, tiny_checkpoint, json_data, tmp_path / "a")

@@ -54,6 +54,16 @@ class Method:
     """Another method whose checkpoints this one shares (qlora is lora on a quantized base)."""
     args_flag: str | None = None
     """CLI group of the args (`--lora.r`); default: the method name."""
+    regularizer: Callable[[nn.Module], torch.Tensor | None] | None = None
+    """regularizer(model): an extra loss term the loop adds once per optimizer step (not per micro-batch, so the
+    update stays accumulation-invariant), e.g. AdaLoRA's orthogonality penalty; None: nothing to add."""
+    on_step: Callable[[nn.Module, int, int], None] | None = None
+    """on_step(model, step, total_steps) right after optimizer.step() and before the gradients are zeroed (they are
+    still readable), with `step` the 0-based index of the step just taken: e.g. AdaLoRA's rank allocation."""
+    train_state: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
+    """State the method keeps between steps outside the trained tensors (e.g. importance averages): the loop saves
+    it beside each checkpoint and gives it back to `load_train_state` on resume."""
+    load_train_state: Callable[[nn.Module, dict[str, torch.Tensor]], None] | None = None
 
     @property
     def kind(self) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from leantune.data.base import DEFAULT_MAX_SEQ_LENGTH
+
 
 def at_least(flag: str, value, low, allow_none: bool = False) -> None:
     """Raise one ValueError naming the flag unless `value >= low` (or None where None means unset)."""
@@ -36,7 +38,7 @@ class TrainArgs:
     """Stop after this many trained (non-pad) tokens."""
     max_time: float | None = None
     """Stop after this many seconds of training."""
-    max_seq_length: int = 512
+    max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     """Cosine decay ends at this fraction of the peak learning rate."""

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from leantune.checkpoint.io import atomic_dir
+from leantune.checkpoint.io import atomic_dir, load_safetensors, save_safetensors
 from leantune.compile import compile_blocks
 from leantune.evaluate import validation_loss
+from leantune.peft.base import Method
 from leantune.quantize import logical_numel
 from leantune.runtime import autocast_dtype
 from leantune.train.args import EvalArgs, TrainArgs
@@ -30,6 +31,9 @@ from leantune.train.run_config import check_resume, jsonable, save_run_config
 from leantune.train.schedule import lr_at
 from leantune.train.state import TrainState, find_latest_checkpoint, load_training_state, save_training_state
 from leantune.train.step import NonFiniteError, train_step
+
+METHOD_STATE_FILE = "method_state.safetensors"
+"""A method's state between steps (`Method.train_state`), beside training_state.pt in each checkpoint."""
 
 __all__ = ["EvalArgs", "NonFiniteError", "TrainArgs", "fit", "enable_activation_checkpointing", "run_configuration"]
 
@@ -49,10 +53,12 @@ def fit(
     resume: Path | str | None = None,
     sample_fn: Callable[[], str] | None = None,
     run_config: dict[str, Any] | None = None,
+    method: Method | None = None,
 ) -> dict[str, Any]:
     """Train `trainable` parameters of `model` on `data`; returns a summary dict. Checkpoints go to out_dir/step-N
     and out_dir/final, each with the run configuration (`run.json`: the caller's `run_config` - base, data, method
-    args... - plus this loop's train/eval/optimizer/precision settings), which a resume must match."""
+    args... - plus this loop's train/eval/optimizer/precision settings), which a resume must match. `method`'s
+    hooks (regularizer, on_step, train_state), when given, join every step and checkpoint."""
     summary_writer_cls = require_tensorboard() if train.logger == "tensorboard" else None  # fail before any work
     device = device or next(model.parameters()).device
     out_dir = Path(out_dir)
@@ -69,6 +75,7 @@ def fit(
     state = TrainState()
     if ckpt is not None:
         load_fn(ckpt)
+        load_method_state(ckpt, method, model)
         state = load_training_state(ckpt, optimizer, scaler)
         print(f"Resumed from {ckpt} at step {state.step}")
     amp = autocast_dtype(precision)
@@ -105,7 +112,8 @@ def fit(
             for g in optimizer.param_groups:
                 g["lr"] = lr
             result = train_step(model, window, optimizer, params, device=device, autocast=autocast, scaler=scaler,
-                                max_norm=train.max_norm, step=state.step + 1)
+                                max_norm=train.max_norm, step=state.step + 1,
+                                **step_hooks(method, model, state.step, total_steps))
             last_loss = result.loss
             state.step += 1
             state.tokens += result.tokens
@@ -122,7 +130,8 @@ def fit(
                     bar.write(f"sample: {sample_fn()!r}")
             loggers.write(row)
             if train.save_interval and state.step % train.save_interval == 0 and state.step < total_steps:
-                save_checkpoint(out_dir / f"step-{state.step:06d}", save_fn, state, optimizer, scaler, config)
+                save_checkpoint(out_dir / f"step-{state.step:06d}", save_fn, state, optimizer, scaler, config,
+                                method_state(method, model))
             if train.max_tokens and state.tokens >= train.max_tokens:
                 stop_reason = "max_tokens"
             elif train.max_time and state.train_time >= train.max_time:
@@ -139,7 +148,7 @@ def fit(
     loggers.write(dict(step=state.step, **final))
     loggers.close()
     final_dir = out_dir / "final"
-    save_checkpoint(final_dir, save_fn, state, optimizer, scaler, config)
+    save_checkpoint(final_dir, save_fn, state, optimizer, scaler, config, method_state(method, model))
     named = dict(model.named_parameters())
     n_trainable = sum(named[n].numel() for n in trainable)
     n_total = sum(logical_numel(p) for p in {id(p): p for p in model.parameters()}.values())  # 4-bit: 2 per byte
@@ -212,12 +221,40 @@ def epoch_batches(data: TrainingData, state: TrainState, resuming: bool) -> Iter
 
 
 def save_checkpoint(path: Path, save_fn: Callable[[Path], None], state: TrainState, optimizer, scaler,
-                    config: dict[str, Any]) -> None:
-    """Weights (by the method's save_fn), run configuration and training state land together, atomically."""
+                    config: dict[str, Any], extra_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Weights (by the method's save_fn), run configuration, training state and the method's own state between
+    steps (`extra_state`, e.g. AdaLoRA's importance averages) land together, atomically."""
     with atomic_dir(path) as tmp:
         save_fn(tmp)
         save_run_config(tmp, config)
+        if extra_state is not None:
+            save_safetensors({k: v.detach().cpu().contiguous() for k, v in extra_state.items()},
+                             tmp / METHOD_STATE_FILE)
         save_training_state(tmp, state, optimizer, scaler)
+
+
+def step_hooks(method: Method | None, model: torch.nn.Module, step: int, total_steps: int) -> dict[str, Any]:
+    """train_step's regularizer/after_step for the method's hooks; `step` is the 0-based index of the step taken."""
+    hooks: dict[str, Any] = {}
+    if method is not None and method.regularizer is not None:
+        hooks["regularizer"] = lambda: method.regularizer(model)
+    if method is not None and method.on_step is not None:
+        hooks["after_step"] = lambda: method.on_step(model, step, total_steps)
+    return hooks
+
+
+def method_state(method: Method | None, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    return method.train_state(model) if method is not None and method.train_state is not None else None
+
+
+def load_method_state(ckpt: Path, method: Method | None, model: torch.nn.Module) -> None:
+    """Give a resumed method the state it saved; a method with state refuses a checkpoint without it."""
+    if method is None or method.load_train_state is None:
+        return
+    file = Path(ckpt) / METHOD_STATE_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing; the {method.name} run cannot resume exactly without its state")
+    method.load_train_state(model, load_safetensors(file))
 
 
 def _memory_gb(device, peak: bool = False) -> float:

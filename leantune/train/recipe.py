@@ -113,10 +113,13 @@ def finetune(
 
     sample_fn = sampler(model, tokenizer, data, style, eval.sample_new_tokens)
     summary = fit(model, trainable, data, run.out_dir, save_fn, load_fn, train, eval, run.optimizer,
-                  precision=precision, device=device, resume=resume, sample_fn=sample_fn,
+                  precision=precision, device=device, resume=resume, sample_fn=sample_fn, method=run.method,
                   run_config={"method": run.method.name, "checkpoint_dir": str(checkpoint_dir), "data": data,
                               run.method.flag: args, "quantize": run.quantize, "prompt_style": prompt_style})
     report.update(summary)
+    if sample_fn is not None:  # one answer to the first held-out prompt, so a default run shows what it learned
+        report["sample"] = sample_fn()
+        print(f"sample answer after training ({eval.sample_new_tokens} new tokens at most): {report['sample']!r}")
     if task:
         acc, _ = task(model)
         report["exact_match_after"] = acc

@@ -37,12 +37,16 @@ def train_step(model: torch.nn.Module, window: list[dict], optimizer: torch.opti
                params: list[torch.nn.Parameter], *, device: torch.device | None = None,
                autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
                scaler: torch.amp.GradScaler | None = None, max_norm: float | None = None, step: int = 1,
-               phase: Callable[[str], AbstractContextManager] = _no_phase) -> StepResult:
+               phase: Callable[[str], AbstractContextManager] = _no_phase,
+               regularizer: Callable[[], torch.Tensor | None] | None = None,
+               after_step: Callable[[], None] | None = None) -> StepResult:
     """Forward/backward every micro-batch of `window`, clip, check for non-finite values, step, zero the grads.
 
     The loss of each micro-batch is divided by the window's supervised-token count, so 1x8, 2x4 and 8x1 give the
     same update. `step` (1-based) only labels errors. `phase(name)` wraps "forward", "backward" and "step" (estimate
     profiles each); a non-finite loss or gradient raises before the optimizer touches the weights.
+    `regularizer()` (a method's extra loss term, outside autocast) is backpropagated once per window, and not
+    counted in the reported loss; `after_step()` runs after the optimizer step, while the gradients still exist.
     """
     device = device or params[0].device
     n_sup = sum(int((b["labels"] != -100).sum()) for b in window)
@@ -62,6 +66,10 @@ def train_step(model: torch.nn.Module, window: list[dict], optimizer: torch.opti
         loss_sum += loss.detach()
         del loss
         tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+    reg = regularizer() if regularizer is not None else None
+    if reg is not None:
+        with phase("backward"):
+            (scaler.scale(reg) if scaler else reg).backward()
     with phase("step"):
         if scaler:
             scaler.unscale_(optimizer)
@@ -78,6 +86,8 @@ def train_step(model: torch.nn.Module, window: list[dict], optimizer: torch.opti
             scaler.update()
         else:
             optimizer.step()
+        if after_step is not None:
+            after_step()
         optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss_value, grad_norm=grad_norm, tokens=tokens, supervised=n_sup)
 

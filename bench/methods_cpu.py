@@ -1,0 +1,62 @@
+"""Every finetuning method on the main job, side by side: trainable parameters, held-out exact match on Demo before
+and after the same number of steps, tokens/s and peak memory, one `leantune finetune <method>` process each (same
+model, data, batch, steps, seed and threads), one table.
+
+Usage: python bench/methods_cpu.py [--methods lora,dora,ia3] [--steps 50] [--threads 2]
+Each method uses its default hyperparameters and learning rate (the point of the table: do the defaults work?).
+Writes bench/results/methods_cpu.json. On 2 CPU cores each method takes about 5-8 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_CHECKPOINT, environment, print_table, write_result  # noqa: E402
+
+from leantune.methods import METHODS  # noqa: E402
+
+
+def run(method: str, steps: int, threads: int, checkpoint_dir: Path, out_root: Path) -> dict:
+    out = out_root / method
+    cmd = [sys.executable, "-m", "leantune.cli", "finetune", method, "--checkpoint_dir", str(checkpoint_dir),
+           "--out_dir", str(out), "--train.max_steps", str(steps), "--threads", str(threads),
+           "--eval.sample_new_tokens", "0"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"method": method, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    s = json.loads((out / "summary.json").read_text())
+    return {"method": method, "trainable": f"{s['trainable_params']:,}",
+            "exact match": f"{s.get('exact_match_before', 0):.0%} -> {s.get('exact_match_after', 0):.0%}",
+            "val loss": f"{s['val_loss']:.3f}", "tok/s": s["tokens_per_s"], "peak GB": s["peak_memory_gb"],
+            "train s": s["time_s"], "wall s": round(wall, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--methods", default=",".join(n for n, m in METHODS.items()
+                                                  if m.variant_of is None and not m.default_quantize))
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--checkpoint_dir", type=Path, default=DEFAULT_CHECKPOINT)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods.split(","):
+            rows.append(run(method, args.steps, args.threads, args.checkpoint_dir, Path(tmp)))
+            print(json.dumps(rows[-1]), flush=True)
+    print_table(rows, ["method", "trainable", "exact match", "val loss", "tok/s", "peak GB", "train s", "error"])
+    path = write_result("methods_cpu", {"env": environment(), "steps": args.steps, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
