@@ -244,6 +244,8 @@ def load_any_adapter(model: GPT, path: str | Path, checkpoint_dir: str | Path | 
     pcfg = read_peft_config(path)
     m = peft_method(pcfg.get("peft_type", "LORA"))
     args = m.peft.load(model, path)
+    # several methods may share a peft_type (LORA: lora, and dora with use_dora): the args say which one it was
+    m = next((x for x in METHODS.values() if x.variant_of is None and type(args) is x.args_class), m)
     model.requires_grad_(False)
     return {"format": "peft", "method": m.name, "method_args": dataclasses.asdict(args) if args is not None else {},
             "base_checkpoint": {"path": pcfg.get("base_model_name_or_path")}}

@@ -66,6 +66,7 @@ TABLE: dict[tuple[str, ...], dict[str, list[str]]] = {
     ("finetune", "qlora"): {**FINETUNE_COMMON, **LORA},
     ("finetune", "adapter"): {**FINETUNE_COMMON, **adapter_flags("adapter")},
     ("finetune", "adapter_v2"): {**FINETUNE_COMMON, **adapter_flags("adapter_v2")},
+    ("finetune", "dora"): {**FINETUNE_COMMON, **{k.replace("--lora.", "--dora."): v for k, v in LORA.items()}},
     ("finetune", "loha"): {**FINETUNE_COMMON, "--loha.r": ["0", "-1"], "--loha.alpha": ["-1", ".nan"],
                            "--loha.targets": ["", "nope"], "--loha.rank_dropout": ["1.5", "-0.1"]},
     ("finetune", "lokr"): {**FINETUNE_COMMON, "--lokr.r": ["0", "-1"], "--lokr.alpha": ["-1", ".inf"],

@@ -42,7 +42,7 @@ def test_resume_auto_continues_from_latest_step(tiny_checkpoint, json_data, tmp_
     report = finetune("lora", checkpoint_dir=tiny_checkpoint, out_dir=tmp_path, data=JSON(json_path=json_data),
                       train=TrainArgs(micro_batch_size=2, global_batch_size=4, max_steps=5, max_seq_length=128),
                       eval=EvalArgs(max_batches=1, sample_new_tokens=0), optimizer=OptimizerArgs(lr=1e-2),
-                      resume="auto")
+                      method_args=tiny_args("lora"), resume="auto")
     assert report["steps"] == 5
 
 

@@ -26,8 +26,9 @@ def merge(
     """Fold adapters into the base model and write a Hugging Face folder transformers loads.
 
     Args:
-        adapter: An adapter folder of a mergeable method (lora, qlora; e.g. out/finetune/lora/final) or a PEFT LoRA
-            folder, or a list of them, e.g. --adapter [out/a/final,out/b/final] --weights [0.7,0.3].
+        adapter: An adapter folder of a mergeable method (lora, qlora, dora, ia3, loha, lokr, adalora; e.g.
+            out/finetune/lora/final) or a PEFT folder of one, or a list of them, e.g. --adapter
+            [out/a/final,out/b/final] --weights [0.7,0.3].
         checkpoint_dir: The base model the adapters were trained on.
         out_dir: Output folder (default: out/merged/<run>-<checkpoint>, e.g. out/merged/lora-final).
         weights: One weight per adapter (default 1.0 each), e.g. to blend two adapters.

@@ -3,12 +3,17 @@
 `LoRALinear` owns the base `weight`/`bias` (moved, not copied, so tied weights stay tied and a base checkpoint
 loads unchanged) plus `lora_A` and `lora_B`. On GPT's fused qkv projection each enabled part (q, k, v) gets its
 own rank-r pair, stored stacked: `lora_A` is (parts * r, in) and `lora_B` is (sum of part widths, r).
+
+With `dora` the layer is DoRA (Liu et al. 2024, as PEFT's `use_dora`): each adapted output row r is rescaled to a
+learned magnitude, y_r = m_r / ||W_r + s B_r A|| * (W_r x + s B_r A x) + b_r, with the norm detached (the paper's
+section 4.3); `lora_magnitude` (sum of part widths,) starts at the row norms of W, so step 0 equals the base.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -16,6 +21,7 @@ import torch.nn.functional as F
 
 from leantune.model import GPT
 from leantune.peft.base import mark_trainable, params_of
+from leantune.peft.lora_dora import dora_forward, dora_norms, spread_rows, squared_row_norms
 from leantune.quantize import compute_dtype_of, dequantize_weight, is_quantized, quantized_linear
 
 TARGETS = ("query", "key", "value", "projection", "mlp", "head")
@@ -34,6 +40,8 @@ class LoRAArgs:
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
 
+    flag: ClassVar[str] = "lora"  # the CLI group named in error messages
+
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
@@ -41,23 +49,32 @@ class LoRAArgs:
             self.targets = list(TARGETS)
         bad = sorted(set(self.targets) - set(TARGETS))
         if bad or not self.targets:
-            raise ValueError(f"--lora.targets {bad or '(empty)'}: choose among {', '.join(TARGETS)} or all")
+            raise ValueError(f"--{self.flag}.targets {bad or '(empty)'}: choose among {', '.join(TARGETS)} or all")
         if self.r < 1:
-            raise ValueError(f"--lora.r must be >= 1, got {self.r}")
+            raise ValueError(f"--{self.flag}.r must be >= 1, got {self.r}")
         if not 0 < self.alpha < math.inf:  # `not <` also refuses NaN
-            raise ValueError(f"--lora.alpha must be a finite number > 0, got {self.alpha}")
+            raise ValueError(f"--{self.flag}.alpha must be a finite number > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"--lora.dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"--{self.flag}.dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
+@dataclass
+class DoRAArgs(LoRAArgs):
+    """DoRA's hyperparameters are LoRA's: the direction is a rank-r LoRA update; the magnitudes add one trained value
+    per adapted output row."""
+
+    flag: ClassVar[str] = "dora"
+
+
 class LoRALinear(nn.Module):
     """A linear layer with LoRA updates on one or more contiguous output ranges (`parts`)."""
 
-    def __init__(self, base: nn.Linear, parts: list[tuple[int, int]], r: int, scaling: float, dropout: float) -> None:
+    def __init__(self, base: nn.Linear, parts: list[tuple[int, int]], r: int, scaling: float, dropout: float,
+                 dora: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # the same Parameter object: ties and base keys are preserved
@@ -72,14 +89,19 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(len(parts) * r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(widths, r, **factory))
         self.merged = False
+        self._full = len(parts) == 1 and parts[0] == (0, self.out_features)
+        self.lora_magnitude = nn.Parameter(torch.empty(widths, **factory)) if dora else None  # DoRA's m
+        self._wsq: tuple | None = None  # DoRA: (key of the base weight's storage and version, its squared row norms)
+        self._merged_norm: torch.Tensor | None = None  # DoRA: the row norms a merge divided by, for unmerge
         if not self.lora_A.is_meta:
             self.reset_lora_parameters()
-        self._full = len(parts) == 1 and parts[0] == (0, self.out_features)
 
     def reset_lora_parameters(self) -> None:
         for i in range(len(self.parts)):  # same init as PEFT, per part
             nn.init.kaiming_uniform_(self.lora_A.data[i * self.r:(i + 1) * self.r], a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        if self.lora_magnitude is not None:  # B = 0: m = ||W_r||, by the forward's own formula, so m / norm is 1
+            self.lora_magnitude.data.copy_(self.weight_norm())
 
     def part_factors(self) -> list[tuple[tuple[int, int], torch.Tensor, torch.Tensor]]:
         """[(output range, A_i (r, in), B_i (width_i, r))] for each adapted part."""
@@ -111,12 +133,44 @@ class LoRALinear(nn.Module):
             rows.append(B.new_zeros(self.out_features - prev, P * r))
         return torch.cat(rows)  # (out, P * r)
 
+    def base_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return quantized_linear(x, self.weight, bias) if self.quantized else F.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = quantized_linear(x, self.weight, self.bias) if self.quantized else F.linear(x, self.weight, self.bias)
         if self.merged:
-            return y
+            return self.base_forward(x, self.bias)
+        if self.lora_magnitude is not None:
+            return dora_forward(self, x)
+        y = self.base_forward(x, self.bias)
         a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., parts * r)
         return y + F.linear(a, self.update_matrix().to(x.dtype))  # (..., out)
+
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA: ||W_r + s B_r A|| (fp32, detached) for each adapted row, without forming W + s B A (see dora_norms)."""
+        with torch.no_grad():
+            w = dequantize_weight(self.weight) if self.quantized else self.weight  # (out, in)
+            if torch.compiler.is_compiling() or self.weight.is_inference():  # no Python-side cache in a graph
+                wsq = squared_row_norms(w)
+            else:  # the frozen base's ||W_r||^2, recomputed whenever the stored weight changes (load, merge, .to)
+                p = self.weight
+                key = (p.data_ptr(), p._version, p.device, p.dtype, p.shape)
+                if self._wsq is None or self._wsq[0] != key:
+                    self._wsq = (key, squared_row_norms(w))
+                wsq = self._wsq[1]
+            norm = dora_norms(w, wsq, self.lora_A.detach(), self.update_matrix().detach())  # (out,)
+            return norm if self._full else torch.cat([norm[s:e] for s, e in self.parts])  # (widths,)
+
+    def row_scale(self) -> torch.Tensor:
+        """DoRA: m / ||W + s B A|| on adapted rows and 1 on the others, as one (out,) vector (grad flows to m)."""
+        g = self.lora_magnitude / self.weight_norm().to(self.lora_magnitude.dtype)  # (widths,)
+        return g if self._full else spread_rows(g, self.parts, self.out_features, 1.0)
+
+    def merge_delta(self, w: torch.Tensor) -> torch.Tensor:
+        """What merging adds to the float base weight `w` (out, in): s B A, or for DoRA diag(m / norm) (W + s B A) - W."""
+        d = self.delta_weight().to(w.dtype)
+        if self.lora_magnitude is None:
+            return d
+        return (w + d) * self.row_scale().detach().to(w.dtype)[:, None] - w
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -124,17 +178,25 @@ class LoRALinear(nn.Module):
             raise ValueError("cannot merge a LoRA into a quantized weight in place (that would requantize); "
                              "use merge_lora, which writes a dequantized float weight")
         if not self.merged:
-            self.weight.add_(self.delta_weight())
+            if self.lora_magnitude is not None:  # unmerge divides by the norms of the unmerged weight, as PEFT does
+                self._merged_norm = self.weight_norm()
+            self.weight.add_(self.merge_delta(self.weight))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
+            if self.lora_magnitude is not None:  # W = W' / (m / norm) - s B A on adapted rows
+                g = self.lora_magnitude / self._merged_norm.to(self.lora_magnitude.dtype)
+                g = g if self._full else spread_rows(g, self.parts, self.out_features, 1.0)
+                self.weight.div_(g.to(self.weight.dtype)[:, None])
+                self._merged_norm = None
             self.weight.sub_(self.delta_weight())
             self.merged = False
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, parts={self.parts}, scaling={self.scaling:g}"
+        dora = ", dora" if self.lora_magnitude is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, parts={self.parts}, scaling={self.scaling:g}{dora}"
 
 
 def target_layers(model: GPT, targets: list[str]) -> list[tuple[nn.Module, str, list[tuple[int, int]]]]:
@@ -162,18 +224,24 @@ def lora_layers(model: nn.Module) -> list[LoRALinear]:
 
 
 def lora_params(model: nn.Module) -> list[nn.Parameter]:
-    """LoRA's trained tensors: every LoRALinear's A and B."""
-    return params_of(lora_layers(model), "lora_A", "lora_B")
+    """LoRA's trained tensors: every LoRALinear's A and B (and DoRA's magnitude)."""
+    return params_of(lora_layers(model), "lora_A", "lora_B", "lora_magnitude")
 
 
-def apply_lora(model: GPT, args: LoRAArgs) -> list[str]:
-    """Swap the targeted linears for LoRALinear; freeze everything else. Returns trainable parameter names."""
+def apply_lora(model: GPT, args: LoRAArgs, dora: bool = False) -> list[str]:
+    """Swap the targeted linears for LoRALinear (DoRA with `dora`); freeze everything else. Returns trainable
+    parameter names. DoRA's magnitudes start from the base weights: load them first."""
     for parent, name, parts in target_layers(model, args.targets):
         base = getattr(parent, name)
         if isinstance(base, LoRALinear):
             raise ValueError(f"{name} already has LoRA applied")
-        setattr(parent, name, LoRALinear(base, parts, args.r, args.scaling, args.dropout))
+        setattr(parent, name, LoRALinear(base, parts, args.r, args.scaling, args.dropout, dora))
     return mark_trainable(model, lora_params(model))
+
+
+def apply_dora(model: GPT, args: LoRAArgs) -> list[str]:
+    """Swap the targeted linears for DoRA layers; their magnitudes start at the loaded base weights' row norms."""
+    return apply_lora(model, args, dora=True)
 
 
 def present_targets(model: GPT) -> list[str]:
@@ -188,6 +256,7 @@ def merge_lora(model: GPT, weight: float = 1.0) -> GPT:
 
     A LoRA on a head tied to the embedding unties it first: the merged head differs from the embedding.
     A LoRA on a quantized weight (QLoRA) is added to the dequantized weight, in the compute dtype: never requantized.
+    DoRA with a weight w moves W that fraction of the way to its merged weight: W + w (diag(m / norm) (W + s B A) - W).
     """
     head = model.lm_head
     if isinstance(head, LoRALinear) and head.weight is model.transformer.wte.weight:
@@ -205,7 +274,7 @@ def merge_lora(model: GPT, weight: float = 1.0) -> GPT:
                     else:
                         w = child.weight
                     if not child.merged:
-                        w.add_(child.delta_weight().to(w.dtype) * weight)
+                        w.add_(child.merge_delta(w) * weight)
                 linear.weight, linear.bias = w, child.bias
                 setattr(module, name, linear)
     return model

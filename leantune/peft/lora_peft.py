@@ -4,6 +4,8 @@ Our LoRA on the fused qkv keeps one rank-r pair per part (q, k, v). Families who
 (`Family.qkv_layout == "split"`) get one PEFT LoRA per projection; families with a fused HF qkv layer get one LoRA
 of rank parts*r on it: the stacked A as is, and a block-diagonal B whose rows follow the HF qkv row order; its
 rank and alpha go in `rank_pattern`/`alpha_pattern` so PEFT's alpha/rank equals our scaling.
+DoRA is the same LoRA plus `use_dora: true` and one `lora_magnitude_vector` (out,) per PEFT module: on a fused HF qkv
+the rows we do not adapt get ||W_r||, which makes PEFT's m / ||W_r + 0|| equal 1 there.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from leantune.checkpoint.io import atomic_dir, save_safetensors, write_json
 from leantune.checkpoint.peft_dir import CONFIG_FILE, WEIGHTS_FILE, peft_weights, read_peft_config
 from leantune.families import family_of
 from leantune.model import GPT
+from leantune.peft.lora_dora import squared_row_norms
 from leantune.peft.lora_layers import TARGETS, LoRAArgs, LoRALinear, apply_lora
+from leantune.quantize import dequantize_weight
 
 _PREFIX = "base_model.model."
+_MAGNITUDE = "lora_magnitude_vector"  # PEFT's DoRA key: saved without ".weight"
 # Fields of adapter_config.json whose non-default values we cannot represent.
-_UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "lora_bias": False,
+_UNSUPPORTED = {"bias": "none", "modules_to_save": None, "lora_bias": False,
                 "layer_replication": None, "target_parameters": None, "trainable_token_indices": None,
                 "use_qalora": False, "alora_invocation_tokens": None}
 
@@ -65,6 +70,7 @@ def export_peft(model: GPT, out_dir: str | Path, base_model_name_or_path: str, l
     if not modules:
         raise ValueError("the model has no LoRA layers to export")
     r, rslora = int(lora_args.r), bool(lora_args.rslora)
+    dora = any(mod.lora_magnitude is not None for _, mod, _ in modules)
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
@@ -90,9 +96,12 @@ def export_peft(model: GPT, out_dir: str | Path, base_model_name_or_path: str, l
                 name = path.rsplit(".", 1)[-1]
                 rank_pattern[name] = rank
                 alpha_pattern[name] = mod.scaling * (math.sqrt(rank) if rslora else rank)
-        for factor, t in (("lora_A", a), ("lora_B", b)):
+        named = {f"{path}.lora_A.weight": a, f"{path}.lora_B.weight": b}
+        if dora:
+            named[f"{path}.{_MAGNITUDE}"] = _peft_magnitude(mod, idx, cfg if fam.qkv_layout == "grouped" else None)
+        for key, t in named.items():
             t = t.detach().cpu()
-            tensors[f"{_PREFIX}{path}.{factor}.weight"] = (t.to(dtype) if dtype is not None else t).clone()
+            tensors[_PREFIX + key] = (t.to(dtype) if dtype is not None else t).clone()
     target_modules = sorted({path.rsplit(".", 1)[-1] for path, _, _ in modules})
     config = {
         "peft_type": "LORA",
@@ -107,7 +116,7 @@ def export_peft(model: GPT, out_dir: str | Path, base_model_name_or_path: str, l
         "alpha_pattern": alpha_pattern,
         "fan_in_fan_out": fam.transposed_linears,  # GPT-2's Conv1D stores (in, out)
         "bias": "none",
-        "use_dora": False,
+        "use_dora": dora,
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -122,6 +131,27 @@ def export_peft(model: GPT, out_dir: str | Path, base_model_name_or_path: str, l
     return out_dir
 
 
+def _peft_magnitude(mod: LoRALinear, idx: int | None, grouped: Any) -> torch.Tensor:
+    """The `lora_magnitude_vector` of one PEFT module: part `idx` of ours, or all `out` rows of the layer in HF row
+    order, with the norm of W on rows we do not adapt (PEFT's m / norm is then 1 there, as our pass-through).
+    `grouped`: the model config when the HF qkv rows are grouped per kv head (NeoX, Falcon), else None."""
+    if mod.lora_magnitude is None:
+        raise ValueError("cannot export a mix of LoRA and DoRA layers as one PEFT adapter")
+    m = mod.lora_magnitude.detach()
+    if idx is not None:
+        off = sum(e - s for s, e in mod.parts[:idx])
+        return m[off:off + mod.parts[idx][1] - mod.parts[idx][0]]
+    if mod._full:
+        return m
+    w = dequantize_weight(mod.weight) if mod.quantized else mod.weight
+    full = squared_row_norms(w.detach()).sqrt().to(m.dtype)  # (out,)
+    off = 0
+    for s, e in mod.parts:
+        full[s:e] = m[off:off + e - s]
+        off += e - s
+    return blocked_to_grouped(full, grouped) if grouped is not None else full  # only a qkv has parts
+
+
 def _read_config(peft_dir: Path) -> dict[str, Any]:
     path = peft_dir / CONFIG_FILE
     cfg = read_peft_config(peft_dir)
@@ -129,8 +159,8 @@ def _read_config(peft_dir: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported; only LORA adapters import")
     bad = [f"{k}={cfg[k]!r}" for k, ok in _UNSUPPORTED.items() if cfg.get(k) not in (ok, None, [], {})]
     if bad:
-        raise ValueError(f"{path}: unsupported LoRA options {', '.join(bad)} (supported: plain LoRA, bias none, "
-                         "no DoRA, no modules_to_save)")
+        raise ValueError(f"{path}: unsupported LoRA options {', '.join(bad)} (supported: LoRA and DoRA, bias none, "
+                         "no modules_to_save)")
     r, alpha = cfg["r"], cfg["lora_alpha"]
     for key, default in (("rank_pattern", r), ("alpha_pattern", alpha)):
         differing = {k: v for k, v in (cfg.get(key) or {}).items() if v != default}
@@ -145,7 +175,7 @@ def import_peft(model: GPT, peft_dir: str | Path) -> list[str]:
     """Apply a PEFT LoRA adapter folder to `model` (unmerged) and return the trainable parameter names.
 
     Layers the adapter leaves out inside a target group (e.g. gate_proj when only up/down were adapted) get a zero
-    update, so the outputs equal PEFT's exactly.
+    update, so the outputs equal PEFT's exactly (with DoRA: a magnitude equal to their row norms, the identity).
     """
     peft_dir = Path(peft_dir)
     pcfg = _read_config(peft_dir)
@@ -153,12 +183,14 @@ def import_peft(model: GPT, peft_dir: str | Path) -> list[str]:
     fam = family_of(cfg)
     prefix, layer_map = fam.layer_prefix, fam.layer_map
     r = int(pcfg["r"])
+    dora = bool(pcfg.get("use_dora"))
+    kinds = {"lora_A", "lora_B", _MAGNITUDE} if dora else {"lora_A", "lora_B"}
     head_names = {fam.head_module, fam.head_module_before_v5} - {None}
     split_qkv = fam.linear_modules()["attn.qkv"] if fam.qkv_layout == "split" else ()  # q, k, v HF modules
     fused_qkv = None if split_qkv else fam.linear_modules()["attn.qkv"][0]
     found: dict[tuple[int | None, str, int | None], dict[str, torch.Tensor]] = {}
     targets: set[str] = set()
-    layer_re = re.compile(rf"^{re.escape(_PREFIX + prefix)}\.(\d+)\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
+    layer_re = re.compile(rf"^{re.escape(_PREFIX + prefix)}\.(\d+)\.(.+)\.(lora_A|lora_B|{_MAGNITUDE})(?:\.default)?(?:\.weight)?$")
     for key, t in peft_weights(peft_dir).items():
         if ".base_layer." in key:
             continue  # base weights PEFT saves alongside a head LoRA: the base checkpoint already holds them
@@ -183,7 +215,7 @@ def import_peft(model: GPT, peft_dir: str | Path) -> list[str]:
             targets.add("projection" if ours == "attn.proj" else "mlp")
             found.setdefault((i, ours, None), {})[kind] = t
             continue
-        m = re.match(rf"^{re.escape(_PREFIX)}(\w+)\.(lora_A|lora_B)(?:\.default)?\.weight$", key)
+        m = re.match(rf"^{re.escape(_PREFIX)}(\w+)\.(lora_A|lora_B|{_MAGNITUDE})(?:\.default)?(?:\.weight)?$", key)
         if m and m.group(1) in head_names:
             targets.add("head")
             found.setdefault((None, "lm_head", None), {})[m.group(2)] = t
@@ -194,13 +226,11 @@ def import_peft(model: GPT, peft_dir: str | Path) -> list[str]:
     alpha = float(pcfg["lora_alpha"])
     args = LoRAArgs(r=r, alpha=alpha, dropout=float(pcfg.get("lora_dropout") or 0.0), rslora=bool(pcfg.get("use_rslora")),
                     targets=[t for t in TARGETS if t in targets])
-    trainable = apply_lora(model, args)
-    for n, p in model.named_parameters():
-        if n.endswith(".lora_B"):
-            p.zero_()
+    trainable = apply_lora(model, args, dora=dora)  # B = 0 (and DoRA's m = the row norms): the identity
     for (i, ours, part), ab in found.items():
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{peft_dir}: layer {i} {ours}: found only {sorted(ab)}")
+        if set(ab) != kinds:
+            what = f"use_dora is {str(dora).lower()} but " if (set(ab) ^ kinds) & {_MAGNITUDE} else ""
+            raise ValueError(f"{peft_dir}: layer {i} {ours}: {what}found {sorted(ab)}, expected {sorted(kinds)}")
         a, b = ab["lora_A"], ab["lora_B"]
         if a.shape[0] != r or b.shape[1] != r:
             raise ValueError(f"{peft_dir}: layer {i} {ours}: rank {a.shape[0]} differs from r={r}")
@@ -215,12 +245,28 @@ def import_peft(model: GPT, peft_dir: str | Path) -> list[str]:
             mod.lora_A[j * r:(j + 1) * r] = a.to(mod.lora_A.dtype)
             off = sum(e - s for s, e in mod.parts[:j])
             mod.lora_B[off:off + b.shape[0]] = b.to(mod.lora_B.dtype)
+            if dora:
+                mod.lora_magnitude[off:off + b.shape[0]] = _magnitude(ab, width, peft_dir, i, ours)
         elif ours == "attn.qkv":  # one fused LoRA: the same A for each of our q/k/v parts, B rows split
+            mag = _magnitude(ab, width, peft_dir, i, ours) if dora else None
             if fam.qkv_layout == "grouped":
                 b = grouped_to_blocked(b, cfg)
+                mag = grouped_to_blocked(mag, cfg) if dora else None
             mod.lora_A.copy_(a.repeat(len(mod.parts), 1))
             mod.lora_B.copy_(b)
+            if dora:
+                mod.lora_magnitude.copy_(mag)
         else:
             mod.lora_A.copy_(a)
             mod.lora_B.copy_(b)
+            if dora:
+                mod.lora_magnitude.copy_(_magnitude(ab, width, peft_dir, i, ours))
     return trainable
+
+
+def _magnitude(ab: dict[str, torch.Tensor], width: int, peft_dir: Path, i: int | None, ours: str) -> torch.Tensor:
+    m = ab[_MAGNITUDE]
+    if tuple(m.shape) != (width,):
+        raise ValueError(f"{peft_dir}: layer {i} {ours}: {_MAGNITUDE} has shape {tuple(m.shape)}, this base needs "
+                         f"({width},): the adapter was trained on another model")
+    return m

@@ -1,0 +1,109 @@
+"""CPU DoRA training tokens/s: leantune vs transformers + peft (`use_dora=True`), same model, targets, r, batch,
+length, threads: bench/lora_cpu.py's setup (q/v r=8 alpha=16, AdamW 2e-4, loss on every position) with DoRA.
+
+Usage: python bench/dora_cpu.py [--threads 2] [--batch 4] [--seq 256] [--steps 6] [--rounds 2] [--dropout 0.05]
+[--compile]. With dropout > 0 both sides run the dropped input through the frozen W as well (PEFT's DoRA formula);
+--dropout 0 shows the cost without that extra matmul. Both run in this process, alternating rounds.
+Writes bench/results/dora_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_CHECKPOINT, environment, print_table, write_result  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint_dir", type=Path, default=DEFAULT_CHECKPOINT)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                    help="regional torch.compile of leantune's transformer blocks")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from leantune.checkpoint.hf import load_hf_checkpoint
+    from leantune.peft.lora import DoRAArgs, apply_dora
+    from leantune.train.loss import supervised_ce_sum
+
+    x = torch.randint(0, 49152, (a.batch, a.seq))
+    labels = torch.cat([x[:, 1:], torch.full((a.batch, 1), -100)], dim=1)  # pre-shifted: every position supervised
+    n_sup = int((labels != -100).sum())
+
+    ours = load_hf_checkpoint(a.checkpoint_dir)
+    names = apply_dora(ours, DoRAArgs(r=8, alpha=16, dropout=a.dropout, targets=["query", "value"]))
+    ours.train()
+    compiled = False
+    if a.compile:
+        from leantune.compile import compile_blocks
+
+        compiled = compile_blocks(ours)
+    params = dict(ours.named_parameters())
+    opt_ours = torch.optim.AdamW([params[n] for n in names], lr=2e-4)
+
+    def step_ours() -> None:
+        hidden = ours(x, return_hidden=True)
+        loss = supervised_ce_sum(hidden, ours.lm_head, labels) / n_sup
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    hf = AutoModelForCausalLM.from_pretrained(a.checkpoint_dir, dtype=torch.float32)
+    hf = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=a.dropout, target_modules=["q_proj", "v_proj"],
+                                       task_type="CAUSAL_LM", use_dora=True))
+    hf.train()
+    opt_hf = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=2e-4)
+
+    def step_hf() -> None:
+        out = hf(input_ids=x, labels=x)
+        out.loss.backward()
+        opt_hf.step()
+        opt_hf.zero_grad(set_to_none=True)
+
+    trainable = {"leantune": sum(params[n].numel() for n in names),
+                 "hf_peft": sum(p.numel() for p in hf.parameters() if p.requires_grad)}
+    t = time.perf_counter()
+    step_ours()  # first step: compiles the block graphs when compiled
+    first_step_s = time.perf_counter() - t
+    for fn in (step_hf, step_ours, step_hf):  # warm-up
+        fn()
+    times = {"leantune": [], "hf_peft": []}
+    for _ in range(a.rounds):
+        for name, fn in (("leantune", step_ours), ("hf_peft", step_hf)):
+            t = time.perf_counter()
+            for _ in range(a.steps):
+                fn()
+            times[name].append((time.perf_counter() - t) / a.steps)
+    tokens = a.batch * a.seq
+    rows = [{"tool": k, "trainable": trainable[k], "s_per_step": round(min(v), 3), "tok_s": round(tokens / min(v), 1)}
+            for k, v in times.items()]
+    ratio = rows[0]["tok_s"] / rows[1]["tok_s"]
+    print_table(rows, ["tool", "trainable", "s_per_step", "tok_s"])
+    compile_s = round(max(first_step_s - min(times["leantune"]), 0.0), 1) if compiled else None
+    print(f"ratio leantune/hf_peft: {ratio:.2f}x (DoRA q/v r=8 dropout {a.dropout}, B={a.batch}, T={a.seq}, "
+          f"threads={a.threads}, rounds={a.rounds}, "
+          f"compiled={compiled}" + (f", compile ~{compile_s} s" if compiled else "") + ")")
+    path = write_result("dora_cpu", {"env": environment(), "dropout": a.dropout, "batch": a.batch, "seq": a.seq, "rounds": a.rounds,
+                                     "steps": a.steps, "compiled": compiled, "compile_s": compile_s, "rows": rows,
+                                     "ratio": round(ratio, 3),
+                                     "s_per_step_all": {k: [round(t, 3) for t in v] for k, v in times.items()}})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
