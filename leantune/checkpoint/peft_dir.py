@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from leantune.checkpoint.io import load_safetensors
+from leantune.checkpoint.io import atomic_dir, load_safetensors, save_safetensors, write_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -41,3 +41,14 @@ def peft_weights(peft_dir: str | Path) -> dict[str, torch.Tensor]:
     if (peft_dir / "adapter_model.bin").is_file():
         return torch.load(peft_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"{peft_dir}: no {WEIGHTS_FILE} (or adapter_model.bin)")
+
+
+def write_peft_dir(out_dir: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   kind: str | None = None) -> Path:
+    """Write a PEFT folder atomically: `adapter_config.json` + `adapter_model.safetensors` (kind: the output marker
+    of a folder the user named, see `leantune.checkpoint.io.claim_output`)."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, kind=kind) as tmp:
+        write_json(tmp / CONFIG_FILE, config)
+        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+    return out_dir

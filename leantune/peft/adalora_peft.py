@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 from leantune.checkpoint.hf import blocked_to_grouped, grouped_to_blocked
-from leantune.checkpoint.io import atomic_dir, save_safetensors, write_json
-from leantune.checkpoint.peft_dir import CONFIG_FILE, WEIGHTS_FILE, peft_weights, read_peft_config
+from leantune.checkpoint.peft_dir import CONFIG_FILE, peft_weights, read_peft_config, write_peft_dir
 from leantune.families import family_of
 from leantune.model import GPT
 from leantune.peft.adalora_layers import TARGETS, AdaLoRAArgs, AdaLoRALinear, apply_adalora
@@ -131,11 +130,7 @@ def export_peft(model: GPT, out_dir: str | Path, base_model_name_or_path: str, a
         "layers_pattern": None,
         "revision": None,
     }
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir, kind=kind) as tmp:
-        write_json(tmp / CONFIG_FILE, config)
-        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-    return out_dir
+    return write_peft_dir(out_dir, config, tensors, kind)
 
 
 def _read_config(peft_dir: Path) -> dict[str, Any]:

@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from leantune.checkpoint.hf import blocked_to_grouped, grouped_to_blocked
-from leantune.checkpoint.io import atomic_dir, save_safetensors, write_json
-from leantune.checkpoint.peft_dir import CONFIG_FILE, WEIGHTS_FILE, peft_weights, read_peft_config
+from leantune.checkpoint.peft_dir import CONFIG_FILE, peft_weights, read_peft_config, write_peft_dir
 from leantune.families import family_of
 from leantune.model import GPT
 from leantune.peft.ia3_layers import TARGETS, IA3Args, IA3Linear, apply_ia3
@@ -84,11 +83,7 @@ def export_peft(model: GPT, out_dir: str | Path, base_model_name_or_path: str, a
         "inference_mode": True,
         "revision": None,
     }
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir, kind=kind) as tmp:  # kind: an output the user named gets leantune's marker
-        write_json(tmp / CONFIG_FILE, config)
-        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-    return out_dir
+    return write_peft_dir(out_dir, config, tensors, kind)
 
 
 def _add(tensors: dict, targets: set, prefix: str, layer: str, entries: list[tuple[str, torch.Tensor]]) -> None:

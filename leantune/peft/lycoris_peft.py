@@ -19,8 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from leantune.checkpoint.io import atomic_dir, save_safetensors, write_json
-from leantune.checkpoint.peft_dir import CONFIG_FILE, WEIGHTS_FILE, peft_weights, read_peft_config
+from leantune.checkpoint.peft_dir import CONFIG_FILE, peft_weights, read_peft_config, write_peft_dir
 from leantune.families import Family, family_of
 from leantune.model import GPT
 from leantune.peft.lycoris import LycorisLinear, layers_of
@@ -131,11 +130,7 @@ def export_lycoris(model: GPT, out_dir: str | Path, base_model_name_or_path: str
         "layers_pattern": None,
         "revision": None,
     }
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir, kind=kind) as tmp:  # kind: an output the user named gets leantune's marker
-        write_json(tmp / CONFIG_FILE, config)
-        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-    return out_dir
+    return write_peft_dir(out_dir, config, tensors, kind)
 
 
 def read_lycoris_config(peft_dir: Path, spec: LycorisSpec) -> dict[str, Any]:
