@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
 . .venv/bin/activate
 ruff check leantune tests bench
-python -m pytest -q -p no:cacheprovider --timeout 900 "$@"
+python -m pytest -q -p no:cacheprovider --timeout 900 --durations 15 "$@"
