@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from leantune.families import FAMILIES
 from leantune.model import GPT
-from leantune.peft.base import mark_trainable, params_of
+from leantune.peft.base import mark_trainable, merge_into_linears, params_of
 from leantune.peft.lora_layers import TARGETS, target_layers
-from leantune.quantize import compute_dtype_of, dequantize_weight, is_quantized, quantized_linear
+from leantune.quantize import compute_dtype_of, is_quantized, quantized_linear
 
 STATE_BUFFERS = ("ipt_A", "unc_A", "ipt_E", "unc_E", "ipt_B", "unc_B", "rank_mask")
 """Per layer: EMA of the sensitivity |p * grad| and of its uncertainty for A, E and B, and the final rank mask."""
@@ -234,31 +234,7 @@ def orth_regularizer(model: nn.Module) -> torch.Tensor | None:
 
 
 def merge_adalora(model: GPT, weight: float = 1.0) -> GPT:
-    """Fold every update (times `weight`) into its base weight and put plain nn.Linear layers back.
-
-    A head tied to the embedding is untied first; a quantized weight is merged into its dequantized copy, never
-    requantized.
-    """
-    head = model.lm_head
-    if isinstance(head, AdaLoRALinear) and head.weight is model.transformer.wte.weight:
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        model.config = model.config.replace(tie_embeddings=False)
-        for block in model.transformer.h:
-            block.config = block.attn.config = model.config
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, AdaLoRALinear):
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-                with torch.no_grad():
-                    delta = child.delta_weight()
-                    if not torch.isfinite(delta).all():
-                        raise ValueError(f"{name}: the AdaLoRA update has non-finite values; refusing to merge it")
-                    if child.quantized:
-                        w = nn.Parameter(dequantize_weight(child.weight).clone(), requires_grad=False)
-                    else:
-                        w = child.weight
-                    if not child.merged:
-                        w.add_(delta.to(w.dtype) * weight)
-                linear.weight, linear.bias = w, child.bias
-                setattr(module, name, linear)
-    return model
+    """Fold every AdaLoRA update (times `weight`) into its base weight and put plain nn.Linear layers back (see
+    `merge_into_linears`)."""
+    layers = [m for m in model.modules() if isinstance(m, AdaLoRALinear)]
+    return merge_into_linears(model, layers, lambda layer, _w: layer.delta_weight(), weight)

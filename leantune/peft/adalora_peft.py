@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from leantune.checkpoint.hf import blocked_to_grouped, grouped_to_blocked
-from leantune.checkpoint.peft_dir import CONFIG_FILE, peft_weights, read_peft_config, write_peft_dir
+from leantune.checkpoint.peft_dir import CONFIG_FILE, hf_module_paths, peft_weights, read_peft_config, write_peft_dir
 from leantune.families import family_of
 from leantune.model import GPT
 from leantune.peft.adalora_layers import TARGETS, AdaLoRAArgs, AdaLoRALinear, apply_adalora
@@ -27,31 +27,14 @@ _UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "lay
 
 def _hf_modules(model: GPT) -> list[tuple[str, AdaLoRALinear, int]]:
     """(HF module path, our layer, part index) for each PEFT module the model's AdaLoRA layers amount to."""
-    cfg = model.config
-    fam = family_of(cfg)
-    hf_names = fam.linear_modules()
-    q, k, _v = cfg.qkv_sizes
-    qkv_index = {0: 0, q: 1, q + k: 2}
     out = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, AdaLoRALinear):
-            continue
-        if name == "lm_head":
-            out.append((fam.peft_head_module(), mod, 0))
-            continue
-        m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", name)
-        if not m:
-            raise ValueError(f"AdaLoRA on {name} has no PEFT-format equivalent")
-        i, ours = m.group(1), m.group(2)
-        if ours == "attn.qkv" and fam.qkv_layout == "split":
-            out.extend((f"{fam.layer_prefix}.{i}.{hf_names[ours][qkv_index[s]]}", mod, j)
-                       for j, (s, _e) in enumerate(mod.parts))
-        elif mod.parts == [(0, mod.out_features)]:
-            out.append((f"{fam.layer_prefix}.{i}.{hf_names[ours][0]}", mod, 0))
-        else:
-            raise ValueError(f"{fam.model_type} fuses q/k/v into one HF layer, which PEFT adapts as a whole: an AdaLoRA "
-                             f"on only part of it has no PEFT equivalent (train with --adalora.targets "
+    for path, mod, j in hf_module_paths(model, [m for m in model.modules() if isinstance(m, AdaLoRALinear)], "AdaLoRA"):
+        if j is None and mod.parts != [(0, mod.out_features)]:
+            fam = family_of(model.config)
+            raise ValueError(f"{fam.model_type} fuses q/k/v into one HF layer, which PEFT adapts as a whole: an "
+                             "AdaLoRA on only part of it has no PEFT equivalent (train with --adalora.targets "
                              "query,key,value to export)")
+        out.append((path, mod, 0 if j is None else j))
     return out
 
 

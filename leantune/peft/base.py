@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from leantune.quantize import dequantize_weight
+
 
 @dataclass(frozen=True)
 class PeftFormat:
@@ -106,3 +108,35 @@ def params_of(modules: list[nn.Module], *attrs: str) -> list[nn.Parameter]:
             if isinstance(p, torch.nn.Parameter):
                 out.append(p)
     return out
+
+
+@torch.no_grad()
+def merge_into_linears(model: nn.Module, layers: list[nn.Module],
+                       delta: Callable[[nn.Module, torch.Tensor], torch.Tensor], weight: float = 1.0) -> nn.Module:
+    """Fold each adapted layer's update (times `weight`) into its base weight and put a plain nn.Linear back: the
+    merge of every additive method. `delta(layer, w)` gives the (out, in) update added to the float weight `w` (DoRA's
+    depends on it). A head tied to the embedding is untied first (the merged head differs from the embedding); a
+    quantized weight is merged into its dequantized copy in the compute dtype, never requantized; a non-finite update
+    is refused before it touches the weight (PEFT's safe_merge)."""
+    chosen = {id(m) for m in layers}
+    head = model.lm_head
+    if id(head) in chosen and head.weight is model.transformer.wte.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        model.config = model.config.replace(tie_embeddings=False)
+        for block in model.transformer.h:
+            block.config = block.attn.config = model.config
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if id(child) not in chosen:
+                continue
+            w = nn.Parameter(dequantize_weight(child.weight).clone(), requires_grad=False) if child.quantized \
+                else child.weight
+            if not child.merged:
+                d = delta(child, w)
+                if not torch.isfinite(d).all():
+                    raise ValueError(f"{name}: the adapter's update is not finite; refusing to merge a broken adapter")
+                w.add_(d.to(w.dtype) * weight)
+            linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+            linear.weight, linear.bias = w, child.bias
+            setattr(module, name, linear)
+    return model

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leantune.model import GPT
-from leantune.peft.base import mark_trainable, params_of
+from leantune.peft.base import mark_trainable, merge_into_linears, params_of
 from leantune.peft.lora_dora import dora_forward, dora_norms, spread_rows, squared_row_norms
 from leantune.quantize import compute_dtype_of, dequantize_weight, is_quantized, quantized_linear
 
@@ -252,29 +252,8 @@ def present_targets(model: GPT) -> list[str]:
 
 
 def merge_lora(model: GPT, weight: float = 1.0) -> GPT:
-    """Fold every LoRA update (times `weight`) into its base weight and put plain nn.Linear layers back.
-
-    A LoRA on a head tied to the embedding unties it first: the merged head differs from the embedding.
-    A LoRA on a quantized weight (QLoRA) is added to the dequantized weight, in the compute dtype: never requantized.
+    """Fold every LoRA update (times `weight`) into its base weight and put plain nn.Linear layers back (see
+    `merge_into_linears`: tied heads untied, quantized bases dequantized, never requantized).
     DoRA with a weight w moves W that fraction of the way to its merged weight: W + w (diag(m / norm) (W + s B A) - W).
     """
-    head = model.lm_head
-    if isinstance(head, LoRALinear) and head.weight is model.transformer.wte.weight:
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        model.config = model.config.replace(tie_embeddings=False)
-        for block in model.transformer.h:
-            block.config = block.attn.config = model.config
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-                with torch.no_grad():
-                    if child.quantized:
-                        w = nn.Parameter(dequantize_weight(child.weight).clone(), requires_grad=False)
-                    else:
-                        w = child.weight
-                    if not child.merged:
-                        w.add_(child.merge_delta(w) * weight)
-                linear.weight, linear.bias = w, child.bias
-                setattr(module, name, linear)
-    return model
+    return merge_into_linears(model, lora_layers(model), lambda layer, w: layer.merge_delta(w), weight)

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from leantune.checkpoint.hf import blocked_to_grouped, grouped_to_blocked
-from leantune.checkpoint.peft_dir import CONFIG_FILE, peft_weights, read_peft_config, write_peft_dir
+from leantune.checkpoint.peft_dir import CONFIG_FILE, hf_module_paths, peft_weights, read_peft_config, write_peft_dir
 from leantune.families import family_of
 from leantune.model import GPT
 from leantune.peft.lora_dora import squared_row_norms
@@ -34,38 +33,12 @@ _UNSUPPORTED = {"bias": "none", "modules_to_save": None, "lora_bias": False,
                 "use_qalora": False, "alora_invocation_tokens": None}
 
 
-def _hf_modules(model: GPT) -> list[tuple[str, nn.Module, int | None]]:
-    """(HF module path, our LoRALinear, qkv part index or None for the whole layer) for each LoRA in `model`."""
-    cfg = model.config
-    fam = family_of(cfg)
-    hf_names = fam.linear_modules()  # our block linear -> its HF module(s), q/k/v order for a split qkv
-    out = []
-    q, k, _v = cfg.qkv_sizes
-    starts = {0: 0, q: 1, q + k: 2}
-    for name, mod in model.named_modules():
-        if not isinstance(mod, LoRALinear):
-            continue
-        if name == "lm_head":
-            out.append((fam.peft_head_module(), mod, None))
-            continue
-        m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", name)
-        if not m:
-            raise ValueError(f"LoRA on {name} has no PEFT-format equivalent")
-        i, ours = m.group(1), m.group(2)
-        if ours == "attn.qkv" and fam.qkv_layout == "split":
-            for idx, (s, _e) in enumerate(mod.parts):
-                out.append((f"{fam.layer_prefix}.{i}.{hf_names[ours][starts[s]]}", mod, idx))
-        else:
-            out.append((f"{fam.layer_prefix}.{i}.{hf_names[ours][0]}", mod, None))
-    return out
-
-
 def export_peft(model: GPT, out_dir: str | Path, base_model_name_or_path: str, lora_args: Any,
                 dtype: torch.dtype | None = None, kind: str | None = None) -> Path:
     """Write `model`'s (unmerged) LoRA as a PEFT adapter folder that `PeftModel.from_pretrained` loads."""
     cfg = model.config
     fam = family_of(cfg)
-    modules = _hf_modules(model)
+    modules = hf_module_paths(model, [m for m in model.modules() if isinstance(m, LoRALinear)], "LoRA")
     if not modules:
         raise ValueError("the model has no LoRA layers to export")
     r, rslora = int(lora_args.r), bool(lora_args.rslora)

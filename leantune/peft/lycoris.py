@@ -17,9 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leantune.model import GPT
-from leantune.peft.base import mark_trainable
+from leantune.peft.base import mark_trainable, merge_into_linears
 from leantune.peft.lora_layers import TARGETS, target_layers
-from leantune.quantize import compute_dtype_of, dequantize_weight, is_quantized, quantized_linear
+from leantune.quantize import compute_dtype_of, is_quantized, quantized_linear
 
 
 def parse_targets(targets: list[str] | str, flag: str) -> list[str]:
@@ -150,31 +150,7 @@ def apply_lycoris(model: GPT, targets: list[str], make_factors: Callable[[int, i
     return mark_trainable(model, factor_params(model, factor_type))
 
 
-@torch.no_grad()
 def merge_lycoris(model: GPT, weight: float, factor_type: type) -> GPT:
-    """Fold every `factor_type` update (times `weight`) into its base weight and put plain nn.Linear layers back.
-
-    An update on a head tied to the embedding unties it first; one on a quantized weight is added to the dequantized
-    weight in the compute dtype (never requantized)."""
-    head = model.lm_head
-    if isinstance(head, LycorisLinear) and head in layers_of(model, factor_type) \
-            and head.weight is model.transformer.wte.weight:
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        model.config = model.config.replace(tie_embeddings=False)
-        for block in model.transformer.h:
-            block.config = block.attn.config = model.config
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, LycorisLinear) and isinstance(child.factors[0], factor_type):
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-                w = child.weight
-                if child.quantized:
-                    w = nn.Parameter(dequantize_weight(w).clone(), requires_grad=False)
-                if not child.merged:
-                    delta = child.delta_weight()
-                    if not torch.isfinite(delta).all():  # PEFT's safe_merge: refuse before touching the weight
-                        raise ValueError(f"{name}: the adapter's update is not finite; the adapter is broken")
-                    w.add_(delta.to(w.dtype) * weight)
-                linear.weight, linear.bias = w, child.bias
-                setattr(module, name, linear)
-    return model
+    """Fold every `factor_type` update (times `weight`) into its base weight and put plain nn.Linear layers back (see
+    `merge_into_linears`)."""
+    return merge_into_linears(model, layers_of(model, factor_type), lambda layer, _w: layer.delta_weight(), weight)

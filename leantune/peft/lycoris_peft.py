@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from leantune.checkpoint.peft_dir import CONFIG_FILE, peft_weights, read_peft_config, write_peft_dir
+from leantune.checkpoint.peft_dir import CONFIG_FILE, hf_module_paths, peft_weights, read_peft_config, write_peft_dir
 from leantune.families import Family, family_of
 from leantune.model import GPT
 from leantune.peft.lycoris import LycorisLinear, layers_of
@@ -54,30 +54,10 @@ class LycorisSpec:
 def _hf_modules(model: GPT, spec: LycorisSpec) -> list[tuple[str, LycorisLinear, int | None]]:
     """(HF module path, our layer, qkv part index or None for the whole layer) for each adapted layer."""
     cfg = model.config
-    fam = family_of(cfg)
-    if fam.transposed_linears:
+    if family_of(cfg).transposed_linears:
         raise ValueError(f"{cfg.hf_model_type} stores its linears as transformers Conv1D, which PEFT's {spec.peft_type} "
                          "does not support; keep the leantune adapter or merge it (`leantune merge`)")
-    hf_names = fam.linear_modules()
-    q, k, _v = cfg.qkv_sizes
-    starts = {0: 0, q: 1, q + k: 2}
-    ours = set(layers_of(model, spec.factor_type))
-    out = []
-    for name, mod in model.named_modules():
-        if mod not in ours:
-            continue
-        if name == "lm_head":
-            out.append((fam.peft_head_module(), mod, None))
-            continue
-        m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", name)
-        if not m:
-            raise ValueError(f"{spec.peft_type} on {name} has no PEFT-format equivalent")
-        i, layer = m.group(1), m.group(2)
-        if layer == "attn.qkv" and fam.qkv_layout == "split":
-            out.extend((f"{fam.layer_prefix}.{i}.{hf_names[layer][starts[s]]}", mod, j) for j, (s, _e) in enumerate(mod.parts))
-        else:
-            out.append((f"{fam.layer_prefix}.{i}.{hf_names[layer][0]}", mod, None))
-    return out
+    return hf_module_paths(model, layers_of(model, spec.factor_type), spec.peft_type)
 
 
 def export_lycoris(model: GPT, out_dir: str | Path, base_model_name_or_path: str, args: Any, spec: LycorisSpec,
