@@ -1,6 +1,10 @@
 """CPU LoRA training tokens/s: leantune vs transformers + peft, same model, targets, r, batch, length, threads.
 
 Usage: python bench/lora_cpu.py [--threads 2] [--batch 4] [--seq 256] [--steps 6] [--rounds 2] [--compile]
+       [--dora] [--dropout 0.05]
+With --dora both sides train DoRA instead (leantune's `dora` method vs peft's `use_dora=True`) and the result goes to
+bench/results/dora_cpu.json; with dropout > 0 both run the dropped input through the frozen W as well (PEFT's DoRA
+formula), and --dropout 0 shows the cost without that extra matmul.
 With --compile leantune's blocks are compiled (leantune.compile.compile_blocks); the compile time is reported
 separately and excluded from tokens/s, as both sides are timed after warm-up. The peer side is the step of
 ../shared/bench/hf_peft_cpu.py (LoRA q/v r=8 alpha=16 dropout 0.05, AdamW 2e-4, loss on every position).
@@ -30,6 +34,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="regional torch.compile of leantune's transformer blocks")
+    ap.add_argument("--dora", action=argparse.BooleanOptionalAction, default=False,
+                    help="DoRA (weight-decomposed LoRA) on both sides instead of LoRA")
+    ap.add_argument("--dropout", type=float, default=0.05)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -37,7 +44,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from leantune.checkpoint.hf import load_hf_checkpoint
-    from leantune.peft.lora import LoRAArgs, apply_lora
+    from leantune.peft.lora import DoRAArgs, LoRAArgs, apply_dora, apply_lora
     from leantune.train.loss import supervised_ce_sum
 
     x = torch.randint(0, 49152, (a.batch, a.seq))
@@ -45,7 +52,8 @@ def main() -> None:
     n_sup = int((labels != -100).sum())
 
     ours = load_hf_checkpoint(a.checkpoint_dir)
-    names = apply_lora(ours, LoRAArgs(r=8, alpha=16, dropout=0.05, targets=["query", "value"]))
+    args_class, apply = (DoRAArgs, apply_dora) if a.dora else (LoRAArgs, apply_lora)
+    names = apply(ours, args_class(r=8, alpha=16, dropout=a.dropout, targets=["query", "value"]))
     ours.train()
     compiled = False
     if a.compile:
@@ -63,8 +71,8 @@ def main() -> None:
         opt_ours.zero_grad(set_to_none=True)
 
     hf = AutoModelForCausalLM.from_pretrained(a.checkpoint_dir, dtype=torch.float32)
-    hf = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
-                                       task_type="CAUSAL_LM"))
+    hf = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=a.dropout, target_modules=["q_proj", "v_proj"],
+                                       task_type="CAUSAL_LM", use_dora=a.dora))
     hf.train()
     opt_hf = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=2e-4)
 
@@ -94,12 +102,15 @@ def main() -> None:
     ratio = rows[0]["tok_s"] / rows[1]["tok_s"]
     print_table(rows, ["tool", "trainable", "s_per_step", "tok_s"])
     compile_s = round(max(first_step_s - min(times["leantune"]), 0.0), 1) if compiled else None
-    print(f"ratio leantune/hf_peft: {ratio:.2f}x (B={a.batch}, T={a.seq}, threads={a.threads}, rounds={a.rounds}, "
+    method = "DoRA" if a.dora else "LoRA"
+    print(f"ratio leantune/hf_peft: {ratio:.2f}x ({method} q/v r=8 dropout {a.dropout}, B={a.batch}, T={a.seq}, "
+          f"threads={a.threads}, rounds={a.rounds}, "
           f"compiled={compiled}" + (f", compile ~{compile_s} s" if compiled else "") + ")")
-    path = write_result("lora_cpu", {"env": environment(), "batch": a.batch, "seq": a.seq, "rounds": a.rounds,
-                                     "steps": a.steps, "compiled": compiled, "compile_s": compile_s, "rows": rows,
-                                     "ratio": round(ratio, 3),
-                                     "s_per_step_all": {k: [round(t, 3) for t in v] for k, v in times.items()}})
+    name = "dora_cpu" if a.dora else "lora_cpu"
+    path = write_result(name, {"env": environment(), "dropout": a.dropout, "batch": a.batch, "seq": a.seq,
+                               "rounds": a.rounds, "steps": a.steps, "compiled": compiled, "compile_s": compile_s,
+                               "rows": rows, "ratio": round(ratio, 3),
+                               "s_per_step_all": {k: [round(t, 3) for t in v] for k, v in times.items()}})
     print(f"wrote {path}")
 
 
