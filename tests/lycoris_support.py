@@ -3,23 +3,11 @@ made from them, random non-zero factors, and one optimizer step on either side."
 
 import peft
 import torch
-import transformers as tf
 from safetensors.torch import load_file
-from tiny_families import TINY, V
+from tiny_families import V
+from tiny_families import load_hf as hf_model
 
 from leantune.train.loss import supervised_ce_sum
-
-
-def make_hf(name, tmp_path):
-    torch.manual_seed(0)
-    cfg = TINY[name]()
-    cfg._attn_implementation = "sdpa"
-    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(tmp_path / "hf")
-    return tmp_path / "hf"
 
 
 def randomize(params, std=0.3, seed=0):
@@ -29,8 +17,6 @@ def randomize(params, std=0.3, seed=0):
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def hf_model(base):
-    return tf.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa")
 
 
 def peft_from_folder(base, adapter_dir, trainable=False):

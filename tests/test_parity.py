@@ -4,6 +4,7 @@ import pytest
 import torch
 import transformers as tf
 from tiny_families import TINY, V
+from tiny_families import random_hf as make_hf
 
 from leantune.checkpoint.hf import hf_to_ours, iter_hf_tensors, load_hf_checkpoint, ours_to_hf, save_hf_checkpoint
 from leantune.config import Config
@@ -15,16 +16,6 @@ def test_every_family_has_a_tiny_config():
     assert set(FAMILIES) <= {make().model_type for make in TINY.values()}
 
 
-def make_hf(name: str, tmp_path):
-    torch.manual_seed(0)
-    cfg = TINY[name]()
-    cfg._attn_implementation = "sdpa"
-    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():  # random norms and biases too, so a wrong mapping of any tensor shows in the logits
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(tmp_path / "hf")
-    return model, tmp_path / "hf"
 
 
 @pytest.fixture(params=sorted(TINY))

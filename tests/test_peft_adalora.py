@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers as tf
 from safetensors.torch import load_file
-from tiny_families import TINY, V
+from tiny_families import V, make_hf
 
 from leantune.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
 from leantune.cli import main
@@ -41,16 +41,6 @@ SCHEDULE = dict(init_r=6, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=8)
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_hf(name, tmp_path):
-    torch.manual_seed(0)
-    cfg = TINY[name]()
-    cfg._attn_implementation = "sdpa"
-    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(tmp_path / "hf")
-    return tmp_path / "hf"
 
 
 def make_peft(base, target_modules, **cfg):

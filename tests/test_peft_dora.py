@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers as tf
 from safetensors.torch import load_file
-from tiny_families import TINY, V
+from tiny_families import TINY, V, make_hf
 
 from leantune.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
 from leantune.config import Config
@@ -25,16 +25,6 @@ HF_TARGETS = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "projection
               "mlp": ["gate_proj", "up_proj", "down_proj"]}
 
 
-def make_hf(name, tmp_path):
-    torch.manual_seed(0)
-    cfg = TINY[name]()
-    cfg._attn_implementation = "sdpa"
-    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(tmp_path / "hf")
-    return tmp_path / "hf"
 
 
 def randomize(model, magnitude=True):

@@ -6,25 +6,13 @@ import peft
 import pytest
 import torch
 import transformers as tf
-from tiny_families import TINY, V  # the same tiny random configs per family
+from tiny_families import V, make_hf  # the same tiny random configs per family
 
 from leantune.checkpoint.hf import load_hf_checkpoint
 from leantune.checkpoint.peft_dir import is_peft_dir
 from leantune.methods import load_any_adapter
 from leantune.peft.lora import LoRAArgs, LoRALinear, apply_lora
 from leantune.peft.lora_peft import export_peft, import_peft
-
-
-def make_hf(name, tmp_path):
-    torch.manual_seed(0)
-    cfg = TINY[name]()
-    cfg._attn_implementation = "sdpa"
-    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(tmp_path / "hf")
-    return tmp_path / "hf"
 
 
 def randomize_lora(model):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import transformers as tf
 from method_cases import tiny_args
 from peft.utils import get_peft_model_state_dict
-from tiny_families import TINY, V
+from tiny_families import TINY, V, load_hf, make_hf
 
 from leantune.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
 from leantune.checkpoint.peft_dir import peft_weights
@@ -28,22 +28,6 @@ from leantune.quantize import dequantize_model, quantize_model
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.optim import OptimizerArgs
 from leantune.train.recipe import finetune
-
-
-def make_hf(name, tmp_path):
-    torch.manual_seed(0)
-    cfg = TINY[name]()
-    cfg._attn_implementation = "sdpa"
-    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(tmp_path / "hf")
-    return tmp_path / "hf"
-
-
-def load_hf(base):
-    return tf.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa")
 
 
 def randomize(model):

@@ -13,14 +13,13 @@ from lycoris_support import (
     idx,
     loss_ours,
     loss_peft,
-    make_hf,
     make_peft,
     peft_from_folder,
     peft_tensors,
     randomize,
 )
 from peft.tuners.lokr.layer import factorization as peft_factorization
-from tiny_families import V
+from tiny_families import V, make_hf
 
 from leantune.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
 from leantune.config import Config

@@ -1,6 +1,7 @@
 """Tiny random transformers configs, one or more per HF family: shared by the parity and PEFT-format suites (a
 helper module, not a test module)."""
 
+import torch
 import transformers as tf
 
 V = 160
@@ -44,3 +45,26 @@ TINY = {
     "phi-2": lambda: tf.PhiConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=64),
 }
+
+
+def random_hf(name: str, tmp_path):
+    """A transformers model of the tiny config `name` with every tensor perturbed (norms and biases too, so a wrong
+    mapping of any tensor shows in the logits), saved to tmp_path/hf: (model, folder)."""
+    torch.manual_seed(0)
+    cfg = TINY[name]()
+    cfg._attn_implementation = "sdpa"
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(tmp_path / "hf")
+    return model, tmp_path / "hf"
+
+
+def make_hf(name: str, tmp_path):
+    """The folder of `random_hf`."""
+    return random_hf(name, tmp_path)[1]
+
+
+def load_hf(folder):
+    return tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
