@@ -53,8 +53,9 @@ def main() -> None:
         for method in args.methods.split(","):
             rows.append(run(method, args.steps, args.threads, args.checkpoint_dir, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
+            # after every method, so an interrupted run keeps what it measured
+            path = write_result("methods_cpu", {"env": environment(), "steps": args.steps, "rows": rows})
     print_table(rows, ["method", "trainable", "exact match", "val loss", "tok/s", "peak GB", "train s", "error"])
-    path = write_result("methods_cpu", {"env": environment(), "steps": args.steps, "rows": rows})
     print(f"wrote {path}")
 
 

@@ -3,6 +3,7 @@ greedy completion with left padding."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,8 +21,8 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:  # `not >=` also refuses NaN
-            raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # `not` also refuses NaN
+            raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"--top_k must be >= 1 (or None for all tokens), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -64,9 +65,10 @@ def generate_tokens(
     device = model.lm_head.weight.device
     prompt = prompt.to(device)
     T = prompt.shape[0]
-    max_len = min(T + max_new_tokens, model.config.block_size)
-    if T >= model.config.block_size:
-        raise ValueError(f"prompt has {T} tokens; the model's block size is {model.config.block_size}")
+    max_len = min(T + max_new_tokens, model.max_tokens)
+    if T >= model.max_tokens:
+        raise ValueError(f"prompt has {T} tokens; the model's block size is {model.config.block_size}"
+                         + (f" of which {model.n_virtual} hold virtual tokens" if model.n_virtual else ""))
     stop = set(stop_ids)
     if use_cache:
         model.set_kv_cache(1, max_len, device=device)
@@ -167,7 +169,7 @@ def greedy_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
     """Greedy continuations of several prompts at once; each stops at its first stop id (not included)."""
     device = model.lm_head.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
-    max_len = min(L + max_new_tokens, model.config.block_size)
+    max_len = min(L + max_new_tokens, model.max_tokens)
     idx = torch.full((B, L), pad_id, dtype=torch.long, device=device)
     attn = torch.zeros(B, max_len, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):  # left padding: every prompt ends at column L-1

@@ -39,6 +39,21 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Virtual tokens, set by a PEFT method (prompt tuning, P-tuning, prefix tuning): `n_virtual` positions that
+        # precede every sequence. A module with `injects == "embeddings"` gives input embeddings (P, C) run through
+        # the model like tokens (`embeddings()`); one with `injects == "kv"` gives each layer's keys and values
+        # directly (`layer_kv()` -> (n_layer, 2, n_query_groups, P, head_size)). Callers keep numbering real tokens
+        # from 0; the model shifts them by P, and the KV cache holds the virtual positions after the first call.
+        self.virtual: nn.Module | None = None
+
+    @property
+    def n_virtual(self) -> int:
+        return 0 if self.virtual is None else self.virtual.n_virtual
+
+    @property
+    def max_tokens(self) -> int:
+        """Real tokens one sequence may hold: the block size less the virtual positions."""
+        return self.config.block_size - self.n_virtual
 
     # ---- RoPE -----------------------------------------------------------------------------------------
     def rope_cache(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +64,7 @@ class GPT(nn.Module):
 
     # ---- KV cache -------------------------------------------------------------------------------------
     def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, device=None, dtype=None) -> None:
-        max_seq_length = max_seq_length or self.config.block_size
+        max_seq_length = min((max_seq_length or self.config.block_size) + self.n_virtual, self.config.block_size)
         device = device or self.lm_head.weight.device
         dtype = dtype or self.transformer.wte.weight.dtype
         for block in self.transformer.h:
@@ -81,9 +96,18 @@ class GPT(nn.Module):
         B, T = idx.shape
         if position_ids is None:
             position_ids = input_pos.unsqueeze(0) if input_pos is not None else torch.arange(T, device=idx.device)[None]
-        mask = self._mask(T, input_pos, segment_ids, attention_mask, idx.device)
-
         x = self.transformer.wte(idx)  # (B, T, C)
+        prepended, layer_kv = 0, None
+        if self.virtual is not None:
+            x, position_ids, input_pos, attention_mask, prepended, layer_kv = self._enter_virtual(
+                x, position_ids, input_pos, attention_mask)
+        if input_pos is not None:
+            mask = self._mask(x.shape[1], input_pos, None, attention_mask, idx.device)
+        else:
+            mask = self._mask(T, None, segment_ids, attention_mask, idx.device)
+            if self.virtual is not None:
+                mask = _mask_with_virtual(mask, T, self.n_virtual, prepended > 0, idx.device)
+
         if self.config.learned_pos_emb:
             x = x + self.transformer.wpe(position_ids)
             cos = sin = None
@@ -91,10 +115,44 @@ class GPT(nn.Module):
             cos_full, sin_full = self.rope_cache(idx.device)
             cos = cos_full[position_ids].unsqueeze(1).to(x.dtype)  # (B|1, 1, T, rope_n_elem)
             sin = sin_full[position_ids].unsqueeze(1).to(x.dtype)
-        for block in self.transformer.h:
-            x = block(x, cos, sin, mask, input_pos)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cos, sin, mask, input_pos, None if layer_kv is None else layer_kv[i])
+        if prepended:
+            x = x[:, prepended:]  # (B, T, C): the virtual positions produce no outputs
         x = self.transformer.ln_f(x)
         return x if return_hidden else self.lm_head(x)
+
+    def _enter_virtual(self, x, position_ids, input_pos, attention_mask):
+        """Make room for the P virtual positions before the real tokens: shift positions by P, and when this call
+        starts a sequence, prepend the virtual embeddings or (with the KV cache) write the prefix keys/values into
+        the cache once. Returns x, position_ids, input_pos, attention_mask, the number of prepended positions and
+        per-layer prefix keys/values (no-cache prefix tuning only)."""
+        virtual, P = self.virtual, self.virtual.n_virtual
+        B, device = x.shape[0], x.device
+        starts = input_pos is None or int(input_pos[0]) == 0
+        position_ids = position_ids + P
+        if input_pos is not None:
+            input_pos = input_pos + P
+            if attention_mask is not None:  # (B, S) -> (B, P + S): virtual positions are always attended to
+                attention_mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
+        if not starts:
+            return x, position_ids, input_pos, attention_mask, 0, None
+        virtual_pos = torch.arange(P, device=device)
+        if virtual.injects == "embeddings":
+            prompt = virtual.embeddings().to(x.dtype)  # (P, C)
+            x = torch.cat([prompt.expand(B, -1, -1), x], dim=1)  # (B, P + T, C)
+            position_ids = torch.cat([virtual_pos.expand(position_ids.shape[0], -1), position_ids], dim=1)
+            if input_pos is not None:
+                input_pos = torch.cat([virtual_pos, input_pos])
+            return x, position_ids, input_pos, attention_mask, P, None
+        layer_kv = virtual.layer_kv()  # (n_layer, 2, ng, P, hs)
+        if input_pos is None:
+            return x, position_ids, input_pos, attention_mask, 0, layer_kv
+        for block, (k, v) in zip(self.transformer.h, layer_kv):
+            if block.attn.kv_cache is None:
+                raise RuntimeError("decoding with input_pos needs set_kv_cache() first")
+            block.attn.kv_cache.update(virtual_pos, k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
+        return x, position_ids, input_pos, attention_mask, 0, None
 
     def _mask(self, T, input_pos, segment_ids, attention_mask, device) -> torch.Tensor | None:
         """A boolean (B|1, 1, T, S) mask where True means "may attend", or None for the plain causal case."""
@@ -126,6 +184,20 @@ class GPT(nn.Module):
         return None
 
 
+def _mask_with_virtual(mask, T: int, P: int, prepended: bool, device) -> torch.Tensor:
+    """Extend the real tokens' mask (B|1, 1, T, T), or None for plain causal, over P virtual positions that every
+    token may see: to (B|1, 1, T, P + T) for prefix keys, or (B|1, 1, P + T, P + T) when the virtual tokens run
+    through the model too (they see only each other, causally)."""
+    if mask is None:
+        mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
+    b = mask.shape[0]
+    mask = torch.cat([torch.ones(b, 1, T, P, dtype=torch.bool, device=device), mask], dim=-1)  # (b, 1, T, P + T)
+    if not prepended:
+        return mask
+    top = torch.ones(P, P + T, dtype=torch.bool, device=device).tril()  # virtual rows: causal, never the real tokens
+    return torch.cat([top.expand(b, 1, P, P + T), mask], dim=-2)  # (b, 1, P + T, P + T)
+
+
 class Block(nn.Module):
     def __init__(self, config: Config, index: int) -> None:
         super().__init__()
@@ -135,9 +207,9 @@ class Block(nn.Module):
         self.norm_2 = None if config.shared_attention_norm else make_norm(config)
         self.mlp = SwiGLUMLP(config) if config.mlp_class == "swiglu" else GeluMLP(config)
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, prefix_kv=None):
         x_normed = self.norm_1(x)
-        h = self.attn(x_normed, cos, sin, mask, input_pos)
+        h = self.attn(x_normed, cos, sin, mask, input_pos, prefix_kv)
         if self.config.parallel_residual:
             mlp_in = x_normed if self.norm_2 is None else self.norm_2(x)
             return self.mlp(mlp_in) + h + x
@@ -157,7 +229,9 @@ class CausalSelfAttention(nn.Module):
         # called as adapter(attn, q) -> (B, n_head, T, head_size) and added to the attention output.
         self.adapter: nn.Module | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, prefix_kv=None):
+        """prefix_kv: this layer's prefix-tuning keys and values (2, ng, P, hs), attended to before the sequence
+        (no RoPE: they have no position) when decoding without the KV cache."""
         cfg = self.config
         B, T, _ = x.shape
         qkv = self.qkv(x)  # (B, T, (nh + 2 * ng) * hs)
@@ -173,6 +247,10 @@ class CausalSelfAttention(nn.Module):
             k = rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, ng, S, hs)
+        if prefix_kv is not None:
+            pk, pv = prefix_kv.to(k.dtype)  # (ng, P, hs) each
+            k = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)  # (B, ng, P + T, hs)
+            v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
         is_causal = mask is None and input_pos is None and T > 1
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0 / math.sqrt(cfg.head_size),

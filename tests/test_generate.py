@@ -81,3 +81,10 @@ def test_batched_left_padded_greedy_equals_one_by_one():
     for p, got in zip(prompts, batched):
         single = list(generate_tokens(model, torch.tensor(p), 12, stop_ids=stop))
         assert got == [t for t in single if t not in stop]
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -0.5])
+def test_sampling_refuses_a_temperature_that_is_not_a_finite_non_negative_number(bad):
+    """`--temperature .inf` used to pass (inf >= 0) and divided every logit into zeros: uniform sampling."""
+    with pytest.raises(ValueError, match="temperature"):
+        Sampling(temperature=bad)

@@ -66,7 +66,7 @@ def chat(
         history.append({"role": "user", "content": user})
         text = tokenizer.apply_chat_template(history, add_generation_prompt=True)
         ids = torch.tensor(tokenizer.encode(text, bos=bos_for_rendered(tokenizer, text)), dtype=torch.long)
-        budget = model.config.block_size - len(ids)
+        budget = model.max_tokens - len(ids)
         if budget <= 0:
             print("[history is longer than the model's context; /reset to start over]", file=sys.stderr)
             history.pop()

@@ -56,6 +56,9 @@ class Method:
     """Another method whose checkpoints this one shares (qlora is lora on a quantized base)."""
     args_flag: str | None = None
     """CLI group of the args (`--lora.r`); default: the method name."""
+    prepare: Callable[[nn.Module, Any, Any], None] | None = None
+    """prepare(model, args, tokenizer) once after `apply` when a run starts (not when an adapter is loaded): the
+    initialisation that needs the tokenizer, e.g. prompt tuning's init from a text."""
     regularizer: Callable[[nn.Module], torch.Tensor | None] | None = None
     """regularizer(model): an extra loss term the loop adds once per optimizer step (not per micro-batch, so the
     update stays accumulation-invariant), e.g. AdaLoRA's orthogonality penalty; None: nothing to add."""

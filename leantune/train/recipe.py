@@ -101,6 +101,8 @@ def finetune(
     else:
         args = run.method_args
         trainable = apply_method(model, run.method, args)
+        if run.method.prepare is not None:
+            run.method.prepare(model, args, tokenizer)
     trainable_in_weight_dtype(model, trainable, weight_dtype(precision))
     manifest = build_manifest(run.method.name, args, checkpoint_dir, tokenizer, style.name, precision, run.quantize,
                               extra={"data": type(data).__name__, "max_seq_length": train.max_seq_length}, model=model)
