@@ -138,7 +138,7 @@ def test_chat_openai_and_sharegpt():
 
 def test_summarization_layouts():
     samsum, _ = records(Summarization(json_path=FIXTURES / "summarization" / "samsum.jsonl"))
-    assert samsum[0]["instruction"] == "Summarize the following dialogue."
+    assert samsum[0]["instruction"] == "Summarize the following conversation."
     assert samsum[0]["input"].startswith("Amanda: I baked cookies.") and samsum[0]["output"].startswith("Amanda baked")
     cnn, _ = records(Summarization(json_path=FIXTURES / "summarization" / "cnn_dailymail.jsonl"))
     assert cnn[1] == {"instruction": "Summarize the following news article.",

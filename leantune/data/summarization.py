@@ -1,24 +1,44 @@
 """Summarization pairs (dialogue/document -> summary) in the samsum, cnn_dailymail or xsum layouts.
 
-Each pair becomes an instruction record: a summarization instruction, the source as input, the summary as
-output, so the same prompt styles (and the flan-t5 seq2seq flow: source = prompt, target = output) apply.
+Two steps, kept apart so that both model kinds share the first:
+1. row -> record (`Summarization.convert`): an instruction record {instruction, input: the source, output: the
+   summary}. For samsum (`id`, `dialogue`, `summary`) the instruction is flan-t5's: "Summarize the following
+   conversation." (the `id` field is not needed: a sample points back at its file:line).
+2a. decoder models: the record goes through the prompt style like any instruction record (the user turn is
+    "Summarize the following conversation.\\n\\n{dialogue}", the reply is the summary), and `sft.py` masks the prompt,
+    supervises the summary + EOS and applies the truncation policy, counting what it drops or cuts.
+2b. seq2seq models: `seq2seq_pair(record)` gives the encoder text and the decoder target. For samsum that is exactly
+    flan-t5's prompt, "Summarize the following conversation.\\n\\n{dialogue}\\n\\nSummary: ", and the summary. (The
+    cue "Summary: " stands where a decoder's prompt style puts its own reply marker.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from leantune.data.base import InstructionDataModule
 from leantune.data.errors import RowError
 from leantune.data.json_data import data_files
+from leantune.data.prompts import user_content
 from leantune.data.readers import read_examples, require_text
 from leantune.data.sft import Example
 
 # source field -> default instruction (samsum: dialogue/summary, cnn_dailymail: article/highlights, xsum: document)
-SOURCES = {"dialogue": "Summarize the following dialogue.", "article": "Summarize the following news article.",
+SOURCES = {"dialogue": "Summarize the following conversation.", "article": "Summarize the following news article.",
            "document": "Summarize the following document.", "text": "Summarize the following text."}
 TARGETS = ("summary", "highlights")
+SUMMARY_CUE = "\n\nSummary: "
+"""Ends a seq2seq source text: flan-t5's samsum prompt is "{instruction}\\n\\n{dialogue}\\n\\nSummary: "."""
+
+
+def seq2seq_pair(record: Mapping[str, Any], cue: str = SUMMARY_CUE) -> tuple[str, str]:
+    """(encoder input text, decoder target text) of an instruction record: the instruction and its input joined by a
+    blank line, then `cue`; and the output. Works for any {instruction, input?, output} record (JSON data too; pass
+    cue="" there, the cue is the summarization prompt's)."""
+    return user_content(record) + cue, record["output"]
 
 
 @dataclass
@@ -32,7 +52,7 @@ class Summarization(InstructionDataModule):
     target_key: str | None = None
     """Field with the reference summary (default: summary or highlights)."""
     instruction: str | None = None
-    """The summarization instruction (default: one matching the source field, e.g. 'Summarize the following dialogue.')."""
+    """The summarization instruction (default: one matching the source field, e.g. 'Summarize the following conversation.')."""
 
     def convert(self, row: dict) -> dict:
         source_key = self.source_key or next((k for k in SOURCES if k in row), None)
