@@ -25,10 +25,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "leantune"
 
 LAYERS = [
-    ("config", "presets", "families", "runtime", "ops"),
-    ("model", "quantize", "compile"),
-    ("checkpoint", "data", "tokenizer", "peft", "generate", "download"),
-    ("methods", "train", "evaluate", "inference", "merge", "export", "estimate"),
+    ("config", "presets", "families", "runtime", "ops", "t5_presets"),
+    ("model", "quantize", "compile", "t5"),
+    ("checkpoint", "data", "tokenizer", "peft", "generate", "download", "t5_generate"),
+    ("methods", "train", "evaluate", "inference", "merge", "export", "estimate", "rouge"),
     ("commands", "cli"),
 ]
 FORBIDDEN = {  # importer prefix -> imported prefixes it must never reach directly
