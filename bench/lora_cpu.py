@@ -1,10 +1,13 @@
-"""CPU LoRA training tokens/s: leantune vs transformers + peft, same model, targets, r, batch, length, threads.
+"""CPU adapter training tokens/s: leantune vs transformers + peft, same model, method, targets, r, batch, length,
+threads.
 
-Usage: python bench/lora_cpu.py [--threads 2] [--batch 4] [--seq 256] [--steps 6] [--rounds 2] [--compile]
-       [--dora] [--dropout 0.05]
-With --dora both sides train DoRA instead (leantune's `dora` method vs peft's `use_dora=True`) and the result goes to
-bench/results/dora_cpu.json; with dropout > 0 both run the dropped input through the frozen W as well (PEFT's DoRA
-formula), and --dropout 0 shows the cost without that extra matmul.
+Usage: python bench/lora_cpu.py [--method lora|dora|loha|lokr|ia3] [--threads 2] [--batch 4] [--seq 256]
+       [--steps 6] [--rounds 2] [--compile] [--dropout 0.05]
+--method picks the method on both sides (leantune's method vs peft's LoraConfig / use_dora=True / LoHaConfig /
+LoKrConfig / IA3Config): LoRA-family methods on q/v with r=8 alpha=16, IA3 with both tools' defaults (k, v and the
+MLP's down projection). Results go to bench/results/<method>_cpu.json. For DoRA with dropout > 0 both run the
+dropped input through the frozen W as well (PEFT's DoRA formula); --dropout 0 shows the cost without that matmul
+(LoHa, LoKr and IA3 have no input dropout).
 With --compile leantune's blocks are compiled (leantune.compile.compile_blocks); the compile time is reported
 separately and excluded from tokens/s, as both sides are timed after warm-up. The peer side is the step of
 ../shared/bench/hf_peft_cpu.py (LoRA q/v r=8 alpha=16 dropout 0.05, AdamW 2e-4, loss on every position).
@@ -24,6 +27,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_CHECKPOINT, environment, print_table, write_result  # noqa: E402
 
 
+def method_configs(method: str, dropout: float):
+    """(leantune's args, peft's config) for the same adapter."""
+    import peft
+
+    qv = dict(r=8, alpha=16, targets=["query", "value"])
+    if method in ("lora", "dora"):
+        return ({**qv, "dropout": dropout}, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, task_type="CAUSAL_LM",
+                                                            target_modules=["q_proj", "v_proj"], use_dora=method == "dora"))
+    if method == "loha":
+        return qv, peft.LoHaConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if method == "lokr":
+        return qv, peft.LoKrConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    return None, peft.IA3Config(task_type="CAUSAL_LM")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint_dir", type=Path, default=DEFAULT_CHECKPOINT)
@@ -34,17 +52,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="regional torch.compile of leantune's transformer blocks")
-    ap.add_argument("--dora", action=argparse.BooleanOptionalAction, default=False,
-                    help="DoRA (weight-decomposed LoRA) on both sides instead of LoRA")
+    ap.add_argument("--method", choices=["lora", "dora", "loha", "lokr", "ia3"], default="lora")
     ap.add_argument("--dropout", type=float, default=0.05)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     from leantune.checkpoint.hf import load_hf_checkpoint
-    from leantune.peft.lora import DoRAArgs, LoRAArgs, apply_dora, apply_lora
+    from leantune.methods import apply_method
     from leantune.train.loss import supervised_ce_sum
 
     x = torch.randint(0, 49152, (a.batch, a.seq))
@@ -52,8 +69,8 @@ def main() -> None:
     n_sup = int((labels != -100).sum())
 
     ours = load_hf_checkpoint(a.checkpoint_dir)
-    args_class, apply = (DoRAArgs, apply_dora) if a.dora else (LoRAArgs, apply_lora)
-    names = apply(ours, args_class(r=8, alpha=16, dropout=a.dropout, targets=["query", "value"]))
+    our_args, peft_config = method_configs(a.method, a.dropout)
+    names = apply_method(ours, a.method, our_args)
     ours.train()
     compiled = False
     if a.compile:
@@ -71,8 +88,7 @@ def main() -> None:
         opt_ours.zero_grad(set_to_none=True)
 
     hf = AutoModelForCausalLM.from_pretrained(a.checkpoint_dir, dtype=torch.float32)
-    hf = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=a.dropout, target_modules=["q_proj", "v_proj"],
-                                       task_type="CAUSAL_LM", use_dora=a.dora))
+    hf = get_peft_model(hf, peft_config)
     hf.train()
     opt_hf = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=2e-4)
 
@@ -102,12 +118,11 @@ def main() -> None:
     ratio = rows[0]["tok_s"] / rows[1]["tok_s"]
     print_table(rows, ["tool", "trainable", "s_per_step", "tok_s"])
     compile_s = round(max(first_step_s - min(times["leantune"]), 0.0), 1) if compiled else None
-    method = "DoRA" if a.dora else "LoRA"
-    print(f"ratio leantune/hf_peft: {ratio:.2f}x ({method} q/v r=8 dropout {a.dropout}, B={a.batch}, T={a.seq}, "
+    what = "defaults" if a.method == "ia3" else f"q/v r=8 dropout {a.dropout}"
+    print(f"ratio leantune/hf_peft: {ratio:.2f}x ({a.method} {what}, B={a.batch}, T={a.seq}, "
           f"threads={a.threads}, rounds={a.rounds}, "
           f"compiled={compiled}" + (f", compile ~{compile_s} s" if compiled else "") + ")")
-    name = "dora_cpu" if a.dora else "lora_cpu"
-    path = write_result(name, {"env": environment(), "dropout": a.dropout, "batch": a.batch, "seq": a.seq,
+    path = write_result(f"{a.method}_cpu", {"env": environment(), "method": a.method, "dropout": a.dropout, "batch": a.batch, "seq": a.seq,
                                "rounds": a.rounds, "steps": a.steps, "compiled": compiled, "compile_s": compile_s,
                                "rows": rows, "ratio": round(ratio, 3),
                                "s_per_step_all": {k: [round(t, 3) for t in v] for k, v in times.items()}})

@@ -92,7 +92,9 @@ def estimate(config: Config, method: str, method_args=None, precision: str = "bf
         step_temp = 0
 
     act = 2 if precision != "32-true" else 4
-    tokens = micro_batch_size * max_seq_length
+    # virtual embeddings (prompt/P-tuning) run through the model as extra positions of every sequence
+    run_through = model.virtual is not None and model.virtual.injects == "embeddings"
+    tokens = micro_batch_size * (max_seq_length + (model.n_virtual if run_through else 0))
     first = _first_block_with_gradient(model, trainable_names)
     grad_layers = c.n_layer - first
     block = _block_bytes(model.transformer.h[-1], c, act, device)
@@ -138,8 +140,9 @@ def estimate(config: Config, method: str, method_args=None, precision: str = "bf
 
 
 def _first_block_with_gradient(model: GPT, trainable: set[str]) -> int:
-    """Blocks below the first one holding a trainable tensor get no gradient and keep nothing for backward."""
-    if any(n.startswith("transformer.wte") or n.startswith("transformer.wpe") for n in trainable):
+    """Blocks below the first one holding a trainable tensor get no gradient and keep nothing for backward (virtual
+    tokens feed every block: the gradient flows through all of them)."""
+    if any(n.startswith(("transformer.wte", "transformer.wpe", "virtual.")) for n in trainable):
         return 0
     for i in range(model.config.n_layer):
         if any(n.startswith(f"transformer.h.{i}.") for n in trainable):

@@ -14,6 +14,7 @@ from tiny_families import TINY, V, load_hf, random_hf
 
 from leantune.checkpoint.hf import load_hf_checkpoint
 from leantune.commands.export import export as export_command
+from leantune.config import Config
 from leantune.data import JSON
 from leantune.estimate import estimate, resolve_config
 from leantune.families import config_from_hf
@@ -279,3 +280,17 @@ def test_commands_train_export_generate_and_resume_from_a_peft_folder(tiny_check
     second = run(tmp_path / "b", resume_adapter=exported)
     manifest = json.loads((tmp_path / "b" / "final" / "leantune.json").read_text())
     assert manifest["method_args"]["encoder"] == "none" and second["trainable_params"] == 4 * ours.config.n_embd
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
+def test_estimate_counts_activations_through_every_block(method):
+    """Virtual tokens feed every block, so backward keeps every block's activations like LoRA on layer 0 (the
+    estimate once found no block holding a trained tensor and counted none); prompt and P-tuning add P positions."""
+    config = Config.from_name("SmolLM2-135M-Instruct")
+    kw = dict(precision="32-true", micro_batch_size=8, max_seq_length=256, device="cpu")
+    lora = estimate(config, "lora", None, **kw)["activations_gb"]  # q/v of every block, from block 0
+    ours = estimate(config, method, {"num_virtual_tokens": 64}, **kw)["activations_gb"]
+    if method == "prefix_tuning":
+        assert 0.8 * lora < ours <= lora
+    else:
+        assert 0.8 * lora * (256 + 64) / 256 < ours < 1.3 * lora * (256 + 64) / 256
