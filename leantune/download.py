@@ -26,7 +26,8 @@ DEFAULT_CHECKPOINT = Path("checkpoints") / DEFAULT_REPO_ID
 
 # Top-level files of an HF model folder besides the weights.
 _META_SUFFIXES = (".json", ".txt", ".jinja")
-_META_NAMES = ("tokenizer.model",)
+_META_NAMES = ("tokenizer.model", "spiece.model")  # sentencepiece models (Llama-style; T5's name)
+_TOKENIZER_NAMES = ("tokenizer.json", *_META_NAMES)  # any one of them makes a folder's tokenizer
 _WEIGHT_INDEX = {".safetensors": "model.safetensors.index.json", ".bin": "pytorch_model.bin.index.json"}
 _WEIGHT_SINGLE = {".safetensors": "model.safetensors", ".bin": "pytorch_model.bin"}
 
@@ -46,7 +47,7 @@ def _unreachable(repo_id: str, reason: BaseException | str) -> HubUnreachableErr
 def is_complete(folder: str | Path) -> bool:
     """Whether `folder` holds config.json, a tokenizer and all of its weight files."""
     d = Path(folder)
-    if not (d / "config.json").is_file() or not any((d / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+    if not (d / "config.json").is_file() or not any((d / n).is_file() for n in _TOKENIZER_NAMES):
         return False
     for suffix, index in _WEIGHT_INDEX.items():
         if (d / index).is_file():

@@ -1,8 +1,15 @@
-"""The tokenizer of a checkpoint folder: `tokenizer.json` (tokenizers) or `tokenizer.model` (sentencepiece).
+"""The tokenizer of a checkpoint folder: `tokenizer.json` (tokenizers) or `tokenizer.model` / T5's `spiece.model`
+(sentencepiece).
 
 Special tokens are never left to the backend: `encode` asks it for plain ids and adds BOS/EOS itself, so a
-prompt gets exactly one BOS whatever the post-processor would do. Chat templates are rendered with jinja2 in
-the same sandbox and with the same helpers as transformers, so the text equals `apply_chat_template`.
+prompt gets exactly one BOS whatever the post-processor would do. Whether a model wants BOS or EOS around every
+input is detected once (T5 appends `</s>` to every input, decoder-only models do not). Chat templates are rendered
+with jinja2 in the same sandbox and with the same helpers as transformers, so the text equals `apply_chat_template`.
+
+T5 sentencepiece folders follow transformers' `T5Tokenizer`: `extra_ids` (default 100) sentinel tokens
+`<extra_id_N>` are appended after the sentencepiece vocabulary in reverse order (`<extra_id_0>` is the last id), and
+decoding is tokenizers' Metaspace decoder (transformers' T5 tokenizer is the tokenizers one converted from
+spiece.model), which keeps the space before a word that follows a special token.
 """
 
 from __future__ import annotations
@@ -33,6 +40,37 @@ def _token_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+# Tokenizer classes / model types that use T5's sentencepiece layout (pad 0, EOS 1, unk 2, sentinels on top).
+_T5_TOKENIZER_CLASSES = {"T5Tokenizer", "MT5Tokenizer", "UMT5Tokenizer"}
+_T5_MODEL_TYPES = {"t5", "mt5", "umt5"}
+# Sentencepiece model file names, in the order they are tried (after tokenizer.json).
+_SP_FILES = ("tokenizer.model", "spiece.model")
+
+
+def _t5_layout(tok_cfg: dict[str, Any], model_cfg: dict[str, Any], sp_file: str) -> bool:
+    """Whether a sentencepiece folder is a T5 tokenizer: tokenizer_config's class says so, else config.json's model
+    type, else the file name (`spiece.model` is what T5 repos ship; Llama-style ones ship `tokenizer.model`)."""
+    cls = tok_cfg.get("tokenizer_class")
+    if isinstance(cls, str):
+        return cls.removesuffix("Fast") in _T5_TOKENIZER_CLASSES
+    if isinstance(model_cfg.get("model_type"), str):
+        return model_cfg["model_type"] in _T5_MODEL_TYPES
+    return sp_file == "spiece.model"
+
+
+def _t5_added_tokens(tok_cfg: dict[str, Any], sp_size: int) -> dict[str, int]:
+    """Tokens past the sentencepiece vocabulary of a T5 folder: tokenizer_config's `added_tokens_decoder` when it
+    lists any (it is what transformers wrote), else T5Tokenizer's `extra_ids` sentinels, `<extra_id_0>` last."""
+    listed = tok_cfg.get("added_tokens_decoder")
+    if isinstance(listed, dict):
+        added = {str(e["content"]): int(tid) for tid, e in listed.items()
+                 if isinstance(e, dict) and e.get("content") and int(tid) >= sp_size}
+        if added:
+            return added
+    n = int(tok_cfg.get("extra_ids", 100))
+    return {f"<extra_id_{i}>": sp_size + n - 1 - i for i in range(n)}
+
+
 def _as_list(value: Any) -> list[int]:
     if value is None:
         return []
@@ -53,14 +91,20 @@ class Tokenizer:
             self.backend = "tokenizers"
             self._hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
-        elif (d / "tokenizer.model").is_file():
+        elif sp_file := next((n for n in _SP_FILES if (d / n).is_file()), None):
             import sentencepiece as spm
 
             self.backend = "sentencepiece"
-            self._sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+            self._sp = spm.SentencePieceProcessor(model_file=str(d / sp_file))
             self.vocab_size = self._sp.get_piece_size()
         else:
-            raise FileNotFoundError(f"{d}: no tokenizer.json or tokenizer.model found")
+            raise FileNotFoundError(f"{d}: no tokenizer.json or tokenizer.model (or T5's spiece.model) found")
+        # T5 sentencepiece only: sentinels past the sentencepiece vocabulary, and Metaspace-style decoding.
+        self._t5 = self.backend == "sentencepiece" and _t5_layout(cfg, model_cfg, sp_file)
+        self._added: dict[str, int] = _t5_added_tokens(cfg, self.vocab_size) if self._t5 else {}
+        self._added_ids: dict[int, str] = {tid: s for s, tid in self._added.items()}
+        if self._added:
+            self.vocab_size = max(self.vocab_size, max(self._added_ids) + 1)
 
         def special(name: str) -> str | None:
             return _token_str(cfg.get(name)) or _token_str(special_map.get(name))
@@ -90,6 +134,7 @@ class Tokenizer:
             if self.special_tokens[key] is None and tid is not None:
                 self.special_tokens[key] = self.id_to_token(tid)
         self.use_bos: bool = self._detect_use_bos()
+        self.use_eos: bool = self._detect_use_eos()
         self.chat_template: str | None = self._load_chat_template()
         self._special_split = self._special_pattern() if self.backend == "sentencepiece" else None
 
@@ -105,20 +150,39 @@ class Tokenizer:
             return bool(with_special) and with_special[0] == self.bos_id
         return True  # sentencepiece models with a BOS piece (Llama 1/2, Mistral, Gemma) prepend it by default
 
+    def _detect_use_eos(self) -> bool:
+        """Whether every input ends with EOS (T5): tokenizer_config's `add_eos_token` wins; else the tokenizer.json
+        post-processor (T5's appends `</s>`, decoder-only ones do not); else T5's sentencepiece layout."""
+        if self.eos_id is None:
+            return False
+        if "add_eos_token" in self._config:
+            return bool(self._config["add_eos_token"])
+        if self.backend == "tokenizers":
+            with_special = self._hf.encode("a", add_special_tokens=True).ids
+            return bool(with_special) and with_special[-1] == self.eos_id
+        return self._t5
+
     def token_to_id(self, token: str) -> int | None:
         if self.backend == "tokenizers":
             return self._hf.token_to_id(token)
+        if token in self._added:
+            return self._added[token]
         tid = self._sp.piece_to_id(token)
         return tid if (tid != self._sp.unk_id() or token == self._sp.id_to_piece(tid)) else None
 
     def id_to_token(self, tid: int) -> str | None:
         if self.backend == "tokenizers":
             return self._hf.id_to_token(tid)
-        return self._sp.id_to_piece(tid) if 0 <= tid < self.vocab_size else None
+        if tid in self._added_ids:
+            return self._added_ids[tid]
+        return self._sp.id_to_piece(tid) if 0 <= tid < self._sp.get_piece_size() else None
 
     def _special_pattern(self) -> re.Pattern | None:
         """Sentencepiece does not know added/special token strings; split them out of the text ourselves."""
-        strings = {s for s in self.special_tokens.values() if s}
+        strings = {s for s in self.special_tokens.values() if s} | set(self._added)
+        if self._t5:  # transformers' T5 splits out all three of <pad>, </s> and <unk>, named in its config or not
+            strings |= {self._sp.id_to_piece(t) for t in (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id())
+                        if t >= 0}
         for entry in self._config.get("added_tokens_decoder", {}).values():
             if isinstance(entry, dict) and entry.get("content"):
                 strings.add(entry["content"])
@@ -128,15 +192,16 @@ class Tokenizer:
         return re.compile("(" + "|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)) + ")")
 
     # ---- encode / decode -----------------------------------------------------------------------------------
-    def encode(self, text: str, bos: bool | None = None, eos: bool = False, max_length: int = -1) -> list[int]:
-        """Token ids of `text`; `bos=None` follows the model's convention (`use_bos`). Never two BOS."""
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None, max_length: int = -1) -> list[int]:
+        """Token ids of `text`; `bos=None` / `eos=None` follow the model's convention (`use_bos`, `use_eos`: T5
+        appends EOS to every input). Never two BOS. `max_length` cuts the result, an added EOS included."""
         if self.backend == "tokenizers":
             ids = self._hf.encode(text, add_special_tokens=False).ids
         else:
             ids = self._encode_sp(text)
         if (self.use_bos if bos is None else bos) and self.bos_id is not None and not (ids and ids[0] == self.bos_id):
             ids = [self.bos_id, *ids]
-        if eos and self.eos_id is not None:
+        if (self.use_eos if eos is None else eos) and self.eos_id is not None:
             ids.append(self.eos_id)
         if max_length > 0:
             ids = ids[:max_length]
@@ -160,6 +225,8 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         if self.backend == "tokenizers":
             return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        if self._t5:
+            return self._decode_metaspace(ids, skip_special_tokens)
         # sentencepiece decodes control pieces to "": keep them as text unless asked to skip, like transformers.
         out, run = [], []
         for tid in ids:
@@ -172,6 +239,17 @@ class Tokenizer:
                 run.append(tid)
         out.append(self._sp.decode(run))
         return "".join(out)
+
+    def _decode_metaspace(self, ids: list[int], skip_special_tokens: bool) -> str:
+        """T5 sentencepiece ids decoded as transformers' T5 tokenizer does (tokenizers' Metaspace decoder): pieces
+        joined with "▁" as space, only the first token losing its leading one. sentencepiece's own decode differs:
+        it drops every leading space and the space of a word after a sentinel."""
+        n = self._sp.get_piece_size()
+        pieces = [self.id_to_token(t) for t in ids if not (skip_special_tokens and (
+            t in self._added_ids or (0 <= t < n and (self._sp.is_control(t) or self._sp.is_unknown(t)))))]
+        pieces = [p for p in pieces if p is not None]  # ids outside the vocabulary: dropped, as tokenizers does
+        text = "".join(pieces).replace("\u2581", " ")
+        return text[1:] if pieces and pieces[0].startswith("\u2581") else text
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> IncrementalDecoder:
         return IncrementalDecoder(self, skip_special_tokens)

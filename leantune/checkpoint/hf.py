@@ -23,7 +23,7 @@ from leantune.model import GPT
 from leantune.quantize import check_mode, is_quantizable, quantize_model, quantize_weight
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.json", "tokenizer.model", "spiece.model", "tokenizer_config.json", "special_tokens_map.json",
     "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
 )
 SHARD_BYTES = 5 * 2**30

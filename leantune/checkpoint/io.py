@@ -154,9 +154,10 @@ def atomic_dir(final_dir: str | Path, kind: str | None = None) -> Iterator[Path]
 OUTPUT_MARKER = ".leantune-output"
 HF_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
                   "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                  "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-                  "chat_template.json")
-"""The files of an HF model folder written by `save_hf_checkpoint` (for `claim_output(legacy_files=...)`)."""
+                  "spiece.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                  "chat_template.jinja", "chat_template.json")
+"""The files of an HF model folder written by `save_hf_checkpoint` / `save_t5_checkpoint` (T5's tokenizer is
+`spiece.model`), for `claim_output(legacy_files=...)`."""
 PEFT_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 """The files of a PEFT adapter folder written by the PEFT export (for `claim_output(legacy_files=...)`)."""
 

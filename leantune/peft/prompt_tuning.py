@@ -60,7 +60,7 @@ def apply_prompt_tuning(model: GPT, args: PromptTuningArgs) -> list[str]:
 def init_prompt_text(model: GPT, args: PromptTuningArgs, tokenizer) -> None:
     """`init text` needs the tokenizer, so it runs once the method is applied, before the first step."""
     if args.init == "text":
-        init_from_tokens(model.virtual, model, tokenizer.encode(args.init_text, bos=False))
+        init_from_tokens(model.virtual, model, tokenizer.encode(args.init_text, bos=False, eos=False))
 
 
 def import_prompt(model: GPT, peft_dir: str | Path) -> PromptTuningArgs:
