@@ -2,7 +2,8 @@
 and after the same number of steps, tokens/s and peak memory, one `leantune finetune <method>` process each (same
 model, data, batch, steps, seed and threads), one table.
 
-Usage: python bench/methods_cpu.py [--methods lora,dora,ia3] [--steps 50] [--threads 2]
+Usage: python bench/methods_cpu.py [--methods lora,dora,ia3] [--steps 50] [--threads 2] [--append]
+--append keeps the rows of bench/results/methods_cpu.json for methods not given (to finish an interrupted run).
 Each method uses its default hyperparameters and learning rate (the point of the table: do the defaults work?).
 Writes bench/results/methods_cpu.json. On 2 CPU cores each method takes about 5-8 minutes.
 """
@@ -47,10 +48,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--checkpoint_dir", type=Path, default=DEFAULT_CHECKPOINT)
+    ap.add_argument("--append", action="store_true", help="keep earlier rows of methods not run now")
     args = ap.parse_args()
     rows = []
+    chosen = args.methods.split(",")
+    previous = Path("bench/results/methods_cpu.json")
+    if args.append and previous.is_file():
+        rows = [r for r in json.loads(previous.read_text())["rows"] if r["method"] not in chosen]
     with tempfile.TemporaryDirectory() as tmp:
-        for method in args.methods.split(","):
+        for method in chosen:
             rows.append(run(method, args.steps, args.threads, args.checkpoint_dir, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
             # after every method, so an interrupted run keeps what it measured
