@@ -22,18 +22,22 @@ Not included: the CUDA context and caching-allocator slack (typically 0.3-1 GB o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from leantune.config import Config
 from leantune.families import config_from_checkpoint
+from leantune.kinds import is_t5_folder
 from leantune.methods import apply_method, get_method
 from leantune.model import GPT
 from leantune.peft.adapter_v2 import AdapterV2Linear
 from leantune.peft.lora import LoRALinear
 from leantune.quantize import check_mode, is_quantizable, quantize_model, quantized_nbytes, storage_tensors
 from leantune.runtime import compute_dtype, weight_dtype
+from leantune.t5 import T5, T5Config
+from leantune.t5_presets import T5_PRESETS
 from leantune.train.loop import enable_activation_checkpointing
 from leantune.train.optim import OptimizerArgs, build_optimizer
 from leantune.train.step import train_step
@@ -42,11 +46,40 @@ DTYPE_BYTES = {"32-true": 4, "bf16-true": 2, "16-true": 2, "bf16-mixed": 4, "16-
 CE_CHUNK = 1024  # tokens per logits chunk in leantune.train.loss.supervised_ce_sum
 
 
-def resolve_config(model: str) -> Config:
+def resolve_config(model: str) -> Config | T5Config:
+    """The architecture of a checkpoint folder or a preset name, decoder (`Config`) or T5 (`T5Config`)."""
     path = Path(model)
     if (path / "config.json").is_file():
+        if is_t5_folder(path):
+            return T5Config.from_hf(json.loads((path / "config.json").read_text(encoding="utf-8")))
         return config_from_checkpoint(path)
+    if model.strip().lower().split("/", 1)[-1] in {n.lower().split("/", 1)[-1] for n in T5_PRESETS}:
+        return T5Config.from_name(model)
     return Config.from_name(model)
+
+
+def estimate_t5(config: T5Config, method: str, method_args=None, precision: str = "bf16-true",
+                optimizer: str = "AdamW") -> dict:
+    """Parameter counts and the parameter-sized memory (weights, gradients, optimizer state) of a T5 finetune, in
+    GiB, built on the meta device. Activations are not modelled for T5 yet, so `total_gb` excludes them."""
+    method_args = get_method(method).make_args(method_args)
+    with torch.device("meta"):
+        model = T5(config)
+        trainable_names = set(apply_method(model, method, method_args))
+    unique = {}
+    for n, p in model.named_parameters():
+        unique.setdefault(id(p), (n, p))
+    total = sum(p.numel() for _, p in unique.values())
+    trainable = sum(p.numel() for n, p in unique.values() if n in trainable_names)
+    wbytes = DTYPE_BYTES[precision] if precision.endswith("true") else 4
+    weights = total * wbytes
+    grads = trainable * (4 if precision.endswith("mixed") else wbytes)
+    adam = 2 * wbytes if precision.endswith("true") else 8
+    optim = trainable * {"SGD": 0, "bnb.AdamW8bit": 2, "bnb.PagedAdamW8bit": 2}.get(optimizer, adam)
+    gib = 2**30
+    return dict(trainable_params=trainable, total_params=total, trainable_percent=round(100 * trainable / total, 4),
+                weights_gb=round(weights / gib, 3), gradients_gb=round(grads / gib, 3),
+                optimizer_gb=round(optim / gib, 3), total_gb=round((weights + grads + optim) / gib, 3))
 
 
 def estimate(config: Config, method: str, method_args=None, precision: str = "bf16-true", quantize: str | None = None,

@@ -19,8 +19,11 @@ from leantune import rouge
 from leantune.data.base import split_examples
 from leantune.data.errors import Skips
 from leantune.generate import greedy_batch
+from leantune.kinds import is_seq2seq
 from leantune.model import GPT
-from leantune.train.loss import supervised_ce_sum
+from leantune.t5 import T5
+from leantune.t5_generate import pad_inputs, t5_generate
+from leantune.train.loss import is_seq2seq_batch, seq2seq_ce_sum, supervised_ce_sum
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -43,11 +46,34 @@ def complete(model: GPT, tokenizer, encoded: Sequence[Sequence[int]], max_new_to
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False, dynamic_ncols=True):
         rows = order[s:s + batch_size]
-        outs = greedy_batch(model, [encoded[i] for i in rows], max_new_tokens, tokenizer.eos_ids, pad_id=pad_id)
+        outs = greedy_outputs(model, [encoded[i] for i in rows], max_new_tokens, tokenizer.eos_ids, pad_id)
         for i, out in zip(rows, outs):
             texts[i] = cut_at_stop(tokenizer.decode(out, skip_special_tokens=True), stop_strings).strip()
     model.train(was_training)
     return texts
+
+
+def greedy_outputs(model: GPT | T5, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int],
+                   pad_id: int) -> list[list[int]]:
+    """Greedy new tokens per prompt, for either model kind: a decoder continues its prompt (`greedy_batch`); an
+    encoder-decoder reads the prompt with its encoder and decodes from its start token (`t5_generate`)."""
+    if not is_seq2seq(model):
+        return greedy_batch(model, prompts, max_new_tokens, eos_ids, pad_id=pad_id)
+    ids, mask = pad_inputs(prompts, pad_id, device=next(model.parameters()).device)  # (B, S) right-padded
+    out = t5_generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id)
+    return [row[1:] for row in out.tolist()]  # without the decoder start token
+
+
+def encode_prompts(model: GPT | T5, data, tokenizer, style, records: Sequence[dict[str, Any]]
+                   ) -> tuple[list[str], list[list[int]]]:
+    """(prompt texts, token ids) that generation starts from: a decoder gets the style's rendered prompt (the
+    checkpoint's BOS rule); an encoder-decoder gets the data module's encoder text (`seq2seq_pair`) plus EOS, as
+    in training."""
+    if is_seq2seq(model):
+        texts = [data.seq2seq_pair(r)[0] for r in records]
+        return texts, [tokenizer.encode(t, bos=False, eos=True) for t in texts]
+    texts = [style.render_prompt(r) for r in records]
+    return texts, [tokenizer.encode(t, bos=None) for t in texts]
 
 
 def exact_match(
@@ -76,10 +102,14 @@ def validation_loss(model: GPT, loader, device: torch.device, max_batches: int |
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        kwargs = {k: batch[k].to(device) for k in ("position_ids", "segment_ids") if k in batch}
-        hidden = model(batch["input_ids"].to(device), return_hidden=True, **kwargs)
         labels = batch["labels"].to(device)
-        total += float(supervised_ce_sum(hidden, model.lm_head, labels))
+        if is_seq2seq_batch(batch):
+            total += float(seq2seq_ce_sum(model, {k: v.to(device) for k, v in batch.items()
+                                                  if isinstance(v, torch.Tensor)}))
+        else:
+            kwargs = {k: batch[k].to(device) for k in ("position_ids", "segment_ids") if k in batch}
+            hidden = model(batch["input_ids"].to(device), return_hidden=True, **kwargs)
+            total += float(supervised_ce_sum(hidden, model.lm_head, labels))
         n += int((labels != -100).sum())
     model.train(was_training)
     loss = total / max(n, 1)
@@ -141,11 +171,11 @@ def rouge_eval(data, tokenizer, style, max_new_tokens: int = 128, limit: int | N
     if missing is not None:
         raise ValueError(f"{missing}: this record has no reference output to score against (conversations are not "
                          "scored by ROUGE); use instruction or summarization data")
-    prompts = [style.render_prompt(r) for _, r in items]
-    encoded = [tokenizer.encode(p, bos=None) for p in prompts]
+    records = [r for _, r in items]
 
-    def run(model: GPT) -> dict[str, Any]:
-        budget = model.max_tokens - 1 if max_prompt_tokens is None else min(max_prompt_tokens, model.max_tokens - 1)
+    def run(model: GPT | T5) -> dict[str, Any]:
+        prompts, encoded = encode_prompts(model, data, tokenizer, style, records)
+        budget = prompt_budget(model, max_prompt_tokens)
         keep = [i for i, ids in enumerate(encoded) if len(ids) <= budget]
         skipped = len(items) - len(keep)
         if skipped:
@@ -164,6 +194,13 @@ def rouge_eval(data, tokenizer, style, max_new_tokens: int = 128, limit: int | N
                                 for i, ref, p in zip(keep, refs, preds)]}
 
     return run
+
+
+def prompt_budget(model: GPT | T5, max_prompt_tokens: int | None) -> float:
+    """The longest prompt to score: max_prompt_tokens, and for a decoder room for one new token in its context (T5's
+    relative positions have no length limit)."""
+    limit = float("inf") if is_seq2seq(model) else model.max_tokens - 1
+    return limit if max_prompt_tokens is None else min(max_prompt_tokens, limit)
 
 
 ROWS = (("validation loss", "val_loss"), ("perplexity", "val_ppl"), ("exact match", "exact_match"),

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
+from leantune.checkpoint.auto import load_model, save_model
 from leantune.checkpoint.gguf_export import export_gguf
-from leantune.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
+from leantune.kinds import is_t5_folder
 from leantune.merge import merge_adapters
 from leantune.methods import METHODS, get_method, load_adapter, read_manifest
 
@@ -30,7 +31,7 @@ def export_peft_adapter(adapter: Path, checkpoint_dir: Path, out: Path, dtype: t
         can = ", ".join(n for n, r in METHODS.items() if r.peft is not None)
         raise ValueError(f"{adapter}: {m.name} adapters have no PEFT-format equivalent (exportable: {can}); "
                          "use the folder with --adapter in generate/chat, or --format hf to merge it")
-    model = load_hf_checkpoint(checkpoint_dir, dtype=torch.float32)
+    model = load_model(checkpoint_dir, dtype=torch.float32)
     # only the adapter's tensors are written: the base's quantization does not matter here
     manifest = load_adapter(model, adapter, checkpoint_dir, check_quantization=False)
     return m.peft.export(model, out, str(checkpoint_dir), m.make_args(manifest["method_args"]), dtype=dtype, kind=kind)
@@ -38,7 +39,7 @@ def export_peft_adapter(adapter: Path, checkpoint_dir: Path, out: Path, dtype: t
 
 def merged_model(checkpoint_dir: Path, adapter: Path | None):
     """The base with `adapter` (if any) merged in, float32, in eval mode."""
-    model = load_hf_checkpoint(checkpoint_dir, dtype=torch.float32)
+    model = load_model(checkpoint_dir, dtype=torch.float32)
     if adapter is not None:
         merge_adapters(model, [adapter], checkpoint_dir=checkpoint_dir)
     return model.eval()
@@ -46,10 +47,12 @@ def merged_model(checkpoint_dir: Path, adapter: Path | None):
 
 def export_hf(checkpoint_dir: Path, adapter: Path | None, out: Path, dtype: torch.dtype | None = None,
               kind: str | None = None) -> Path:
-    return save_hf_checkpoint(merged_model(checkpoint_dir, adapter), out, source_dir=checkpoint_dir, dtype=dtype,
-                              kind=kind)
+    return save_model(merged_model(checkpoint_dir, adapter), out, source_dir=checkpoint_dir, dtype=dtype, kind=kind)
 
 
 def export_gguf_file(checkpoint_dir: Path, adapter: Path | None, path: Path, gguf_type: str = "f16") -> Path:
+    if is_t5_folder(checkpoint_dir):
+        raise ValueError(f"{checkpoint_dir} is an encoder-decoder (T5) model: GGUF export covers decoder models; use "
+                         "--format hf or --format peft")
     path.parent.mkdir(parents=True, exist_ok=True)
     return export_gguf(merged_model(checkpoint_dir, adapter), checkpoint_dir, path, gguf_type=gguf_type)

@@ -7,24 +7,46 @@ from pathlib import Path
 
 import torch
 
-from leantune.checkpoint.hf import load_hf_checkpoint
+from leantune.checkpoint.auto import load_model
 from leantune.download import ensure_checkpoint
+from leantune.generate import Sampling
 from leantune.methods import load_any_adapter
 from leantune.model import GPT
 from leantune.runtime import compute_dtype, default_device, resolve_precision, weight_dtype
+from leantune.t5 import T5
+from leantune.t5_generate import BeamSearch, t5_beam_search, t5_generate
 from leantune.tokenizer import Tokenizer
 
 
 def load_for_inference(checkpoint_dir: Path, precision: str | None = None, adapter: Path | None = None,
-                       quantize: str | None = None) -> tuple[GPT, Tokenizer, str, torch.device]:
+                       quantize: str | None = None) -> tuple[GPT | T5, Tokenizer, str, torch.device]:
     """(model in eval mode, tokenizer, precision, device): `adapter` is a leantune or PEFT adapter folder applied
     unmerged on the base, which `quantize` loads in 4/8 bits. The default model is imported on first use."""
     checkpoint_dir = ensure_checkpoint(Path(checkpoint_dir))
     device = default_device()
     precision = resolve_precision(precision, device)
     tokenizer = Tokenizer(checkpoint_dir)
-    model = load_hf_checkpoint(checkpoint_dir, dtype=weight_dtype(precision), device=device, quantize=quantize,
-                               compute_dtype=compute_dtype(precision))
+    model = load_model(checkpoint_dir, dtype=weight_dtype(precision), device=device, quantize=quantize,
+                       compute_dtype=compute_dtype(precision))
     if adapter is not None:
         load_any_adapter(model, Path(adapter), checkpoint_dir)
     return model.eval(), tokenizer, precision, device
+
+
+def seq2seq_answer(model: T5, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, sampling: Sampling,
+                   num_beams: int = 1, length_penalty: float = 1.0,
+                   generator: torch.Generator | None = None) -> tuple[str, int]:
+    """(text, generated token count) of an encoder-decoder for one prompt: the prompt (plus EOS, as in training) goes
+    to the encoder; the decoder samples (`sampling`; greedy at temperature 0) or, with num_beams > 1, runs beam search
+    with `length_penalty`."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else model.config.pad_token_id
+    ids = torch.tensor([tokenizer.encode(prompt, bos=False, eos=True)], dtype=torch.long, device=device)  # (1, S)
+    if num_beams > 1:
+        out = t5_beam_search(model, ids, beams=BeamSearch(num_beams=num_beams, length_penalty=length_penalty),
+                             max_new_tokens=max_new_tokens, eos_ids=tokenizer.eos_ids, pad_id=pad).sequences[0]
+    else:
+        out = t5_generate(model, ids, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=tokenizer.eos_ids,
+                          pad_id=pad, generator=generator)[0]
+    new = [t for t in out[1:].tolist() if t != pad]  # (n,) after the start token, without the finished-row padding
+    return tokenizer.decode(new, skip_special_tokens=True), len(new)

@@ -22,9 +22,11 @@ from typing import Any
 import torch
 
 import leantune.peft
-from leantune.checkpoint.hf import hf_to_ours, iter_hf_tensors, save_hf_checkpoint, weight_files
+from leantune.checkpoint.auto import read_model_state, save_model
+from leantune.checkpoint.hf import weight_files
 from leantune.checkpoint.io import load_safetensors, save_safetensors, write_json
 from leantune.checkpoint.peft_dir import is_peft_dir, read_peft_config
+from leantune.kinds import architecture
 from leantune.model import GPT
 from leantune.peft.base import Method, mark_trainable
 
@@ -88,10 +90,7 @@ def base_identity(checkpoint_dir: Path) -> dict[str, Any]:
 
 def base_architecture(model: GPT) -> dict[str, Any]:
     """The shape facts an adapter depends on, recorded in its manifest and checked before it touches a base."""
-    c = model.config
-    return {"model_type": c.hf_model_type, "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head,
-            "n_query_groups": c.n_query_groups, "head_size": c.head_size, "intermediate_size": c.intermediate_size,
-            "vocab_size": c.padded_vocab_size}
+    return architecture(model)
 
 
 def build_manifest(method: str, args: Any, checkpoint_dir: Path, tokenizer, prompt_style: str | None,
@@ -118,7 +117,7 @@ def save_checkpoint(out: Path, model: GPT, method: str | Method, trainable: list
     """Write a checkpoint into the (temporary, then atomically renamed) folder `out`."""
     m = method if isinstance(method, Method) else get_method(method)
     if m.saves_full_model:
-        save_hf_checkpoint(model, out / "model", source_dir=checkpoint_dir)
+        save_model(model, out / "model", source_dir=checkpoint_dir)
     else:
         params = dict(model.named_parameters())
         tensors = {n: params[n].detach().cpu().contiguous() for n in trainable}
@@ -136,16 +135,11 @@ def load_trainable(model: GPT, method: str | Method, ckpt: Path, expected: list[
     m = method if isinstance(method, Method) else get_method(method)
     ckpt = Path(ckpt)
     source = ckpt / "model" if m.saves_full_model else ckpt / ADAPTER_FILE
-    sd = hf_to_ours(dict(iter_hf_tensors(source)), model.config) if m.saves_full_model else load_safetensors(source)
+    sd = read_model_state(source, model) if m.saves_full_model else load_safetensors(source)
     params = dict(model.named_parameters())
     if expected is None:
         chosen = {id(p) for p in m.adapter_params(model)}
         expected = [n for n, p in params.items() if id(p) in chosen]
-    if m.saves_full_model and model.config.tie_embeddings:  # one tensor, two names: use the one named_parameters uses
-        tied = [sd.pop(n) for n in ("transformer.wte.weight", "lm_head.weight") if n in sd]
-        kept = next((n for n in ("transformer.wte.weight", "lm_head.weight") if n in params), None)
-        if tied and kept:
-            sd[kept] = tied[0]
     unknown = sorted(set(sd) - set(params))
     missing = sorted(set(expected) - set(sd))
     shapes = [f"{n} {tuple(sd[n].shape)} vs {tuple(params[n].shape)}" for n in sorted(set(sd) & set(params))

@@ -237,9 +237,12 @@ class T5(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Decoder output (..., d_model) -> logits (..., V), with v1.0's d_model**-0.5 rescale where configured."""
-        if self.config.scale_decoder_outputs:
-            hidden = hidden * (self.config.d_model ** -0.5)
-        return self.lm_head(hidden)
+        return self.lm_head(self.head_input(hidden))
+
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What `lm_head` is applied to: the decoder output, rescaled by d_model**-0.5 where configured (the fused
+        training loss takes this and `lm_head` apart, never forming all the logits)."""
+        return hidden * (self.config.d_model ** -0.5) if self.config.scale_decoder_outputs else hidden
 
     def new_cache(self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor | None,
                   max_length: int) -> T5DecodeCache:

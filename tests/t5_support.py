@@ -96,3 +96,45 @@ def trim(seq: torch.Tensor, eos: list[int]) -> list[int]:
         if out[i] in eos:
             return out[: i + 1]
     return out
+
+
+NAMES = ["Amanda", "Tom", "Jerry", "Anna", "Bob", "Carla"]
+FOODS = ["cookies", "a cake", "bread", "pizza"]
+
+
+def samsum_rows(n: int = 40, seed: int = 0) -> list[dict]:
+    """samsum-format rows (id, dialogue, summary) with a learnable pattern: the summary names who baked what."""
+    import random
+
+    r = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = r.sample(NAMES, 2)
+        food = r.choice(FOODS)
+        rows.append({"id": f"{i:05d}", "dialogue": f"{a}: I baked {food}.\n{b}: Nice, bring some tomorrow!",
+                     "summary": f"{a} baked {food} for {b}."})
+    return rows
+
+
+def tiny_t5_folder(folder: Path, rows: list[dict], variant: str = "v1.1") -> Path:
+    """An HF T5 folder: tiny random weights (transformers' init, vocab V) and a tokenizer.json of a Unigram
+    sentencepiece model trained on `rows` (T5's layout: pad 0, EOS 1, unk 2, no BOS, sentinels after the vocabulary),
+    written by transformers' T5Tokenizer."""
+    import io
+
+    import sentencepiece as spm
+
+    text = [f"{x['dialogue']} {x['summary']}" for x in rows] + ["Summarize the following conversation. Summary:"] * 5
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=48,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
+                                   eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0, minloglevel=2)
+    sp_dir = folder.parent / f"{folder.name}-spiece"
+    sp_dir.mkdir(parents=True)
+    (sp_dir / "spiece.model").write_bytes(model.getvalue())
+    (sp_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 4}))
+    tokenizer = tf.T5Tokenizer.from_pretrained(sp_dir)
+    assert len(tokenizer) <= V
+    random_t5_hf(variant, folder, noise=0.0)
+    tokenizer.save_pretrained(folder)
+    return folder

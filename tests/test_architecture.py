@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "leantune"
 
 LAYERS = [
     ("config", "presets", "families", "runtime", "ops", "t5_presets"),
-    ("model", "quantize", "compile", "t5"),
+    ("model", "quantize", "compile", "t5", "kinds"),
     ("checkpoint", "data", "tokenizer", "peft", "generate", "download", "t5_generate"),
     ("methods", "train", "evaluate", "inference", "merge", "export", "estimate", "rouge"),
     ("commands", "cli"),

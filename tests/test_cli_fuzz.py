@@ -233,7 +233,7 @@ def no_model_load(monkeypatch):
 
     for name, module in list(sys.modules.items()):
         if name == "leantune" or name.startswith("leantune."):
-            for attr in ("load_hf_checkpoint", "load_for_inference", "gguf_to_hf"):
+            for attr in ("load_hf_checkpoint", "load_t5_checkpoint", "load_model", "load_for_inference", "gguf_to_hf"):
                 if hasattr(module, attr):
                     monkeypatch.setattr(module, attr, refuse)
     monkeypatch.setattr("builtins.input", lambda *a: (_ for _ in ()).throw(EOFError))

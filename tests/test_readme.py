@@ -33,6 +33,7 @@ ADDITIONS = {
 EXPECTED = {
     'generate --prompt "What is the capital of France?"': "Paris",
     "estimate --model meta-llama/Llama-2-7b-hf --method lora --lora.r 8": "4,194,304",
+    "estimate --model google/flan-t5-base --method lora --lora.r 32 --lora.alpha 32 --lora.dropout 0.05": "3,538,944",
     "data preview --data Demo": "train: 800 samples",
     "merge --adapter out/finetune/lora/final": "merged 1 adapter(s) into",
     "evaluate --adapter out/finetune/qlora/final --quantize bnb.nf4-dq": "validation loss",

@@ -8,10 +8,11 @@ from collections.abc import Callable
 from typing import Literal
 
 from leantune.commands.flags import check_at_least
-from leantune.estimate import estimate, resolve_config
+from leantune.estimate import estimate, estimate_t5, resolve_config
 from leantune.methods import METHODS
 from leantune.quantize import check_mode
 from leantune.runtime import PRECISIONS
+from leantune.t5 import T5Config
 from leantune.train.optim import optimizer_class
 
 
@@ -32,8 +33,13 @@ def _estimate(model: str = "HuggingFaceTB/SmolLM2-135M-Instruct", method: str = 
         raise ValueError(str(e).replace("--optimizer.name", "--optimizer")) from None
     quantize = check_mode(quantize if quantize is not None else m.default_quantize)
     cfg = resolve_config(model)
-    result = estimate(cfg, method, method_flags.get(m.flag), precision, quantize, micro_batch_size, max_seq_length,
-                      optimizer, activation_checkpointing, device)
+    if isinstance(cfg, T5Config):  # encoder-decoder: counts and parameter memory (activations not modelled yet)
+        if quantize:
+            raise ValueError(f"--quantize {quantize}: quantized T5 bases are not supported yet")
+        result = estimate_t5(cfg, method, method_flags.get(m.flag), precision, optimizer)
+    else:
+        result = estimate(cfg, method, method_flags.get(m.flag), precision, quantize, micro_batch_size,
+                          max_seq_length, optimizer, activation_checkpointing, device)
     width = max(len(k) for k in result)
     print(f"{cfg.name or model}: {method}" + (f" + {quantize}" if quantize else "") + f", {precision}, "
           f"batch {micro_batch_size} x {max_seq_length} tokens")

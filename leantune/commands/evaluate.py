@@ -16,6 +16,7 @@ from leantune.data import DataModule, Demo
 from leantune.download import DEFAULT_CHECKPOINT
 from leantune.evaluate import report_table, rouge_eval, task_eval, validation_loss
 from leantune.inference import load_for_inference
+from leantune.kinds import decoder_start_id
 from leantune.methods import MANIFEST_FILE, read_manifest
 from leantune.train.args import EvalArgs, TrainArgs
 
@@ -107,7 +108,7 @@ def evaluate(
         model, tokenizer, precision, device = load_for_inference(checkpoint_dir, precision, adapter_dir, quantize)
         if evaluators is None:  # data and prompts once: both models see the same samples
             evaluators = prepare(data, tokenizer, metrics, exact_match, prompt_style, max_seq_length, batch_size,
-                                 max_new_tokens, limit)
+                                 max_new_tokens, limit, decoder_start_id(model))
         prefix = f"[{label}] " if compare_base else ""
         results[label], preds = measure(model, evaluators, data, device, max_batches, prefix)
         predictions += [{"model": label, **p} for p in preds]
@@ -141,9 +142,11 @@ def check_data_supports(data: DataModule, metrics: tuple[str, ...] | None) -> No
 
 def prepare(data: DataModule, tokenizer, metrics: tuple[str, ...] | None, exact_match: bool,
             prompt_style: str | None, max_seq_length: int, batch_size: int, max_new_tokens: int | None,
-            limit: int | None) -> dict[str, Any]:
-    """Connect the data and build each requested metric's evaluator (a function of the model)."""
-    data.connect(tokenizer, prompt_style=prompt_style, max_seq_length=max_seq_length, batch_size=batch_size)
+            limit: int | None, decoder_start_id: int | None = None) -> dict[str, Any]:
+    """Connect the data and build each requested metric's evaluator (a function of the model); decoder_start_id:
+    the model is an encoder-decoder (see `DataModule.connect`)."""
+    data.connect(tokenizer, prompt_style=prompt_style, max_seq_length=max_seq_length, batch_size=batch_size,
+                 decoder_start_id=decoder_start_id)
     wanted = metrics or ("loss", "exact_match")
     out: dict[str, Any] = {}
     if "loss" in wanted:

@@ -11,7 +11,8 @@ import torch
 from leantune.commands.flags import check_at_least, check_folder, check_model_flags, check_seed, check_threads
 from leantune.download import DEFAULT_CHECKPOINT
 from leantune.generate import Sampling, encode_prompt, stream_text
-from leantune.inference import load_for_inference
+from leantune.inference import load_for_inference, seq2seq_answer
+from leantune.kinds import is_seq2seq
 
 
 def generate(
@@ -29,6 +30,8 @@ def generate(
     quantize: str | None = None,
     seed: int = 1234,
     threads: int | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> str:
     """Generate text from a prompt with the KV cache, streaming tokens to the terminal.
 
@@ -49,6 +52,8 @@ def generate(
             (use the mode a QLoRA adapter was trained with).
         seed: Random seed for sampling.
         threads: CPU threads for torch (default: torch's choice).
+        num_beams: Beam search with this many beams (encoder-decoder models such as T5; 1: greedy or sampling).
+        length_penalty: Beam search ranks finished outputs by log-probability / length ** length_penalty.
     """
     sampling = Sampling(temperature, top_k, top_p)
     check_at_least("max_new_tokens", max_new_tokens, 1)
@@ -60,7 +65,19 @@ def generate(
         raise ValueError("--prompt is empty: give a prompt (with --raw true nothing would be sent to the model)")
     if threads:
         torch.set_num_threads(threads)
+    check_at_least("num_beams", num_beams, 1)
     model, tokenizer, precision, device = load_for_inference(checkpoint_dir, precision, adapter, quantize)
+    if is_seq2seq(model):  # the prompt is the encoder's input as given (T5 has no chat template)
+        if not prompt:
+            raise ValueError("--prompt is empty: give a prompt")
+        t0 = time.perf_counter()
+        text, n = seq2seq_answer(model, tokenizer, prompt, max_new_tokens, sampling, num_beams, length_penalty,
+                                 torch.Generator(device=device).manual_seed(seed))
+        print(text)
+        print(f"[{n} tokens in {time.perf_counter() - t0:.2f} s, {precision}]", file=sys.stderr)
+        return text
+    if num_beams > 1:
+        raise ValueError("--num_beams is for encoder-decoder checkpoints (T5); decoder models sample or decode greedily")
     ids = encode_prompt(tokenizer, prompt, raw=raw, system=system)
     if not ids:
         raise ValueError("--prompt is empty: give a prompt (or drop --raw to use the chat template)")

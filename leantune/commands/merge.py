@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from leantune.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
+from leantune.checkpoint.auto import load_model, save_model
 from leantune.checkpoint.io import HF_MODEL_FILES, claim_output
 from leantune.commands.flags import check_weights
 from leantune.download import DEFAULT_CHECKPOINT, ensure_checkpoint
@@ -57,8 +57,8 @@ def merge(
         dtype = base.get("torch_dtype") or base.get("dtype") or "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {dtype!r}: choose among float32, bfloat16, float16")
-    model = load_hf_checkpoint(checkpoint_dir, dtype=torch.float32)
+    model = load_model(checkpoint_dir, dtype=torch.float32)
     merge_adapters(model, adapters, weights, dequantize_base, checkpoint_dir=checkpoint_dir)
-    save_hf_checkpoint(model, out_dir, source_dir=checkpoint_dir, dtype=getattr(torch, dtype), kind="merged-model")
+    save_model(model, out_dir, source_dir=checkpoint_dir, dtype=getattr(torch, dtype), kind="merged-model")
     print(f"merged {len(adapters)} adapter(s) into {out_dir}")
     return out_dir

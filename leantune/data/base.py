@@ -10,13 +10,14 @@ import random
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from torch.utils.data import DataLoader
 
 from leantune.data.collate import pad_id_of, plan_epoch, planned_loader
 from leantune.data.errors import DataError, RowError, Skips
 from leantune.data.prompts import PromptStyle, prompt_style_for_checkpoint
+from leantune.data.seq2seq import record_pair, seq2seq_loader, tokenize_seq2seq
 from leantune.data.sft import Example, Sample, SFTDataset, Truncation, tokenize_examples
 
 T = TypeVar("T")
@@ -40,10 +41,14 @@ class DataModule:
     length_grouping: bool = False
     """Batch samples of similar length together (less padding); ignored when packing."""
 
+    supports_seq2seq: ClassVar[bool] = False
+    """Whether the module can feed an encoder-decoder model (records with a source and a target)."""
+
     def __post_init__(self) -> None:
         self.tokenizer: Any = None
         self.prompt_style: PromptStyle | None = None
         self.max_seq_length, self.batch_size, self.seed, self.packing = DEFAULT_MAX_SEQ_LENGTH, 1, 42, False
+        self.decoder_start_id: int | None = None
         self.train_dataset: SFTDataset | None = None
         self.val_dataset: SFTDataset | None = None
         self.skips = Skips(self.skip_invalid)
@@ -51,8 +56,20 @@ class DataModule:
     # ---- the loop's API --------------------------------------------------------------------------------------
     def connect(self, tokenizer: Any = None, prompt_style: str | PromptStyle | None = None,
                 max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, batch_size: int = 1, seed: int = 42,
-                packing: bool = False) -> None:
-        """Bind the tokenizer and batching settings (prompt style: given, else the checkpoint's own)."""
+                packing: bool = False, decoder_start_id: int | None = None) -> None:
+        """Bind the tokenizer and batching settings (prompt style: given, else the checkpoint's own).
+
+        `decoder_start_id` is set for an encoder-decoder model (the recipe knows the model; data does not): samples
+        are then seq2seq pairs (`leantune.data.seq2seq`) and batches carry encoder inputs plus decoder labels and
+        inputs starting with this token. None (the default) keeps the decoder-only samples.
+        """
+        if decoder_start_id is not None and not self.supports_seq2seq:
+            raise DataError(f"--data {type(self).__name__} cannot feed an encoder-decoder model; use instruction or "
+                            "summarization data (JSON, Summarization, ...)")
+        if decoder_start_id is not None and packing:
+            raise ValueError("--train.packing is for decoder models; an encoder-decoder model trains on padded "
+                             "batches (try --data.length_grouping true)")
+        self.decoder_start_id = decoder_start_id
         self.tokenizer = tokenizer
         if tokenizer is not None or prompt_style is not None:
             self.prompt_style = prompt_style_for_checkpoint(getattr(tokenizer, "checkpoint_dir", None), tokenizer,
@@ -95,13 +112,18 @@ class DataModule:
         ds = self._ready(self.train_dataset)
         plan = plan_epoch(ds.lengths, self.batch_size, self.seed, epoch, shuffle=True, packing=self.packing,
                           max_seq_length=self.max_seq_length, length_grouping=self.length_grouping)
-        return planned_loader(ds.samples, plan, pad_id_of(self.tokenizer), self.packing)
+        return self._loader(ds.samples, plan, self.packing)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in source order, padded (not packed)."""
         ds = self._ready(self.val_dataset)
         plan = plan_epoch(ds.lengths, self.batch_size, self.seed, 0, shuffle=False)
-        return planned_loader(ds.samples, plan, pad_id_of(self.tokenizer), False)
+        return self._loader(ds.samples, plan, False)
+
+    def _loader(self, samples, plan, packed: bool) -> DataLoader:
+        if self.decoder_start_id is not None:
+            return seq2seq_loader(samples, plan, pad_id_of(self.tokenizer), self.decoder_start_id)
+        return planned_loader(samples, plan, pad_id_of(self.tokenizer), packed)
 
     def stats(self) -> dict[str, Any]:
         """Token-length statistics of both splits, skip counts and truncations."""
@@ -127,14 +149,25 @@ class InstructionDataModule(DataModule):
     """A sample longer than max_seq_length: drop (skip it; the count and the length that keeps it are reported),
     truncate_response (cut the reply; counted too), or error (stop, naming file:line)."""
 
+    supports_seq2seq: ClassVar[bool] = True
+    seq2seq_cue: ClassVar[str] = ""
+    """Text ending an encoder input (`seq2seq_pair`'s cue; Summarization's is flan-t5's "Summary: ")."""
+
     def load_examples(self) -> tuple[list[Example], list[Example] | None]:
         """(train, val) examples; val None means split `val_split_fraction` off train. Needs no tokenizer."""
         raise NotImplementedError
+
+    def seq2seq_pair(self, record: dict[str, Any]) -> tuple[str, str]:
+        """(encoder text, decoder target) of a record for an encoder-decoder model."""
+        return record_pair(record, self.seq2seq_cue)
 
     def build_samples(self) -> tuple[list[Sample], list[Sample]]:
         train, val = self.load_examples()
         if val is None:
             train, val = split_examples(train, self.val_split_fraction, self.split_seed)
+        if self.decoder_start_id is not None:
+            args2 = (self.seq2seq_pair, self.tokenizer, self.max_seq_length, self.skips, self.truncation)
+            return tokenize_seq2seq(train, *args2), tokenize_seq2seq(val, *args2)
         style = self.prompt_style or PromptStyle.from_name("alpaca")
         args = (style, self.tokenizer, self.max_seq_length, self.skips, self.mask_prompt, self.truncation)
         return tokenize_examples(train, *args), tokenize_examples(val, *args)

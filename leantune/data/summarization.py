@@ -17,13 +17,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from leantune.data.base import InstructionDataModule
 from leantune.data.errors import RowError
 from leantune.data.json_data import data_files
-from leantune.data.prompts import user_content
 from leantune.data.readers import read_examples, require_text
+from leantune.data.seq2seq import record_pair
 from leantune.data.sft import Example
 
 # source field -> default instruction (samsum: dialogue/summary, cnn_dailymail: article/highlights, xsum: document)
@@ -38,7 +38,7 @@ def seq2seq_pair(record: Mapping[str, Any], cue: str = SUMMARY_CUE) -> tuple[str
     """(encoder input text, decoder target text) of an instruction record: the instruction and its input joined by a
     blank line, then `cue`; and the output. Works for any {instruction, input?, output} record (JSON data too; pass
     cue="" there, the cue is the summarization prompt's)."""
-    return user_content(record) + cue, record["output"]
+    return record_pair(record, cue)
 
 
 @dataclass
@@ -53,6 +53,8 @@ class Summarization(InstructionDataModule):
     """Field with the reference summary (default: summary or highlights)."""
     instruction: str | None = None
     """The summarization instruction (default: one matching the source field, e.g. 'Summarize the following conversation.')."""
+
+    seq2seq_cue: ClassVar[str] = SUMMARY_CUE
 
     def convert(self, row: dict) -> dict:
         source_key = self.source_key or next((k for k in SOURCES if k in row), None)

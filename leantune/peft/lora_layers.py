@@ -19,10 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from leantune.kinds import is_seq2seq
 from leantune.model import GPT
 from leantune.peft.base import mark_trainable, merge_into_linears, params_of
 from leantune.peft.lora_dora import dora_forward, dora_norms, spread_rows, squared_row_norms
 from leantune.quantize import compute_dtype_of, dequantize_weight, is_quantized, quantized_linear
+from leantune.t5 import T5
 
 TARGETS = ("query", "key", "value", "projection", "mlp", "head")
 
@@ -199,8 +201,31 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, parts={self.parts}, scaling={self.scaling:g}{dora}"
 
 
-def target_layers(model: GPT, targets: list[str]) -> list[tuple[nn.Module, str, list[tuple[int, int]]]]:
+T5_ATTENTION = {"query": "q", "key": "k", "value": "v", "projection": "o"}
+"""LoRA target -> T5 attention linear (in encoder self-, decoder self- and cross-attention alike)."""
+
+
+def t5_target_layers(model: T5, targets: list[str]) -> list[tuple[nn.Module, str, list[tuple[int, int]]]]:
+    """T5's layers for the targets: query/key/value/projection are q/k/v/o of every attention (encoder, decoder and
+    cross-attention: PEFT's default T5 targets ["q", "v"] are query,value), mlp the feed-forward's wi (or wi_0, wi_1)
+    and wo, head the LM head."""
+    chosen: list[tuple[nn.Module, str]] = []
+    for stack in (model.encoder, model.decoder):
+        for block in stack.block:
+            for attn in (block.attn, block.cross_attn):
+                if attn is not None:
+                    chosen += [(attn, name) for t, name in T5_ATTENTION.items() if t in targets]
+            if "mlp" in targets:
+                chosen += [(block.ff, n) for n in (("wi_0", "wi_1", "wo") if block.ff.gated else ("wi", "wo"))]
+    if "head" in targets:
+        chosen.append((model, "lm_head"))
+    return [(p, n, [(0, getattr(p, n).out_features)]) for p, n in chosen]
+
+
+def target_layers(model: GPT | T5, targets: list[str]) -> list[tuple[nn.Module, str, list[tuple[int, int]]]]:
     """(parent module, attribute name, adapted output ranges) for every layer the targets select."""
+    if is_seq2seq(model):
+        return t5_target_layers(model, targets)
     cfg = model.config
     q, k, v = cfg.qkv_sizes
     qkv_ranges = {"query": (0, q), "key": (q, q + k), "value": (q + k, q + k + v)}

@@ -20,9 +20,11 @@ import torch
 from leantune.checkpoint.hf import blocked_to_grouped, grouped_to_blocked
 from leantune.checkpoint.peft_dir import CONFIG_FILE, hf_module_paths, peft_weights, read_peft_config, write_peft_dir
 from leantune.families import family_of
+from leantune.kinds import is_seq2seq
 from leantune.model import GPT
 from leantune.peft.lora_dora import squared_row_norms
 from leantune.peft.lora_layers import TARGETS, LoRAArgs, LoRALinear, apply_lora
+from leantune.peft.lora_peft_t5 import export_t5_peft, import_t5_peft
 from leantune.quantize import dequantize_weight
 
 _PREFIX = "base_model.model."
@@ -36,6 +38,8 @@ _UNSUPPORTED = {"bias": "none", "modules_to_save": None, "lora_bias": False,
 def export_peft(model: GPT, out_dir: str | Path, base_model_name_or_path: str, lora_args: Any,
                 dtype: torch.dtype | None = None, kind: str | None = None) -> Path:
     """Write `model`'s (unmerged) LoRA as a PEFT adapter folder that `PeftModel.from_pretrained` loads."""
+    if is_seq2seq(model):
+        return export_t5_peft(model, out_dir, base_model_name_or_path, lora_args, dtype, kind)
     cfg = model.config
     fam = family_of(cfg)
     modules = hf_module_paths(model, [m for m in model.modules() if isinstance(m, LoRALinear)], "LoRA")
@@ -147,6 +151,8 @@ def import_peft(model: GPT, peft_dir: str | Path) -> list[str]:
     """
     peft_dir = Path(peft_dir)
     pcfg = _read_config(peft_dir)
+    if is_seq2seq(model):
+        return import_t5_peft(model, peft_dir, pcfg)
     cfg = model.config
     fam = family_of(cfg)
     prefix, layer_map = fam.layer_prefix, fam.layer_map

@@ -98,3 +98,17 @@ def _chunk_ce(lm_head, hc, yc):
 def _plain(h, lm_head, y, chunk_size):
     return sum(_chunk_ce(lm_head, hc, yc) for hc, yc in zip(h.split(chunk_size), y.split(chunk_size)))
 
+
+
+def seq2seq_ce_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Summed cross-entropy of an encoder-decoder batch (`leantune.data.seq2seq`: input_ids and attention_mask for
+    the encoder, decoder_input_ids, labels aligned with them), through the same fused head loss as decoder batches:
+    the model gives the decoder output and `head_input` applies its pre-head rescale (T5's d_model**-0.5)."""
+    hidden = model(batch["input_ids"], batch["decoder_input_ids"], attention_mask=batch.get("attention_mask"),
+                   return_hidden=True)  # (B, T, C)
+    return supervised_ce_sum(model.head_input(hidden), model.lm_head, batch["labels"])
+
+
+def is_seq2seq_batch(batch: dict) -> bool:
+    """Encoder-decoder batches carry the decoder's inputs; decoder-only batches do not."""
+    return "decoder_input_ids" in batch

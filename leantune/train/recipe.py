@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from leantune.checkpoint.hf import load_hf_checkpoint
+from leantune.checkpoint.auto import load_model
 from leantune.data import DataModule, Demo
 from leantune.download import DEFAULT_CHECKPOINT, ensure_checkpoint
-from leantune.evaluate import task_eval
-from leantune.generate import greedy_batch
+from leantune.evaluate import encode_prompts, greedy_outputs, task_eval
+from leantune.kinds import folder_decoder_start_id
 from leantune.methods import apply_method, build_manifest, get_method, load_any_adapter, load_trainable, save_checkpoint
 from leantune.peft.base import Method, mark_trainable
 from leantune.quantize import check_mode
@@ -83,12 +83,13 @@ def finetune(
     precision = resolve_precision(precision, device)
     tokenizer = Tokenizer(checkpoint_dir)
     data.connect(tokenizer, prompt_style=prompt_style, max_seq_length=train.max_seq_length,
-                 batch_size=train.micro_batch_size, seed=train.seed, packing=train.packing)
+                 batch_size=train.micro_batch_size, seed=train.seed, packing=train.packing,
+                 decoder_start_id=folder_decoder_start_id(checkpoint_dir))
     data.setup()
     style = data.prompt_style
 
-    model = load_hf_checkpoint(checkpoint_dir, dtype=weight_dtype(precision), device=device, quantize=run.quantize,
-                               compute_dtype=compute_dtype(precision))
+    model = load_model(checkpoint_dir, dtype=weight_dtype(precision), device=device, quantize=run.quantize,
+                       compute_dtype=compute_dtype(precision))
     task = task_eval(data, tokenizer, style) if eval.exact_match else None
     report: dict = {"method": run.method.name, "checkpoint": str(checkpoint_dir), "out_dir": str(run.out_dir)}
     if task and not resume:
@@ -157,13 +158,13 @@ def sampler(model, tokenizer, data, style, max_new_tokens):
     """A callable that greedily answers the first held-out prompt (shown at each evaluation), or None."""
     if not max_new_tokens or not hasattr(data, "test_set"):
         return None
-    record = data.test_set()[0]
-    ids = tokenizer.encode(style.render_prompt(record))
+    _, (ids,) = encode_prompts(model, data, tokenizer, style, data.test_set()[:1])
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
 
     def sample() -> str:
         was = model.training
         model.eval()
-        out = greedy_batch(model, [ids], max_new_tokens, tokenizer.eos_ids)[0]
+        out = greedy_outputs(model, [ids], max_new_tokens, tokenizer.eos_ids, pad_id)[0]
         model.train(was)
         return tokenizer.decode(out, skip_special_tokens=True)
 

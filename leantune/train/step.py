@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leantune.train.loss import supervised_ce_sum
+from leantune.train.loss import is_seq2seq_batch, seq2seq_ce_sum, supervised_ce_sum
 
 
 class NonFiniteError(RuntimeError):
@@ -59,13 +59,18 @@ def train_step(model: torch.nn.Module, window: list[dict], optimizer: torch.opti
         b = _to_device(b, device)
         with phase("forward"), autocast():
             # the hidden states are not kept past the loss: backward needs only what the graph saved
-            loss = supervised_ce_sum(model(b["input_ids"], return_hidden=True, **_positional(b)), model.lm_head,
-                                     b["labels"]) / n_sup
+            if is_seq2seq_batch(b):
+                loss = seq2seq_ce_sum(model, b) / n_sup
+            else:
+                loss = supervised_ce_sum(model(b["input_ids"], return_hidden=True, **_positional(b)), model.lm_head,
+                                         b["labels"]) / n_sup
         with phase("backward"):
             (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += loss.detach()
         del loss
         tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+        if is_seq2seq_batch(b):
+            tokens += int((b["labels"] != -100).sum())  # the decoder's tokens (labels = its inputs shifted)
     reg = regularizer() if regularizer is not None else None
     if reg is not None:
         with phase("backward"):
