@@ -7,6 +7,9 @@ so base keys and ties are kept) plus one trained vector `ia3_l`, initialised to 
 - feedforward mode: y = (x * l) W^T + b, l over the input features; on the MLP's down projection this scales the
   inner activations (IA3's l_ff). Merge scales W's columns.
 This is exactly peft's `IA3Layer`/`Linear` (its `feedforward_modules` scale the input, other targets the output).
+On T5 every attention (encoder, decoder, cross) has separate q/k/v/o linears and the feed-forward's down projection is
+`wo`, so the targets pick whole layers and the defaults (key, value, mlp input-scaled) are peft's T5 defaults
+(`k`, `v`, `wo` with `wo` a feedforward module).
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from leantune.kinds import is_seq2seq
 from leantune.model import GPT
 from leantune.peft.base import mark_trainable, params_of
 from leantune.quantize import compute_dtype_of, dequantize_weight, is_quantized, quantized_linear
+from leantune.t5 import T5
 
 TARGETS = ("query", "key", "value", "projection", "mlp")
-"""query/key/value: rows of the fused qkv output; projection: attention output projection; mlp: the MLP's down
-projection (peft's Llama default `down_proj`)."""
+"""query/key/value: rows of the fused qkv output (T5: the q/k/v linears of every attention); projection: attention
+output projection (T5: o); mlp: the MLP's down projection (peft's Llama default `down_proj`; T5: the feed-forward's
+wo)."""
 FEEDFORWARD_OK = ("projection", "mlp")
 """Targets that may scale their input: each is one whole layer (q/k/v share the fused qkv's input)."""
 
@@ -109,13 +115,14 @@ class IA3Linear(nn.Module):
 
     @torch.no_grad()
     def scaled_weight(self, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W, b) with the vector folded in, computed in fp32 and cast back: rows (output) or columns (input)."""
+        """(W, b) with the vector folded in, computed in fp32 (fp64 stays fp64) and cast back: rows (output) or
+        columns (input)."""
         w = dequantize_weight(self.weight) if self.quantized else self.weight
-        s = self.scale(weight).float()
+        s = _wide(self.scale(weight))
         if self.feedforward:
-            return (w.float() * s).to(w.dtype), self.bias  # (out, in) * (in,): columns
-        b = None if self.bias is None else (self.bias.float() * s).to(self.bias.dtype)
-        return (w.float() * s[:, None]).to(w.dtype), b  # (out, in) * (out, 1): rows
+            return (_wide(w) * s).to(w.dtype), self.bias  # (out, in) * (in,): columns
+        b = None if self.bias is None else (_wide(self.bias) * s).to(self.bias.dtype)
+        return (_wide(w) * s[:, None]).to(w.dtype), b  # (out, in) * (out, 1): rows
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -137,13 +144,13 @@ class IA3Linear(nn.Module):
             return
         if (self.ia3_l == 0).any():
             raise ValueError("cannot unmerge IA3: its vector has zero entries, the merged weight lost those rows")
-        s = self.scale().float()
+        s = _wide(self.scale())
         if self.feedforward:
-            self.weight.copy_((self.weight.float() / s).to(self.weight.dtype))
+            self.weight.copy_((_wide(self.weight) / s).to(self.weight.dtype))
         else:
-            self.weight.copy_((self.weight.float() / s[:, None]).to(self.weight.dtype))
+            self.weight.copy_((_wide(self.weight) / s[:, None]).to(self.weight.dtype))
             if self.bias is not None:
-                self.bias.copy_((self.bias.float() / s).to(self.bias.dtype))
+                self.bias.copy_((_wide(self.bias) / s).to(self.bias.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -151,13 +158,39 @@ class IA3Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, scales {where}"
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """`t` in the dtype the fold computes in: fp32 for half types (no double rounding), fp64 kept as is."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _check_finite(w: torch.Tensor, b: torch.Tensor | None) -> None:
     if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
         raise ValueError("IA3 merge would put non-finite values into the weights; the adapter is broken")
 
 
-def target_layers(model: GPT, args: IA3Args) -> list[tuple[nn.Module, str, list[tuple[int, int]] | None, bool]]:
+T5_ATTENTION = {"query": "q", "key": "k", "value": "v", "projection": "o"}
+"""IA3 target -> T5 attention linear (in encoder self-, decoder self- and cross-attention alike)."""
+
+
+def t5_target_layers(model: T5, args: IA3Args) -> list[tuple[nn.Module, str, None, bool]]:
+    """T5's layers for the targets: q/k/v/o of every attention (encoder, decoder, cross-attention) and the
+    feed-forward's wo (its input is the inner activation, gated or not), each a whole layer."""
+    chosen = []
+    for stack in (model.encoder, model.decoder):
+        for block in stack.block:
+            for attn in (block.attn, block.cross_attn):
+                if attn is not None:
+                    chosen += [(attn, name, None, t in args.feedforward) for t, name in T5_ATTENTION.items()
+                               if t in args.targets]
+            if "mlp" in args.targets:
+                chosen.append((block.ff, "wo", None, "mlp" in args.feedforward))
+    return chosen
+
+
+def target_layers(model: GPT | T5, args: IA3Args) -> list[tuple[nn.Module, str, list[tuple[int, int]] | None, bool]]:
     """(parent module, attribute, output ranges or None, feedforward) for every layer the targets select."""
+    if is_seq2seq(model):
+        return t5_target_layers(model, args)
     q, k, v = model.config.qkv_sizes
     qkv_ranges = {"query": (0, q), "key": (q, q + k), "value": (q + k, q + k + v)}
     chosen = []
@@ -181,7 +214,7 @@ def ia3_params(model: nn.Module) -> list[nn.Parameter]:
     return params_of(ia3_layers(model), "ia3_l")
 
 
-def apply_ia3(model: GPT, args: IA3Args) -> list[str]:
+def apply_ia3(model: GPT | T5, args: IA3Args) -> list[str]:
     """Wrap the targeted linears in IA3Linear (vectors at one); freeze everything else. Returns trainable names."""
     for parent, name, parts, feedforward in target_layers(model, args):
         base = getattr(parent, name)
@@ -191,7 +224,7 @@ def apply_ia3(model: GPT, args: IA3Args) -> list[str]:
     return mark_trainable(model, ia3_params(model))
 
 
-def merge_ia3(model: GPT, weight: float = 1.0) -> GPT:
+def merge_ia3(model: GPT | T5, weight: float = 1.0) -> GPT | T5:
     """Fold every IA3 vector into its base weight and put plain nn.Linear layers back.
 
     `weight` interpolates each vector from the identity, l_w = 1 + weight * (l - 1), so several adapters merged in

@@ -7,6 +7,7 @@ kv head; GPT-2: blocked) get one vector over all its rows: rows we leave unscale
 (equal outputs; peft would then train those rows too), and such a folder imports as query+key+value.
 `target_modules` name in-block module paths (`mlp.down_proj`, `mlp.c_proj`) so peft's suffix match picks exactly the
 adapted modules (GPT-2's bare `c_proj` would match both attention's and the MLP's).
+T5 (one plain linear per PEFT module, `task_type: SEQ_2_SEQ_LM`) is handled by `ia3_peft_t5`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ import torch
 from leantune.checkpoint.hf import blocked_to_grouped, grouped_to_blocked
 from leantune.checkpoint.peft_dir import CONFIG_FILE, peft_weights, read_peft_config, write_peft_dir
 from leantune.families import family_of
+from leantune.kinds import is_seq2seq
 from leantune.model import GPT
 from leantune.peft.ia3_layers import TARGETS, IA3Args, IA3Linear, apply_ia3
+from leantune.peft.ia3_peft_t5 import export_t5_peft, import_t5_peft
+from leantune.t5 import T5
 
 _PREFIX = "base_model.model."
 _OURS = {"attn.proj": "projection", "mlp.proj": "mlp"}  # our whole-layer targets (qkv parts are handled apart)
@@ -29,9 +33,11 @@ _OURS = {"attn.proj": "projection", "mlp.proj": "mlp"}  # our whole-layer target
 _UNSUPPORTED = {"modules_to_save": None, "layers_to_transform": None, "target_parameters": None}
 
 
-def export_peft(model: GPT, out_dir: str | Path, base_model_name_or_path: str, args: Any = None,
+def export_peft(model: GPT | T5, out_dir: str | Path, base_model_name_or_path: str, args: Any = None,
                 dtype: torch.dtype | None = None, kind: str | None = None) -> Path:
     """Write `model`'s (unmerged) IA3 vectors as a PEFT adapter folder that `PeftModel.from_pretrained` loads."""
+    if is_seq2seq(model):
+        return export_t5_peft(model, out_dir, base_model_name_or_path, dtype, kind)
     cfg = model.config
     fam = family_of(cfg)
     hf = fam.linear_modules()  # our block linear -> its HF module(s), q/k/v order for a split qkv
@@ -105,7 +111,7 @@ def _read_config(peft_dir: Path) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def import_peft(model: GPT, peft_dir: str | Path) -> IA3Args:
+def import_peft(model: GPT | T5, peft_dir: str | Path) -> IA3Args:
     """Apply a PEFT IA3 folder to `model` (unmerged) and return the IA3Args it amounts to.
 
     Modules a target group leaves out in some layers keep vectors of ones there (the identity), so the outputs equal
@@ -113,6 +119,8 @@ def import_peft(model: GPT, peft_dir: str | Path) -> IA3Args:
     """
     peft_dir = Path(peft_dir)
     _read_config(peft_dir)
+    if is_seq2seq(model):
+        return import_t5_peft(model, peft_dir)
     cfg = model.config
     fam = family_of(cfg)
     split_qkv = fam.linear_modules()["attn.qkv"] if fam.qkv_layout == "split" else ()  # q, k, v HF modules
