@@ -181,6 +181,20 @@ class T5(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
+        # Virtual tokens (prompt tuning, P-tuning), set by a PEFT method: `embeddings()` (P, d_model) prepended to
+        # every encoder input, as PEFT does for seq2seq models (relative positions: nothing else shifts).
+        self.virtual: nn.Module | None = None
+
+    @property
+    def n_virtual(self) -> int:
+        return 0 if self.virtual is None else self.virtual.n_virtual
+
+    def encoder_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The padding mask over the encoder's outputs: attention_mask (B, S) with the P virtual positions (always
+        attended to) in front, (B, P + S); None stays None (no padding)."""
+        if attention_mask is None or self.virtual is None:
+            return attention_mask
+        return torch.cat([attention_mask.new_ones(attention_mask.shape[0], self.n_virtual), attention_mask], dim=1)
 
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor, *,
                 attention_mask: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
@@ -192,16 +206,22 @@ class T5(nn.Module):
         decoder inputs (on top of the causal mask). Teacher forcing: decoder_input_ids = shift_right(labels).
         """
         enc = self.encode(input_ids, attention_mask)
-        return self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask=decoder_attention_mask,
-                           return_hidden=return_hidden)
+        return self.decode(decoder_input_ids, enc, self.encoder_mask(attention_mask),
+                           decoder_attention_mask=decoder_attention_mask, return_hidden=return_hidden)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, S) -> encoder output (B, S, d_model)."""
-        S = input_ids.shape[1]
+        """input_ids (B, S) -> encoder output (B, S, d_model), or (B, P + S, d_model) with P virtual tokens in front
+        (pass `encoder_mask(attention_mask)` with it to `decode` / `new_cache`)."""
+        x = self.shared(input_ids)  # (B, S, C)
+        if self.virtual is not None:
+            prompt = self.virtual.embeddings().to(x.dtype)  # (P, C)
+            x = torch.cat([prompt.expand(x.shape[0], -1, -1), x], dim=1)  # (B, P + S, C)
+            attention_mask = self.encoder_mask(attention_mask)
+        S = x.shape[1]
         bias = self.encoder.position_bias(S, S, 0, input_ids.device)  # (1, H, S, S)
         if attention_mask is not None:
             bias = _masked(bias, attention_mask[:, None, None, :].bool())  # (B, H, S, S)
-        return self.encoder(self.shared(input_ids), bias)
+        return self.encoder(x, bias)
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor | None = None,
                encoder_mask: torch.Tensor | None = None, *, cache: T5DecodeCache | None = None,

@@ -61,7 +61,7 @@ def t5_generate(model: T5, input_ids: torch.Tensor, attention_mask: torch.Tensor
     B = input_ids.shape[0]
     enc = model.encode(input_ids, attention_mask)  # (B, S, C)
     tokens = torch.full((B, 1), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
-    cache = model.new_cache(enc, attention_mask, max_new_tokens) if use_cache else None
+    cache = model.new_cache(enc, model.encoder_mask(attention_mask), max_new_tokens) if use_cache else None
     eos_t = torch.tensor(eos or [-1], device=input_ids.device)
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
     x = tokens
@@ -69,7 +69,7 @@ def t5_generate(model: T5, input_ids: torch.Tensor, attention_mask: torch.Tensor
         if cache is not None:
             hidden = model.decode(x, cache=cache, return_hidden=True)
         else:
-            hidden = model.decode(tokens, enc, attention_mask, return_hidden=True)
+            hidden = model.decode(tokens, enc, model.encoder_mask(attention_mask), return_hidden=True)
         logits = _block_eos(model.head(hidden[:, -1]).float(), eos, step, min_new_tokens)  # (B, V)
         nxt = sample(logits, sampling, generator)  # (B,)
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
@@ -136,7 +136,8 @@ def t5_beam_search(model: T5, input_ids: torch.Tensor, attention_mask: torch.Ten
     eos_t = torch.tensor(eos or [-1], device=device)
 
     enc = model.encode(input_ids, attention_mask).repeat_interleave(K, dim=0)  # (B*K, S, C)
-    enc_mask = None if attention_mask is None else attention_mask.repeat_interleave(K, dim=0)
+    enc_mask = model.encoder_mask(attention_mask)
+    enc_mask = None if enc_mask is None else enc_mask.repeat_interleave(K, dim=0)
     cache = model.new_cache(enc, enc_mask, max_new_tokens) if use_cache else None
 
     running = torch.full((B, K, max_length), pad, dtype=torch.long, device=device)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from leantune.model import GPT
 from leantune.peft.base import Method, PeftFormat, mark_trainable
-from leantune.peft.virtual import PromptEmbeddings, install, placement, virtual_params
+from leantune.peft.virtual import PromptEmbeddings, input_embedding, install, placement, virtual_params
 from leantune.peft.virtual_peft import export_p_tuning, load_into, read_virtual
 
 ENCODERS = ("mlp", "lstm", "none")
@@ -46,7 +46,7 @@ class PTuningArgs:
 
 
 def apply_p_tuning(model: GPT, args: PTuningArgs) -> list[str]:
-    prompt = PromptEmbeddings(args.num_virtual_tokens, model.config.n_embd, encoder=args.encoder,
+    prompt = PromptEmbeddings(args.num_virtual_tokens, input_embedding(model).embedding_dim, encoder=args.encoder,
                               hidden_size=args.encoder_hidden_size, num_layers=args.encoder_num_layers,
                               dropout=args.encoder_dropout, **placement(model))
     return mark_trainable(model, install(model, prompt))

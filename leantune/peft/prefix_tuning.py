@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from leantune.kinds import is_seq2seq
 from leantune.model import GPT
 from leantune.peft.base import Method, PeftFormat, mark_trainable
 from leantune.peft.virtual import PrefixKV, install, placement, virtual_params
@@ -33,6 +34,8 @@ class PrefixTuningArgs:
 
 
 def apply_prefix_tuning(model: GPT, args: PrefixTuningArgs) -> list[str]:
+    if is_seq2seq(model):
+        raise ValueError("prefix tuning is for decoder models; on T5 use prompt_tuning or p_tuning")
     c = model.config
     prefix = PrefixKV(args.num_virtual_tokens, c.n_layer, c.n_query_groups, c.head_size, projection=args.projection,
                       hidden_size=args.hidden_size, **placement(model))

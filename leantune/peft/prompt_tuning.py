@@ -16,6 +16,7 @@ from leantune.peft.base import Method, PeftFormat, mark_trainable
 from leantune.peft.virtual import (
     PromptEmbeddings,
     init_from_tokens,
+    input_embedding,
     install,
     placement,
     sample_vocab_ids,
@@ -51,7 +52,7 @@ class PromptTuningArgs:
 
 
 def apply_prompt_tuning(model: GPT, args: PromptTuningArgs) -> list[str]:
-    prompt = PromptEmbeddings(args.num_virtual_tokens, model.config.n_embd, **placement(model))
+    prompt = PromptEmbeddings(args.num_virtual_tokens, input_embedding(model).embedding_dim, **placement(model))
     if args.init == "vocab":
         init_from_tokens(prompt, model, sample_vocab_ids(model, args.num_virtual_tokens))
     return mark_trainable(model, install(model, prompt))

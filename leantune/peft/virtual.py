@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from leantune.kinds import is_seq2seq
 from leantune.model import GPT
 from leantune.quantize import compute_dtype_of
 
@@ -96,7 +97,7 @@ def install(model: GPT, virtual: nn.Module) -> list[nn.Parameter]:
         raise ValueError("the model already has virtual tokens (one prompt/prefix method at a time)")
     if virtual.n_virtual < 1:
         raise ValueError(f"num_virtual_tokens must be >= 1, got {virtual.n_virtual}")
-    if virtual.n_virtual >= model.config.block_size:
+    if not is_seq2seq(model) and virtual.n_virtual >= model.config.block_size:  # T5: relative positions, no limit
         raise ValueError(f"num_virtual_tokens {virtual.n_virtual} leaves no room in the model's "
                          f"{model.config.block_size}-token context")
     model.virtual = virtual
@@ -105,8 +106,13 @@ def install(model: GPT, virtual: nn.Module) -> list[nn.Parameter]:
 
 def placement(model: GPT) -> dict:
     """Device and dtype for new virtual-token tensors: the embedding's (the compute dtype for a quantized base)."""
-    w = model.transformer.wte.weight
+    w = input_embedding(model).weight
     return dict(device=w.device, dtype=compute_dtype_of(w))
+
+
+def input_embedding(model: nn.Module) -> nn.Embedding:
+    """The token embedding virtual tokens live beside (GPT's wte, T5's shared)."""
+    return model.shared if is_seq2seq(model) else model.transformer.wte
 
 
 def virtual_params(model: nn.Module) -> list[nn.Parameter]:
@@ -122,7 +128,7 @@ def init_from_tokens(prompt: PromptEmbeddings, model: GPT, token_ids: list[int])
         raise ValueError("the init text encodes to no tokens")
     P = prompt.n_virtual
     ids = (token_ids * (P // len(token_ids) + 1))[:P]
-    w = model.transformer.wte.weight
+    w = input_embedding(model).weight
     if w.is_meta or prompt.embedding.weight.is_meta:
         return
     prompt.embedding.weight.copy_(w[torch.tensor(ids, device=w.device)].to(prompt.embedding.weight.dtype))

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from leantune.checkpoint.peft_dir import CONFIG_FILE, peft_weights, read_peft_config, write_peft_dir
+from leantune.kinds import is_seq2seq
 from leantune.model import GPT
 from leantune.peft.virtual import PrefixKV, PromptEmbeddings
 
@@ -26,13 +27,19 @@ _UNSUPPORTED = {"num_transformer_submodules": (None, 1), "modules_to_save": (Non
 
 def _common(model: GPT, peft_type: str, base_model_name_or_path: str, n_virtual: int) -> dict[str, Any]:
     c = model.config
-    return {"peft_type": peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-            "num_virtual_tokens": n_virtual, "token_dim": c.n_embd, "num_transformer_submodules": 1,
-            "num_attention_heads": c.n_head, "num_layers": c.n_layer, "inference_mode": True, "revision": None}
+    if is_seq2seq(model):  # PEFT sizes seq2seq prompts for encoder and decoder (2 submodules), uses the first P
+        task, dim, heads, layers, parts = "SEQ_2_SEQ_LM", c.d_model, c.num_heads, c.num_layers, 2
+    else:
+        task, dim, heads, layers, parts = "CAUSAL_LM", c.n_embd, c.n_head, c.n_layer, 1
+    return {"peft_type": peft_type, "task_type": task, "base_model_name_or_path": base_model_name_or_path,
+            "num_virtual_tokens": n_virtual, "token_dim": dim, "num_transformer_submodules": parts,
+            "num_attention_heads": heads, "num_layers": layers, "inference_mode": True, "revision": None}
 
 
 def _write(model: GPT, out_dir, config: dict, tensor: torch.Tensor, dtype, kind) -> Path:
     tensor = tensor.detach().cpu().contiguous().clone()
+    if config["num_transformer_submodules"] == 2:  # (2P, C): PEFT's seq2seq table; rows P.. are never read
+        tensor = torch.cat([tensor, torch.zeros_like(tensor)])
     return write_peft_dir(out_dir, config, {TENSOR: tensor.to(dtype) if dtype is not None else tensor}, kind)
 
 
@@ -62,7 +69,7 @@ def export_p_tuning(model: GPT, out_dir: str | Path, base_model_name_or_path: st
     config = _common(model, "P_TUNING", base_model_name_or_path, prompt.n_virtual)
     encoder = getattr(args, "encoder", "mlp")
     config.update(encoder_reparameterization_type="LSTM" if encoder == "lstm" else "MLP",
-                  encoder_hidden_size=getattr(args, "encoder_hidden_size", None) or model.config.n_embd,
+                  encoder_hidden_size=getattr(args, "encoder_hidden_size", None) or config["token_dim"],
                   encoder_num_layers=getattr(args, "encoder_num_layers", 2),
                   encoder_dropout=getattr(args, "encoder_dropout", 0.0))
     return _write(model, out_dir, config, prompt.embeddings(), dtype, kind)
@@ -90,7 +97,8 @@ def read_virtual(peft_dir: str | Path, peft_type: str, model: GPT) -> tuple[dict
     cfg = read_peft_config(peft_dir)
     if cfg.get("peft_type") != peft_type:
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not {peft_type}")
-    bad = [f"{k}={cfg[k]!r}" for k, ok in _UNSUPPORTED.items() if k in cfg and cfg[k] not in ok]
+    unsupported = {**_UNSUPPORTED, "num_transformer_submodules": (None, 2)} if is_seq2seq(model) else _UNSUPPORTED
+    bad = [f"{k}={cfg[k]!r}" for k, ok in unsupported.items() if k in cfg and cfg[k] not in ok]
     if bad:
         raise ValueError(f"{path}: unsupported options {', '.join(bad)} (leantune's decoder models take one prompt)")
     tensors = peft_weights(peft_dir)
@@ -98,14 +106,16 @@ def read_virtual(peft_dir: str | Path, peft_type: str, model: GPT) -> tuple[dict
         raise ValueError(f"{peft_dir}: expected one tensor {TENSOR!r}, found {sorted(tensors)[:5]}")
     t = tensors[TENSOR]
     c = model.config
+    ours = c.num_layers if is_seq2seq(model) else c.n_layer
     n_layers = cfg.get("num_layers")
-    if n_layers is not None and n_layers != c.n_layer:
-        raise ValueError(f"{path}: made for a {n_layers}-layer model, this base has {c.n_layer} layers; pass the "
+    if n_layers is not None and n_layers != ours:
+        raise ValueError(f"{path}: made for a {n_layers}-layer model, this base has {ours} layers; pass the "
                          "--checkpoint_dir it was trained on")
-    if t.dim() != 2 or t.shape[0] != cfg.get("num_virtual_tokens", t.shape[0]):
-        raise ValueError(f"{peft_dir}: {TENSOR} has shape {tuple(t.shape)}, expected (num_virtual_tokens "
-                         f"{cfg.get('num_virtual_tokens')}, width)")
-    return cfg, t
+    P, parts = cfg.get("num_virtual_tokens"), cfg.get("num_transformer_submodules") or 1
+    if t.dim() != 2 or (P is not None and t.shape[0] != P * parts):
+        raise ValueError(f"{peft_dir}: {TENSOR} has shape {tuple(t.shape)}, expected (num_virtual_tokens {P} x "
+                         f"{parts}, width)")
+    return cfg, t[: t.shape[0] // parts]  # seq2seq: the encoder's P rows (PEFT never reads the rest)
 
 
 @torch.no_grad()
