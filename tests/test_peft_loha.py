@@ -207,3 +207,30 @@ def test_flags_and_refusals(tmp_path):
     apply_loha(ours, LoHaArgs(r=2))
     with pytest.raises(ValueError, match="Conv1D"):
         METHOD.peft.export(ours, tmp_path / "peft", str(base), LoHaArgs(r=2))
+
+
+@pytest.mark.parametrize("dtype,linears", [(torch.float32, 1), (torch.bfloat16, 2)])
+def test_fp32_adds_the_update_to_the_weight_and_half_precision_keeps_it_apart(monkeypatch, dtype, linears):
+    """fp32: one matmul with W + dW (a second product over every token costs more than the out x in add); bf16: the
+    base and the update are two products, since W + dW in bf16 would round a small update away."""
+    torch.manual_seed(0)
+    model = tiny().to(dtype)
+    apply_loha(model, LoHaArgs(r=4, targets="all"))
+    layer = model.transformer.h[0].mlp.proj
+    with torch.no_grad():
+        for p in layer.factors[0].parameters():
+            p.copy_(torch.randn_like(p) * 0.05)  # a small update: |dW| ~ 1e-4 of |W|
+    x = torch.randn(3, 5, layer.in_features, dtype=dtype)
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: calls.append(1) or linear(*a, **k))
+    with torch.no_grad():
+        y = layer(x)
+    assert len(calls) == linears
+    monkeypatch.undo()
+    dw = layer.delta_weight()
+    with torch.no_grad():
+        base = linear(x, layer.weight, layer.bias)
+        expected = base.float() + linear(x.float(), dw.float())
+        torch.testing.assert_close(y.float(), expected, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+        assert not torch.equal(y, base)  # the update reached the output

@@ -50,6 +50,9 @@ def init_kaiming(*params: torch.Tensor) -> None:
         nn.init.kaiming_uniform_(p, a=math.sqrt(5))
 
 
+_EXACT_SUM_DTYPES = (torch.float32, torch.float64)
+
+
 class LycorisLinear(nn.Module):
     """A linear layer plus dW = concat over parts of scaling * factors_i.delta() (zeros between the parts).
 
@@ -101,10 +104,15 @@ class LycorisLinear(nn.Module):
         return torch.cat(rows)  # (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dw = None if self.merged else self.delta_weight(self.training)
+        if dw is not None and not self.quantized and self.weight.dtype in _EXACT_SUM_DTYPES \
+                and x.dtype == self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            # One matmul with W + dW: the sum costs out*in adds where a second product costs tokens*out*in
+            # multiply-adds forward and again for the input's gradient (dW's gradient is the same product either way).
+            # Only where W + dW keeps dW's digits: a bf16/fp16 sum (or autocast's cast of it) would round a small
+            # update away.
+            return F.linear(x, self.weight + dw.to(self.weight.dtype), self.bias)  # (..., out)
         y = quantized_linear(x, self.weight, self.bias) if self.quantized else F.linear(x, self.weight, self.bias)
-        if self.merged:
-            return y
-        dw = self.delta_weight(self.training)
         return y if dw is None else y + F.linear(x, dw.to(x.dtype))  # (..., out)
 
     @torch.no_grad()
