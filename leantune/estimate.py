@@ -58,19 +58,26 @@ def resolve_config(model: str) -> Config | T5Config:
     return Config.from_name(model)
 
 
-def estimate_t5(config: T5Config, method: str, method_args=None, precision: str = "bf16-true",
-                optimizer: str = "AdamW") -> dict:
-    """Parameter counts and the parameter-sized memory (weights, gradients, optimizer state) of a T5 finetune, in
-    GiB, built on the meta device. Activations are not modelled for T5 yet, so `total_gb` excludes them."""
+def _counted(model_class: type, config, method: str, method_args):
+    """Build the model on the meta device with the method applied: (model, trainable names, {id: (name, tensor)}
+    of unique tensors (a tied head once), total count, trainable count)."""
     method_args = get_method(method).make_args(method_args)
     with torch.device("meta"):
-        model = T5(config)
+        model = model_class(config)
         trainable_names = set(apply_method(model, method, method_args))
     unique = {}
     for n, p in model.named_parameters():
         unique.setdefault(id(p), (n, p))
     total = sum(p.numel() for _, p in unique.values())
     trainable = sum(p.numel() for n, p in unique.values() if n in trainable_names)
+    return model, trainable_names, unique, total, trainable
+
+
+def estimate_t5(config: T5Config, method: str, method_args=None, precision: str = "bf16-true",
+                optimizer: str = "AdamW") -> dict:
+    """Parameter counts and the parameter-sized memory (weights, gradients, optimizer state) of a T5 finetune, in
+    GiB, built on the meta device. Activations are not modelled for T5 yet, so `total_gb` excludes them."""
+    _, _, _, total, trainable = _counted(T5, config, method, method_args)
     wbytes = DTYPE_BYTES[precision] if precision.endswith("true") else 4
     weights = total * wbytes
     grads = trainable * (4 if precision.endswith("mixed") else wbytes)
@@ -88,15 +95,7 @@ def estimate(config: Config, method: str, method_args=None, precision: str = "bf
     """Parameter counts and the memory model above, in GiB. `device` ("cuda" or "cpu") selects two kernel details
     that differ: CPU dropout keeps its mask in the activation dtype (CUDA: 1 byte), and CUDA's AdamW updates all
     tensors at once (foreach: one trainable-sized temporary) where CPU loops tensor by tensor."""
-    method_args = get_method(method).make_args(method_args)
-    with torch.device("meta"):
-        model = GPT(config)
-        trainable_names = set(apply_method(model, method, method_args))
-    unique = {}
-    for n, p in model.named_parameters():
-        unique.setdefault(id(p), (n, p))
-    total = sum(p.numel() for _, p in unique.values())
-    trainable = sum(p.numel() for n, p in unique.values() if n in trainable_names)
+    model, trainable_names, unique, total, trainable = _counted(GPT, config, method, method_args)
     wbytes = DTYPE_BYTES[precision] if precision.endswith("true") else 4
     c = config
     rope_cache = 2 * c.block_size * c.rope_n_elem * 4  # cos and sin, fp32, built at the first forward

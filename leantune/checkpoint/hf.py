@@ -242,6 +242,13 @@ def save_hf_checkpoint(model: GPT, out_dir: str | Path, source_dir: str | Path |
         cfg_dict["tie_word_embeddings"] = model.config.tie_embeddings  # a merged head LoRA unties
     else:
         cfg_dict = hf_config_dict(model.config, dtype or next(iter(sd.values())).dtype)
+    return write_hf_folder(out_dir, cfg_dict, hf_sd, source_dir, shard_bytes, kind)
+
+
+def write_hf_folder(out_dir: str | Path, cfg_dict: dict, hf_sd: dict[str, torch.Tensor], source_dir: str | Path | None,
+                    shard_bytes: int = SHARD_BYTES, kind: str | None = None) -> Path:
+    """Atomically write config.json, the HF-named tensors as safetensors shards (+ index when several) and
+    source_dir's tokenizer/generation files: the folder layout of every model kind."""
     with atomic_dir(out_dir, kind=kind) as tmp:  # kind: an output the user named gets leantune's marker
         write_json(tmp / "config.json", cfg_dict)
         shards = _shard(hf_sd, shard_bytes)
@@ -259,7 +266,7 @@ def save_hf_checkpoint(model: GPT, out_dir: str | Path, source_dir: str | Path |
             for name in TOKENIZER_FILES:
                 if (Path(source_dir) / name).is_file():
                     shutil.copy2(Path(source_dir) / name, tmp / name)
-    return out_dir
+    return Path(out_dir)
 
 
 def _shard(sd: dict[str, torch.Tensor], shard_bytes: int) -> list[dict[str, torch.Tensor]]:

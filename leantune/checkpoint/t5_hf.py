@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
-from leantune.checkpoint.hf import SHARD_BYTES, TOKENIZER_FILES, _shard, iter_hf_tensors
-from leantune.checkpoint.io import atomic_dir, save_safetensors, write_json
+from leantune.checkpoint.hf import SHARD_BYTES, iter_hf_tensors, write_hf_folder
 from leantune.t5 import T5, T5Config
 
-T5_TOKENIZER_FILES = (*TOKENIZER_FILES, "spiece.model")
 _EMBED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 # Old checkpoints carry an unused cross-attention bias table; transformers ignores it too.
 _IGNORED = {"decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"}
@@ -158,21 +155,4 @@ def save_t5_checkpoint(model: T5, out_dir: str | Path, source_dir: str | Path | 
             cfg_dict["scale_decoder_outputs"] = config.scale_decoder_outputs
     else:
         cfg_dict = config.to_hf(str(written).removeprefix("torch."))
-    with atomic_dir(out_dir, kind=kind) as tmp:
-        write_json(tmp / "config.json", cfg_dict)
-        shards = _shard(hf_sd, shard_bytes)
-        if len(shards) == 1:
-            save_safetensors(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for n, shard in enumerate(shards, 1):
-                name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-                save_safetensors(shard, tmp / name, metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, name))
-            total = sum(t.numel() * t.element_size() for t in hf_sd.values())
-            write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-        if source_dir:
-            for name in T5_TOKENIZER_FILES:
-                if (Path(source_dir) / name).is_file():
-                    shutil.copy2(Path(source_dir) / name, tmp / name)
-    return out_dir
+    return write_hf_folder(out_dir, cfg_dict, hf_sd, source_dir, shard_bytes, kind)
