@@ -1,0 +1,126 @@
+"""`leantune serve`: an OpenAI-compatible HTTP server over one base and any number of adapters."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from leantune.commands.flags import check_at_least, check_folder, check_model_flags, check_threads
+from leantune.download import DEFAULT_CHECKPOINT
+from leantune.inference import load_for_inference
+from leantune.kinds import is_seq2seq
+
+API_KEY_ENV = "LEANTUNE_API_KEY"
+
+
+def parse_adapters(specs: list[str] | None) -> dict[str, Path]:
+    """--adapter name=DIR (repeatable) -> {name: folder}; a bare DIR is named after its folder."""
+    out: dict[str, Path] = {}
+    for spec in specs or []:
+        name, sep, folder = spec.partition("=")
+        if not sep:
+            name, folder = Path(spec).name, spec
+        name = name.strip()
+        if not name or not folder or any(c.isspace() for c in name):
+            raise ValueError(f"--adapter {spec!r}: give name=DIR (a name without spaces and an adapter folder)")
+        if name in out:
+            raise ValueError(f"--adapter: the name {name!r} is given twice")
+        check_folder("adapter", folder)
+        out[name] = Path(folder)
+    return out
+
+
+def serve(
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT,
+    adapter: list[str] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    max_batch_size: int = 8,
+    max_queue: int = 64,
+    max_new_tokens: int = 512,
+    max_seq_length: int | None = None,
+    precision: str | None = None,
+    quantize: str | None = None,
+    threads: int | None = None,
+    shutdown_timeout: float = 300.0,
+    log_level: str = "info",
+) -> None:
+    """Serve the base and its adapters over OpenAI's HTTP API (chat/completions, completions, models; SSE streaming).
+
+    Clients pick the base or an adapter by the request's `model`. Concurrent requests decode together (continuous
+    batching over --max_batch_size slots); requests for the base and for any LoRA adapters (leantune or PEFT LORA
+    folders, QLoRA included) share one batch with per-row adapter selection. Adapters of other methods (DoRA, IA3,
+    LoHa, LoKr, AdaLoRA, prompt/P/prefix tuning, LLaMA-Adapter) are served too: their rows batch together, in a
+    forward of their own each step. The base is loaded once; no adapter copies it. Ctrl-C (or SIGTERM) stops
+    accepting connections and finishes the requests in flight before exiting.
+
+    Args:
+        checkpoint_dir: The base model's Hugging Face folder (the default model is imported on first use).
+        adapter: An adapter to serve as name=DIR (repeat the flag, or give a list): a leantune adapter folder of any
+            method or a PEFT folder. Requests with "model": name use it. More can be loaded at run time with
+            POST /v1/adapters {"name": ..., "path": ...}.
+        host: Address to listen on (127.0.0.1: this machine only; 0.0.0.0 exposes the server to the network).
+        port: TCP port.
+        api_key: Require `Authorization: Bearer <key>` on every /v1 route; also read from the LEANTUNE_API_KEY
+            environment variable (preferred: a flag shows in the process list). Never printed.
+        model_name: The base's name in requests and /v1/models (default: the checkpoint folder's name).
+        max_batch_size: Rows decoded together (the KV cache holds this many sequences).
+        max_queue: Requests that may wait for a free row; beyond it requests get 429 with Retry-After.
+        max_new_tokens: The completion budget of a request that gives no max_tokens, and the most any request gets.
+        max_seq_length: Context window (prompt plus completion) per request (default: the model's); longer
+            requests get 400 naming the limit. The KV cache grows as it is used, up to this many tokens per row.
+        precision: 32-true, bf16-true, 16-true (default: the fastest safe one for the device).
+        quantize: Load the base's linears quantized (the modes `generate --quantize` takes).
+        threads: CPU threads for torch (default: torch's choice).
+        shutdown_timeout: Seconds to wait for requests in flight after Ctrl-C/SIGTERM before cancelling them.
+        log_level: uvicorn's log level (critical, error, warning, info, debug).
+    """
+    import uvicorn  # the server stack loads only for this command
+
+    from leantune.serve.app import create_app
+    from leantune.serve.engine import Engine
+
+    check_at_least("max_batch_size", max_batch_size, 1)
+    check_at_least("max_queue", max_queue, 1)
+    check_at_least("max_new_tokens", max_new_tokens, 1)
+    check_at_least("max_seq_length", max_seq_length, 2, allow_none=True)
+    check_at_least("port", port, 0)
+    if port > 65535:
+        raise ValueError(f"--port must be <= 65535, got {port}")
+    check_threads(threads)
+    check_model_flags(precision, None)  # --quantize is checked by loading, which knows every decode mode
+    adapters = parse_adapters(adapter)
+    api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if api_key is not None and not api_key.strip():
+        raise ValueError("--api_key is empty: give a key or leave it out")
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer, precision, _ = load_for_inference(checkpoint_dir, precision, None, quantize)
+    if is_seq2seq(model):
+        raise ValueError(f"{checkpoint_dir}: serve covers decoder models; encoder-decoder (T5) checkpoints are served "
+                         "by `leantune generate` for now")
+    name = model_name or Path(checkpoint_dir).name
+    if name in adapters:
+        raise ValueError(f"--adapter {name}: that is the base model's name; pick another (or set --model_name)")
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
+    engine = Engine(model, tokenizer, checkpoint_dir, name, max_batch=max_batch_size, max_queue=max_queue,
+                    max_seq_length=max_seq_length)
+    try:
+        for n, folder in adapters.items():
+            a = engine.add_adapter(n, folder)
+            print(f"adapter {n}: {a.method} from {folder} ({'shares batches with the base' if a.shared else 'own batches'})",
+                  file=sys.stderr)
+    except BaseException:
+        engine.close(timeout=0)
+        raise
+    app = create_app(engine, api_key=api_key, default_max_tokens=max_new_tokens, shutdown_timeout=shutdown_timeout)
+    print(f"serving {name} ({precision}{', ' + quantize if quantize else ''}, context {engine.capacity} tokens, "
+          f"{max_batch_size} rows) on http://{host}:{port}/v1"
+          + ("; an API key is required (Authorization: Bearer)" if api_key else ""), file=sys.stderr)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)

@@ -1,0 +1,68 @@
+"""The slot KV cache: one row per batch slot, each row holding its own sequence from column 0 at its own length.
+
+GPT's attention calls `kv_cache.update(input_pos, k, v)`; this cache takes the place of `KVCache` in every layer (of
+the served model and of every grouped adapter's model, which share it) and writes where the engine's `SlotLayout`
+says, so rows of different lengths decode in one forward without left padding or compaction:
+
+- prefill (one new request in slot i): columns `input_pos` of row i, as KVCache would (virtual positions included);
+- decode (a slice of slots lo:hi, one token each): row b at its own column `cols[b]`; the step attends over the
+  first S columns, rows shorter than S-1 masked by the attention mask the engine passes.
+
+A row that is only a passenger of a step (an idle slot, or a row of another adapter group inside the slice) writes to
+the scratch column at index `capacity`, which no step reads. Memory is reserved with `torch.empty` and zeroed lazily
+up to the highest column used so far, so a long context costs memory only once it is used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotLayout:
+    """Where the next forward's keys and values go; shared by every layer's SlotKVCache."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.lo, self.hi = 0, 1
+        self.cols: torch.Tensor | None = None  # (hi - lo,) decode columns; None: prefill at input_pos
+        self.S = 0
+        self.rows: torch.Tensor | None = None  # arange(hi - lo), for the decode write
+
+    def prefill(self, slot: int) -> None:
+        self.lo, self.hi, self.cols = slot, slot + 1, None
+
+    def decode(self, lo: int, hi: int, cols: torch.Tensor, S: int) -> None:
+        self.lo, self.hi, self.cols, self.S = lo, hi, cols, S
+        self.rows = torch.arange(hi - lo, device=cols.device)
+
+
+class SlotKVCache:
+    """Keys and values (slots, n_query_groups, capacity + 1, head_size) of one layer."""
+
+    def __init__(self, layout: SlotLayout, slots: int, n_groups: int, head_size: int, device, dtype) -> None:
+        shape = (slots, n_groups, layout.capacity + 1, head_size)  # + 1: the scratch column
+        self.layout = layout
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.filled = 0  # columns [0, filled) of every row hold finite values (written or zeroed)
+
+    def ensure_filled(self, n: int) -> None:
+        """Zero columns [filled, n) of every row before anything is written there or read from there."""
+        if n > self.filled:
+            self.k[:, :, self.filled:n].zero_()
+            self.v[:, :, self.filled:n].zero_()
+            self.filled = n
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """k, v (B, ng, T, hs) -> this row slice's keys and values (B, ng, S, hs) to attend over."""
+        L = self.layout
+        ks, vs = self.k[L.lo:L.hi], self.v[L.lo:L.hi]  # views
+        if L.cols is None:  # prefill: one slot, KVCache's own indexing
+            ks.index_copy_(2, input_pos, k.to(ks.dtype))
+            vs.index_copy_(2, input_pos, v.to(vs.dtype))
+            S = int(input_pos[-1]) + 1
+        else:  # decode: row b writes its token at its own column
+            ks[L.rows, :, L.cols] = k[:, :, 0].to(ks.dtype)
+            vs[L.rows, :, L.cols] = v[:, :, 0].to(vs.dtype)
+            S = L.S
+        return ks[:, :, :S], vs[:, :, :S]

@@ -1,0 +1,456 @@
+"""The serving engine: one scheduler thread owns the model and decodes every running request together.
+
+Continuous batching over `max_batch` slots: each loop turn runs pending adapter loads/unloads, prefills waiting
+requests into free slots (one forward per new request, which also samples its first token), then one decode step for
+every running row. A row that finishes (EOS, a stop string, its max_tokens) frees its slot at once for the next
+waiting request. Rows live in the slot KV cache (`cache.py`), each at its own length, so no row waits for another.
+
+One step runs one forward per *group*: the base and every shared (LoRA) adapter form one group, decoded in one batch
+with per-row adapter selection (`adapters.LoRARows`); each grouped adapter (other methods) is a group of its own. A
+forward covers the contiguous slot range of its group's rows; other slots in that range ride along as passengers
+whose outputs are ignored and whose writes go to the cache's scratch column.
+
+Sampling is per row: greedy rows share one argmax, sampled rows use their own `Sampling` and a `torch.Generator`
+seeded from the request's seed, so a seeded request draws the same tokens as `generate --seed` does. Text is
+detokenized incrementally per row with the checkpoint's stop ids (EOS) and the request's stop strings held back
+until they can no longer match (`StopStringFilter`). The waiting queue is bounded: `submit` raises `QueueFull`
+(HTTP 429 with Retry-After) instead of growing without limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from leantune.generate import Sampling, StopStringFilter, sample
+from leantune.model import GPT
+from leantune.serve.adapters import LoRARows, install_lora, load_onto_copy, lora_factors, shared_copy, uninstall_lora
+from leantune.serve.cache import SlotKVCache, SlotLayout
+
+log = logging.getLogger("leantune.serve")
+
+Sink = Callable[[str, object], None]
+"""Receives a request's events from the scheduler thread: ("text", str), ("done", dict) or ("error", str)."""
+
+
+class QueueFull(Exception):
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ContextOverflow(ValueError):
+    """The prompt plus the completion budget does not fit the context window (HTTP 400 naming the limit)."""
+
+
+class UnknownModel(LookupError):
+    pass
+
+
+class ShuttingDown(RuntimeError):
+    pass
+
+
+@dataclass
+class Adapter:
+    """A served model name: the base (id 0), a shared LoRA adapter (id > 0) or a grouped one (its own model)."""
+
+    name: str
+    path: Path | None
+    method: str
+    shared: bool
+    id: int = 0
+    model: GPT | None = None  # grouped adapters: a shared copy of the base with the adapter applied
+    n_virtual: int = 0
+    users: int = 0  # waiting or running requests
+    unloading: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "base" if self.path is None else ("shared" if self.shared else "grouped")
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    adapter: Adapter
+    max_tokens: int
+    sampling: Sampling
+    generator: torch.Generator | None
+    stops: StopStringFilter
+    decoder: object
+    sink: Sink
+    submitted: float = field(default_factory=time.perf_counter)
+    slot: int = -1
+    length: int = 0  # real tokens in this row's cache
+    last: int = 0  # the newest sampled token (the next decode input)
+    generated: int = 0
+    cancelled: bool = False
+    done: bool = False
+
+
+class Engine:
+    def __init__(self, model: GPT, tokenizer, checkpoint_dir: Path, base_name: str, max_batch: int = 8,
+                 max_queue: int = 64, max_seq_length: int | None = None) -> None:
+        self.pristine = model.eval()
+        self.tokenizer, self.checkpoint_dir, self.base_name = tokenizer, Path(checkpoint_dir), base_name
+        self.device = model.lm_head.weight.device
+        self.served = shared_copy(self.pristine)
+        self.rows = LoRARows()
+        cfg = model.config
+        self.capacity = min(cfg.block_size, max_seq_length or cfg.block_size)
+        self.layout = SlotLayout(self.capacity)
+        dtype = model.transformer.wte.weight.dtype
+        self.caches = [SlotKVCache(self.layout, max_batch, cfg.n_query_groups, cfg.head_size, self.device, dtype)
+                       for _ in range(cfg.n_layer)]
+        self._attach(self.served)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.eos = set(tokenizer.eos_ids)
+        self.adapters: dict[str, Adapter] = {base_name: Adapter(base_name, None, "base", shared=True)}
+        self._pending: set[str] = set()
+        self._next_id = 1
+        self.slots: list[Request | None] = [None] * max_batch
+        self.waiting: deque[Request] = deque()
+        self.commands: deque[tuple[Callable[[], object], Future]] = deque()
+        self.cv = threading.Condition()
+        self.closing = self.stopped = False
+        self.failure: str | None = None
+        self.served_requests = self.generated_tokens = 0
+        self._service_time = 1.0  # moving average of a request's seconds from submit to finish (Retry-After)
+        self.thread = threading.Thread(target=self._loop, name="leantune-engine", daemon=True)
+        self.thread.start()
+
+    # ---- what the HTTP layer calls (any thread) -------------------------------------------------------
+    def limit(self, name: str) -> int:
+        """Tokens (prompt + completion) one request for model `name` may hold."""
+        return self.capacity - self.lookup(name).n_virtual
+
+    def lookup(self, name: str) -> Adapter:
+        a = self.adapters.get(name)
+        if a is None or a.unloading:
+            known = ", ".join(n for n, x in self.adapters.items() if not x.unloading)
+            raise UnknownModel(f"The model {name!r} does not exist on this server; choose one of: {known}")
+        return a
+
+    def submit(self, name: str, prompt: list[int], max_tokens: int | None, default_max_tokens: int,
+               sampling: Sampling, seed: int | None, stop: list[str], sink: Sink) -> Request:
+        """Queue a request; raises UnknownModel, ContextOverflow, QueueFull or ShuttingDown."""
+        adapter = self.lookup(name)
+        limit = self.capacity - adapter.n_virtual
+        if not prompt:
+            raise ContextOverflow("the prompt is empty")
+        if max_tokens is not None:
+            max_tokens = min(max_tokens, default_max_tokens)  # the server's cap (serve --max_new_tokens)
+        if max_tokens is None:
+            if len(prompt) >= limit:
+                raise ContextOverflow(f"This model's maximum context length is {limit} tokens. However, your "
+                                      f"prompt has {len(prompt)} tokens, leaving no room for a completion. Please "
+                                      "reduce the length of the prompt.")
+            max_tokens = min(default_max_tokens, limit - len(prompt))
+        elif len(prompt) + max_tokens > limit:
+            raise ContextOverflow(f"This model's maximum context length is {limit} tokens. However, you requested "
+                                  f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} in "
+                                  "the completion). Please reduce the length of the prompt or max_tokens.")
+        generator = None
+        if sampling.temperature > 0:
+            generator = torch.Generator(device=self.device).manual_seed(
+                seed if seed is not None else random.randrange(2**63))
+        req = Request(list(prompt), adapter, max_tokens, sampling, generator, StopStringFilter(stop),
+                      self.tokenizer.stream_decoder(), sink)
+        with self.cv:
+            if self.closing:
+                raise ShuttingDown("the server is shutting down")
+            if self.failure:
+                raise ShuttingDown(f"the engine failed: {self.failure}")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"The server's queue is full ({self.max_queue} waiting requests); retry later",
+                                self.retry_after())
+            adapter.users += 1
+            self.waiting.append(req)
+            self.cv.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request (e.g. its client went away); its slot is freed before the next step."""
+        with self.cv:
+            req.cancelled = True
+            self.cv.notify()
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free: the queue ahead, drained max_batch at a time."""
+        turns = (len(self.waiting) + 1) / self.max_batch
+        return max(1, min(60, math.ceil(self._service_time * turns)))
+
+    def stats(self) -> dict:
+        with self.cv:
+            running = sum(r is not None for r in self.slots)
+            return {"running": running, "waiting": len(self.waiting), "max_batch_size": self.max_batch,
+                    "max_queue": self.max_queue, "context_length": self.capacity,
+                    "served_requests": self.served_requests, "generated_tokens": self.generated_tokens}
+
+    def add_adapter(self, name: str, path: Path) -> Adapter:
+        """Load an adapter folder (leantune or PEFT, any method) under `name`; runs in the caller's thread, installs
+        between two decode steps. Raises ValueError/FileNotFoundError for a bad name or folder."""
+        name = name.strip()
+        if not name or any(c.isspace() for c in name):
+            raise ValueError(f"adapter name {name!r}: give a non-empty name without spaces")
+        with self.cv:
+            if name in self.adapters or name in self._pending:
+                raise FileExistsError(f"a model named {name!r} is already being served; unload it first")
+            self._pending.add(name)
+        try:
+            model, manifest = load_onto_copy(self.pristine, Path(path), self.checkpoint_dir)
+            factors = lora_factors(self.pristine, model)
+            adapter = Adapter(name, Path(path), manifest.get("method", "?"), shared=factors is not None)
+            if factors is not None:
+                adapter.id = self._take_id()
+                self._in_loop(lambda: install_lora(self.served, self.rows, adapter.id, factors))
+            else:
+                adapter.model, adapter.n_virtual = model, model.n_virtual
+                self._attach(model)
+            with self.cv:
+                self.adapters[name] = adapter
+            log.info("adapter %s: %s from %s (%s)", name, adapter.method, path,
+                     "shares batches" if adapter.shared else "batched with its own rows")
+            return adapter
+        finally:
+            with self.cv:
+                self._pending.discard(name)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter: new requests for it get 404 at once; requests already queued or running finish."""
+        with self.cv:
+            adapter = self.lookup(name)
+            if adapter.path is None:
+                raise ValueError(f"{name!r} is the base model; only adapters can be unloaded")
+            adapter.unloading = True
+            if adapter.users == 0:
+                self.commands.append((lambda: self._drop(adapter), Future()))
+                self.cv.notify()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new requests, let queued and running ones finish (up to `timeout` s), then stop the thread."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cv:
+            self.closing = True
+            while (self.waiting or any(self.slots)) and self.thread.is_alive():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self.cv.wait(timeout=left if left is not None else 1.0)
+            self.stopped = True
+            self.cv.notify_all()
+        self.thread.join(timeout=30)
+
+    # ---- the scheduler thread -------------------------------------------------------------------------
+    def _take_id(self) -> int:
+        with self.cv:
+            self._next_id += 1
+            return self._next_id - 1
+
+    def _in_loop(self, fn: Callable[[], object]) -> object:
+        """Run `fn` in the scheduler thread between two steps and wait for it (the thread owns the model)."""
+        fut: Future = Future()
+        with self.cv:
+            self.commands.append((fn, fut))
+            self.cv.notify()
+        return fut.result()
+
+    def _attach(self, model: GPT) -> None:
+        for block, cache in zip(model.transformer.h, self.caches):
+            block.attn.kv_cache = cache
+
+    def _drop(self, adapter: Adapter) -> None:
+        if adapter.shared:
+            uninstall_lora(self.served, adapter.id)
+        with self.cv:
+            if self.adapters.get(adapter.name) is adapter:
+                del self.adapters[adapter.name]
+        adapter.model = None
+        log.info("adapter %s unloaded", adapter.name)
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        with torch.inference_mode():
+            while True:
+                with self.cv:
+                    while not (self.commands or self.waiting or any(self.slots) or self.stopped):
+                        self.cv.wait()
+                    if self.stopped and not self.commands:
+                        break
+                    commands = list(self.commands)
+                    self.commands.clear()
+                    admit = []
+                    free = [i for i, r in enumerate(self.slots) if r is None]
+                    while self.waiting and len(admit) < len(free):
+                        admit.append(self.waiting.popleft())
+                for fn, fut in commands:
+                    try:
+                        fut.set_result(fn())
+                    except Exception as e:  # reported to the caller waiting on the future
+                        fut.set_exception(e)
+                try:
+                    for req, slot in zip(admit, free):
+                        if req.cancelled:
+                            self._finish(req, "cancelled")
+                            continue
+                        self.slots[slot], req.slot = req, slot
+                        self._prefill(req)
+                    for req in [r for r in self.slots if r is not None and r.cancelled]:
+                        self._finish(req, "cancelled")
+                    if any(self.slots):
+                        self._decode_step()
+                except Exception as e:  # a bug or an allocation failure: fail the requests, keep serving
+                    log.error("engine step failed: %s", traceback.format_exc())
+                    for req in [r for r in self.slots if r is not None]:
+                        self._fail(req, f"{type(e).__name__}: {e}")
+
+    def _group_model(self, adapter: Adapter) -> GPT:
+        return self.served if adapter.shared else adapter.model
+
+    def _prefill(self, req: Request) -> None:
+        """Run the prompt of a newly admitted request into its slot's rows of the cache; sample its first token."""
+        a = req.adapter
+        model = self._group_model(a)
+        L = len(req.prompt)
+        self.layout.prefill(req.slot)
+        for c in self.caches:
+            c.ensure_filled(a.n_virtual + L)
+        if a.shared:
+            self.rows.set([a.id], self.device)
+        ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)  # (1, L)
+        hidden = model(ids, input_pos=torch.arange(L, device=self.device), return_hidden=True)  # (1, L, C)
+        logits = model.lm_head(hidden[:, -1])  # (1, V)
+        req.length = L
+        self._accept([req], logits)
+
+    def _decode_step(self) -> None:
+        groups: dict[object, list[int]] = {}
+        for s, r in enumerate(self.slots):
+            if r is not None:
+                groups.setdefault(0 if r.adapter.shared else r.adapter.name, []).append(s)
+        for slots in groups.values():
+            self._decode_group(slots)
+
+    def _decode_group(self, slots: list[int]) -> None:
+        """One token for each row in `slots` (all of one group), in one forward over the slot range they span."""
+        reqs = [self.slots[s] for s in slots]
+        a = reqs[0].adapter
+        model, P, dev = self._group_model(a), a.n_virtual, self.device
+        lo, hi = slots[0], slots[-1] + 1
+        B = hi - lo
+        b = torch.tensor([s - lo for s in slots], device=dev)  # (n,) rows of the group inside the slice
+        lens = torch.tensor([r.length for r in reqs], device=dev)  # (n,)
+        S_real = int(lens.max()) + 1
+        tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        tokens[b, 0] = torch.tensor([r.last for r in reqs], device=dev)
+        pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        pos[b, 0] = lens
+        cols = torch.full((B,), self.capacity, dtype=torch.long, device=dev)  # passengers: the scratch column
+        cols[b] = P + lens
+        row_len = torch.full((B,), S_real - 1, dtype=torch.long, device=dev)
+        row_len[b] = lens
+        keys = torch.arange(S_real, device=dev)[None]  # (1, S_real)
+        mask = keys <= row_len[:, None]  # (B, S_real): each row sees its own tokens and the new one
+        window = model.config.sliding_window
+        if window is not None:
+            mask &= row_len[:, None] - keys < window
+        self.layout.decode(lo, hi, cols, P + S_real)
+        for c in self.caches:
+            c.ensure_filled(P + S_real)
+        if a.shared:
+            ids = [0] * B
+            for s, r in zip(slots, reqs):
+                ids[s - lo] = r.adapter.id
+            self.rows.set(ids, dev)
+        with _no_model_window(model):  # the per-row window is in `mask`; the model's would use one shared position
+            hidden = model(tokens, input_pos=torch.tensor([S_real - 1], device=dev), position_ids=pos,
+                           attention_mask=mask, return_hidden=True)  # (B, 1, C)
+        h = hidden[b, -1]  # (n, C)
+        if a.shared:
+            self.rows.set([r.adapter.id for r in reqs], dev)
+        logits = model.lm_head(h)  # (n, V)
+        for r in reqs:
+            r.length += 1
+        self._accept(reqs, logits)
+
+    def _accept(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """Sample one token per row (greedy rows in one argmax) and hand it to the request."""
+        greedy = [i for i, r in enumerate(reqs) if r.generator is None]
+        tokens: list[int] = [0] * len(reqs)
+        if greedy:
+            picked = logits[greedy].argmax(-1).tolist() if len(greedy) < len(reqs) else logits.argmax(-1).tolist()
+            for i, t in zip(greedy, picked):
+                tokens[i] = t
+        for i, r in enumerate(reqs):
+            if r.generator is not None:
+                tokens[i] = int(sample(logits[i:i + 1], r.sampling, r.generator))
+        for r, t in zip(reqs, tokens):
+            self._push(r, t)
+
+    def _push(self, req: Request, token: int) -> None:
+        req.generated += 1
+        req.last = token
+        if token in self.eos:
+            return self._finish(req, "stop")
+        text = req.stops.push(req.decoder.push(token))
+        if text:
+            req.sink("text", text)
+        if req.stops.stopped:
+            self._finish(req, "stop")
+        elif req.generated >= req.max_tokens or req.adapter.n_virtual + req.length + 1 > self.capacity:
+            self._finish(req, "length")
+
+    def _release(self, req: Request) -> None:
+        req.done = True
+        if req.slot >= 0 and self.slots[req.slot] is req:
+            self.slots[req.slot] = None
+        a = req.adapter
+        with self.cv:
+            a.users -= 1
+            self.served_requests += 1
+            self.generated_tokens += req.generated
+            self._service_time = 0.8 * self._service_time + 0.2 * (time.perf_counter() - req.submitted)
+            self.cv.notify_all()
+        if a.unloading and a.users == 0:
+            self._drop(a)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.done:
+            return
+        tail = req.stops.push(req.decoder.flush()) + req.stops.flush()
+        if tail and reason != "cancelled":
+            req.sink("text", tail)
+        self._release(req)
+        req.sink("done", {"finish_reason": reason, "prompt_tokens": len(req.prompt),
+                          "completion_tokens": req.generated})
+
+    def _fail(self, req: Request, message: str) -> None:
+        if not req.done:
+            self._release(req)
+            req.sink("error", message)
+
+
+@contextlib.contextmanager
+def _no_model_window(model: GPT):
+    window = model.config.sliding_window
+    if window is None:
+        yield
+        return
+    model.config.sliding_window = None
+    try:
+        yield
+    finally:
+        model.config.sliding_window = window
