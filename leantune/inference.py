@@ -10,24 +10,36 @@ import torch
 from leantune.checkpoint.auto import load_model
 from leantune.download import ensure_checkpoint
 from leantune.generate import Sampling
+from leantune.kinds import is_seq2seq
 from leantune.methods import load_any_adapter
 from leantune.model import GPT
+from leantune.quantize import check_mode, quantize_for_inference
 from leantune.runtime import compute_dtype, default_device, resolve_precision, weight_dtype
 from leantune.t5 import T5
 from leantune.t5_generate import BeamSearch, t5_beam_search, t5_generate
 from leantune.tokenizer import Tokenizer
+from leantune.woq import WEIGHT_ONLY_MODES
 
 
 def load_for_inference(checkpoint_dir: Path, precision: str | None = None, adapter: Path | None = None,
                        quantize: str | None = None) -> tuple[GPT | T5, Tokenizer, str, torch.device]:
     """(model in eval mode, tokenizer, precision, device): `adapter` is a leantune or PEFT adapter folder applied
-    unmerged on the base, which `quantize` loads in 4/8 bits. The default model is imported on first use."""
+    unmerged on the base, which `quantize` loads in 4/8 bits: a bitsandbytes mode (bnb.*, as QLoRA trains), or a
+    weight-only decode mode (int8, int4: torch's CPU kernels, the base's linears and head quantized after loading,
+    the adapter on top). The default model is imported on first use."""
+    check_mode(quantize, inference=True)
     checkpoint_dir = ensure_checkpoint(Path(checkpoint_dir))
     device = default_device()
     precision = resolve_precision(precision, device)
     tokenizer = Tokenizer(checkpoint_dir)
-    model = load_model(checkpoint_dir, dtype=weight_dtype(precision), device=device, quantize=quantize,
-                       compute_dtype=compute_dtype(precision))
+    weight_only = quantize in WEIGHT_ONLY_MODES
+    model = load_model(checkpoint_dir, dtype=weight_dtype(precision), device=device,
+                       quantize=None if weight_only else quantize, compute_dtype=compute_dtype(precision))
+    if weight_only:
+        if is_seq2seq(model):
+            raise ValueError(f"--quantize {quantize} serves decoder models; encoder-decoder (T5) checkpoints decode "
+                             "in float: drop --quantize")
+        quantize_for_inference(model, quantize)
     if adapter is not None:
         load_any_adapter(model, Path(adapter), checkpoint_dir)
     return model.eval(), tokenizer, precision, device

@@ -29,6 +29,7 @@ from leantune.checkpoint.peft_dir import is_peft_dir, read_peft_config
 from leantune.kinds import architecture
 from leantune.model import GPT
 from leantune.peft.base import Method, mark_trainable
+from leantune.woq import WEIGHT_ONLY_MODES
 
 ADAPTER_FILE = "adapter.safetensors"
 MANIFEST_FILE = "leantune.json"
@@ -199,7 +200,8 @@ def load_adapter(model: GPT, adapter_dir: Path, checkpoint_dir: Path | None = No
     load_trainable(model, m, Path(adapter_dir))
     model.requires_grad_(False)
     trained_q, loaded_q = manifest.get("quantize"), getattr(model, "quantize", None)
-    if check_quantization and trained_q != loaded_q:
+    chosen_for_decode = trained_q is None and loaded_q in WEIGHT_ONLY_MODES  # --quantize int8/int4: asked for speed
+    if check_quantization and trained_q != loaded_q and not chosen_for_decode:
         warnings.warn(f"{adapter_dir} was trained on a base {_describe(trained_q)} but is being loaded onto a base "
                       f"{_describe(loaded_q)}; outputs will differ from training's (pass --quantize {trained_q} to match)"
                       if trained_q else

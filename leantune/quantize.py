@@ -9,16 +9,29 @@ A quantized layer is a `QuantLinear` whose `weight` is bitsandbytes' own Paramet
 `quant_state`, or `Int8Params` carrying its row scales `SCB`); LoRA and LLaMA-Adapter v2 wrap it like a plain linear
 and call `quantized_linear` for the frozen product. Weights are never requantized after training: merging
 dequantizes (see `dequantize_weight`).
+
+The inference-only weight-only modes `int8` / `int4` (`leantune.woq`, torch's CPU kernels) reuse `QuantLinear` and
+the helpers below, so adapters apply on top of them the same way; `finetune` refuses them.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from types import ModuleType
 
 import torch
 import torch.nn as nn
+
+from leantune.woq import (
+    WEIGHT_ONLY_MODES,
+    dequantize_weight_only,
+    kernel_fits,
+    quantize_weight_only,
+    weight_only_linear,
+    weight_only_numel,
+)
 
 QUANT_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8")
 BLOCKSIZE = 64  # 4-bit absmax block, as QLoRA and transformers use
@@ -26,9 +39,14 @@ INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold (transformers' and LitGPT's d
 _QUANTIZABLE = re.compile(r"^transformer\.h\.\d+\.(attn\.(qkv|proj)|mlp\.(fc_1|fc_2|fc|proj))\.weight$")
 
 
-def check_mode(mode: str | None) -> str | None:
-    if mode is not None and mode not in QUANT_MODES:
-        raise ValueError(f"--quantize {mode!r} is not one of {', '.join(QUANT_MODES)}")
+def check_mode(mode: str | None, inference: bool = False) -> str | None:
+    """A training (bitsandbytes) mode, or with `inference` also a weight-only decode mode (int8, int4)."""
+    if mode in WEIGHT_ONLY_MODES and not inference:
+        raise ValueError(f"--quantize {mode} is weight-only quantization for inference (generate, chat, evaluate, "
+                         f"serve); to train on a quantized base use one of {', '.join(QUANT_MODES)}")
+    if mode is not None and mode not in QUANT_MODES + (WEIGHT_ONLY_MODES if inference else ()):
+        choices = QUANT_MODES + (WEIGHT_ONLY_MODES if inference else ())
+        raise ValueError(f"--quantize {mode!r} is not one of {', '.join(choices)}")
     return mode
 
 
@@ -64,23 +82,29 @@ def quantize_weight(w: torch.Tensor, mode: str, device: torch.device | str, comp
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
-    return hasattr(weight, "quant_state") or hasattr(weight, "SCB")
+    return hasattr(weight, "quant_state") or hasattr(weight, "SCB") or hasattr(weight, "weight_only")
 
 
 def compute_dtype_of(weight: torch.Tensor) -> torch.dtype:
     """The float dtype a (possibly quantized) weight computes in."""
+    if hasattr(weight, "weight_only"):
+        return weight.weight_only.compute_dtype
     state = getattr(weight, "quant_state", None)
     return state.dtype if state is not None else getattr(weight, "compute_dtype", weight.dtype)
 
 
 def logical_numel(p: torch.Tensor) -> int:
     """Parameters a tensor stands for: a packed 4-bit weight holds two per byte (its quant_state has the shape)."""
+    if hasattr(p, "weight_only"):
+        return weight_only_numel(p)
     state = getattr(p, "quant_state", None)
     return math.prod(state.shape) if state is not None else p.numel()
 
 
 def storage_tensors(weight: torch.Tensor) -> list[torch.Tensor]:
     """Every tensor a (quantized) weight keeps in memory: packed data plus its scales, code tables and nested state."""
+    if hasattr(weight, "weight_only"):
+        return [weight.data, weight.weight_only.scales]
     state = getattr(weight, "quant_state", None)
     if state is not None:
         out = [weight.data, state.absmax, state.code]
@@ -106,6 +130,8 @@ def quantized_nbytes(out_features: int, in_features: int, mode: str) -> int:
 
 def dequantize_weight(weight: torch.Tensor) -> torch.Tensor:
     """The (out, in) float weight the quantized base actually computes with (its compute dtype)."""
+    if hasattr(weight, "weight_only"):
+        return dequantize_weight_only(weight)
     state = getattr(weight, "quant_state", None)
     if state is not None:
         return bnb().functional.dequantize_4bit(weight.data, state)
@@ -127,7 +153,9 @@ def _int8_state(weight: torch.Tensor):
 
 
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T + b for a bitsandbytes weight; gradients flow to x (the weight is frozen)."""
+    """x W^T + b for a bitsandbytes weight (gradients flow to x, the weight is frozen) or a weight-only one."""
+    if hasattr(weight, "weight_only"):
+        return weight_only_linear(x, weight, bias)
     b = bnb()
     state = getattr(weight, "quant_state", None)
     if state is not None:
@@ -151,6 +179,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = getattr(getattr(self.weight, "quant_state", None), "quant_type", "int8")
+        if hasattr(self.weight, "weight_only"):
+            kind = f"{self.weight.weight_only.mode} weight-only"
         return f"in={self.in_features}, out={self.out_features}, {kind}, bias={self.bias is not None}"
 
 
@@ -181,6 +211,37 @@ def quantize_model(model: nn.Module, mode: str, compute_dtype: torch.dtype, weig
         _swap(model, name, make)
     model.quantize = mode
     return model
+
+
+@torch.no_grad()
+def quantize_for_inference(model: nn.Module, mode: str) -> nn.Module:
+    """Swap a float GPT's block linears and LM head for weight-only `mode` (int8, int4) QuantLinears, in place.
+
+    Quantize before applying an adapter (it then wraps these layers). A tied input embedding keeps its float table;
+    the head gets its own quantized copy. Layers whose shape the kernels refuse stay float, counted in one warning.
+    """
+    if mode not in WEIGHT_ONLY_MODES:
+        raise ValueError(f"--quantize {mode!r} is not one of {', '.join(WEIGHT_ONLY_MODES)}")
+    kept: list[str] = []
+    for name in [*quantized_module_names(model), "lm_head"]:
+        layer = model.get_submodule(name)
+        if type(layer) is not nn.Linear:
+            raise TypeError(f"{name}: --quantize {mode} swaps plain nn.Linear layers, got {type(layer).__name__} "
+                            "(quantize the base before applying an adapter)")
+        if not kernel_fits(mode, layer.out_features, layer.in_features):
+            kept.append(f"{name} {tuple(layer.weight.shape)}")
+            continue
+
+        def make(layer: nn.Linear) -> QuantLinear:
+            bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
+            weight = quantize_weight_only(layer.weight.detach(), mode, layer.weight.dtype)
+            return QuantLinear(layer.in_features, layer.out_features, weight, bias)
+        _swap(model, name, make)
+    if kept:
+        warnings.warn(f"--quantize {mode}: {len(kept)} layer(s) kept in float, their shapes do not fit torch's "
+                      f"{mode} kernel (e.g. {kept[:3]})", stacklevel=2)
+    model.quantize = mode
+    return model.requires_grad_(False)
 
 
 @torch.no_grad()

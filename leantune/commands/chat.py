@@ -36,13 +36,15 @@ def chat(
         top_k: Sample among the k most likely tokens.
         top_p: Nucleus sampling mass in (0, 1].
         precision: 32-true, bf16-true, 16-true.
-        quantize: Load the base in 4/8 bits: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8.
+        quantize: int8 or int4: weight-only quantized linears and head for fast CPU decoding (torch's kernels, fp32
+            accumulation); or bitsandbytes 4/8 bits as QLoRA trains: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8
+            (use the mode a QLoRA adapter was trained with).
         seed: Random seed for sampling.
     """
     sampling = Sampling(temperature, top_k, top_p)
     check_at_least("max_new_tokens", max_new_tokens, 1)
     check_seed(seed)
-    check_model_flags(precision, quantize)
+    check_model_flags(precision, quantize, inference=True)
     check_folder("adapter", adapter)
     model, tokenizer, _, device = load_for_inference(checkpoint_dir, precision, adapter, quantize)
     if not tokenizer.chat_template:

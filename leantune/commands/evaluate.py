@@ -70,7 +70,9 @@ def evaluate(
         metric: Comma-separated metrics: loss, exact_match, rouge (default: loss, plus exact_match when the data has a
             held-out test set and --exact_match is true).
         compare_base: With --adapter, evaluate the base first, then the adapter, and report both side by side.
-        quantize: Load the base's block linears in 4/8 bits: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8.
+        quantize: int8 or int4: weight-only quantized linears and head for fast CPU decoding (torch's kernels, fp32
+            accumulation); or bitsandbytes 4/8 bits as QLoRA trains: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8
+            (use the mode a QLoRA adapter was trained with).
         precision: 32-true, bf16-true, 16-true (default: fastest safe one for the device).
         prompt_style: Prompt style (default: the adapter's, else the checkpoint's chat template or config).
         max_seq_length: Longest validation sample in tokens (as in training); ROUGE skips (and counts) longer prompts.
@@ -89,7 +91,7 @@ def evaluate(
     for flag, value in (("max_batches", max_batches), ("max_new_tokens", max_new_tokens), ("limit", limit)):
         check_at_least(flag, value, 1, allow_none=True)  # 0 is not "all" (that is the default, unset)
     check_threads(threads)
-    check_model_flags(precision, quantize)
+    check_model_flags(precision, quantize, inference=True)
     check_folder("adapter", adapter)
     if compare_base and adapter is None:
         raise ValueError("--compare_base true compares a base with its adapter: give --adapter DIR too")

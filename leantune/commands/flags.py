@@ -30,12 +30,13 @@ def check_at_least(flag: str, value: int | None, low: int, allow_none: bool = Fa
         raise ValueError(f"--{flag} must be >= {low}, got {value}")
 
 
-def check_model_flags(precision: str | None, quantize: str | None) -> None:
-    """--precision (for this machine's device) and --quantize, as loading would check them later."""
+def check_model_flags(precision: str | None, quantize: str | None, inference: bool = False) -> None:
+    """--precision (for this machine's device) and --quantize, as loading would check them later (`inference`: the
+    weight-only decode modes int8/int4 are allowed too)."""
     if precision == "":  # not "unset": an empty value is a mistake (a YAML `precision:` or a shell variable)
         raise ValueError("--precision is empty: give one of " + ", ".join(PRECISIONS) + " or leave it out")
     resolve_precision(precision, default_device())
-    check_mode(quantize)
+    check_mode(quantize, inference=inference)
 
 
 def check_weights(weights: list[float] | None, n_adapters: int) -> None:

@@ -48,7 +48,8 @@ def generate(
         system: Optional system message for the chat template.
         precision: 32-true, bf16-true, 16-true (default: fastest safe one for the device).
         adapter: An adapter folder (e.g. out/finetune/lora/final, any method) or a PEFT folder, applied unmerged.
-        quantize: Load the base's block linears in 4/8 bits: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8
+        quantize: int8 or int4: weight-only quantized linears and head for fast CPU decoding (torch's kernels, fp32
+            accumulation); or bitsandbytes 4/8 bits as QLoRA trains: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8
             (use the mode a QLoRA adapter was trained with).
         seed: Random seed for sampling.
         threads: CPU threads for torch (default: torch's choice).
@@ -59,7 +60,7 @@ def generate(
     check_at_least("max_new_tokens", max_new_tokens, 1)
     check_seed(seed)
     check_threads(threads)
-    check_model_flags(precision, quantize)
+    check_model_flags(precision, quantize, inference=True)
     check_folder("adapter", adapter)
     if raw and not prompt:
         raise ValueError("--prompt is empty: give a prompt (with --raw true nothing would be sent to the model)")

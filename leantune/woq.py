@@ -1,0 +1,151 @@
+"""Weight-only int8 / int4 quantization for fast inference (`--quantize int8|int4`): decode reads 4x / 8x fewer weight
+bytes than fp32, which is what single-stream decoding on a CPU waits for.
+
+- int8: symmetric per output channel, w ~ q * s with q in [-127, 127] and one scale per row.
+- int4: asymmetric in groups of `INT4_GROUP` inputs, w ~ (q - 8) * s + z with q in [0, 15] (torch's int4 layout).
+
+The products run in torch's CPU kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`): the
+activation goes in as bfloat16 (their vectorised path; an fp32 input takes a scalar loop ~10x slower), each dot
+product is accumulated in fp32 and the output comes back in the model's dtype, so norms, attention, the residual
+stream and the KV cache stay in fp32 under `--precision 32-true`. Off CPU the weight is dequantized per call (correct,
+not fast). Weights are quantized once after loading and never trained: `finetune` refuses these modes (its quantized
+bases are bitsandbytes' `bnb.*`).
+
+The block linears and the LM head are quantized (the head is a quarter of a small model's bytes); a tied input
+embedding keeps its float table (a lookup reads one row per token), so the head gets its own quantized copy. A layer
+is a `leantune.quantize.QuantLinear` whose `weight` Parameter carries a `WeightOnly` record (`weight.weight_only`),
+so every PEFT layer that wraps quantized linears (LoRA, DoRA, IA3, LoHa, LoKr, AdaLoRA, adapter v2) runs unmerged on
+top through `quantize.quantized_linear`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WEIGHT_ONLY_MODES = ("int8", "int4")
+INT4_GROUP = 32  # inputs per int4 scale/zero pair (torch's kernel takes 32, 64, 128 or 256)
+KERNEL_DTYPE = torch.bfloat16  # the activation dtype of the kernels' vectorised path
+
+
+@dataclass
+class WeightOnly:
+    """What a weight-only quantized Parameter needs beyond its packed data."""
+
+    mode: str  # "int8" or "int4"
+    shape: tuple[int, int]  # (out, in) of the float weight
+    scales: torch.Tensor  # int8: (out,) per-row scales; int4: (in / group, out, 2) scales and zeros
+    compute_dtype: torch.dtype  # the model's float dtype: outputs, biases and adapters on top use it
+    group_size: int = 0  # int4 only
+
+
+class WeightOnlyParameter(nn.Parameter):
+    """A frozen Parameter of packed codes that carries its `WeightOnly` record as `.weight_only` (kept by deepcopy)."""
+
+    def __new__(cls, data: torch.Tensor, record: WeightOnly | None = None, requires_grad: bool = False):
+        p = super().__new__(cls, data, requires_grad=False)
+        p.weight_only = record
+        return p
+
+    def __deepcopy__(self, memo):
+        out = type(self)(self.data.clone(), copy.deepcopy(self.weight_only, memo))
+        memo[id(self)] = out
+        return out
+
+    def __reduce_ex__(self, proto):
+        return type(self), (self.data, self.weight_only)
+
+
+def kernel_fits(mode: str, out_features: int, in_features: int) -> bool:
+    """Shapes torch's CPU kernels accept: int8 needs in % 16 == 0; int4 needs out % 16 == 0 and in % group == 0."""
+    if mode == "int8":
+        return in_features % 16 == 0
+    return out_features % 16 == 0 and in_features % INT4_GROUP == 0
+
+
+def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> (q int8 (out, in), scales (out,) in KERNEL_DTYPE) with w ~ q * scales[:, None].
+
+    The scale is rounded to the kernel's dtype before q is computed, so q * scale is exactly the weight it uses.
+    """
+    w = w.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(KERNEL_DTYPE)  # (out,)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def int4_quantize(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> (q int32 (out, in) in [0, 15], scales_zeros (in / group, out, 2) in KERNEL_DTYPE) with
+    w ~ (q - 8) * scale + zero per group; scale and zero are rounded to the kernel's dtype first (see int8_quantize)."""
+    N, K = w.shape
+    g = w.detach().float().reshape(N, K // group, group)  # (out, groups, group)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (out, groups)
+    scale = ((hi - lo) / 15).clamp(min=1e-6).to(KERNEL_DTYPE)
+    zero = (lo + 8 * scale.float()).to(KERNEL_DTYPE)  # the value of code 8, so codes 0..15 span lo..hi
+    q = torch.round((g - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (groups, out, 2)
+    return q.reshape(N, K).to(torch.int32), sz
+
+
+def int4_dequantize_codes(q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """(out, in) codes and (groups, out, 2) scales/zeros -> the (out, in) fp32 weight they stand for."""
+    N, K = q.shape
+    groups = scales_zeros.shape[0]
+    s = scales_zeros[..., 0].t().float()[..., None]  # (out, groups, 1)
+    z = scales_zeros[..., 1].t().float()[..., None]
+    return ((q.float().reshape(N, groups, K // groups) - 8) * s + z).reshape(N, K)
+
+
+def quantize_weight_only(w: torch.Tensor, mode: str, compute_dtype: torch.dtype) -> WeightOnlyParameter:
+    """(out, in) float weight -> a frozen Parameter of packed codes carrying its `WeightOnly` record."""
+    N, K = w.shape
+    if mode == "int8":
+        data, scales = int8_quantize(w)
+        record = WeightOnly("int8", (N, K), scales, compute_dtype)
+    elif mode == "int4":
+        q, scales = int4_quantize(w)
+        data = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 1).to(w.device)  # (out, in / 2) uint8
+        record = WeightOnly("int4", (N, K), scales.to(w.device), compute_dtype, INT4_GROUP)
+    else:
+        raise ValueError(f"weight-only mode {mode!r} is not one of {', '.join(WEIGHT_ONLY_MODES)}")
+    return WeightOnlyParameter(data, record)
+
+
+def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., in) -> x W^T + b (..., out) in x's dtype, W weight-only quantized."""
+    st: WeightOnly = weight.weight_only
+    N, K = st.shape
+    lead = x.shape[:-1]
+    if x.device.type == "cpu":
+        x2 = x.reshape(-1, K).to(KERNEL_DTYPE)  # (M, in): the kernels take 2-D bfloat16 and accumulate in fp32
+        if st.mode == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2, weight, st.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, st.group_size, st.scales)
+        y = y.to(x.dtype).reshape(*lead, N)  # (..., out)
+    else:
+        y = F.linear(x, dequantize_weight_only(weight).to(x.dtype))
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def dequantize_weight_only(weight: torch.Tensor) -> torch.Tensor:
+    """The (out, in) weight in its compute dtype, exactly as the kernels see it (scales/zeros in KERNEL_DTYPE)."""
+    st: WeightOnly = weight.weight_only
+    if st.mode == "int8":
+        return (weight.data.float() * st.scales.float()[:, None]).to(st.compute_dtype)
+    # int4 codes sit in the kernel's private packed layout: read them back through the kernel on an identity input,
+    # in fp32 (one non-zero term per output, so each entry is (q - 8) * s + z exactly), a block of rows at a time.
+    N, K = st.shape
+    packed, sz = weight.data.cpu(), st.scales.float().cpu()
+    rows = [torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(K)[i:i + 256], packed, st.group_size, sz)
+            for i in range(0, K, 256)]  # each (<=256, out)
+    return torch.cat(rows).t().contiguous().to(device=weight.device, dtype=st.compute_dtype)
+
+
+def weight_only_numel(weight: torch.Tensor) -> int:
+    n, k = weight.weight_only.shape
+    return n * k
