@@ -121,6 +121,23 @@ def _type_name(text: str) -> str:
     return text
 
 
+REPEATABLE = {("serve",): ("--adapter",)}
+"""List flags given once per value (`serve --adapter a=DIR --adapter b=DIR`), besides jsonargparse's own `[a,b]`."""
+
+
+def _repeated_flags(argv: list[str], words: list[str]) -> list[str]:
+    """`--flag V` of a repeatable list flag becomes jsonargparse's appending `--flag+ V` (a list value is kept)."""
+    flags = REPEATABLE.get(tuple(words), ())
+    out = []
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        nxt = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+        if name in flags and not nxt.startswith("["):
+            arg = f"{name}+{eq}{value}"
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     # --data Demo / --data JSON --data.json_path f.jsonl: dataset modules are chosen by class name;
     # dataclass field docstrings become the --help of each --x.y option.
@@ -132,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         argv.remove("--debug")
         debug = True
     table, words = _chosen(components(), argv)
+    argv = _repeated_flags(argv, words)
     try:
         CLI(table, args=argv, as_positional=True, fail_untyped=False, parser_mode="yaml", exit_on_error=False,
             description="Finetune open LLMs (LoRA, QLoRA, LLaMA-Adapter, full), then generate, chat, merge, evaluate "

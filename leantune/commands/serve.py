@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -123,4 +124,33 @@ def serve(
     print(f"serving {name} ({precision}{', ' + quantize if quantize else ''}, context {engine.capacity} tokens, "
           f"{max_batch_size} rows) on http://{host}:{port}/v1"
           + ("; an API key is required (Authorization: Bearer)" if api_key else ""), file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
+    server = _server_class()(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                    timeout_graceful_shutdown=shutdown_timeout), engine)
+    # after draining, uvicorn re-raises the signal it caught: SIGTERM then ends the process with status 0
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Ctrl-C, after the requests in flight finished
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, saying on Ctrl-C/SIGTERM how many requests it finishes before exiting."""
+
+        def __init__(self, config, engine) -> None:
+            super().__init__(config)
+            self.engine = engine
+
+        async def shutdown(self, sockets=None) -> None:
+            s = self.engine.stats()
+            if s["running"] or s["waiting"]:
+                print(f"shutting down: finishing {s['running']} running and {s['waiting']} queued requests "
+                      "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            await super().shutdown(sockets)
+
+    return Server
