@@ -20,11 +20,12 @@ from leantune.commands import finetune as finetune_commands
 from leantune.data import DATA_MODULES, DataModule
 from leantune.download import HubUnreachableError
 from leantune.methods import METHODS
+from leantune.train.distributed import DistributedJobError
 from leantune.train.step import NonFiniteError
 
 # Errors a user causes and can fix from the message alone (NonFiniteError names the step, samples and the fix).
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
-               KeyError, NotImplementedError, ImportError, HubUnreachableError, NonFiniteError)
+               KeyError, NotImplementedError, ImportError, HubUnreachableError, NonFiniteError, DistributedJobError)
 
 
 def components() -> dict:
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         argv.remove("--debug")
         debug = True
     table, words = _chosen(components(), argv)
+    finetune_commands.set_argv(argv)  # `finetune --devices N` runs this same command line under torchrun
     argv = _repeated_flags(argv, words)
     try:
         CLI(table, args=argv, as_positional=True, fail_untyped=False, parser_mode="yaml", exit_on_error=False,

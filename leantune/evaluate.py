@@ -94,8 +94,10 @@ def exact_match(
 
 
 @torch.no_grad()
-def validation_loss(model: GPT, loader, device: torch.device, max_batches: int | None = None) -> dict[str, float]:
-    """Token-weighted mean cross-entropy over the supervised tokens of `loader`, and its perplexity."""
+def validation_loss(model: GPT, loader, device: torch.device, max_batches: int | None = None,
+                    reduce: Callable[[list[float]], list[float]] | None = None) -> dict[str, float]:
+    """Token-weighted mean cross-entropy over the supervised tokens of `loader`, and its perplexity. `reduce` sums
+    (loss sum, token count) over the ranks of a multi-process run, each of which saw its share of every batch."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
@@ -112,6 +114,8 @@ def validation_loss(model: GPT, loader, device: torch.device, max_batches: int |
             total += float(supervised_ce_sum(hidden, model.lm_head, labels))
         n += int((labels != -100).sum())
     model.train(was_training)
+    if reduce is not None:
+        total, n = reduce([total, n])
     loss = total / max(n, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
 

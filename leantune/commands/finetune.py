@@ -7,6 +7,7 @@ The subcommands are built from the method records and the recipe's signature, so
 from __future__ import annotations
 
 import inspect
+import json
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from leantune.methods import METHODS
 from leantune.peft.base import Method
 from leantune.train import recipe
 from leantune.train.args import EvalArgs, TrainArgs
+from leantune.train.distributed import FSDPArgs, launch, launched
 from leantune.train.optim import OptimizerArgs, optimizer_class
 from leantune.train.state import STATE_FILE
 
@@ -37,9 +39,21 @@ HELP = {
                       "(adapter_config.json + adapter_model.safetensors); its hyperparameters replace the flags.",
     "threads": "CPU threads for torch.",
     "overwrite": "Replace the previous run in out_dir (only leantune's own outputs are removed).",
+    "devices": "Processes (GPUs) per node: > 1 starts the run under torchrun, data parallel with FSDP2 (--train."
+               "micro_batch_size is per process; --train.global_batch_size is over all of them).",
+    "num_nodes": "Nodes of a multi-node run: run the same command on every node with MASTER_ADDR/MASTER_PORT of the "
+                 "first (the rendezvous endpoint) and a shared LEANTUNE_RDZV_ID (SLURM_JOB_ID is used when set).",
+    "fsdp": "Multi-process settings (--fsdp.*): CPU offload, resharding after forward, collective timeout.",
 }
 # Defaults the command line shows in full (the recipe takes None for "default").
-CLI_DEFAULTS = {"train": TrainArgs(), "eval": EvalArgs(), "optimizer": OptimizerArgs()}
+CLI_DEFAULTS = {"train": TrainArgs(), "eval": EvalArgs(), "optimizer": OptimizerArgs(), "fsdp": FSDPArgs()}
+_argv: list[str] | None = None
+
+
+def set_argv(argv: list[str]) -> None:
+    """The command line being run (set by leantune.cli): `--devices N` re-runs it under torchrun, once per process."""
+    global _argv
+    _argv = list(argv)
 
 
 def _recipe_parameters() -> list[inspect.Parameter]:
@@ -68,6 +82,8 @@ def method_command(method: Method) -> Callable[..., dict]:
 
     def command(**kwargs) -> dict:
         check_flags(**kwargs)
+        if (kwargs.get("devices", 1) > 1 or kwargs.get("num_nodes", 1) > 1) and not launched() and _argv:
+            return launch_command(_argv, kwargs["devices"], kwargs["num_nodes"], kwargs.get("out_dir"), method.name)
         method_args = kwargs.pop(method.flag, None) if method.args_class is not None else None
         if kwargs.get("data") is None:
             kwargs["data"] = Demo()
@@ -86,11 +102,21 @@ def method_command(method: Method) -> Callable[..., dict]:
     return command
 
 
+def launch_command(argv: list[str], devices: int, num_nodes: int, out_dir: Path | None, method: str) -> dict:
+    """Run this command line on devices x num_nodes processes (torchrun); returns the run's summary.json."""
+    launch(argv, devices, num_nodes)
+    summary = Path(out_dir or Path("out") / "finetune" / method) / "summary.json"
+    return json.loads(summary.read_text()) if summary.is_file() else {}
+
+
 def check_flags(threads: int | None = None, optimizer: OptimizerArgs | None = None, resume: str | None = None,
                 resume_adapter: Path | None = None, precision: str | None = None, quantize: str | None = None,
-                **_) -> None:
+                devices: int = 1, num_nodes: int = 1, **_) -> None:
     """The flags the args dataclasses cannot check alone, checked before the recipe loads data or a model."""
     check_threads(threads)
+    for flag, value in (("devices", devices), ("num_nodes", num_nodes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{flag} must be an integer >= 1, got {value}")
     check_model_flags(precision, quantize)
     if optimizer is not None:
         optimizer_class(optimizer.name)

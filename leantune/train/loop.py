@@ -9,6 +9,7 @@ setup_model -> setup_optimizer -> plan_steps -> resume_state -> epoch_batches / 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,12 +25,33 @@ from leantune.peft.base import Method
 from leantune.quantize import logical_numel
 from leantune.runtime import autocast_dtype
 from leantune.train.args import EvalArgs, TrainArgs
+from leantune.train.distributed import (
+    FSDPArgs,
+    Parallel,
+    ShardedLoader,
+    consolidated,
+    is_sharded_checkpoint,
+    load_full_optimizer,
+    load_sharded,
+    rank_streams,
+    restore_rank_streams,
+    save_sharded,
+    shard_batch,
+    shard_model,
+    shared_atomic_dir,
+)
 from leantune.train.metrics import open_loggers, plot_loss, require_tensorboard
 from leantune.train.optim import OptimizerArgs, build_optimizer
 from leantune.train.protocol import TrainingData
 from leantune.train.run_config import check_resume, jsonable, save_run_config
 from leantune.train.schedule import lr_at
-from leantune.train.state import TrainState, find_latest_checkpoint, load_training_state, save_training_state
+from leantune.train.state import (
+    TrainState,
+    find_latest_checkpoint,
+    load_training_state,
+    read_training_state,
+    save_training_state,
+)
 from leantune.train.step import NonFiniteError, train_step
 
 METHOD_STATE_FILE = "method_state.safetensors"
@@ -54,46 +76,74 @@ def fit(
     sample_fn: Callable[[], str] | None = None,
     run_config: dict[str, Any] | None = None,
     method: Method | None = None,
+    parallel: Parallel | None = None,
+    fsdp: FSDPArgs | None = None,
 ) -> dict[str, Any]:
     """Train `trainable` parameters of `model` on `data`; returns a summary dict. Checkpoints go to out_dir/step-N
     and out_dir/final, each with the run configuration (`run.json`: the caller's `run_config` - base, data, method
     args... - plus this loop's train/eval/optimizer/precision settings), which a resume must match. `method`'s
-    hooks (regularizer, on_step, train_state), when given, join every step and checkpoint."""
+    hooks (regularizer, on_step, train_state), when given, join every step and checkpoint.
+
+    With `parallel` of several ranks (leantune.train.distributed): `data` yields global batches of
+    micro_batch_size x world_size rows, of which each rank trains on its share; the model is sharded with FSDP2
+    (`fsdp` settings), checkpoints are sharded (DCP) and rank 0 alone logs and writes the other files."""
     summary_writer_cls = require_tensorboard() if train.logger == "tensorboard" else None  # fail before any work
+    parallel = parallel or Parallel()
+    check_parallel_method(parallel, method)
     device = device or next(model.parameters()).device
     out_dir = Path(out_dir)
-    config = run_configuration(run_config, train, eval, optimizer_args, precision)
+    config = run_configuration(run_config, train, eval, optimizer_args, precision, parallel.world_size)
     ckpt = resume_checkpoint(out_dir, resume)
     if ckpt is not None:
         check_resume(ckpt, config)  # before load_fn: another run's checkpoint is refused, not a size mismatch
-    out_dir.mkdir(parents=True, exist_ok=True)
+    main = parallel.is_main
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    sharded_ckpt = ckpt is not None and is_sharded_checkpoint(ckpt)
+    if ckpt is not None and parallel.enabled and not sharded_ckpt:
+        load_fn(ckpt)  # a one-process checkpoint: whole tensors, copied in before the model is sharded
     setup_model(model, train)
+    if parallel.enabled:
+        shard_model(model, parallel, precision, fsdp or FSDPArgs())
     params, optimizer = setup_optimizer(model, trainable, optimizer_args)
     scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
-    total_steps = plan_steps(data, train)
-    torch.manual_seed(train.seed)
+    accumulation = accumulation_steps(train, parallel)
+    total_steps = plan_steps(data, train, accumulation)
+    torch.manual_seed(train.seed + parallel.rank)  # rank 0 draws the one-process stream; other ranks their own
     state = TrainState()
     if ckpt is not None:
-        load_fn(ckpt)
-        load_method_state(ckpt, method, model)
-        state = load_training_state(ckpt, optimizer, scaler)
-        print(f"Resumed from {ckpt} at step {state.step}")
+        state = resume_state(ckpt, model, trainable, optimizer, scaler, load_fn, method, parallel)
+        if main:
+            print(f"Resumed from {ckpt} at step {state.step}")
     amp = autocast_dtype(precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
 
     def evaluate() -> dict[str, float]:
         with autocast():
-            return validation_loss(model, data.val_dataloader(), device, eval.max_batches)
+            if not parallel.enabled:
+                return validation_loss(model, data.val_dataloader(), device, eval.max_batches)
+            return validation_loss(model, ShardedLoader(data.val_dataloader(), parallel), device, eval.max_batches,
+                                   reduce=parallel.sum)
 
     if eval.initial_validation:
-        print(f"initial validation: {_fmt(evaluate())}")
-    loggers = open_loggers(out_dir, summary_writer_cls, state.step if ckpt is not None and state.step > 0 else None)
+        row = evaluate()
+        if main:
+            print(f"initial validation: {_fmt(row)}")
+    loggers = (open_loggers(out_dir, summary_writer_cls, state.step if ckpt is not None and state.step > 0 else None)
+               if main else _NoLoggers())
     model.train()
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     t_start = time.perf_counter() - state.train_time
     last_loss, stop_reason = float("nan"), None
     resuming = ckpt is not None
-    accumulation = train.accumulation
+    sum_across = parallel.sum if parallel.enabled else None
+
+    def save(path: Path, consolidate: bool = False) -> None:
+        if parallel.enabled:
+            save_sharded_checkpoint(path, parallel, model, save_fn if consolidate else None, state, optimizer,
+                                    scaler, config)
+        else:
+            save_checkpoint(path, save_fn, state, optimizer, scaler, config, method_state(method, model))
     while stop_reason is None:
         if state.step >= total_steps:
             stop_reason = "max_steps" if train.max_steps is not None else "epochs"
@@ -102,6 +152,8 @@ def fit(
             stop_reason = "epochs"
             break
         batches = epoch_batches(data, state, resuming)
+        if parallel.enabled:
+            batches = (shard_batch(b, parallel.rank, parallel.world_size) for b in batches)
         resuming = False
         while state.step < total_steps:
             window = [b for b in (next(batches, None) for _ in range(accumulation)) if b is not None]
@@ -112,7 +164,7 @@ def fit(
             for g in optimizer.param_groups:
                 g["lr"] = lr
             result = train_step(model, window, optimizer, params, device=device, autocast=autocast, scaler=scaler,
-                                max_norm=train.max_norm, step=state.step + 1,
+                                max_norm=train.max_norm, step=state.step + 1, sum_across=sum_across,
                                 **step_hooks(method, model, state.step, total_steps))
             last_loss = result.loss
             state.step += 1
@@ -125,13 +177,15 @@ def fit(
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", mem=f"{row['mem_gb']:.1f}G")
             if eval.interval and state.step % eval.interval == 0 and state.step < total_steps:
                 row.update(evaluate())
-                bar.write(f"step {state.step}: {_fmt(row)}")
+                if main:
+                    bar.write(f"step {state.step}: {_fmt(row)}")
                 if sample_fn and eval.sample_new_tokens:
-                    bar.write(f"sample: {sample_fn()!r}")
+                    text = sample_fn()  # every rank: a sharded model generates together
+                    if main:
+                        bar.write(f"sample: {text!r}")
             loggers.write(row)
             if train.save_interval and state.step % train.save_interval == 0 and state.step < total_steps:
-                save_checkpoint(out_dir / f"step-{state.step:06d}", save_fn, state, optimizer, scaler, config,
-                                method_state(method, model))
+                save(out_dir / f"step-{state.step:06d}")
             if train.max_tokens and state.tokens >= train.max_tokens:
                 stop_reason = "max_tokens"
             elif train.max_time and state.train_time >= train.max_time:
@@ -148,11 +202,12 @@ def fit(
     loggers.write(dict(step=state.step, **final))
     loggers.close()
     final_dir = out_dir / "final"
-    save_checkpoint(final_dir, save_fn, state, optimizer, scaler, config, method_state(method, model))
+    save(final_dir, consolidate=True)
     named = dict(model.named_parameters())
     n_trainable = sum(named[n].numel() for n in trainable)
     n_total = sum(logical_numel(p) for p in {id(p): p for p in model.parameters()}.values())  # 4-bit: 2 per byte
-    plot_loss(out_dir / "metrics.csv", out_dir / "loss.png")
+    if main:
+        plot_loss(out_dir / "metrics.csv", out_dir / "loss.png")
     return dict(steps=state.step, tokens=state.tokens, time_s=round(state.train_time, 2),
                 tokens_per_s=round(state.tokens / max(state.train_time, 1e-9), 1), final_loss=last_loss,
                 peak_memory_gb=round(_memory_gb(device, peak=True), 3), trainable_params=n_trainable,
@@ -160,10 +215,18 @@ def fit(
 
 
 def run_configuration(run_config: dict[str, Any] | None, train: TrainArgs, eval: EvalArgs,
-                      optimizer_args: OptimizerArgs, precision: str) -> dict[str, Any]:
-    """The caller's settings (base, data, method args, quantize...) plus the loop's own, as plain JSON types."""
+                      optimizer_args: OptimizerArgs, precision: str, world_size: int = 1) -> dict[str, Any]:
+    """The caller's settings (base, data, method args, quantize...) plus the loop's own, as plain JSON types.
+
+    On several ranks train.micro_batch_size is recorded as the rows of one forward over all ranks (micro batch x
+    world size), the one-process equivalent, so a resume may change the world size when the batches stay the same
+    (2 ranks x 2 -> 1 process x 4); world_size itself is recorded and may differ."""
+    extra: dict[str, Any] = {}
+    if world_size > 1:
+        train = dataclasses.replace(train, micro_batch_size=train.micro_batch_size * world_size)
+        extra["world_size"] = world_size
     return jsonable({**(run_config or {}), "train": train, "eval": eval, "optimizer": optimizer_args,
-                     "precision": precision})
+                     "precision": precision, **extra})
 
 
 def resume_checkpoint(out_dir: Path, resume: Path | str | None) -> Path | None:
@@ -191,14 +254,24 @@ def setup_optimizer(model: torch.nn.Module, trainable: list[str], args: Optimize
     return params, build_optimizer(params, args)
 
 
-def plan_steps(data: TrainingData, train: TrainArgs) -> int:
+def accumulation_steps(train: TrainArgs, parallel: Parallel) -> int:
+    """Micro-batches per optimizer step on each rank: global batch / (micro batch x ranks)."""
+    rows = train.micro_batch_size * parallel.world_size
+    if train.global_batch_size % rows:
+        raise ValueError(f"--train.global_batch_size {train.global_batch_size} must be a multiple of "
+                         f"--train.micro_batch_size {train.micro_batch_size} x {parallel.world_size} processes")
+    return train.global_batch_size // rows
+
+
+def plan_steps(data: TrainingData, train: TrainArgs, accumulation: int | None = None) -> int:
     """Total optimizer steps: --train.max_steps when given (epochs repeat as needed), else epochs x full windows."""
+    accumulation = accumulation or train.accumulation
     batches = len(data.train_dataloader(epoch=0))
-    if batches < train.accumulation:
+    if batches < accumulation:
         raise ValueError(f"the training split gives {batches} batch(es) of --train.micro_batch_size "
                          f"{train.micro_batch_size}, fewer than one optimizer step of --train.global_batch_size "
                          f"{train.global_batch_size}: lower --train.global_batch_size or give more data")
-    return train.max_steps if train.max_steps is not None else batches // train.accumulation * train.epochs
+    return train.max_steps if train.max_steps is not None else batches // accumulation * train.epochs
 
 
 def epoch_batches(data: TrainingData, state: TrainState, resuming: bool) -> Iterator[dict]:
@@ -231,6 +304,64 @@ def save_checkpoint(path: Path, save_fn: Callable[[Path], None], state: TrainSta
             save_safetensors({k: v.detach().cpu().contiguous() for k, v in extra_state.items()},
                              tmp / METHOD_STATE_FILE)
         save_training_state(tmp, state, optimizer, scaler)
+
+
+def save_sharded_checkpoint(path: Path, parallel: Parallel, model: torch.nn.Module,
+                            save_fn: Callable[[Path], None] | None, state: TrainState, optimizer, scaler,
+                            config: dict[str, Any]) -> None:
+    """A checkpoint of several ranks, atomically: every rank's shards of the trainable tensors and optimizer state
+    (dcp/), and from rank 0 the run configuration and training state with every rank's RNG streams; with
+    `save_fn` also the method's consolidated folder (adapter or HF model), as one process writes it."""
+    state.capture_rng()
+    streams = parallel.gather(rank_streams(state))
+    with shared_atomic_dir(path, parallel) as tmp:
+        save_sharded(tmp, model, optimizer)
+        if save_fn is not None:
+            with consolidated(model, parallel) as writer:
+                if writer:
+                    save_fn(tmp)
+        if parallel.is_main:
+            save_run_config(tmp, config)
+            save_training_state(tmp, state, None, scaler, extra={"ranks": streams, "world_size": parallel.world_size})
+
+
+def resume_state(ckpt: Path, model: torch.nn.Module, trainable: list[str], optimizer, scaler,
+                 load_fn: Callable[[Path], None], method: Method | None, parallel: Parallel) -> TrainState:
+    """Load checkpoint `ckpt` into the (possibly sharded) model and optimizer; returns its training state.
+
+    One process, one-process checkpoint: the method's load_fn and the optimizer state as saved. A sharded checkpoint
+    (dcp/) loads on any world size (DCP reshards). A one-process checkpoint on several ranks: its tensors were
+    copied in before sharding (see fit); its optimizer state is sharded here."""
+    if not is_sharded_checkpoint(ckpt) and not parallel.enabled:
+        load_fn(ckpt)
+        load_method_state(ckpt, method, model)
+        return load_training_state(ckpt, optimizer, scaler)
+    state, blob = read_training_state(ckpt)
+    if is_sharded_checkpoint(ckpt):
+        load_sharded(ckpt, model, optimizer)
+    else:
+        load_full_optimizer(model, optimizer, blob["optimizer"], trainable)
+    if scaler is not None and blob.get("scaler"):
+        scaler.load_state_dict(blob["scaler"])
+    restore_rank_streams(state, blob.get("ranks"), parallel)
+    return state
+
+
+def check_parallel_method(parallel: Parallel, method: Method | None) -> None:
+    """Methods with state between steps (AdaLoRA's rank allocator) run in one process only, for now."""
+    if parallel.enabled and method is not None and (method.regularizer or method.on_step or method.train_state):
+        raise ValueError(f"{method.name} finetuning keeps state between steps (a regularizer or a per-step "
+                         "allocation over whole tensors) and runs in one process only: leave --devices out")
+
+
+class _NoLoggers:
+    """Ranks other than 0 log nothing."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def step_hooks(method: Method | None, model: torch.nn.Module, step: int, total_steps: int) -> dict[str, Any]:

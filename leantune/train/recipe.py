@@ -23,7 +23,8 @@ from leantune.quantize import check_mode
 from leantune.runtime import compute_dtype, default_device, resolve_precision, weight_dtype
 from leantune.tokenizer import Tokenizer
 from leantune.train.args import EvalArgs, TrainArgs
-from leantune.train.loop import fit
+from leantune.train.distributed import FSDPArgs, Parallel, init_from_env, launched, quiet_unless_main, shutdown
+from leantune.train.loop import check_parallel_method, fit
 from leantune.train.optim import OptimizerArgs
 from leantune.train.run_dir import prepare_run_dir
 
@@ -68,22 +69,50 @@ def finetune(
     resume_adapter: Path | None = None,
     threads: int | None = None,
     overwrite: bool = False,
+    devices: int = 1,
+    num_nodes: int = 1,
+    fsdp: FSDPArgs | None = None,
 ) -> dict:
-    """Finetune `checkpoint_dir` with `method`; returns the run's summary (also written to out_dir/summary.json)."""
+    """Finetune `checkpoint_dir` with `method`; returns the run's summary (also written to out_dir/summary.json).
+
+    Started by torchrun or a cluster launcher (RANK, WORLD_SIZE, LOCAL_RANK set), every process runs this and they
+    train as one data-parallel job (leantune.train.distributed); `devices`/`num_nodes` are then only checked against
+    the launcher's counts. Without a launcher, more than one device must go through `leantune finetune --devices N`
+    (which starts torchrun)."""
+    fsdp = fsdp or FSDPArgs()
+    if (devices > 1 or num_nodes > 1) and not launched():
+        raise ValueError(f"--devices {devices} --num_nodes {num_nodes}: start the run with `leantune finetune ... "
+                         "--devices N` or under torchrun / a cluster launcher that sets RANK, WORLD_SIZE, LOCAL_RANK")
+    parallel = init_from_env(fsdp.timeout, devices)
+    try:
+        with quiet_unless_main(parallel):
+            return _finetune(method, checkpoint_dir, out_dir, data, precision, quantize, prompt_style, train, eval,
+                             optimizer, method_args, resume, resume_adapter, threads, overwrite, parallel, fsdp)
+    finally:
+        shutdown(parallel)
+
+
+def _finetune(method: str, checkpoint_dir: Path, out_dir: Path | None, data: DataModule | None, precision: str | None,
+              quantize: str | None, prompt_style: str | None, train: TrainArgs | None, eval: EvalArgs | None,
+              optimizer: OptimizerArgs | None, method_args: Any, resume: str | None, resume_adapter: Path | None,
+              threads: int | None, overwrite: bool, parallel: Parallel, fsdp: FSDPArgs) -> dict:
     train, eval, optimizer = train or TrainArgs(), eval or EvalArgs(), optimizer or OptimizerArgs()
     run = resolve(method, method_args, quantize, optimizer, out_dir)
-    prepare_run_dir(run.out_dir, resume, overwrite)  # first: a bad or taken --out_dir fails before any loading
+    check_parallel_method(parallel, run.method)
+    # first: a bad or taken --out_dir fails before any loading (rank 0 checks and locks it; its error stops all)
+    parallel.on_main(lambda: prepare_run_dir(run.out_dir, resume, overwrite))
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(train.seed)
     data = data if data is not None else Demo()
-    checkpoint_dir = ensure_checkpoint(Path(checkpoint_dir))
+    checkpoint_dir = parallel.on_main(lambda: ensure_checkpoint(Path(checkpoint_dir)))  # one import, not N racing
 
-    device = default_device()
+    device = parallel.device if parallel.enabled else default_device()
     precision = resolve_precision(precision, device)
     tokenizer = Tokenizer(checkpoint_dir)
+    # several ranks: every rank plans the same global batches of micro x ranks rows and trains on its share
     data.connect(tokenizer, prompt_style=prompt_style, max_seq_length=train.max_seq_length,
-                 batch_size=train.micro_batch_size, seed=train.seed, packing=train.packing,
+                 batch_size=train.micro_batch_size * parallel.world_size, seed=train.seed, packing=train.packing,
                  decoder_start_id=folder_decoder_start_id(checkpoint_dir))
     data.setup()
     style = data.prompt_style
@@ -117,6 +146,7 @@ def finetune(
     sample_fn = sampler(model, tokenizer, data, style, eval.sample_new_tokens)
     summary = fit(model, trainable, data, run.out_dir, save_fn, load_fn, train, eval, run.optimizer,
                   precision=precision, device=device, resume=resume, sample_fn=sample_fn, method=run.method,
+                  parallel=parallel, fsdp=fsdp,
                   run_config={"method": run.method.name, "checkpoint_dir": str(checkpoint_dir), "data": data,
                               run.method.flag: args, "quantize": run.quantize, "prompt_style": prompt_style})
     report.update(summary)
@@ -128,7 +158,8 @@ def finetune(
         report["exact_match_after"] = acc
         print(f"held-out exact match after finetuning: {acc:.1%}")
     print_summary(report)
-    (run.out_dir / "summary.json").write_text(json.dumps(report, indent=2, default=str))
+    if parallel.is_main:
+        (run.out_dir / "summary.json").write_text(json.dumps(report, indent=2, default=str))
     return report
 
 

@@ -9,7 +9,9 @@ another run's checkpoint. Only the fields in RESUME_MAY_DIFFER may change on res
   breaks nothing the checkpoint holds); train.compile and train.activation_checkpointing (same numbers, other
   speed/memory), threads;
 - what is logged or saved: train.log_interval, train.logger, train.save_interval, and every eval.* setting;
-- where it runs from: out_dir, resume, resume_adapter (only read when a run starts), overwrite.
+- where it runs from: out_dir, resume, resume_adapter (only read when a run starts), overwrite, and world_size (the
+  number of processes: train.micro_batch_size of a multi-process run is recorded over all ranks, so the batches
+  stay those of the checkpoint's run).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ RESUME_MAY_DIFFER = frozenset({
     "train.epochs", "train.max_steps", "train.max_tokens", "train.max_time", "train.warmup_steps",
     "train.min_lr_ratio", "train.compile",
     "train.activation_checkpointing", "train.log_interval", "train.logger", "train.save_interval",
-    "threads", "out_dir", "resume", "resume_adapter", "overwrite",
+    "threads", "out_dir", "resume", "resume_adapter", "overwrite", "world_size",
 })
 RESUME_MAY_DIFFER_PREFIXES = ("eval.",)
 

@@ -68,12 +68,15 @@ def _set_rng(cpu: torch.Tensor | None, cuda: list[torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_training_state(path: Path, state: TrainState, optimizer: torch.optim.Optimizer,
-                        scaler: torch.amp.GradScaler | None = None) -> None:
-    """Write `path/training_state.pt`; the RNG streams are captured now (after the step just taken)."""
+def save_training_state(path: Path, state: TrainState, optimizer: torch.optim.Optimizer | None,
+                        scaler: torch.amp.GradScaler | None = None, extra: dict[str, Any] | None = None) -> None:
+    """Write `path/training_state.pt`; the RNG streams are captured now (after the step just taken). A checkpoint
+    written by several ranks passes optimizer None (its state is in the sharded files) and `extra` (every rank's
+    RNG streams)."""
     state.capture_rng()
     blob: dict[str, Any] = {"format": FORMAT, **{f.name: getattr(state, f.name) for f in dataclasses.fields(state)},
-                            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None}
+                            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                            "scaler": scaler.state_dict() if scaler else None, **(extra or {})}
     tmp = Path(path) / (STATE_FILE + ".tmp")
     torch.save(blob, tmp)
     tmp.replace(Path(path) / STATE_FILE)
@@ -83,6 +86,15 @@ def load_training_state(path: Path, optimizer: torch.optim.Optimizer,
                         scaler: torch.amp.GradScaler | None = None) -> TrainState:
     """The state of checkpoint `path`, loading the optimizer (and scaler) in place. RNG is NOT restored here: the
     loop restores it after the data position is rebuilt (see TrainState.epoch_rng_cpu)."""
+    state, blob = read_training_state(path)
+    optimizer.load_state_dict(blob["optimizer"])
+    if scaler is not None and blob.get("scaler"):
+        scaler.load_state_dict(blob["scaler"])
+    return state
+
+
+def read_training_state(path: Path) -> tuple[TrainState, dict[str, Any]]:
+    """The state of checkpoint `path` and the file's whole content (optimizer and scaler states included)."""
     file = Path(path) / STATE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no training state to resume from (was this checkpoint written by leantune?)")
@@ -96,10 +108,7 @@ def load_training_state(path: Path, optimizer: torch.optim.Optimizer,
     else:
         raise ValueError(f"{file}: training state format {blob['format']} is newer than this leantune reads "
                          f"({FORMAT}); upgrade leantune to resume it")
-    optimizer.load_state_dict(blob["optimizer"])
-    if scaler is not None and blob.get("scaler"):
-        scaler.load_state_dict(blob["scaler"])
-    return state
+    return state, blob
 
 
 def find_latest_checkpoint(out_dir: Path) -> Path | None:

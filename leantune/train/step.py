@@ -39,7 +39,8 @@ def train_step(model: torch.nn.Module, window: list[dict], optimizer: torch.opti
                scaler: torch.amp.GradScaler | None = None, max_norm: float | None = None, step: int = 1,
                phase: Callable[[str], AbstractContextManager] = _no_phase,
                regularizer: Callable[[], torch.Tensor | None] | None = None,
-               after_step: Callable[[], None] | None = None) -> StepResult:
+               after_step: Callable[[], None] | None = None,
+               sum_across: Callable[[list[float]], list[float]] | None = None) -> StepResult:
     """Forward/backward every micro-batch of `window`, clip, check for non-finite values, step, zero the grads.
 
     The loss of each micro-batch is divided by the window's supervised-token count, so 1x8, 2x4 and 8x1 give the
@@ -47,9 +48,13 @@ def train_step(model: torch.nn.Module, window: list[dict], optimizer: torch.opti
     profiles each); a non-finite loss or gradient raises before the optimizer touches the weights.
     `regularizer()` (a method's extra loss term, outside autocast) is backpropagated once per window, and not
     counted in the reported loss; `after_step()` runs after the optimizer step, while the gradients still exist.
+    `sum_across(values)` sums over the ranks of a data-parallel run (each `window` is then this rank's share): the
+    loss is divided by the whole window's supervised tokens, and the reported loss and token count are global.
     """
     device = device or params[0].device
     n_sup = sum(int((b["labels"] != -100).sum()) for b in window)
+    if sum_across is not None:
+        n_sup = int(sum_across([n_sup])[0])
     if n_sup == 0:
         raise ValueError(f"step {step}: no supervised tokens in the batch (samples {_sample_ids(window)}); check "
                          "--data.mask_prompt and max_seq_length")
@@ -78,8 +83,11 @@ def train_step(model: torch.nn.Module, window: list[dict], optimizer: torch.opti
     with phase("step"):
         if scaler:
             scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")))
+        grad_norm = _float(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")))
         loss_value = float(loss_sum)
+        if sum_across is not None:
+            loss_value, total_tokens = sum_across([loss_value, tokens])
+            tokens = int(total_tokens)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             optimizer.zero_grad(set_to_none=True)
@@ -95,6 +103,12 @@ def train_step(model: torch.nn.Module, window: list[dict], optimizer: torch.opti
             after_step()
         optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss_value, grad_norm=grad_norm, tokens=tokens, supervised=n_sup)
+
+
+def _float(x) -> float:
+    """A float of the total norm, which clip_grad_norm_ returns as a DTensor over sharded (FSDP) parameters."""
+    full = getattr(x, "full_tensor", None)
+    return float(full() if full is not None else x)
 
 
 def _positional(batch: dict) -> dict:

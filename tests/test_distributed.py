@@ -1,0 +1,264 @@
+"""Multi-process training (torchrun + FSDP2) on CPU with gloo: 2 ranks x micro batch 2 == 1 process x batch 4.
+
+Ranks are forked from this process (everything is imported already; each sets one thread, as libgomp is not
+fork-safe with a thread team) and meet over loopback on a free port. The tiny 2-layer GPT and TinyData of the loop
+tests; dropout 0, so the two runs do the same arithmetic except for the order of the fp32 sums (each rank sums its
+half of the gradient, then the reduce-scatter adds the halves; one process sums all rows in one matmul), and the
+shape of the matmuls (2 rows per forward instead of 4). Measured differences are ~1e-7 relative on the losses and
+~1e-6 on the weights after 4 AdamW steps; the tolerance is rtol 1e-5 / atol 1e-6 (Adam divides by sqrt(v), which
+keeps relative errors of the gradients as they are, so they do not grow over 4 steps at this size).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import TinyData, V
+from safetensors.torch import load_file
+
+from leantune.config import Config
+from leantune.data import JSON
+from leantune.methods import apply_method, load_trainable, save_checkpoint
+from leantune.model import GPT
+from leantune.peft.adapter_v2 import AdapterV2Args
+from leantune.peft.lora import LoRAArgs
+from leantune.train.distributed import DCP_DIR, init_from_env, shard_batch, shutdown
+from leantune.train.loop import EvalArgs, TrainArgs, fit
+from leantune.train.optim import OptimizerArgs
+from leantune.train.recipe import finetune
+from leantune.train.state import STATE_FILE, find_latest_checkpoint
+
+METHOD_ARGS = {"lora": LoRAArgs(r=4, dropout=0.0, targets="all"), "adapter_v2": AdapterV2Args(start_layer=1),
+               "full": None}
+RTOL, ATOL = 1e-5, 2e-5
+
+
+def build(method):
+    torch.manual_seed(0)
+    model = GPT(Config(vocab_size=V, block_size=32, n_layer=2, n_embd=32, n_head=4, n_query_groups=2))
+    names = apply_method(model, method, METHOD_ARGS[method])
+    if method == "adapter_v2":  # zero-init gates: make the adapters matter from step 1
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("gating_factor"):
+                    p.fill_(0.5)
+    return model, names
+
+
+def train(method, out_dir, parallel=None, mbs=4, gbs=8, steps=4, save_interval=None, resume=None):
+    """fit on TinyData: the loader gives global batches of mbs x world rows, each rank trains on its share."""
+    world = parallel.world_size if parallel else 1
+    model, names = build(method)
+
+    def save_fn(path):
+        save_checkpoint(path, model, method, names, {"method": method}, checkpoint_dir=None)
+
+    return fit(model, names, TinyData(micro_batch_size=mbs * world), out_dir, save_fn,
+               lambda p: load_trainable(model, method, p),
+               TrainArgs(micro_batch_size=mbs, global_batch_size=gbs, max_steps=steps, warmup_steps=1,
+                         save_interval=save_interval),
+               EvalArgs(sample_new_tokens=0, max_batches=2), OptimizerArgs(lr=1e-2), resume=resume,
+               parallel=parallel)
+
+
+def _rank(rank, world, port, kwargs):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    parallel = init_from_env(timeout_s=60)
+    try:
+        train(parallel=parallel, **kwargs)
+    finally:
+        shutdown(parallel)
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            os.environ.pop(k, None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_ranks(world, **kwargs):
+    """train(**kwargs) on `world` forked ranks; an error on any rank fails here."""
+    mp.start_processes(_rank, args=(world, free_port(), kwargs), nprocs=world, start_method="fork")
+
+
+def in_process(**kwargs):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(**kwargs)
+    finally:
+        torch.set_num_threads(before)
+
+
+def losses(out_dir):
+    with open(Path(out_dir) / "metrics.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f) if r["loss"]]
+
+
+def weights(folder):
+    """Every tensor of the consolidated weights (adapter.safetensors, or the HF folder model/ of a full finetune)."""
+    return {f"{f.relative_to(folder)}:{k}": v for f in sorted(Path(folder).rglob("*.safetensors"))
+            if DCP_DIR not in f.parts for k, v in load_file(f).items()}
+
+
+def assert_same_run(a, b, rtol=RTOL, atol=ATOL):
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) and la
+    torch.testing.assert_close(torch.tensor(lb, dtype=torch.float64), torch.tensor(la, dtype=torch.float64),
+                               rtol=rtol, atol=0)
+    wa, wb = weights(Path(a) / "final"), weights(Path(b) / "final")
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=rtol, atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter_v2", "full"])
+def test_two_ranks_of_batch_2_equal_one_process_of_batch_4(method, tmp_path):
+    """Per-step losses and final consolidated tensors (2 steps of accumulation 2: 16 samples per step)."""
+    in_process(method=method, out_dir=tmp_path / "one", mbs=4, gbs=8)
+    on_ranks(2, method=method, out_dir=tmp_path / "two", mbs=2, gbs=8)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    untouched, names = build(method)
+    first = weights(tmp_path / "two" / "final")
+    assert any(not torch.equal(v, dict(untouched.named_parameters()).get(k.split(":", 1)[1], v))
+               for k, v in first.items()), "training changed nothing"
+
+
+def copy_checkpoint(src_run, step, dst_run):
+    Path(dst_run).mkdir()
+    shutil.copytree(Path(src_run) / f"step-{step:06d}", Path(dst_run) / f"step-{step:06d}")
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_two_ranks_and_on_one(tmp_path):
+    """4 steps on 2 ranks with a sharded checkpoint at step 2; resumed from it on 2 ranks the run continues bit for
+    bit (same world size: every rank gets its own RNG streams back), on 1 process (micro batch 4) within the
+    tolerance above."""
+    on_ranks(2, method="lora", out_dir=tmp_path / "straight", mbs=2, gbs=4, save_interval=2)
+    ckpt = tmp_path / "straight" / "step-000002"
+    assert (ckpt / DCP_DIR / ".metadata").is_file() and (ckpt / STATE_FILE).is_file()
+    assert not (ckpt / "adapter.safetensors").exists()  # consolidated weights only in final/
+    assert (tmp_path / "straight" / "final" / "adapter.safetensors").is_file()
+    for name in ("two", "one"):
+        copy_checkpoint(tmp_path / "straight", 2, tmp_path / name)
+    on_ranks(2, method="lora", out_dir=tmp_path / "two", mbs=2, gbs=4, resume="auto")
+    in_process(method="lora", out_dir=tmp_path / "one", mbs=4, gbs=4, resume="auto")
+    assert losses(tmp_path / "two") == losses(tmp_path / "straight")[2:]
+    a, b = weights(tmp_path / "straight" / "final"), weights(tmp_path / "two" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "one")), torch.tensor(losses(tmp_path / "straight")[2:]),
+                               rtol=RTOL, atol=0)
+    c = weights(tmp_path / "one" / "final")
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], rtol=RTOL, atol=ATOL, msg=k)
+
+
+def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path):
+    """1 -> 2: the one-process checkpoint (adapter + optimizer state) is loaded before sharding and its optimizer
+    state sharded; the continuation equals the one-process run."""
+    in_process(method="lora", out_dir=tmp_path / "straight", mbs=4, gbs=4, save_interval=2)
+    copy_checkpoint(tmp_path / "straight", 2, tmp_path / "two")
+    on_ranks(2, method="lora", out_dir=tmp_path / "two", mbs=2, gbs=4, resume="auto")
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")),
+                               torch.tensor(losses(tmp_path / "straight")[2:]), rtol=RTOL, atol=0)
+    a, b = weights(tmp_path / "straight" / "final"), weights(tmp_path / "two" / "final")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=RTOL, atol=ATOL, msg=k)
+
+
+def test_a_rank_with_no_rows_still_joins_the_step():
+    """A last batch of 1 row on 2 ranks: rank 0 gets a fully masked copy (no loss, no token) so both run the same
+    forward/backward; full batches split into equal halves with trailing padding columns dropped."""
+    batch = {"input_ids": torch.arange(12).view(3, 4), "labels": torch.ones(3, 4, dtype=torch.long),
+             "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]]), "sample_ids": [[0], [1], [2]]}
+    lo, hi = shard_batch(batch, 0, 2), shard_batch(batch, 1, 2)
+    assert lo["sample_ids"] == [[0]] and hi["sample_ids"] == [[1], [2]]
+    assert hi["input_ids"].tolist() == [[4, 5], [8, 9]]  # padding columns of both rows dropped
+    one = {k: v[:1] for k, v in batch.items()}
+    empty = shard_batch(one, 0, 2)  # rows [0*1//2, 1*1//2) = none
+    assert empty["input_ids"].shape == (1, 4) and (empty["labels"] == -100).all() and empty["attention_mask"].sum() == 0
+    assert empty["sample_ids"] == [[]] and shard_batch(one, 1, 2)["labels"].sum() == 4
+
+
+# ---- the command line: `leantune finetune ... --devices 2` through torchrun ------------------------------------------
+def cli_args(ckpt, data, out_dir, max_steps):
+    return ["finetune", "lora", "--devices", "2", "--checkpoint_dir", str(ckpt), "--data", "JSON",
+            "--data.json_path", str(data), "--out_dir", str(out_dir), "--train.micro_batch_size", "1",
+            "--train.global_batch_size", "2", "--train.max_steps", str(max_steps), "--train.save_interval", "2",
+            "--train.max_seq_length", "64", "--train.warmup_steps", "1", "--eval.exact_match", "false",
+            "--eval.sample_new_tokens", "0", "--eval.max_batches", "1", "--lora.r", "4", "--fsdp.timeout", "30",
+            "--threads", "1"]
+
+
+def workers_of(pid: int) -> dict[int, int]:
+    """{rank: pid} of the torchrun workers started by process `pid` (read from /proc: ppid and RANK)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0") if "=" in kv)
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and "RANK" in env:
+            found[int(env["RANK"])] = int(entry.name)
+    return found
+
+
+def test_devices_2_trains_and_a_killed_rank_ends_the_job_with_the_last_checkpoint_intact(
+        tiny_checkpoint, json_data, tmp_path):
+    """The real launcher. A short run prints one summary (rank 0 only) and writes the consolidated adapter; a long
+    one whose rank 1 is SIGKILLed after its second checkpoint exits 2 with one error line naming the rank and the
+    signal, within a bounded time, and its last complete checkpoint resumes in one process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, "-m", "leantune.cli", *cli_args(tiny_checkpoint, json_data,
+                                                                            tmp_path / "short", 2)],
+                          capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trainable parameters") == 1, done.stdout
+    assert (tmp_path / "short" / "final" / "adapter.safetensors").is_file()
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "leantune.cli", *cli_args(tiny_checkpoint, json_data, out, 10**6)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while not (out / "step-000004" / STATE_FILE).is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach step 4"
+            time.sleep(0.2)
+        ranks = workers_of(proc.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], 9)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=90)
+        assert time.monotonic() - killed < 90
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    assert proc.returncode == 2, err[-3000:]
+    assert "error: rank 1 was killed by SIGKILL" in err, err[-3000:]
+    latest = find_latest_checkpoint(out)
+    assert latest is not None and (latest / DCP_DIR / ".metadata").is_file()
+    step = int(latest.name.split("-")[1])
+    report = finetune("lora", checkpoint_dir=tiny_checkpoint, out_dir=out, data=JSON(json_path=json_data),
+                      train=TrainArgs(micro_batch_size=2, global_batch_size=2, max_steps=step + 2, max_seq_length=64,
+                                      warmup_steps=1, save_interval=2),
+                      eval=EvalArgs(max_batches=1, sample_new_tokens=0, exact_match=False),
+                      optimizer=OptimizerArgs(), method_args=LoRAArgs(r=4), resume="auto", threads=1)
+    assert report["steps"] == step + 2
