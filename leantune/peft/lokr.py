@@ -155,7 +155,7 @@ METHOD = Method(
     args_class=LoKrArgs,
     apply=apply_lokr,
     adapter_params=lokr_params,
-    default_lr=1e-3,
+    default_lr=1e-2,  # 0% -> 45% on Demo in 50 steps; 1e-3 gave 13%: the Kronecker update grows slowly
     merge=merge_lokr,
     peft=PeftFormat(peft_type="LOKR", export=functools.partial(export_lycoris, spec=SPEC),
                     load=functools.partial(import_lycoris, spec=SPEC)),
