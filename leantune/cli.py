@@ -15,7 +15,7 @@ import torch
 from jsonargparse import CLI, ArgumentError, set_parsing_settings
 from tqdm import tqdm
 
-from leantune.commands import chat, data, download, estimate, evaluate, export, generate, merge, serve
+from leantune.commands import chat, data, download, estimate, evaluate, export, generate, merge, serve, upload
 from leantune.commands import finetune as finetune_commands
 from leantune.data import DATA_MODULES, DataModule
 from leantune.download import HubUnreachableError
@@ -40,6 +40,7 @@ def components() -> dict:
         "evaluate": evaluate.evaluate,
         "estimate": estimate.estimate_command,
         "export": export.export,
+        "upload": upload.upload,
         "serve": serve.serve,
         "data": {"_help": "Inspect training data: `leantune data preview --data JSON --data.json_path f.jsonl`.",
                  "preview": data.preview},
