@@ -58,7 +58,7 @@ def test_adapter_goes_up_in_peft_format_with_a_model_card(run_dir, tiny_checkpoi
     assert hub.validated == [card]  # the client checked the card's front matter with the Hub first
     for fact in ("| lora.r | 4 |", "| train.max_steps | 2 |", "| optimizer.name | AdamW |", "`--data Demo`",
                  f"| validation loss | {summary['val_loss']:.4g} |", f"| optimizer steps | {summary['steps']} |",
-                 f'PeftModel.from_pretrained(base, "me/tiny-lora")'):
+                 'PeftModel.from_pretrained(base, "me/tiny-lora")'):
         assert fact in card, fact
     assert str(tiny_checkpoint) not in card and str(run_dir) not in card  # no local paths go public
     assert "uploaded: README.md, adapter_config.json, adapter_model.safetensors" in out
