@@ -2,7 +2,7 @@
 threads.
 
 Usage: python bench/lora_cpu.py [--method lora|dora|loha|lokr|ia3] [--threads 2] [--batch 4] [--seq 256]
-       [--steps 6] [--rounds 2] [--compile] [--dropout 0.05]
+       [--steps 6] [--rounds 2] [--compile] [--dropout 0.05] [--device cpu|cuda] [--dtype float32|bfloat16]
 --method picks the method on both sides (leantune's method vs peft's LoraConfig / use_dora=True / LoHaConfig /
 LoKrConfig / IA3Config): LoRA-family methods on q/v with r=8 alpha=16, IA3 with both tools' defaults (k, v and the
 MLP's down projection). Results go to bench/results/<method>_cpu.json. For DoRA with dropout > 0 both run the
@@ -11,7 +11,11 @@ dropped input through the frozen W as well (PEFT's DoRA formula); --dropout 0 sh
 With --compile leantune's blocks are compiled (leantune.compile.compile_blocks); the compile time is reported
 separately and excluded from tokens/s, as both sides are timed after warm-up. The peer side is the step of
 ../shared/bench/hf_peft_cpu.py (LoRA q/v r=8 alpha=16 dropout 0.05, AdamW 2e-4, loss on every position).
-Both run in this process, alternating rounds. Writes bench/results/lora_cpu.json.
+Both run in this process, alternating rounds. Writes bench/results/<method>_cpu.json (<method>_cuda.json on a GPU).
+On a GPU (`--device cuda`, e.g. `--dtype bfloat16 --batch 4 --seq 2048`) each timed round is synchronised and each
+tool's step peak is reported: allocated memory above the resident set (both models, adapters, optimizer states)
+during its own steps, i.e. activations, gradients and temporaries (the DoRA target: <= peft's); on the CPU the two
+tools' memory is not separable within one process and is left out.
 """
 
 from __future__ import annotations
@@ -54,7 +58,12 @@ def main() -> None:
                     help="regional torch.compile of leantune's transformer blocks")
     ap.add_argument("--method", choices=["lora", "dora", "loha", "lokr", "ia3"], default="lora")
     ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda to measure on a GPU")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights, adapters and activations of both tools")
     a = ap.parse_args()
+    device, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    cuda = device.type == "cuda"
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     from peft import get_peft_model
@@ -64,14 +73,14 @@ def main() -> None:
     from leantune.methods import apply_method
     from leantune.train.loss import supervised_ce_sum
 
-    x = torch.randint(0, 49152, (a.batch, a.seq))
-    labels = torch.cat([x[:, 1:], torch.full((a.batch, 1), -100)], dim=1)  # pre-shifted: every position supervised
+    x = torch.randint(0, 49152, (a.batch, a.seq), device=device)
+    labels = torch.cat([x[:, 1:], torch.full((a.batch, 1), -100, device=device)], dim=1)  # pre-shifted: every position supervised
     n_sup = int((labels != -100).sum())
 
-    ours = load_hf_checkpoint(a.checkpoint_dir)
+    ours = load_hf_checkpoint(a.checkpoint_dir, dtype=dtype, device=device)
     our_args, peft_config = method_configs(a.method, a.dropout)
     names = apply_method(ours, a.method, our_args)
-    ours.train()
+    ours.to(device=device, dtype=dtype).train()
     compiled = False
     if a.compile:
         from leantune.compile import compile_blocks
@@ -87,8 +96,8 @@ def main() -> None:
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 
-    hf = AutoModelForCausalLM.from_pretrained(a.checkpoint_dir, dtype=torch.float32)
-    hf = get_peft_model(hf, peft_config)
+    hf = AutoModelForCausalLM.from_pretrained(a.checkpoint_dir, dtype=dtype)
+    hf = get_peft_model(hf, peft_config).to(device=device, dtype=dtype)
     hf.train()
     opt_hf = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=2e-4)
 
@@ -106,23 +115,33 @@ def main() -> None:
     for fn in (step_hf, step_ours, step_hf):  # warm-up
         fn()
     times = {"leantune": [], "hf_peft": []}
+    peak_gb = {"leantune": 0.0, "hf_peft": 0.0}
     for _ in range(a.rounds):
         for name, fn in (("leantune", step_ours), ("hf_peft", step_hf)):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()  # both models, their adapters and optimizer states
             t = time.perf_counter()
             for _ in range(a.steps):
                 fn()
+            if cuda:
+                torch.cuda.synchronize()
+                # the peak above the resident set: this tool's activations, gradients and temporaries
+                peak_gb[name] = max(peak_gb[name], (torch.cuda.max_memory_allocated() - resident) / 2**30)
             times[name].append((time.perf_counter() - t) / a.steps)
     tokens = a.batch * a.seq
-    rows = [{"tool": k, "trainable": trainable[k], "s_per_step": round(min(v), 3), "tok_s": round(tokens / min(v), 1)}
-            for k, v in times.items()]
+    rows = [{"tool": k, "trainable": trainable[k], "s_per_step": round(min(v), 3), "tok_s": round(tokens / min(v), 1),
+             **({"step_peak_gb": round(peak_gb[k], 2)} if cuda else {})} for k, v in times.items()]
     ratio = rows[0]["tok_s"] / rows[1]["tok_s"]
-    print_table(rows, ["tool", "trainable", "s_per_step", "tok_s"])
+    print_table(rows, ["tool", "trainable", "s_per_step", "tok_s"] + (["step_peak_gb"] if cuda else []))
     compile_s = round(max(first_step_s - min(times["leantune"]), 0.0), 1) if compiled else None
     what = "defaults" if a.method == "ia3" else f"q/v r=8 dropout {a.dropout}"
-    print(f"ratio leantune/hf_peft: {ratio:.2f}x ({a.method} {what}, B={a.batch}, T={a.seq}, "
+    print(f"ratio leantune/hf_peft: {ratio:.2f}x ({a.method} {what}, B={a.batch}, T={a.seq}, {a.device} {a.dtype}, "
           f"threads={a.threads}, rounds={a.rounds}, "
           f"compiled={compiled}" + (f", compile ~{compile_s} s" if compiled else "") + ")")
-    path = write_result(f"{a.method}_cpu", {"env": environment(), "method": a.method, "dropout": a.dropout, "batch": a.batch, "seq": a.seq,
+    path = write_result(f"{a.method}_{device.type}", {"env": environment(), "method": a.method, "dropout": a.dropout,
+                                                   "device": a.device, "dtype": a.dtype, "batch": a.batch, "seq": a.seq,
                                "rounds": a.rounds, "steps": a.steps, "compiled": compiled, "compile_s": compile_s,
                                "rows": rows, "ratio": round(ratio, 3),
                                "s_per_step_all": {k: [round(t, 3) for t in v] for k, v in times.items()}})
