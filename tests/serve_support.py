@@ -100,3 +100,30 @@ class LoopbackServer:
         self.server.should_exit = True
         self.thread.join(timeout=60)
         self.sock.close()
+
+
+def build_world(default_checkpoint: Path, root: Path) -> dict:
+    """The tiny checkpoint, a leantune LoRA `a`, a PEFT LoRA folder `b` (exported from a leantune one), a prefix-tuning
+    adapter `c`, and the `generate` reference of each (and of the base, `tiny`)."""
+    from leantune.commands.export import export
+
+    ckpt = tiny_checkpoint(default_checkpoint, root / "tiny")
+    a = make_adapter(ckpt, root / "lora-a", "lora", seed=1, r=4, alpha=8, targets="all")
+    b_lt = make_adapter(ckpt, root / "lora-b", "lora", seed=2, r=2, alpha=4, targets="query,value,mlp")
+    b = export(adapter=b_lt, checkpoint_dir=ckpt, format="peft", out_dir=root / "lora-b-peft")
+    c = make_adapter(ckpt, root / "prefix", "prefix_tuning", seed=3)
+    refs = {"tiny": Reference(ckpt), "a": Reference(ckpt, a), "b": Reference(ckpt, b), "c": Reference(ckpt, c)}
+    return {"ckpt": ckpt, "a": a, "b": b, "c": c, "refs": refs}
+
+
+def start_server(world: dict, max_batch: int, max_queue: int, default_max_tokens: int, adapters=("a", "b"),
+                 api_key: str | None = None):
+    """(engine, LoopbackServer) over the world's base, named `tiny`, with `adapters` loaded."""
+    from leantune.serve.app import create_app
+    from leantune.serve.engine import Engine
+
+    model, tokenizer, _, _ = load_for_inference(world["ckpt"], "32-true")
+    engine = Engine(model, tokenizer, world["ckpt"], "tiny", max_batch=max_batch, max_queue=max_queue)
+    for name in adapters:
+        engine.add_adapter(name, world[name])
+    return engine, LoopbackServer(create_app(engine, api_key=api_key, default_max_tokens=default_max_tokens))

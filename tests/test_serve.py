@@ -13,12 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from serve_support import LoopbackServer, Reference, make_adapter, tiny_checkpoint
-
-from leantune.commands.export import export
-from leantune.inference import load_for_inference
-from leantune.serve.app import create_app
-from leantune.serve.engine import Engine
+from serve_support import build_world, start_server
 
 KEY = "sk-test-key"
 N = 12  # max_tokens of most requests
@@ -27,22 +22,11 @@ PROMPTS = ["Hello there", "What is 2+2?", "Sort these numbers: 3 1 2", "Tell me 
 
 @pytest.fixture(scope="module")
 def world(default_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    ckpt = tiny_checkpoint(default_checkpoint, root / "tiny")
-    a = make_adapter(ckpt, root / "lora-a", "lora", seed=1, r=4, alpha=8, targets="all")
-    b_lt = make_adapter(ckpt, root / "lora-b", "lora", seed=2, r=2, alpha=4, targets="query,value,mlp")
-    b = export(adapter=b_lt, checkpoint_dir=ckpt, format="peft", out_dir=root / "lora-b-peft")
-    c = make_adapter(ckpt, root / "prefix", "prefix_tuning", seed=3)
-    refs = {"tiny": Reference(ckpt), "a": Reference(ckpt, a), "b": Reference(ckpt, b), "c": Reference(ckpt, c)}
-    return {"ckpt": ckpt, "a": a, "b": b, "c": c, "refs": refs}
+    return build_world(default_checkpoint, tmp_path_factory.mktemp("serve"))
 
 
 def start(world, max_batch=4, max_queue=32, default_max_tokens=64, adapters=("a", "b"), api_key=KEY):
-    model, tokenizer, _, _ = load_for_inference(world["ckpt"], "32-true")
-    engine = Engine(model, tokenizer, world["ckpt"], "tiny", max_batch=max_batch, max_queue=max_queue)
-    for name in adapters:
-        engine.add_adapter(name, world[name])
-    return engine, LoopbackServer(create_app(engine, api_key=api_key, default_max_tokens=default_max_tokens))
+    return start_server(world, max_batch, max_queue, default_max_tokens, adapters, api_key)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,211 @@
+"""The serving engine without HTTP: every adapter method decodes in one engine, mixed with the base and each other
+and admitted while others run (continuous batching), each row equal to `generate` with its own adapter; LoRA rows of
+different adapters share one forward (segments and the gathered bmm); the base's weights are shared, never copied;
+per-row sliding windows; the bounded queue, cancellation and unloading while requests run."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from serve_support import Reference, make_adapter, tiny_checkpoint
+
+from leantune.config import Config
+from leantune.generate import Sampling, encode_prompt, generate_tokens
+from leantune.inference import load_for_inference
+from leantune.methods import METHODS
+from leantune.model import GPT
+from leantune.serve import adapters as serve_adapters
+from leantune.serve.adapters import MultiLoRALinear
+from leantune.serve.engine import Engine, QueueFull, UnknownModel
+
+PROMPTS = ["Hello there", "Sort 3 1 2 please", "Tell me a story about a cat and a dog"]
+ARGS = {"adapter": {"start_layer": 1}, "adapter_v2": {"start_layer": 0}, "lora": {"r": 4, "targets": "all"}}
+
+
+class Collector:
+    """A request's sink: its text, its final event and when it finished."""
+
+    def __init__(self) -> None:
+        self.parts, self.done, self.error = [], None, None
+        self.finished = threading.Event()
+        self.at = None
+
+    def __call__(self, kind, payload) -> None:
+        if kind == "text":
+            self.parts.append(payload)
+        else:
+            self.done, self.error = (payload, None) if kind == "done" else (None, payload)
+            self.at = time.perf_counter()
+            self.finished.set()
+
+    @property
+    def text(self) -> str:
+        assert self.finished.wait(60) and self.error is None, self.error
+        return "".join(self.parts)
+
+
+def submit(engine, name, prompt, max_tokens=10, sampling=None, seed=None, stop=()):
+    c = Collector()
+    ids = encode_prompt(engine.tokenizer, prompt) if isinstance(prompt, str) else prompt
+    c.req = engine.submit(name, ids, max_tokens, 10_000, sampling or Sampling(), seed, list(stop), c)
+    return c
+
+
+@pytest.fixture(scope="module")
+def world(default_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    ckpt = tiny_checkpoint(default_checkpoint, root / "tiny")
+    folders = {m: make_adapter(ckpt, root / m, m, seed=i, **ARGS.get(m, {}))
+               for i, m in enumerate(sorted(METHODS)) if not METHODS[m].saves_full_model}
+    folders["lora2"] = make_adapter(ckpt, root / "lora2", "lora", seed=50, r=2, targets="query,value,projection")
+    folders["lora3"] = make_adapter(ckpt, root / "lora3", "lora", seed=51, r=8, targets="mlp,head")
+    return ckpt, folders
+
+
+def new_engine(ckpt, max_batch=4, max_queue=64, **kw):
+    model, tokenizer, _, _ = load_for_inference(ckpt, "32-true")
+    return Engine(model, tokenizer, ckpt, "base", max_batch=max_batch, max_queue=max_queue, **kw)
+
+
+def test_every_method_decodes_mixed_in_one_engine_equal_to_generate(world):
+    ckpt, folders = world
+    engine = new_engine(ckpt)
+    try:
+        before = {n: t.clone() for n, t in engine.pristine.state_dict().items()}
+        kinds = {name: engine.add_adapter(name, path).kind for name, path in folders.items()}
+        assert {n for n, k in kinds.items() if k == "shared"} == {"lora", "qlora", "lora2", "lora3"}
+        names = ["base", *folders]
+        jobs = [(n, p) for p in PROMPTS for n in names]
+        got = []
+        for i, job in enumerate(jobs):  # admitted while earlier rows are decoding
+            got.append(submit(engine, *job, max_tokens=10 + i % 5))
+            if i % 7 == 0:
+                time.sleep(0.01)
+        refs = {n: Reference(ckpt, folders.get(n)) for n in names}
+        for (name, prompt), c, i in zip(jobs, got, range(len(jobs))):
+            assert c.text == refs[name].text(prompt, 10 + i % 5), (name, prompt)
+        # the base was never changed (adapter_v2 trains norms: they went into the adapter's own clones)
+        after = engine.pristine.state_dict()
+        assert all(torch.equal(before[n], after[n]) for n in before)
+        # and never copied: every large tensor of every adapter's model is the base's own
+        big = {t.data_ptr() for t in engine.pristine.state_dict().values() if t.numel() >= 4096}
+        for a in engine.adapters.values():
+            if a.model is not None:
+                own = {n: t for n, t in a.model.state_dict().items() if t.numel() >= 4096}
+                shared = [n for n, t in own.items() if t.data_ptr() in big]
+                assert len(shared) >= len(big) - 1, (a.name, set(own) - set(shared))
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("bmm", [False, True])
+def test_lora_rows_of_different_adapters_share_one_forward(world, monkeypatch, bmm):
+    """Three LoRA adapters of different ranks and targets plus the base in one batch: one forward per step, each row
+    with its own update (per-adapter segments, or the gathered bmm over rank-padded stacks)."""
+    ckpt, folders = world
+    if bmm:
+        monkeypatch.setattr(serve_adapters, "BMM_MIN", 1)
+    engine = new_engine(ckpt, max_batch=8)
+    calls = []
+    try:
+        for name in ("lora", "lora2", "lora3"):
+            engine.add_adapter(name, folders[name])
+        layer = next(m for m in engine.served.modules() if isinstance(m, MultiLoRALinear))
+        orig = layer.forward
+        layer.forward = lambda x: calls.append(x.shape[0]) or orig(x)
+        with engine.cv:  # all eight rows are admitted together
+            got = [(n, p, submit(engine, n, p, max_tokens=8))
+                   for p in PROMPTS[:2] for n in ("lora", "base", "lora2", "lora3")]
+        for name, prompt, c in got:
+            assert c.text == Reference(ckpt, folders.get(name)).text(prompt, 8), (name, prompt)
+        assert max(calls) == 8  # decode steps ran all rows, of four models, in one forward
+    finally:
+        engine.close()
+
+
+def test_sliding_window_per_row_and_seeded_sampling_equal_generate(tmp_path):
+    """A Mistral-style window of 6 with rows of different lengths (each row's window is its own), and seeded
+    top-p sampling, against generate_tokens one prompt at a time."""
+    torch.manual_seed(0)
+    model = GPT(Config(vocab_size=97, block_size=64, n_layer=2, n_embd=32, n_head=4, n_query_groups=2,
+                       norm_class="rmsnorm", mlp_class="swiglu", intermediate_size=64, sliding_window=6)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5)
+    engine = Engine(model, StubTokenizer(), tmp_path, "base", max_batch=4)
+    try:
+        prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 11, 7, 17)]
+        s = Sampling(temperature=0.8, top_p=0.9)
+        greedy = [submit(engine, "base", p, max_tokens=20) for p in prompts]
+        sampled = [submit(engine, "base", p, max_tokens=20, sampling=s, seed=i) for i, p in enumerate(prompts)]
+        for i, (p, g, r) in enumerate(zip(prompts, greedy, sampled)):
+            assert g.text == StubTokenizer.text(generate_tokens(model, torch.tensor(p), 20, stop_ids=[96]))
+            gen = torch.Generator().manual_seed(i)
+            assert r.text == StubTokenizer.text(generate_tokens(model, torch.tensor(p), 20, s, [96], generator=gen))
+    finally:
+        engine.close()
+
+
+class StubTokenizer:
+    """Token i decodes to "<i>"; 96 is the EOS."""
+
+    eos_ids = [96]
+
+    @staticmethod
+    def text(ids) -> str:
+        return "".join(f"<{i}>" for i in ids if i != 96)
+
+    def stream_decoder(self):
+        class Decoder:
+            def push(self, token):
+                return f"<{token}>"
+
+            def flush(self):
+                return ""
+        return Decoder()
+
+
+def test_a_finished_row_frees_its_slot_for_a_waiting_request(world):
+    """Two slots, one long request and three short ones: the short ones run one after another in the second slot
+    while the long one keeps decoding (no static batches)."""
+    ckpt, _ = world
+    engine = new_engine(ckpt, max_batch=2)
+    try:
+        with engine.cv:
+            long = submit(engine, "base", PROMPTS[2], max_tokens=150)
+            short = [submit(engine, "base", p, max_tokens=4) for p in PROMPTS]
+        assert all(len(c.text) > 0 for c in short) and long.text
+        assert max(c.at for c in short) < long.at
+        assert engine.stats()["served_requests"] == 4
+    finally:
+        engine.close()
+
+
+def test_bounded_queue_cancel_and_unload_while_running(world):
+    ckpt, folders = world
+    engine = new_engine(ckpt, max_batch=1, max_queue=2)
+    try:
+        engine.add_adapter("lora", folders["lora"])
+        with engine.cv:  # nothing is admitted while the lock is held: the queue fills
+            first = submit(engine, "lora", PROMPTS[0], max_tokens=100)
+            second = submit(engine, "base", PROMPTS[1], max_tokens=100)
+            with pytest.raises(QueueFull) as e:
+                submit(engine, "base", PROMPTS[2])
+            assert e.value.retry_after >= 1
+            engine.cancel(second.req)
+        engine.remove_adapter("lora")  # while its request runs
+        with pytest.raises(UnknownModel):
+            submit(engine, "lora", PROMPTS[0])
+        assert first.text == Reference(ckpt, folders["lora"]).text(PROMPTS[0], 100)
+        assert second.finished.wait(30) and second.done["finish_reason"] == "cancelled"
+        deadline = time.monotonic() + 10
+        while "lora" in engine.adapters and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "lora" not in engine.adapters
+        assert not [m for m in engine.served.modules() if isinstance(m, MultiLoRALinear) and m.factors]
+    finally:
+        engine.close()
