@@ -28,12 +28,21 @@ from safetensors.torch import load_file
 
 from leantune.config import Config
 from leantune.data import JSON
-from leantune.methods import apply_method, load_trainable, save_checkpoint
+from leantune.methods import apply_method, get_method, load_trainable, save_checkpoint
 from leantune.model import GPT
 from leantune.peft.adapter_v2 import AdapterV2Args
 from leantune.peft.lora import LoRAArgs
-from leantune.train.distributed import DCP_DIR, init_from_env, shard_batch, shutdown
-from leantune.train.loop import EvalArgs, TrainArgs, fit
+from leantune.quantize import quantize_model
+from leantune.train.distributed import (
+    DCP_DIR,
+    FSDPArgs,
+    Parallel,
+    check_fsdp_args,
+    init_from_env,
+    shard_batch,
+    shutdown,
+)
+from leantune.train.loop import EvalArgs, TrainArgs, accumulation_steps, check_parallel_method, fit
 from leantune.train.optim import OptimizerArgs
 from leantune.train.recipe import finetune
 from leantune.train.state import STATE_FILE, find_latest_checkpoint
@@ -43,10 +52,14 @@ METHOD_ARGS = {"lora": LoRAArgs(r=4, dropout=0.0, targets="all"), "adapter_v2": 
 RTOL, ATOL = 1e-5, 2e-5
 
 
-def build(method):
+def build(method, quantize=None, dropout=0.0):
     torch.manual_seed(0)
-    model = GPT(Config(vocab_size=V, block_size=32, n_layer=2, n_embd=32, n_head=4, n_query_groups=2))
-    names = apply_method(model, method, METHOD_ARGS[method])
+    model = GPT(Config(vocab_size=V, block_size=32, n_layer=2, n_embd=64 if quantize else 32, n_head=4,
+                       n_query_groups=2))
+    if quantize:
+        quantize_model(model, quantize, torch.float32)
+    args = LoRAArgs(r=4, dropout=dropout, targets="all") if method == "lora" else METHOD_ARGS[method]
+    names = apply_method(model, method, args)
     if method == "adapter_v2":  # zero-init gates: make the adapters matter from step 1
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -55,20 +68,29 @@ def build(method):
     return model, names
 
 
-def train(method, out_dir, parallel=None, mbs=4, gbs=8, steps=4, save_interval=None, resume=None):
+def train(method, out_dir, parallel=None, mbs=4, gbs=8, steps=4, save_interval=None, resume=None, quantize=None,
+          activation_checkpointing=False, dropout=0.0):
     """fit on TinyData: the loader gives global batches of mbs x world rows, each rank trains on its share."""
     world = parallel.world_size if parallel else 1
-    model, names = build(method)
+    model, names = build(method, quantize, dropout)
+    if quantize and parallel:  # the 4-bit base stays whole on every rank: bitsandbytes' own parameter, its state
+        packed = {n: (p, p.data.clone()) for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"}
 
     def save_fn(path):
         save_checkpoint(path, model, method, names, {"method": method}, checkpoint_dir=None)
 
-    return fit(model, names, TinyData(micro_batch_size=mbs * world), out_dir, save_fn,
-               lambda p: load_trainable(model, method, p),
-               TrainArgs(micro_batch_size=mbs, global_batch_size=gbs, max_steps=steps, warmup_steps=1,
-                         save_interval=save_interval),
-               EvalArgs(sample_new_tokens=0, max_batches=2), OptimizerArgs(lr=1e-2), resume=resume,
-               parallel=parallel)
+    summary = fit(model, names, TinyData(micro_batch_size=mbs * world), out_dir, save_fn,
+                  lambda p: load_trainable(model, method, p),
+                  TrainArgs(micro_batch_size=mbs, global_batch_size=gbs, max_steps=steps, warmup_steps=1,
+                            save_interval=save_interval, activation_checkpointing=activation_checkpointing),
+                  EvalArgs(sample_new_tokens=0, max_batches=2), OptimizerArgs(lr=1e-2), resume=resume,
+                  parallel=parallel)
+    if quantize and parallel:
+        after = dict(model.named_parameters())
+        for n, (p, data) in packed.items():
+            assert after[n] is p and type(after[n]).__name__ == "Params4bit" and p.quant_state is not None, n
+            assert torch.equal(p.data, data), n
+    return summary
 
 
 def _rank(rank, world, port, kwargs):
@@ -138,6 +160,16 @@ def test_two_ranks_of_batch_2_equal_one_process_of_batch_4(method, tmp_path):
                for k, v in first.items()), "training changed nothing"
 
 
+@pytest.mark.parametrize("case", [dict(method="lora", activation_checkpointing=True),
+                                  dict(method="lora", quantize="bnb.nf4")], ids=["checkpointing", "qlora"])
+def test_two_ranks_equal_one_process_with_activation_checkpointing_and_a_4_bit_base(case, tmp_path):
+    """QLoRA: bitsandbytes' Params4bit keeps its packed bytes and quant_state whole on every rank (FSDP ignores
+    it: frozen, no gradient to reduce); the LoRA tensors, norms, embedding and head are sharded."""
+    in_process(out_dir=tmp_path / "one", mbs=4, gbs=8, **case)
+    on_ranks(2, out_dir=tmp_path / "two", mbs=2, gbs=8, **case)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
 def copy_checkpoint(src_run, step, dst_run):
     Path(dst_run).mkdir()
     shutil.copytree(Path(src_run) / f"step-{step:06d}", Path(dst_run) / f"step-{step:06d}")
@@ -164,6 +196,16 @@ def test_a_checkpoint_of_two_ranks_resumes_on_two_ranks_and_on_one(tmp_path):
     c = weights(tmp_path / "one" / "final")
     for k in a:
         torch.testing.assert_close(c[k], a[k], rtol=RTOL, atol=ATOL, msg=k)
+
+
+def test_same_world_size_resume_is_bit_identical_with_dropout(tmp_path):
+    """Each rank draws its own dropout masks (seed + rank); a sharded checkpoint gives every rank its streams back."""
+    on_ranks(2, method="lora", out_dir=tmp_path / "straight", mbs=2, gbs=4, save_interval=2, dropout=0.1)
+    copy_checkpoint(tmp_path / "straight", 2, tmp_path / "resumed")
+    on_ranks(2, method="lora", out_dir=tmp_path / "resumed", mbs=2, gbs=4, resume="auto", dropout=0.1)
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")[2:]
+    a, b = weights(tmp_path / "straight" / "final"), weights(tmp_path / "resumed" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path):
@@ -262,3 +304,14 @@ def test_devices_2_trains_and_a_killed_rank_ends_the_job_with_the_last_checkpoin
                       eval=EvalArgs(max_batches=1, sample_new_tokens=0, exact_match=False),
                       optimizer=OptimizerArgs(), method_args=LoRAArgs(r=4), resume="auto", threads=1)
     assert report["steps"] == step + 2
+
+
+def test_settings_one_machine_cannot_honour_are_refused_before_loading():
+    with pytest.raises(ValueError, match="--fsdp.cpu_offload .* needs an accelerator"):
+        check_fsdp_args(Parallel(rank=0, world_size=2), FSDPArgs(cpu_offload=True))
+    with pytest.raises(ValueError, match="runs in one process only"):
+        check_parallel_method(Parallel(rank=0, world_size=2), get_method("adalora"))
+    with pytest.raises(ValueError, match="--fsdp.timeout must be > 0"):
+        FSDPArgs(timeout=0)
+    with pytest.raises(ValueError, match="must be a multiple of --train.micro_batch_size 2 x 2 processes"):
+        accumulation_steps(TrainArgs(micro_batch_size=2, global_batch_size=6), Parallel(rank=0, world_size=2))

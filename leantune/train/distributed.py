@@ -230,6 +230,13 @@ def quantized_params(model: torch.nn.Module) -> set[torch.nn.Parameter]:
     return found
 
 
+def check_fsdp_args(parallel: Parallel, args: FSDPArgs) -> None:
+    """Settings this machine cannot honour, refused before the model loads."""
+    if parallel.enabled and args.cpu_offload and parallel.device.type != "cuda":
+        raise ValueError("--fsdp.cpu_offload keeps GPU shards in CPU memory; this run is on the CPU already (FSDP2's "
+                         "offload needs an accelerator): leave it out")
+
+
 def shard_model(model: torch.nn.Module, parallel: Parallel, precision: str, args: FSDPArgs) -> list[torch.nn.Module]:
     """fully_shard every transformer block (T5: every encoder and decoder block), then the root (embedding, final
     norm, head and model-level tensors such as virtual tokens). Returns the FSDP modules, root last.
@@ -241,6 +248,7 @@ def shard_model(model: torch.nn.Module, parallel: Parallel, precision: str, args
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+    check_fsdp_args(parallel, args)
     mesh = init_device_mesh(parallel.device.type, (parallel.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
     offload = CPUOffloadPolicy() if args.cpu_offload else OffloadPolicy()
@@ -325,7 +333,9 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
 
     msd, osd = get_state_dict(model, optimizer, options=_state_options())
     sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=str(Path(path) / DCP_DIR))
+    with warnings.catch_warnings():  # one process: DCP says it reads every shard itself, which is the point
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(sd, checkpoint_id=str(Path(path) / DCP_DIR))
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                    options=_state_options(strict=False))
 

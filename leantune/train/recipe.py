@@ -23,7 +23,15 @@ from leantune.quantize import check_mode
 from leantune.runtime import compute_dtype, default_device, resolve_precision, weight_dtype
 from leantune.tokenizer import Tokenizer
 from leantune.train.args import EvalArgs, TrainArgs
-from leantune.train.distributed import FSDPArgs, Parallel, init_from_env, launched, quiet_unless_main, shutdown
+from leantune.train.distributed import (
+    FSDPArgs,
+    Parallel,
+    check_fsdp_args,
+    init_from_env,
+    launched,
+    quiet_unless_main,
+    shutdown,
+)
 from leantune.train.loop import check_parallel_method, fit
 from leantune.train.optim import OptimizerArgs
 from leantune.train.run_dir import prepare_run_dir
@@ -99,6 +107,7 @@ def _finetune(method: str, checkpoint_dir: Path, out_dir: Path | None, data: Dat
     train, eval, optimizer = train or TrainArgs(), eval or EvalArgs(), optimizer or OptimizerArgs()
     run = resolve(method, method_args, quantize, optimizer, out_dir)
     check_parallel_method(parallel, run.method)
+    check_fsdp_args(parallel, fsdp)
     # first: a bad or taken --out_dir fails before any loading (rank 0 checks and locks it; its error stops all)
     parallel.on_main(lambda: prepare_run_dir(run.out_dir, resume, overwrite))
     if threads:
