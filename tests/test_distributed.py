@@ -84,7 +84,7 @@ def train(method, out_dir, parallel=None, mbs=4, gbs=8, steps=4, save_interval=N
                   TrainArgs(micro_batch_size=mbs, global_batch_size=gbs, max_steps=steps, warmup_steps=1,
                             save_interval=save_interval, activation_checkpointing=activation_checkpointing),
                   EvalArgs(sample_new_tokens=0, max_batches=2), OptimizerArgs(lr=1e-2), resume=resume,
-                  parallel=parallel)
+                  parallel=parallel, method=get_method(method))
     if quantize and parallel:
         after = dict(model.named_parameters())
         for n, (p, data) in packed.items():
@@ -236,8 +236,9 @@ def test_a_rank_with_no_rows_still_joins_the_step():
 
 
 # ---- the command line: `leantune finetune ... --devices 2` through torchrun ------------------------------------------
-def cli_args(ckpt, data, out_dir, max_steps):
-    return ["finetune", "lora", "--devices", "2", "--checkpoint_dir", str(ckpt), "--data", "JSON",
+def cli_args(ckpt, data, out_dir, max_steps, devices=2, num_nodes=1):
+    return ["finetune", "lora", "--devices", str(devices), "--num_nodes", str(num_nodes), "--checkpoint_dir", str(ckpt),
+            "--data", "JSON",
             "--data.json_path", str(data), "--out_dir", str(out_dir), "--train.micro_batch_size", "1",
             "--train.global_batch_size", "2", "--train.max_steps", str(max_steps), "--train.save_interval", "2",
             "--train.max_seq_length", "64", "--train.warmup_steps", "1", "--eval.exact_match", "false",
@@ -263,16 +264,31 @@ def workers_of(pid: int) -> dict[int, int]:
 
 def test_devices_2_trains_and_a_killed_rank_ends_the_job_with_the_last_checkpoint_intact(
         tiny_checkpoint, json_data, tmp_path):
-    """The real launcher. A short run prints one summary (rank 0 only) and writes the consolidated adapter; a long
-    one whose rank 1 is SIGKILLed after its second checkpoint exits 2 with one error line naming the rank and the
-    signal, within a bounded time, and its last complete checkpoint resumes in one process."""
+    """The real launcher. A short run prints one summary (rank 0 only) and writes the consolidated adapter; the same
+    run as two "nodes" of one process each (--num_nodes 2, c10d rendezvous at MASTER_ADDR:MASTER_PORT, here both on
+    loopback) gives the same bytes; a long run whose rank 1 is SIGKILLed after its second checkpoint exits 2 with one
+    error line naming the rank and the signal, within a bounded time, and its last complete checkpoint resumes in one
+    process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run([sys.executable, "-m", "leantune.cli", *cli_args(tiny_checkpoint, json_data,
                                                                             tmp_path / "short", 2)],
                           capture_output=True, text=True, env=env, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("trainable parameters") == 1, done.stdout
-    assert (tmp_path / "short" / "final" / "adapter.safetensors").is_file()
+    single_node = weights(tmp_path / "short" / "final")
+    assert list(single_node) == ["adapter.safetensors:" + k for k in sorted(load_file(
+        tmp_path / "short" / "final" / "adapter.safetensors"))] and single_node
+
+    node_env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "LEANTUNE_RDZV_ID": "test"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "leantune.cli", *cli_args(tiny_checkpoint, json_data,
+                                                                               tmp_path / "nodes", 2, 1, 2)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=node_env)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=180) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], [e[-2000:] for _, e in outs]
+    assert sum(o.count("trainable parameters") for o, _ in outs) == 1
+    two_nodes = weights(tmp_path / "nodes" / "final")
+    assert two_nodes.keys() == single_node.keys() and all(torch.equal(two_nodes[k], single_node[k]) for k in two_nodes)
 
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "leantune.cli", *cli_args(tiny_checkpoint, json_data, out, 10**6)],

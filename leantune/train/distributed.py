@@ -283,16 +283,18 @@ def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def consolidated(model: torch.nn.Module, parallel: Parallel) -> Iterator[bool]:
+def consolidated(model: torch.nn.Module, parallel: Parallel, frozen: bool = True) -> Iterator[bool]:
     """The whole model on rank 0 for the block, so the method's own save writes the consolidated folder from the model
     as in one process: the full state dict is gathered tensor by tensor into rank 0's CPU memory (collective), and
-    rank 0's `model.state_dict()` / `named_parameters()` serve it. Yields whether this rank should write."""
+    rank 0's `model.state_dict()` / `named_parameters()` serve it. `frozen=False` gathers only the trained tensors
+    (an adapter's save needs no base). Yields whether this rank should write."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not parallel.enabled:
         yield True
         return
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                              ignore_frozen_params=not frozen))
     if not parallel.is_main:
         yield False
         return

@@ -141,7 +141,7 @@ def fit(
     def save(path: Path, consolidate: bool = False) -> None:
         if parallel.enabled:
             save_sharded_checkpoint(path, parallel, model, save_fn if consolidate else None, state, optimizer,
-                                    scaler, config)
+                                    scaler, config, frozen=method is None or method.saves_full_model)
         else:
             save_checkpoint(path, save_fn, state, optimizer, scaler, config, method_state(method, model))
     while stop_reason is None:
@@ -308,16 +308,17 @@ def save_checkpoint(path: Path, save_fn: Callable[[Path], None], state: TrainSta
 
 def save_sharded_checkpoint(path: Path, parallel: Parallel, model: torch.nn.Module,
                             save_fn: Callable[[Path], None] | None, state: TrainState, optimizer, scaler,
-                            config: dict[str, Any]) -> None:
+                            config: dict[str, Any], frozen: bool = True) -> None:
     """A checkpoint of several ranks, atomically: every rank's shards of the trainable tensors and optimizer state
     (dcp/), and from rank 0 the run configuration and training state with every rank's RNG streams; with
-    `save_fn` also the method's consolidated folder (adapter or HF model), as one process writes it."""
+    `save_fn` also the method's consolidated folder (adapter or HF model), as one process writes it; `frozen`: whether
+    that needs the frozen tensors too (a full model does, an adapter does not)."""
     state.capture_rng()
     streams = parallel.gather(rank_streams(state))
     with shared_atomic_dir(path, parallel) as tmp:
         save_sharded(tmp, model, optimizer)
         if save_fn is not None:
-            with consolidated(model, parallel) as writer:
+            with consolidated(model, parallel, frozen) as writer:
                 if writer:
                     save_fn(tmp)
         if parallel.is_main:
