@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import TinyData, V
+from method_cases import EVERY_METHOD, tiny_args
 from safetensors.torch import load_file
 
 from leantune.config import Config
@@ -32,6 +33,7 @@ from leantune.methods import apply_method, get_method, load_trainable, save_chec
 from leantune.model import GPT
 from leantune.peft.adapter_v2 import AdapterV2Args
 from leantune.peft.lora import LoRAArgs
+from leantune.peft.lora_layers import DoRAArgs
 from leantune.quantize import quantize_model
 from leantune.train.distributed import (
     DCP_DIR,
@@ -47,14 +49,15 @@ from leantune.train.optim import OptimizerArgs
 from leantune.train.recipe import finetune
 from leantune.train.state import STATE_FILE, find_latest_checkpoint
 
-METHOD_ARGS = {"lora": LoRAArgs(r=4, dropout=0.0, targets="all"), "adapter_v2": AdapterV2Args(start_layer=1),
-               "full": None}
+# no dropout (each rank draws its own masks, one process draws others): the runs differ only by float rounding
+METHOD_ARGS = {**{m: tiny_args(m) for m in EVERY_METHOD}, "lora": LoRAArgs(r=4, dropout=0.0, targets="all"),
+               "dora": DoRAArgs(r=4, dropout=0.0), "adapter_v2": AdapterV2Args(start_layer=1)}
 RTOL, ATOL = 1e-5, 2e-5
 
 
 def build(method, quantize=None, dropout=0.0):
     torch.manual_seed(0)
-    model = GPT(Config(vocab_size=V, block_size=32, n_layer=2, n_embd=64 if quantize else 32, n_head=4,
+    model = GPT(Config(vocab_size=V, block_size=64, n_layer=2, n_embd=64 if quantize else 32, n_head=4,
                        n_query_groups=2))
     if quantize:
         quantize_model(model, quantize, torch.float32)
@@ -168,6 +171,32 @@ def test_two_ranks_equal_one_process_with_activation_checkpointing_and_a_4_bit_b
     in_process(out_dir=tmp_path / "one", mbs=4, gbs=8, **case)
     on_ranks(2, out_dir=tmp_path / "two", mbs=2, gbs=8, **case)
     assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def max_difference(a, b) -> tuple[float, float]:
+    """(largest relative loss difference, largest weight difference) between two runs."""
+    la, lb = losses(a), losses(b)
+    wa, wb = weights(Path(a) / "final"), weights(Path(b) / "final")
+    assert len(la) == len(lb) and wa.keys() == wb.keys() and wa
+    return max(abs(x - y) / abs(x) for x, y in zip(la, lb)), max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+OTHER_METHODS = [m for m in EVERY_METHOD if m not in ("lora", "adapter_v2", "full", "adalora")]
+
+
+@pytest.mark.parametrize("method", OTHER_METHODS)
+def test_every_other_method_on_two_ranks_is_as_close_as_float_rounding_allows(method, tmp_path):
+    """The rest of the table (AdaLoRA is refused, see below) for 2 steps. Yardstick: one process with micro batch 2
+    instead of 4 (the same update, other summation order); 2 ranks must stay within 3x its difference (+1e-6). For
+    prefix tuning that floor is ~5e-4 on the weights: Adam divides by sqrt(v), so rounding in gradients near 0
+    becomes a visible step; the loss stays within 1e-5."""
+    in_process(method=method, out_dir=tmp_path / "one", mbs=4, gbs=8, steps=2)
+    in_process(method=method, out_dir=tmp_path / "floor", mbs=2, gbs=8, steps=2)
+    on_ranks(2, method=method, out_dir=tmp_path / "two", mbs=2, gbs=8, steps=2)
+    (floor_loss, floor_w), (loss, w) = max_difference(tmp_path / "one", tmp_path / "floor"), max_difference(
+        tmp_path / "one", tmp_path / "two")
+    assert loss <= 3 * floor_loss + 1e-6 and loss < RTOL, (loss, floor_loss)
+    assert w <= 3 * floor_w + 1e-6, (w, floor_w)
 
 
 def copy_checkpoint(src_run, step, dst_run):
