@@ -218,14 +218,40 @@ def _get(result: dict[str, Any], key: str) -> float | None:
     return value.get(tail) if tail and isinstance(value, dict) else (None if tail else value)
 
 
+def task_rows(columns: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """(label, key) rows of the lm-eval task metrics in any column ("tasks": {task: {metric: value}}), tasks in the
+    order lm-eval reports them (groups before their subtasks), then examples/s."""
+    tasks: dict[str, dict[str, Any]] = {}
+    for result in columns.values():
+        for task, metrics in (result.get("tasks") or {}).items():
+            tasks.setdefault(task, {}).update(metrics)
+    rows = []
+    for task, metrics in tasks.items():
+        names = [m for m, v in metrics.items() if m != "alias" and "_stderr" not in m and isinstance(v, int | float)]
+        names.sort(key=lambda m: (m not in ("acc", "acc_norm"), m != "acc"))
+        rows += [(f"{metrics.get('alias') or task} {m}", ("tasks", task, m)) for m in names]
+    if any("examples_per_s" in r for r in columns.values()):
+        rows.append(("lm-eval examples/s", "examples_per_s"))
+    return rows
+
+
+def _value(result: dict[str, Any], key: str | tuple[str, ...]) -> float | None:
+    if isinstance(key, tuple):
+        value: Any = result
+        for k in key:
+            value = value.get(k) if isinstance(value, dict) else None
+        return value
+    return _get(result, key)
+
+
 def report_table(columns: dict[str, dict[str, Any]]) -> str:
-    """A markdown table of the metrics present in any column (e.g. {"base": {...}, "adapter": {...}}); with two
-    columns a third gives the change from the first to the second."""
+    """A markdown table of the metrics present in any column (e.g. {"base": {...}, "adapter": {...}}), lm-eval task
+    metrics included; with two columns a third gives the change from the first to the second."""
     names = list(columns)
     head = ["metric", *names] + (["change"] if len(names) == 2 else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, key in ROWS:
-        values = [_get(columns[n], key) for n in names]
+    for label, key in [*ROWS, *task_rows(columns)]:
+        values = [_value(columns[n], key) for n in names]
         if all(v is None for v in values):
             continue
         cells = ["" if v is None else f"{v:.4f}" for v in values]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -165,8 +165,9 @@ def stream_text(model, tokenizer, ids, max_new_tokens, sampling, stop, generator
 
 @torch.inference_mode()
 def greedy_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int],
-                 pad_id: int = 0) -> list[list[int]]:
-    """Greedy continuations of several prompts at once; each stops at its first stop id (not included)."""
+                 pad_id: int = 0, stop_fn: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+    """Greedy continuations of several prompts at once; each stops at its first stop id (not included), or once
+    `stop_fn(row, new_tokens)` says so after a token is added (e.g. a stop string appeared in the decoded text)."""
     device = model.lm_head.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
     max_len = min(L + max_new_tokens, model.max_tokens)
@@ -189,6 +190,8 @@ def greedy_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
             done |= torch.isin(nxt, stop)
             for i in (~done).nonzero().flatten().tolist():
                 out[i].append(int(nxt[i]))
+                if stop_fn is not None and stop_fn(i, out[i]):
+                    done[i] = True
             if bool(done.all()):
                 break
             attn[:, L + t] = 1

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv-runtime}
 LT="$VENV/bin/leantune"
-for pkg in transformers peft tensorboard pytest; do
+for pkg in transformers peft tensorboard pytest lm_eval; do
   if "$VENV/bin/python" -c "import $pkg" 2>/dev/null; then echo "smoke: $pkg is installed in $VENV; not a runtime-only venv" >&2; exit 1; fi
 done
 OUT=$(mktemp -d)
@@ -23,6 +23,10 @@ run generate --adapter "$OUT/peft" --prompt "Uppercase: cat" --max_new_tokens 8
 run export --adapter "$A" --format hf --out_dir "$OUT/hf"
 run export --adapter "$A" --format gguf --out_dir "$OUT/gguf"
 run evaluate --adapter "$A" --max_batches 1 --exact_match false
+# lm-eval tasks need the optional extra: without it, one clear line naming it (exit 2), before any model loads
+echo "+ leantune evaluate --tasks mmlu_exemplars (without the lm-eval extra)"
+if msg=$("$LT" evaluate --tasks mmlu_exemplars 2>&1); then echo "smoke: --tasks ran without lm-eval" >&2; exit 1; fi
+case "$msg" in *"pip install 'leantune[eval]'"*) echo "$msg" ;; *) echo "smoke: unclear error without lm-eval: $msg" >&2; exit 1 ;; esac
 for f in "$OUT/merged/config.json" "$OUT/peft/adapter_config.json" "$OUT/hf/model.safetensors" "$OUT/gguf/model-f16.gguf"; do
   [ -s "$f" ] || { echo "smoke: missing $f" >&2; exit 1; }
 done

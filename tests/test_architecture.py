@@ -28,7 +28,8 @@ LAYERS = [
     ("config", "presets", "families", "runtime", "ops", "t5_presets"),
     ("model", "quantize", "compile", "t5", "kinds"),
     ("checkpoint", "data", "tokenizer", "peft", "generate", "download", "t5_generate"),
-    ("methods", "train", "evaluate", "inference", "merge", "export", "estimate", "rouge"),
+    ("methods", "train", "evaluate", "inference", "merge", "export", "estimate", "rouge", "harness",
+     "harness_tasks"),
     ("commands", "cli"),
 ]
 FORBIDDEN = {  # importer prefix -> imported prefixes it must never reach directly

@@ -9,20 +9,16 @@ import types
 import warnings
 
 import pytest
-import torch
+from adapter_support import random_lora
 from data_support import StubTokenizer
 from rouge_score import rouge_scorer
 
 import leantune.evaluate as ev
-from leantune.checkpoint.hf import load_hf_checkpoint
 from leantune.cli import main
 from leantune.commands.evaluate import evaluate
 from leantune.data import Demo, Summarization
 from leantune.data.base import split_examples
 from leantune.data.prompts import Alpaca
-from leantune.methods import apply_method, build_manifest, save_checkpoint
-from leantune.peft.lora import LoRAArgs
-from leantune.tokenizer import Tokenizer
 
 TYPES = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
 NAMES = ["Amanda", "Jerry", "Olivia", "Oliver", "Steve", "Gulab", "Hannah", "Betty", "Sam", "Noah"]
@@ -53,20 +49,7 @@ def direct_rouge(predictions: list[str], references: list[str]) -> dict[str, flo
 @pytest.fixture(scope="module")
 def perturbed_adapter(tiny_checkpoint, tmp_path_factory):
     """A LoRA adapter with random (non-zero) weights, saved with the alpaca prompt style in its manifest."""
-    out = tmp_path_factory.mktemp("adapter") / "lora"
-    model = load_hf_checkpoint(tiny_checkpoint, dtype=torch.float32)
-    args = LoRAArgs(r=2, targets="all")
-    trainable = apply_method(model, "lora", args)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in trainable:
-                p.add_(torch.randn_like(p) * 0.5)
-    manifest = build_manifest("lora", args, tiny_checkpoint, Tokenizer(tiny_checkpoint), "alpaca", "32-true",
-                              model=model)
-    out.mkdir(parents=True)
-    save_checkpoint(out, model, "lora", trainable, manifest, tiny_checkpoint)
-    return out
+    return random_lora(tiny_checkpoint, tmp_path_factory.mktemp("adapter") / "lora")
 
 
 def test_base_and_adapter_side_by_side_equal_rouge_score_on_the_written_predictions(tiny_checkpoint,

@@ -1,20 +1,24 @@
-"""`leantune evaluate`: validation loss/perplexity, held-out exact match and ROUGE for a base, an adapter or a quantized
-base, or a base and its adapter side by side."""
+"""`leantune evaluate`: validation loss/perplexity, held-out exact match, ROUGE and lm-eval-harness tasks for a base,
+an adapter or a quantized base, or several models and adapters side by side (`--compare`)."""
 
 from __future__ import annotations
 
 import gc
 import json
+import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import leantune
 from leantune.checkpoint.io import atomic_write_bytes, write_json
 from leantune.commands.flags import check_at_least, check_folder, check_model_flags, check_threads
 from leantune.data import DataModule, Demo
 from leantune.download import DEFAULT_CHECKPOINT
 from leantune.evaluate import report_table, rouge_eval, task_eval, validation_loss
+from leantune.harness import harness_lm, require_lm_eval
+from leantune.harness_tasks import parse_tasks, resolve_tasks, run_tasks
 from leantune.inference import load_for_inference
 from leantune.kinds import decoder_start_id
 from leantune.methods import MANIFEST_FILE, read_manifest
@@ -54,14 +58,23 @@ def evaluate(
     exact_match: bool = EvalArgs.exact_match,
     out_file: Path | None = None,
     threads: int | None = None,
+    tasks: str | None = None,
+    num_fewshot: int | None = None,
+    compare: list[str] | None = None,
 ) -> dict:
-    """Evaluate a model, with an adapter or a quantized base: validation loss, perplexity, exact match and ROUGE.
+    """Evaluate a model, with an adapter or a quantized base: validation loss, perplexity, exact match, ROUGE and
+    lm-evaluation-harness tasks, for one model or several side by side.
 
     Validation loss and perplexity come from the data module's validation split. Exact match and ROUGE score greedy
     completions of held-out prompts: the module's test set when it has one (Demo), else its validation records
     (ROUGE: rouge1/2/L/Lsum, stemmed, mean F-measure with a seeded bootstrap 95% interval). The defaults match
     finetune's (same sequence length and batch size), except that evaluate scores the whole validation split where
     finetune stops at --eval.max_batches 20.
+
+    --tasks runs lm-eval-harness tasks in process (the optional extra: pip install 'leantune[eval]'): lm-eval task
+    names, task YAML files, or mmlu_exemplars, the offline multiple-choice benchmark built from the MMLU questions
+    the lm-eval package ships (per subject, per category and overall acc/acc_norm). --compare evaluates several
+    models and adapters in one run and prints them side by side (--compare [base,out/lora/final,out/dora/final]).
 
     Args:
         checkpoint_dir: Base model folder (default: the bundled default model, imported on first use).
@@ -76,14 +89,21 @@ def evaluate(
         precision: 32-true, bf16-true, 16-true (default: fastest safe one for the device).
         prompt_style: Prompt style (default: the adapter's, else the checkpoint's chat template or config).
         max_seq_length: Longest validation sample in tokens (as in training); ROUGE skips (and counts) longer prompts.
-        batch_size: Validation batch size.
+        batch_size: Validation batch size, and the rows per forward pass of lm-eval requests (--tasks).
         max_batches: Evaluate on at most this many validation batches (default: all).
         max_new_tokens: Generation budget per prompt (default: 32 for exact match, 128 for ROUGE).
-        limit: Score at most this many held-out prompts with exact match or ROUGE (default: all).
+        limit: Score at most this many held-out prompts with exact match or ROUGE, and this many documents per
+            lm-eval task (default: all).
         exact_match: Run the held-out exact-match evaluation when the data module has a test set (--metric unset).
         out_file: Write the results as JSON here, the table beside it (.md) and, with ROUGE, the predictions
             (.predictions.jsonl).
         threads: CPU threads for torch.
+        tasks: lm-eval tasks, comma-separated: task or group names (hellaswag, mmlu_exemplars,
+            mmlu_exemplars_stem, mmlu_exemplars_anatomy, ...) or task YAML files. With --tasks alone, only the
+            tasks run; add --metric for the other metrics too.
+        num_fewshot: Few-shot examples per lm-eval prompt (default: each task's own).
+        compare: Models to evaluate one after another and report side by side: `base` (the --checkpoint_dir alone),
+            an adapter folder (applied on --checkpoint_dir), or an HF model folder; `label=path` names a column.
     """
     metrics = parse_metrics(metric)
     for flag, value in (("max_seq_length", max_seq_length), ("batch_size", batch_size)):
@@ -93,41 +113,119 @@ def evaluate(
     check_threads(threads)
     check_model_flags(precision, quantize, inference=True)
     check_folder("adapter", adapter)
+    check_at_least("num_fewshot", num_fewshot, 0, allow_none=True)
     if compare_base and adapter is None:
         raise ValueError("--compare_base true compares a base with its adapter: give --adapter DIR too")
+    runs = plan_runs(Path(checkpoint_dir), adapter, compare_base, compare)
+    task_names = parse_tasks(tasks) if tasks is not None else []
+    if task_names:
+        require_lm_eval()  # one line naming the extra, before any model loads
     data = data if data is not None else Demo()
     check_data_supports(data, metrics)
     if threads:
         torch.set_num_threads(threads)
-    if prompt_style is None and adapter is not None and (Path(adapter) / MANIFEST_FILE).is_file():
-        prompt_style = read_manifest(Path(adapter)).get("prompt_style")  # a damaged manifest: an error naming it
+    first_adapter = next((a for _, a in runs.values() if a is not None), None)
+    if prompt_style is None and first_adapter is not None and (Path(first_adapter) / MANIFEST_FILE).is_file():
+        prompt_style = read_manifest(Path(first_adapter)).get("prompt_style")  # a damaged one: an error naming it
+    task_specs = resolve_tasks(task_names) if task_names else None  # unknown names fail before a model loads
+    classic = metrics is not None or not task_names  # loss / exact match / ROUGE too, not only lm-eval tasks
 
-    runs: dict[str, Path | None] = {"base": None, "adapter": adapter} if compare_base else {"model": adapter}
     results: dict[str, dict[str, Any]] = {}
     predictions: list[dict[str, Any]] = []
-    evaluators = None
-    for label, adapter_dir in runs.items():
-        model, tokenizer, precision, device = load_for_inference(checkpoint_dir, precision, adapter_dir, quantize)
-        if evaluators is None:  # data and prompts once: both models see the same samples
-            evaluators = prepare(data, tokenizer, metrics, exact_match, prompt_style, max_seq_length, batch_size,
-                                 max_new_tokens, limit, decoder_start_id(model))
-        prefix = f"[{label}] " if compare_base else ""
-        results[label], preds = measure(model, evaluators, data, device, max_batches, prefix)
+    evaluators, prepared_for = None, None
+    side_by_side = len(runs) > 1
+    for label, (ckpt, adapter_dir) in runs.items():
+        model, tokenizer, precision, device = load_for_inference(ckpt, precision, adapter_dir, quantize)
+        prefix = f"[{label}] " if side_by_side else ""
+        results[label], preds = {}, []
+        if classic:
+            if evaluators is None or prepared_for != ckpt:  # data and prompts once per base: same samples for all
+                evaluators = prepare(data, tokenizer, metrics, exact_match, prompt_style, max_seq_length,
+                                     batch_size, max_new_tokens, limit, decoder_start_id(model))
+                prepared_for = ckpt
+            results[label], preds = measure(model, evaluators, data, device, max_batches, prefix)
+        if task_specs is not None:
+            specs, manager, local = task_specs
+            lm = harness_lm(model, tokenizer, batch_size=batch_size, name=str(ckpt))
+            run = run_tasks(lm, specs, manager, local, num_fewshot=num_fewshot, limit=limit)
+            print(f"{prefix}lm-eval: {run['examples']} examples in {run['model_seconds']:.1f} s "
+                  f"({run['examples_per_s']:.2f} examples/s)")
+            results[label].update(run)
+            del lm
+        results[label].update({"checkpoint": str(ckpt), "adapter": str(adapter_dir) if adapter_dir else None})
         predictions += [{"model": label, **p} for p in preds]
         del model
-        gc.collect()  # the base's weights go before the adapter's model loads
+        gc.collect()  # one model's weights go before the next one loads
 
     result: dict[str, Any] = {"checkpoint": str(checkpoint_dir), "adapter": str(adapter) if adapter else None,
-                              "quantize": quantize, "precision": precision, "data": type(data).__name__}
-    result.update(results["adapter" if compare_base else "model"])
-    if compare_base:
-        result["base"] = results["base"]
-    table = report_table(results if compare_base else {"model": results["model"]})
+                              "quantize": quantize, "precision": precision, "data": type(data).__name__ if classic
+                              else None, "task_list": task_names or None, "num_fewshot": num_fewshot, "limit": limit,
+                              "batch_size": batch_size, "versions": versions(bool(task_names))}
+    if compare:
+        result["runs"] = results
+    else:
+        result.update(results["adapter" if compare_base else "model"])
+        if compare_base:
+            result["base"] = results["base"]
+    table = report_table(results if side_by_side else {"model": results["model"]})
     if len(table.splitlines()) > 2:
         print(table, end="")
     if out_file is not None:
         write_reports(Path(out_file), result, table, predictions)
     return result
+
+
+def plan_runs(checkpoint_dir: Path, adapter: Path | None, compare_base: bool, compare: list[str] | None
+              ) -> dict[str, tuple[Path, Path | None]]:
+    """{column label: (base checkpoint, adapter or None)} of the models to evaluate, in order."""
+    if not compare:
+        if compare_base:
+            return {"base": (checkpoint_dir, None), "adapter": (checkpoint_dir, adapter)}
+        return {"model": (checkpoint_dir, adapter)}
+    if adapter is not None or compare_base:
+        raise ValueError("--compare lists every model to evaluate: put the adapter there (--compare [base,DIR]) "
+                         "instead of --adapter/--compare_base")
+    runs: dict[str, tuple[Path, Path | None]] = {}
+    for entry in compare:
+        label, sep, target = str(entry).partition("=")
+        if not sep:
+            label, target = "", label
+        target = target.strip()
+        if target == "base":
+            run: tuple[Path, Path | None] = (checkpoint_dir, None)
+        else:
+            path = Path(target)
+            check_folder("compare", path)
+            if (path / MANIFEST_FILE).is_file() or (path / "adapter_config.json").is_file():
+                run = (checkpoint_dir, path)
+            elif (path / "config.json").is_file():
+                run = (path, None)
+            else:
+                raise ValueError(f"--compare {target}: neither an adapter folder (leantune.json or "
+                                 "adapter_config.json) nor an HF model folder (config.json)")
+        label = label.strip() or default_label(target)
+        base, n = label, 2
+        while label in runs:
+            label, n = f"{base}-{n}", n + 1
+        runs[label] = run
+    return runs
+
+
+def default_label(target: str) -> str:
+    """A column name for a --compare entry: `base`, else the folder's name (its parent's for step-N/final)."""
+    if target == "base":
+        return "base"
+    path = Path(target).resolve()
+    generic = path.name == "final" or path.name.startswith("step-")
+    return path.parent.name if generic and path.parent.name else path.name
+
+
+def versions(with_lm_eval: bool) -> dict[str, str]:
+    """Versions behind the numbers: leantune, torch, Python and, with lm-eval tasks, lm-eval."""
+    out = {"leantune": leantune.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    if with_lm_eval:
+        out["lm_eval"] = getattr(require_lm_eval(), "__version__", "unknown")
+    return out
 
 
 def check_data_supports(data: DataModule, metrics: tuple[str, ...] | None) -> None:

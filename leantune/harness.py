@@ -1,0 +1,305 @@
+"""lm-evaluation-harness in process: an lm-eval `LM` over leantune's decoder (a base, any adapter, a quantized base),
+so `leantune evaluate --tasks ...` runs lm-eval's own task definitions without exporting a merged model.
+
+lm-eval is an optional extra (`pip install 'leantune[eval]'`): this module imports it only when an LM is built
+(`harness_lm`), so the runtime without the extra never loads it. The scoring itself is plain torch:
+
+- `score_continuations`: log P(continuation | context) and whether greedy decoding would produce it, for many
+  (context, continuation) token pairs at once. A request whose input is a prefix of another's (MMLU's four one-token
+  answers share one context) is read off the longer row's forward pass; the rows left run sorted by length in right-
+  padded batches (causal attention never sees the padding on the right, so no mask is needed), and only the scored
+  positions go through the LM head and the fp32 log-softmax, never the whole (B, T, vocab) logits.
+- `generate_until`: greedy decoding with the KV cache and left padding (`greedy_batch`), batched by prompt length,
+  stopping a row at an end-of-sequence id or the first stop string; sampled decoding runs one prompt at a time.
+Tokenization follows lm-eval's `hf` backend (the checkpoint's own BOS rule, context/continuation split of the whole
+text, the BOS token as the context of an empty one), so scores equal `lm_eval.models.huggingface.HFLM`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from leantune.evaluate import cut_at_stop
+from leantune.generate import Sampling, generate_tokens, greedy_batch
+from leantune.kinds import is_seq2seq
+
+INSTALL_HINT = "pip install 'leantune[eval]'"
+HEAD_CHUNK = 1024
+"""Scored positions projected through the LM head at a time (a rolling window scores every position)."""
+
+
+def require_lm_eval():
+    """The lm_eval package, or one clear ImportError naming the extra to install."""
+    try:
+        import lm_eval
+        import lm_eval.api.model  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"lm-eval tasks need the optional lm-eval package ({e}); install it with "
+                          f"{INSTALL_HINT}") from None
+    return lm_eval
+
+
+@torch.inference_mode()
+def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int,
+                        batch_size: int = 16, progress: bool = False) -> list[tuple[float, bool]]:
+    """(sum of log-probabilities of `continuation`, is it the greedy continuation) per (context, continuation).
+
+    As lm-eval's `hf` backend: the model reads (context + continuation)[-(max_length + 1):][:-1] (cut from the left
+    when too long) and the continuation's tokens are scored at its last positions.
+    """
+    device = model.lm_head.weight.device
+    inputs: list[tuple[int, ...]] = []
+    for ctx, cont in requests:
+        if not cont:
+            raise ValueError("a loglikelihood request has an empty continuation")
+        if len(cont) > max_length:
+            raise ValueError(f"a continuation of {len(cont)} tokens is longer than the model's {max_length}")
+        inputs.append(tuple((list(ctx) + list(cont))[-(max_length + 1):][:-1]))
+    # A row whose tokens start another row's needs no forward pass of its own: causal attention gives it the same
+    # hidden states at those positions. In sorted order a prefix sits right before a sequence it starts.
+    unique = sorted(set(inputs))
+    host = {seq: seq for seq in unique}
+    for a, b in zip(reversed(unique[:-1]), reversed(unique[1:])):
+        if b[:len(a)] == a:
+            host[a] = host[b]
+    rows = sorted({host[s] for s in unique}, key=lambda s: (-len(s), s))  # longest first: time estimates over
+    wanted: dict[tuple[int, ...], list[int]] = {}  # host row -> request indices it scores
+    for i, seq in enumerate(inputs):
+        wanted.setdefault(host[seq], []).append(i)
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    bar = tqdm(total=len(requests), desc="loglikelihood", unit="req", leave=False, disable=not progress,
+               dynamic_ncols=True)
+    for s in range(0, len(rows), batch_size):
+        batch = rows[s:s + batch_size]
+        L = len(batch[0])
+        ids = torch.zeros(len(batch), L, dtype=torch.long)
+        for r, seq in enumerate(batch):
+            ids[r, :len(seq)] = torch.tensor(seq)
+        hidden = model(ids.to(device), return_hidden=True)  # (B, L, C); right padding is never attended to
+        row_idx, pos_idx, targets, owners = [], [], [], []
+        for r, seq in enumerate(batch):
+            for i in wanted[seq]:
+                n, end = len(requests[i][1]), len(inputs[i])
+                row_idx += [r] * n
+                pos_idx += range(end - n, end)
+                targets += list(requests[i][1])
+                owners.append((i, n))
+        logp, greedy = _score_positions(model, hidden, row_idx, pos_idx, targets)
+        k = 0
+        for i, n in owners:
+            results[i] = (float(logp[k:k + n].sum()), bool(greedy[k:k + n].all()))
+            k += n
+        bar.update(len(owners))
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+def _score_positions(model, hidden: torch.Tensor, rows: list[int], positions: list[int], targets: list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (N,) of `targets` at hidden[rows, positions] and whether each is the argmax, through the
+    LM head a chunk at a time, log-softmax in fp32 over the tokenizer's vocabulary."""
+    vocab = model.config.vocab_size
+    rows_t, pos_t = torch.tensor(rows, device=hidden.device), torch.tensor(positions, device=hidden.device)
+    tgt = torch.tensor(targets, device=hidden.device)
+    logps, greedys = [], []
+    for c in range(0, len(rows), HEAD_CHUNK):
+        h = hidden[rows_t[c:c + HEAD_CHUNK], pos_t[c:c + HEAD_CHUNK]]  # (n, C)
+        logits = model.lm_head(h)[:, :vocab].float().log_softmax(-1)  # (n, V)
+        t = tgt[c:c + HEAD_CHUNK]
+        logps.append(logits.gather(-1, t[:, None]).squeeze(-1))
+        greedys.append(logits.argmax(-1) == t)
+    return torch.cat(logps).cpu(), torch.cat(greedys).cpu()
+
+
+def generate_until(model, tokenizer, prompts: Sequence[Sequence[int]], until: Sequence[str], max_new_tokens: int,
+                   sampling: Sampling | None = None, batch_size: int = 16, seed: int = 1234,
+                   progress: bool = False) -> list[str]:
+    """Continuations of tokenized prompts, each cut before the first of `until` and stopped at an EOS id.
+
+    Greedy (sampling None or temperature 0) runs in batches of prompts of similar length with left padding and the
+    KV cache; a row stops as soon as its text holds a stop string. Sampling runs one prompt at a time, seeded.
+    """
+    stops = [s for s in until if s]
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    texts = [""] * len(prompts)
+    bar = tqdm(total=len(prompts), desc="generate_until", unit="req", leave=False, disable=not progress,
+               dynamic_ncols=True)
+    if sampling is None or sampling.temperature <= 0:
+        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+        for s in range(0, len(order), batch_size):
+            rows = order[s:s + batch_size]
+            outs = greedy_batch(model, [prompts[i] for i in rows], max_new_tokens, tokenizer.eos_ids, pad_id=pad,
+                                stop_fn=_stop_on_text(tokenizer, stops))
+            for i, out in zip(rows, outs):
+                texts[i] = cut_at_stop(tokenizer.decode(out, skip_special_tokens=True), stops)
+            bar.update(len(rows))
+    else:
+        generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+        stop_fn = _stop_on_text(tokenizer, stops)
+        for i, prompt in enumerate(prompts):
+            out: list[int] = []
+            for token in generate_tokens(model, torch.tensor(prompt), max_new_tokens, sampling,
+                                         stop_ids=tokenizer.eos_ids, generator=generator):
+                if token in tokenizer.eos_ids:
+                    break
+                out.append(token)
+                if stop_fn(0, out):
+                    break
+            texts[i] = cut_at_stop(tokenizer.decode(out, skip_special_tokens=True), stops)
+            bar.update(1)
+    bar.close()
+    return texts
+
+
+def _stop_on_text(tokenizer, stops: Sequence[str]) -> Callable[[int, list[int]], bool]:
+    """stop_fn for `greedy_batch`: the row's text so far holds a stop string (only its tail is decoded again)."""
+    if not stops:
+        return lambda row, tokens: False
+    tail = max(8, max(len(s) for s in stops))  # tokens: each holds at least one character
+
+    def stop(row: int, tokens: list[int]) -> bool:
+        text = tokenizer.decode(tokens[-tail:], skip_special_tokens=True)
+        return any(s in text for s in stops)
+
+    return stop
+
+
+def sampling_from_kwargs(kwargs: dict[str, Any]) -> Sampling | None:
+    """lm-eval's generation kwargs as a `Sampling` (None: greedy, which `do_sample: false` means whatever the
+    temperature says, as in transformers)."""
+    temperature = float(kwargs.get("temperature", 0.0) or 0.0)
+    if not kwargs.get("do_sample", temperature > 0) or temperature <= 0:
+        return None
+    return Sampling(temperature=temperature, top_k=kwargs.get("top_k"), top_p=float(kwargs.get("top_p", 1.0) or 1.0))
+
+
+def harness_lm(model, tokenizer, batch_size: int = 16, max_length: int | None = None, name: str = "leantune"):
+    """An `lm_eval.api.model.LM` over a loaded leantune decoder (see `load_for_inference`), for
+    `lm_eval.simple_evaluate(model=...)`: loglikelihood, loglikelihood_rolling and generate_until."""
+    if is_seq2seq(model):
+        raise NotImplementedError("lm-eval tasks run on decoder models; an encoder-decoder (T5) is not supported yet")
+    require_lm_eval()
+    return _lm_class()(model, tokenizer, batch_size=batch_size, max_length=max_length, name=name)
+
+
+_CLASS = None
+
+
+def _lm_class():
+    """The LM class, built once on first use: it subclasses lm-eval's `TemplateLM`, which only exists with the extra."""
+    global _CLASS
+    if _CLASS is not None:
+        return _CLASS
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.models.utils import Collator  # noqa: F401  (a sanity check that the installed lm-eval is 0.4.x)
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    class LeantuneLM(TemplateLM):
+        """lm-eval's model interface over a leantune decoder; requests are batched as described in the module."""
+
+        backend = "causal"
+
+        def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None,
+                     name: str = "leantune") -> None:
+            super().__init__()
+            self.model, self.tok, self.batch_size_, self.name = model.eval(), tokenizer, batch_size, name
+            self._max_length = max_length or model.max_tokens
+            self.progress = True
+            self.seconds = 0.0  # time spent answering requests (what examples/s is computed from)
+
+        @property
+        def eot_token_id(self) -> int:
+            return self.tok.eos_id
+
+        @property
+        def prefix_token_id(self) -> int:
+            return self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
+
+        @property
+        def max_length(self) -> int:
+            return self._max_length
+
+        @property
+        def tokenizer_name(self) -> str:
+            return self.name
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None,
+                       **kwargs) -> list[int]:
+            ids = self.tok.encode(string, bos=False if add_special_tokens is False else None, eos=False)
+            return ids[-left_truncate_len:] if left_truncate_len else ids
+
+        def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+            return self.tok.decode([tokens] if isinstance(tokens, int) else tokens,
+                                   skip_special_tokens=skip_special_tokens)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+            t0 = time.perf_counter()
+            pairs = [(ctx, cont) for _, ctx, cont in requests]
+            out = score_continuations(self.model, pairs, self.max_length, self.batch_size_,
+                                      progress=self.progress and not disable_tqdm)
+            for (key, _, _), answer in zip(requests, out):
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, answer)
+            self.seconds += time.perf_counter() - t0
+            return out
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+            t0 = time.perf_counter()
+            windows, owner = [], []
+            for i, (text,) in enumerate(req.args for req in requests):
+                for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                        token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                        max_seq_len=self.max_length, context_len=1)):
+                    windows.append((ctx, cont))
+                    owner.append(i)
+            scores = score_continuations(self.model, windows, self.max_length, self.batch_size_,
+                                         progress=self.progress and not disable_tqdm)
+            totals = [0.0] * len(requests)
+            for i, (logp, _) in zip(owner, scores):
+                totals[i] += logp
+            for req, total in zip(requests, totals):
+                self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+            self.seconds += time.perf_counter() - t0
+            return totals
+
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            t0 = time.perf_counter()
+            groups: dict[str, list[int]] = {}
+            for i, req in enumerate(requests):
+                groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+            out = [""] * len(requests)
+            eos = self.tok.decode([self.eot_token_id]) if self.eot_token_id is not None else None
+            for members in groups.values():
+                kwargs = dict(requests[members[0]].args[1])
+                until = kwargs.get("until") or []
+                until = [until] if isinstance(until, str) else list(until)
+                if eos and eos not in until:
+                    until.append(eos)
+                max_new = int(kwargs.get("max_gen_toks", 256))
+                if max_new >= self.max_length:
+                    raise ValueError(f"max_gen_toks {max_new} leaves no room for a prompt in the model's "
+                                     f"{self.max_length} tokens")
+                prompts = [self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - max_new)
+                           for i in members]
+                texts = generate_until(self.model, self.tok, prompts, until, max_new, sampling_from_kwargs(kwargs),
+                                       self.batch_size_, progress=self.progress and not disable_tqdm)
+                for i, text in zip(members, texts):
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+            self.seconds += time.perf_counter() - t0
+            return out
+
+        def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+            return self.tok.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+
+        def chat_template(self, chat_template: bool | str = False) -> str | None:
+            return self.tok.chat_template if chat_template else None
+
+    _CLASS = LeantuneLM
+    return _CLASS

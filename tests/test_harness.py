@@ -1,0 +1,255 @@
+"""lm-eval in process (`leantune.harness`): leantune's LM gives the same loglikelihoods, rolling loglikelihoods and
+greedy generations as lm-eval's own `hf` backend over the same HF folder, on the offline MMLU-exemplar task built
+from the installed lm-eval package; `evaluate --tasks` with --adapter and --compare writes one JSON and a markdown
+table; a missing extra is one clear line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from adapter_support import random_lora
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+from leantune.checkpoint.hf import load_hf_checkpoint
+from leantune.cli import main
+from leantune.commands.evaluate import evaluate
+from leantune.harness import harness_lm, require_lm_eval, score_continuations
+from leantune.harness_tasks import (
+    CATEGORIES,
+    MMLU_EXEMPLARS,
+    build_mmlu_exemplars,
+    offline,
+    parse_exemplar,
+    read_exemplars,
+    resolve_tasks,
+    run_tasks,
+)
+from leantune.inference import load_for_inference
+
+SUBJECTS = ["anatomy", "astronomy", "college_physics", "high_school_geography"]
+
+
+def task_requests(names: list[str], limit: int | None = None) -> list[Instance]:
+    """lm-eval's own request instances for the tasks (their documents, prompts and choices)."""
+    specs, manager, local = resolve_tasks(names)
+    with offline(local):
+        loaded = manager.load(specs)
+    out: list[Instance] = []
+    for task in loaded["tasks"].values():
+        task.set_config(key="num_fewshot", value=0)
+        task.build_all_requests(limit=limit)
+        out += task.instances
+    return out
+
+
+@pytest.fixture(scope="module")
+def lms(tiny_checkpoint):
+    """leantune's LM and lm-eval's HFLM over the same tiny random Llama folder (the default model's tokenizer)."""
+    model, tok, _, _ = load_for_inference(tiny_checkpoint, "32-true")
+    ours = harness_lm(model, tok, batch_size=3)
+    hf = HFLM(pretrained=str(tiny_checkpoint), device="cpu", dtype="float32", batch_size=3)
+    return ours, hf
+
+
+# ---- the offline benchmark -----------------------------------------------------------------------------------
+def test_mmlu_exemplars_come_from_the_installed_package(tmp_path):
+    subjects, skipped = read_exemplars()
+    assert len(subjects) == 57  # every MMLU subject
+    docs = [d for s in subjects.values() for d in s["docs"]]
+    assert len(docs) >= 270 and skipped <= 5
+    assert {s["category"] for s in subjects.values()} == set(CATEGORIES)
+    assert all(len(d["choices"]) == 4 and d["answer"] in range(4) and d["question"] for d in docs)
+    assert min(Counter(d["answer"] for d in docs).values()) > 30  # answers spread over A-D, not a parsing artefact
+    folder = build_mmlu_exemplars(tmp_path)
+    info = json.loads((folder / "info.json").read_text())
+    assert info == {**info, "subjects": 57, "questions": len(docs), "skipped": skipped}
+    assert build_mmlu_exemplars(tmp_path) == folder  # written once, then reused
+
+
+def test_parse_exemplar_reads_choices_and_answer_and_refuses_other_shapes():
+    good = {"question": "Which is a prime?\n(A) 4 (B) 6 (C) 7 (D) 9", "target": "Let's think. The answer is (C)."}
+    assert parse_exemplar(good) == {"question": "Which is a prime?", "choices": ["4", "6", "7", "9"], "answer": 2}
+    five = {"question": "Pick.\n(A) 1 (B) 2 (C) 3 (D) 4 (E) 5", "target": "The answer is (E)."}
+    assert parse_exemplar(five) is None
+    assert parse_exemplar({"question": "No choices here", "target": "The answer is (A)."}) is None
+
+
+def test_the_task_prompt_is_mmlus_standard_format():
+    reqs = task_requests([f"{MMLU_EXEMPLARS}_anatomy"], limit=1)
+    assert [r.args[1] for r in reqs] == [" A", " B", " C", " D"]
+    context = reqs[0].args[0]
+    assert context.startswith("The following are multiple choice questions (with answers) about anatomy.\n\n")
+    assert "\nA. " in context and "\nD. " in context and context.endswith("\nAnswer:")
+
+
+# ---- parity with lm-eval's hf backend ------------------------------------------------------------------------
+def test_loglikelihoods_and_accuracy_equal_lm_evals_hf_backend(lms):
+    ours, hf = lms
+    reqs = task_requests([f"{MMLU_EXEMPLARS}_{s}" for s in SUBJECTS])
+    mine, theirs = ours.loglikelihood(reqs), hf.loglikelihood(reqs)
+    assert len(mine) == len(reqs) == 4 * sum(1 for r in reqs if r.args[1] == " A")
+    for (a, ga), (b, gb) in zip(mine, theirs):
+        assert a == pytest.approx(b, abs=1e-4)
+        assert ga == gb
+    names = [f"{MMLU_EXEMPLARS}_{s}" for s in SUBJECTS[:2]]
+    ra, rb = (run_tasks(lm, *resolve_tasks(names)) for lm in (ours, hf))
+    for task in names:
+        assert ra["tasks"][task]["acc"] == rb["tasks"][task]["acc"]
+        assert ra["tasks"][task]["acc_norm"] == rb["tasks"][task]["acc_norm"]
+
+
+def test_scoring_shares_prefixes_and_batches_without_changing_a_number(tiny_checkpoint):
+    """Requests whose input starts another's (one context, four one-token answers) are read off one forward pass;
+    batching and sorting change nothing: each score equals the request scored alone, from the full logits."""
+    model = load_hf_checkpoint(tiny_checkpoint, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(0, 1000, (12,), generator=g).tolist()
+    reqs = [(ctx, [5]), (ctx, [6]), (ctx, [5, 7, 9]), (ctx[:4], [1, 2]), (ctx + [3], [4]), ([8], [9, 10, 11])]
+    batched = score_continuations(model, reqs, max_length=model.max_tokens, batch_size=4)
+    for (c, cont), (logp, greedy) in zip(reqs, batched):
+        ids = torch.tensor([c + cont])
+        with torch.no_grad():
+            logits = model(ids)[0, len(c) - 1:-1].log_softmax(-1)
+        expect = logits.gather(-1, torch.tensor(cont)[:, None]).sum()
+        assert logp == pytest.approx(float(expect), abs=1e-5)
+        assert greedy == bool((logits.argmax(-1) == torch.tensor(cont)).all())
+    alone = score_continuations(model, reqs, max_length=model.max_tokens, batch_size=1)
+    assert [g for _, g in alone] == [g for _, g in batched]
+    assert [lp for lp, _ in alone] == pytest.approx([lp for lp, _ in batched], abs=1e-5)
+
+
+def test_loglikelihood_rolling_equals_lm_evals_hf_backend(lms):
+    ours, hf = lms
+    texts = ["The quick brown fox jumps over the lazy dog.", "Hello world",
+             " ".join(f"word{i}" for i in range(150))]  # longer than the tiny model's 256 tokens: several windows
+    reqs = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    for a, b in zip(ours.loglikelihood_rolling(reqs), hf.loglikelihood_rolling(reqs)):
+        assert a == pytest.approx(b, abs=1e-3, rel=1e-5)
+
+
+def _gen_requests(prompts, **kwargs):
+    return [Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 12, "do_sample": False, **kwargs}), i)
+            for i, p in enumerate(prompts)]
+
+
+PROMPTS = ["Question: What is 2 + 2?\nAnswer:", "The capital of France is", "Once upon a time, in a land far away,"]
+
+
+def test_generate_until_batched_equals_one_by_one_and_hf(lms):
+    ours, hf = lms
+    batched = ours.generate_until(_gen_requests(PROMPTS))
+    ours.batch_size_ = 1
+    try:
+        alone = ours.generate_until(_gen_requests(PROMPTS))
+    finally:
+        ours.batch_size_ = 3
+    assert batched == alone  # left padding and the KV cache change no token
+    assert batched == hf.generate_until(_gen_requests(PROMPTS))
+    assert any(batched)
+
+
+def test_generate_until_stops_at_the_first_stop_string(lms):
+    ours, hf = lms
+    full = ours.generate_until(_gen_requests(PROMPTS))
+    text = max(full, key=len)
+    stop = text[len(text) // 2: len(text) // 2 + 2]  # a piece from the middle of the longest generation
+    assert stop.strip(), full
+    cut = ours.generate_until(_gen_requests(PROMPTS, until=[stop]))
+    for a, b in zip(full, cut):
+        assert b == a.split(stop)[0]
+    assert cut == hf.generate_until(_gen_requests(PROMPTS, until=[stop]))
+
+
+# ---- the command: --tasks, --adapter, --compare, reports -------------------------------------------------------
+@pytest.fixture(scope="module")
+def perturbed_adapter(tiny_checkpoint, tmp_path_factory):
+    return random_lora(tiny_checkpoint, tmp_path_factory.mktemp("adapter") / "lora")
+
+
+TASK = f"{MMLU_EXEMPLARS}_anatomy,{MMLU_EXEMPLARS}_astronomy"
+
+
+def test_evaluate_tasks_with_an_adapter_and_compare(tiny_checkpoint, perturbed_adapter, tmp_path, capsys):
+    single = evaluate(checkpoint_dir=tiny_checkpoint, adapter=perturbed_adapter, tasks=TASK, precision="32-true")
+    assert set(single["tasks"]) == {f"{MMLU_EXEMPLARS}_anatomy", f"{MMLU_EXEMPLARS}_astronomy"}
+    assert single["examples"] == 10 and single["examples_per_s"] > 0
+    assert single["versions"]["lm_eval"].startswith("0.4")
+    assert "val_loss" not in single  # --tasks alone runs only the tasks
+
+    out = tmp_path / "cmp.json"
+    result = evaluate(checkpoint_dir=tiny_checkpoint, compare=["base", f"mine={perturbed_adapter}", str(perturbed_adapter)],
+                      tasks=TASK, precision="32-true", out_file=out)
+    runs = result["runs"]
+    assert list(runs) == ["base", "mine", "lora"]
+    assert runs["mine"]["tasks"] == single["tasks"] == runs["lora"]["tasks"]  # the same adapter, the same numbers
+    report = json.loads(out.read_text())
+    assert report["task_list"] == TASK.split(",") and report["runs"]["base"]["adapter"] is None
+    assert report["runs"]["base"]["lm_eval"]["versions"]
+    table = out.with_suffix(".md").read_text()
+    assert table.splitlines()[0] == "| metric | base | mine | lora |"
+    assert "| anatomy acc |" in table and "| astronomy acc_norm |" in table
+    assert table in capsys.readouterr().out
+
+
+def test_evaluate_loss_and_tasks_together_with_compare_base(tiny_checkpoint, perturbed_adapter, tmp_path):
+    result = evaluate(checkpoint_dir=tiny_checkpoint, adapter=perturbed_adapter, compare_base=True, tasks=TASK,
+                      metric="loss", max_batches=1, precision="32-true", limit=2)
+    assert "val_loss" in result and "val_loss" in result["base"]
+    assert result["examples"] == 4 and result["base"]["examples"] == 4  # --limit: 2 documents per task
+
+
+def test_unknown_tasks_and_bad_compare_entries_fail_before_a_model_loads(tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--checkpoint_dir", str(tiny_checkpoint), "--tasks", f"{MMLU_EXEMPLARS}_nonsense"])
+    assert e.value.code == 2
+    assert "unknown lm-eval task(s) mmlu_exemplars_nonsense" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither an adapter folder"):
+        evaluate(checkpoint_dir=tiny_checkpoint, compare=["base", str(tmp_path / "empty")], tasks=TASK)
+    with pytest.raises(FileNotFoundError, match="no such task YAML file"):
+        evaluate(checkpoint_dir=tiny_checkpoint, tasks=str(tmp_path / "missing.yaml"))
+
+
+def test_a_task_yaml_file_runs(tiny_checkpoint, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": f"{i} plus {i} is", "choices": [str(2 * i), str(2 * i + 1)]}) + "\n"
+                            for i in range(3)))
+    (tmp_path / "my_task.yaml").write_text(json.dumps({
+        "task": "my_sums", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{q}}", "doc_to_choice": "choices",
+        "doc_to_target": 0, "metric_list": [{"metric": "acc"}]}))
+    result = evaluate(checkpoint_dir=tiny_checkpoint, tasks=str(tmp_path / "my_task.yaml"), precision="32-true")
+    assert result["examples"] == 3 and 0 <= result["tasks"]["my_sums"]["acc"] <= 1
+
+
+def test_a_missing_extra_is_one_clear_line(monkeypatch, tiny_checkpoint, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'leantune\[eval\]'"):
+        require_lm_eval()
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--checkpoint_dir", str(tiny_checkpoint), "--tasks", MMLU_EXEMPLARS])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'leantune[eval]'" in err[0]
+
+
+# ---- the real default model -------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_default_model_parity_with_lm_evals_hf_backend(default_checkpoint):
+    """SmolLM2-135M-Instruct: every per-choice loglikelihood equals lm-eval's hf backend to 1e-4, and the accuracy
+    is identical, on four MMLU-exemplar subjects."""
+    model, tok, _, _ = load_for_inference(default_checkpoint, "32-true")
+    ours = harness_lm(model, tok, batch_size=8)
+    hf = HFLM(pretrained=str(default_checkpoint), device="cpu", dtype="float32", batch_size=8)
+    names = [f"{MMLU_EXEMPLARS}_{s}" for s in SUBJECTS]
+    reqs = task_requests(names)
+    mine, theirs = ours.loglikelihood(reqs), hf.loglikelihood(reqs)
+    assert max(abs(a - b) for (a, _), (b, _) in zip(mine, theirs)) < 1e-4
+    ra, rb = (run_tasks(lm, *resolve_tasks(names[:2])) for lm in (ours, hf))
+    names = names[:2]
+    assert {t: ra["tasks"][t]["acc"] for t in names} == {t: rb["tasks"][t]["acc"] for t in names}
