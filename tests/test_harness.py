@@ -30,6 +30,9 @@ from leantune.harness_tasks import (
     run_tasks,
 )
 from leantune.inference import load_for_inference
+from leantune.methods import apply_method
+from leantune.peft.prefix_tuning import PrefixTuningArgs
+from leantune.peft.prompt_tuning import PromptTuningArgs
 
 SUBJECTS = ["anatomy", "astronomy", "college_physics", "high_school_geography"]
 
@@ -163,6 +166,28 @@ def test_generate_until_stops_at_the_first_stop_string(lms):
     for a, b in zip(full, cut):
         assert b == a.split(stop)[0]
     assert cut == hf.generate_until(_gen_requests(PROMPTS, until=[stop]))
+
+
+@pytest.mark.parametrize("method,args", [("prompt_tuning", PromptTuningArgs(num_virtual_tokens=3, init="random")),
+                                         ("prefix_tuning", PrefixTuningArgs(num_virtual_tokens=3, hidden_size=16))])
+def test_virtual_token_adapters_score_and_generate_the_same_batched_or_alone(tiny_checkpoint, method, args):
+    """Adapters whose virtual tokens precede every sequence: right-padded scoring batches and left-padded decoding
+    batches give what each request gets alone."""
+    model = load_hf_checkpoint(tiny_checkpoint, dtype=torch.float32)
+    apply_method(model, method, args)
+    with torch.no_grad():
+        for p in model.virtual.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    model.eval()
+    lm = harness_lm(model, load_for_inference(tiny_checkpoint, "32-true")[1], batch_size=4)
+    reqs = task_requests([f"{MMLU_EXEMPLARS}_anatomy"], limit=3)
+    batched = lm.loglikelihood(reqs)
+    lm.batch_size_ = 1
+    alone, gen_alone = lm.loglikelihood(reqs), lm.generate_until(_gen_requests(PROMPTS))
+    lm.batch_size_ = 4
+    assert [g for _, g in batched] == [g for _, g in alone]
+    assert [x for x, _ in batched] == pytest.approx([x for x, _ in alone], abs=1e-4)
+    assert lm.generate_until(_gen_requests(PROMPTS)) == gen_alone
 
 
 # ---- the command: --tasks, --adapter, --compare, reports -------------------------------------------------------
