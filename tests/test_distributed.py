@@ -354,6 +354,8 @@ def test_devices_2_trains_and_a_killed_rank_ends_the_job_with_the_last_checkpoin
 def test_settings_one_machine_cannot_honour_are_refused_before_loading():
     with pytest.raises(ValueError, match="--fsdp.cpu_offload .* needs an accelerator"):
         check_fsdp_args(Parallel(rank=0, world_size=2), FSDPArgs(cpu_offload=True))
+    with pytest.raises(ValueError, match="16-mixed .* not supported on several processes"):
+        check_fsdp_args(Parallel(rank=0, world_size=2), FSDPArgs(), "16-mixed")
     with pytest.raises(ValueError, match="runs in one process only"):
         check_parallel_method(Parallel(rank=0, world_size=2), get_method("adalora"))
     with pytest.raises(ValueError, match="--fsdp.timeout must be > 0"):

@@ -230,11 +230,14 @@ def quantized_params(model: torch.nn.Module) -> set[torch.nn.Parameter]:
     return found
 
 
-def check_fsdp_args(parallel: Parallel, args: FSDPArgs) -> None:
-    """Settings this machine cannot honour, refused before the model loads."""
+def check_fsdp_args(parallel: Parallel, args: FSDPArgs, precision: str | None = None) -> None:
+    """Settings this machine or several ranks cannot honour, refused before the model loads."""
     if parallel.enabled and args.cpu_offload and parallel.device.type != "cuda":
         raise ValueError("--fsdp.cpu_offload keeps GPU shards in CPU memory; this run is on the CPU already (FSDP2's "
                          "offload needs an accelerator): leave it out")
+    if parallel.enabled and precision == "16-mixed":  # each rank's scaler would find inf in its own shards only
+        raise ValueError("--precision 16-mixed (fp16 loss scaling) is not supported on several processes yet: use "
+                         "bf16-mixed or bf16-true")
 
 
 def shard_model(model: torch.nn.Module, parallel: Parallel, precision: str, args: FSDPArgs) -> list[torch.nn.Module]:
@@ -248,7 +251,7 @@ def shard_model(model: torch.nn.Module, parallel: Parallel, precision: str, args
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    check_fsdp_args(parallel, args)
+    check_fsdp_args(parallel, args, precision)
     mesh = init_device_mesh(parallel.device.type, (parallel.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
     offload = CPUOffloadPolicy() if args.cpu_offload else OffloadPolicy()
@@ -415,6 +418,8 @@ def launch(argv: list[str], devices: int, num_nodes: int = 1, module: str = "lea
         job = os.environ.get("LEANTUNE_RDZV_ID") or os.environ.get("SLURM_JOB_ID") or "leantune"
         args += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
                  "--rdzv_id", job]
+    # torchrun gives each worker 1 CPU thread unless told; split this node's cores instead (--threads still wins)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // devices)))
     parsed = get_args_parser().parse_args([*args, "-m", module, *argv])
     try:
         run(parsed)
