@@ -201,6 +201,24 @@ def test_a_full_queue_answers_429_with_retry_after(world):
         srv.close()
 
 
+def test_a_client_that_goes_away_frees_its_row(server, monkeypatch):
+    import leantune.serve.app as serve_app
+
+    monkeypatch.setattr(serve_app, "DISCONNECT_POLL_S", 0.01)
+    engine, srv = server
+    before = engine.stats()["cancelled_requests"]
+    body = {"model": "a", "max_tokens": 200, "messages": [{"role": "user", "content": "Tell me everything"}]}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with pytest.raises(httpx.ReadTimeout):  # a non-streamed answer the client stops waiting for
+        httpx.post(srv.url + "/v1/chat/completions", json=body, headers=auth, timeout=0.05)
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json={**body, "stream": True}, headers=auth) as r:
+        next(r.iter_lines())  # a stream closed after its first event
+    deadline = time.monotonic() + 10
+    while engine.stats()["cancelled_requests"] < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats()["cancelled_requests"] == before + 2 and engine.stats()["running"] == 0
+
+
 def test_graceful_shutdown_finishes_the_requests_in_flight(world):
     """SIGTERM while one request streams and another waits for the only row: both still finish whole (the stream
     ends with its last token and [DONE]), the server says so, refuses new connections, and exits with status 0."""

@@ -50,6 +50,7 @@ def serve(
     quantize: str | None = None,
     threads: int | None = None,
     shutdown_timeout: float = 300.0,
+    load_adapters: bool = True,
     log_level: str = "info",
 ) -> None:
     """Serve the base and its adapters over OpenAI's HTTP API (chat/completions, completions, models; SSE streaming).
@@ -80,6 +81,8 @@ def serve(
         quantize: Load the base's linears quantized (the modes `generate --quantize` takes).
         threads: CPU threads for torch (default: torch's choice).
         shutdown_timeout: Seconds to wait for requests in flight after Ctrl-C/SIGTERM before cancelling them.
+        load_adapters: Allow loading and unloading adapters over HTTP (POST /v1/adapters, DELETE
+            /v1/adapters/NAME); they read folders on this machine, so keep an --api_key when others can connect.
         log_level: uvicorn's log level (critical, error, warning, info, debug).
     """
     import uvicorn  # the server stack loads only for this command
@@ -120,7 +123,11 @@ def serve(
     except BaseException:
         engine.close(timeout=0)
         raise
-    app = create_app(engine, api_key=api_key, default_max_tokens=max_new_tokens, shutdown_timeout=shutdown_timeout)
+    app = create_app(engine, api_key=api_key, default_max_tokens=max_new_tokens, shutdown_timeout=shutdown_timeout,
+                     load_adapters=load_adapters)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {host} without an API key: anyone who can reach it can use it"
+              + (" and load adapters from this machine's folders" if load_adapters else ""), file=sys.stderr)
     print(f"serving {name} ({precision}{', ' + quantize if quantize else ''}, context {engine.capacity} tokens, "
           f"{max_batch_size} rows) on http://{host}:{port}/v1"
           + ("; an API key is required (Authorization: Bearer)" if api_key else ""), file=sys.stderr)

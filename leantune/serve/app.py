@@ -24,7 +24,7 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from leantune.generate import Sampling, bos_for_rendered
@@ -42,13 +42,16 @@ from leantune.serve.protocol import (
 
 log = logging.getLogger("leantune.serve")
 
+DISCONNECT_POLL_S = 1.0
+"""How often a non-streamed request checks that its client is still connected (a stream notices at once)."""
 _STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                  405: "invalid_request_error", 409: "conflict_error", 429: "rate_limit_error"}
 
 
 def create_app(engine: Engine, api_key: str | None = None, default_max_tokens: int = 512,
-               shutdown_timeout: float | None = None) -> FastAPI:
-    """The app over a running engine; closing the app (lifespan shutdown) drains and stops the engine."""
+               shutdown_timeout: float | None = None, load_adapters: bool = True) -> FastAPI:
+    """The app over a running engine; closing the app (lifespan shutdown) drains and stops the engine.
+    `load_adapters` False refuses loading and unloading adapters over HTTP (403)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -120,6 +123,7 @@ def create_app(engine: Engine, api_key: str | None = None, default_max_tokens: i
 
     @app.post("/v1/adapters", dependencies=guarded)
     async def change_adapter(body: AdapterRequest):
+        check_loading()
         if body.action == "unload":
             return await unload(body.name)
         if not body.path:
@@ -135,6 +139,7 @@ def create_app(engine: Engine, api_key: str | None = None, default_max_tokens: i
 
     @app.delete("/v1/adapters/{name:path}", dependencies=guarded)
     async def unload(name: str):
+        check_loading()
         try:
             engine.remove_adapter(name)
         except UnknownModel as e:
@@ -142,6 +147,11 @@ def create_app(engine: Engine, api_key: str | None = None, default_max_tokens: i
         except ValueError as e:
             raise APIError(400, str(e), param="name") from None
         return {"id": name, "object": "model", "deleted": True}
+
+    def check_loading() -> None:
+        if not load_adapters:
+            raise APIError(403, "loading and unloading adapters is turned off on this server (serve --load_adapters "
+                           "false)", "permission_error", code="adapter_loading_disabled")
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(body: ChatCompletionRequest, request: Request):
@@ -151,7 +161,7 @@ def create_app(engine: Engine, api_key: str | None = None, default_max_tokens: i
                            param="messages")
         messages = [m.as_template_message(i) for i, m in enumerate(body.messages)]
         ids = await run_in_threadpool(render_chat, messages)
-        return await respond(body, [ids], chat=True)
+        return await respond(body, [ids], request, chat=True)
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, request: Request):
@@ -168,7 +178,7 @@ def create_app(engine: Engine, api_key: str | None = None, default_max_tokens: i
                 encoded.append(list(p))
             else:
                 raise APIError(400, f"prompt: token ids must be integers in [0, {vocab})", param="prompt")
-        return await respond(body, encoded, chat=False)
+        return await respond(body, encoded, request, chat=False)
 
     def render_chat(messages: list[dict]) -> list[int]:
         try:
@@ -184,7 +194,7 @@ def create_app(engine: Engine, api_key: str | None = None, default_max_tokens: i
             raise APIError(400, f"{name}={value!r} is not supported by this server", param=name,
                            code="unsupported_parameter")
 
-    async def respond(body, prompts: list[list[int]], chat: bool):
+    async def respond(body, prompts: list[list[int]], request: Request, chat: bool):
         try:
             sampling = Sampling(1.0 if body.temperature is None else body.temperature, body.top_k,
                                 1.0 if body.top_p is None else body.top_p)
@@ -228,7 +238,12 @@ def create_app(engine: Engine, api_key: str | None = None, default_max_tokens: i
         texts, finished = [[] for _ in reqs], [None] * len(reqs)
         try:
             while any(f is None for f in finished):
-                i, kind, payload = await events.get()
+                try:
+                    i, kind, payload = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():  # nobody will read the answer: free the rows
+                        return Response(status_code=499)
+                    continue
                 if kind == "text":
                     texts[i].append(payload)
                 elif kind == "done":

@@ -127,7 +127,7 @@ class Engine:
         self.cv = threading.Condition()
         self.closing = self.stopped = False
         self.failure: str | None = None
-        self.served_requests = self.generated_tokens = 0
+        self.served_requests = self.generated_tokens = self.cancelled_requests = 0
         self._service_time = 1.0  # moving average of a request's seconds from submit to finish (Retry-After)
         self.thread = threading.Thread(target=self._loop, name="leantune-engine", daemon=True)
         self.thread.start()
@@ -198,7 +198,8 @@ class Engine:
             running = sum(r is not None for r in self.slots)
             return {"running": running, "waiting": len(self.waiting), "max_batch_size": self.max_batch,
                     "max_queue": self.max_queue, "context_length": self.capacity,
-                    "served_requests": self.served_requests, "generated_tokens": self.generated_tokens}
+                    "served_requests": self.served_requests, "cancelled_requests": self.cancelled_requests,
+                    "generated_tokens": self.generated_tokens}
 
     def add_adapter(self, name: str, path: Path) -> Adapter:
         """Load an adapter folder (leantune or PEFT, any method) under `name`; runs in the caller's thread, installs
@@ -433,6 +434,8 @@ class Engine:
         tail = req.stops.push(req.decoder.flush()) + req.stops.flush()
         if tail and reason != "cancelled":
             req.sink("text", tail)
+        if reason == "cancelled":
+            self.cancelled_requests += 1
         self._release(req)
         req.sink("done", {"finish_reason": reason, "prompt_tokens": len(req.prompt),
                           "completion_tokens": req.generated})

@@ -1,0 +1,141 @@
+"""`leantune serve` under load on CPU: the default model with two LoRA adapters, through HTTP and the real `openai`
+client on loopback (the server is a `leantune serve` process), one client at a time vs --concurrency clients at once (continuous batching).
+
+Usage: python bench/serve_cpu.py [--threads 2] [--requests 64] [--concurrency 16] [--max_batch 16] [--new 32]
+                                 [--quantize MODE] [--rounds 1]
+
+Requests cycle over the base and the two adapters (q/v LoRA r=8 with random non-zero B, one leantune and one PEFT
+folder), each a different prompt, greedy, exactly --new tokens unless EOS comes first. Reports p50/p95 latency per
+request and aggregate completion tokens/s for the sequential and the concurrent run, and their ratio; every answer
+is checked against the sequential run's answer for the same request (nothing crossed). Prints a table and writes
+bench/results/serve_cpu.json. Only 127.0.0.1 is used; the run stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_CHECKPOINT, environment, print_table, write_result  # noqa: E402
+
+TOPICS = ["the sea", "a red fox", "prime numbers", "the moon", "bread", "a quiet town", "rain", "chess", "bees",
+          "a lighthouse", "winter", "a violin", "volcanoes", "a library", "trains", "tea"]
+
+
+def make_lora(checkpoint: Path, out: Path, seed: int) -> Path:
+    from leantune.checkpoint.hf import load_hf_checkpoint
+    from leantune.methods import apply_method, build_manifest, save_checkpoint
+    from leantune.peft.lora import LoRAArgs
+    from leantune.tokenizer import Tokenizer
+
+    model = load_hf_checkpoint(checkpoint, dtype=torch.float32)
+    args = LoRAArgs(r=8, alpha=16, targets="query,value")
+    trainable = apply_method(model, "lora", args)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.02)
+    manifest = build_manifest("lora", args, checkpoint, Tokenizer(checkpoint), None, "32-true", model=model)
+    out.mkdir(parents=True)
+    save_checkpoint(out, model, "lora", trainable, manifest, checkpoint)
+    return out
+
+
+def run(client, jobs: list[tuple[str, str]], new: int, concurrency: int) -> dict:
+    def one(job):
+        model, prompt = job
+        t0 = time.perf_counter()
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=new, temperature=0, timeout=600)
+        return r.choices[0].message.content, r.usage.completion_tokens, time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        out = list(pool.map(one, jobs))
+    wall = time.perf_counter() - t0
+    lat = [x[2] for x in out]
+    q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [lat[0]] * 99
+    tokens = sum(x[1] for x in out)
+    return {"texts": [x[0] for x in out], "tokens": tokens, "wall_s": round(wall, 2),
+            "tokens_per_s": round(tokens / wall, 1), "p50_ms": round(q[49] * 1000), "p95_ms": round(q[94] * 1000)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint_dir", type=Path, default=DEFAULT_CHECKPOINT)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--max_batch", type=int, default=16)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--quantize", default=None)
+    ap.add_argument("--sequential", type=int, default=16, help="requests in the one-at-a-time run")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    import httpx
+    import openai
+
+    from leantune.commands.export import export
+
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        lora = make_lora(a.checkpoint_dir, Path(tmp) / "lora", 1)
+        peft = export(adapter=make_lora(a.checkpoint_dir, Path(tmp) / "lora2", 2), checkpoint_dir=a.checkpoint_dir,
+                      format="peft", out_dir=Path(tmp) / "peft")
+        cmd = [sys.executable, "-m", "leantune.cli", "serve", "--checkpoint_dir", str(a.checkpoint_dir),
+               "--adapter", f"lora={lora}", "--adapter", f"peft={peft}", "--model_name", "base",
+               "--port", str(port), "--threads", str(a.threads), "--max_batch_size", str(a.max_batch),
+               "--max_queue", str(a.requests), "--max_new_tokens", str(a.new), "--log_level", "warning"]
+        server = subprocess.Popen(cmd + (["--quantize", a.quantize] if a.quantize else []))
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 300
+            while True:  # the server process is up once /health answers
+                try:
+                    if httpx.get(url + "/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("the server did not start")
+                time.sleep(0.2)
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            models = ["base", "lora", "peft"]
+            jobs = [(models[i % 3], f"Request {i}: write two sentences about {TOPICS[i % len(TOPICS)]}.")
+                    for i in range(a.requests)]
+            run(client, jobs[:2], 4, 1)  # warm-up
+            seq = run(client, jobs[: a.sequential], a.new, 1)
+            conc = run(client, jobs, a.new, a.concurrency)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=120)
+    crossed = [i for i, (x, y) in enumerate(zip(seq["texts"], conc["texts"])) if x != y]
+    rows = [{"run": "sequential (1 client)", "requests": a.sequential, **{k: v for k, v in seq.items() if k != "texts"}},
+            {"run": f"{a.concurrency} concurrent clients", "requests": a.requests,
+             **{k: v for k, v in conc.items() if k != "texts"}}]
+    ratio = round(conc["tokens_per_s"] / seq["tokens_per_s"], 2)
+    print_table(rows, ["run", "requests", "tokens", "wall_s", "tokens_per_s", "p50_ms", "p95_ms"])
+    print(f"aggregate / single-stream tokens/s: {ratio}x; answers differing from the sequential run: {len(crossed)}"
+          f" of {a.sequential}; {a.quantize or 'no --quantize'}, {a.threads} threads, "
+          f"{a.max_batch} rows")
+    result = {"environment": environment(), "args": vars(a) | {"checkpoint_dir": str(a.checkpoint_dir)},
+              "rows": rows, "ratio": ratio, "crossed": crossed}
+    print(write_result("serve_cpu", result))
+
+
+if __name__ == "__main__":
+    main()
