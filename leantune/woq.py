@@ -30,6 +30,11 @@ import torch.nn.functional as F
 WEIGHT_ONLY_MODES = ("int8", "int4")
 INT4_GROUP = 32  # inputs per int4 scale/zero pair (torch's kernel takes 32, 64, 128 or 256)
 KERNEL_DTYPE = torch.bfloat16  # the activation dtype of the kernels' vectorised path
+DENSE_BATCH = 8
+"""From this many sequences in one call (batched decoding: serve, greedy_batch, evaluate) a layer multiplies with a
+bfloat16 copy of its dequantized weight instead (oneDNN's GEMM, fp32 accumulation; +2 bytes per weight, made once on
+the first such call): the int8/int4 kernels are matrix-vector loops whose cost grows with the rows, a dense GEMM's
+barely does. One sequence (generate, chat) never makes the copy."""
 
 
 @dataclass
@@ -41,6 +46,7 @@ class WeightOnly:
     scales: torch.Tensor  # int8: (out,) per-row scales; int4: (in / group, out, 2) scales and zeros
     compute_dtype: torch.dtype  # the model's float dtype: outputs, biases and adapters on top use it
     group_size: int = 0  # int4 only
+    dense: torch.Tensor | None = None  # (out, in) KERNEL_DTYPE copy for batched decoding, made on first use
 
 
 class WeightOnlyParameter(nn.Parameter):
@@ -122,7 +128,11 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     lead = x.shape[:-1]
     if x.device.type == "cpu":
         x2 = x.reshape(-1, K).to(KERNEL_DTYPE)  # (M, in): the kernels take 2-D bfloat16 and accumulate in fp32
-        if st.mode == "int8":
+        if x.dim() >= 3 and x.shape[0] >= DENSE_BATCH:
+            if st.dense is None:
+                st.dense = dense_weight(weight)
+            y = F.linear(x2, st.dense)
+        elif st.mode == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, weight, st.scales)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, st.group_size, st.scales)
@@ -130,6 +140,18 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     else:
         y = F.linear(x, dequantize_weight_only(weight).to(x.dtype))
     return y if bias is None else y + bias.to(y.dtype)
+
+
+def dense_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The (out, in) weight rounded to KERNEL_DTYPE (int4: read back through the kernel, one exact term per entry)."""
+    st: WeightOnly = weight.weight_only
+    if st.mode == "int8":
+        return (weight.data.float() * st.scales.float()[:, None]).to(KERNEL_DTYPE)
+    N, K = st.shape
+    eye = torch.eye(K, dtype=KERNEL_DTYPE, device=weight.device)
+    rows = [torch.ops.aten._weight_int4pack_mm_for_cpu(eye[i:i + 256], weight, st.group_size, st.scales)
+            for i in range(0, K, 256)]  # each (<=256, out)
+    return torch.cat(rows).t().contiguous()
 
 
 def dequantize_weight_only(weight: torch.Tensor) -> torch.Tensor:

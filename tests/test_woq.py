@@ -24,7 +24,14 @@ from leantune.quantize import (
     quantize_for_inference,
     quantized_linear,
 )
-from leantune.woq import INT4_GROUP, int4_dequantize_codes, int4_quantize, int8_quantize, quantize_weight_only
+from leantune.woq import (
+    DENSE_BATCH,
+    INT4_GROUP,
+    int4_dequantize_codes,
+    int4_quantize,
+    int8_quantize,
+    quantize_weight_only,
+)
 
 MODES = ("int8", "int4")
 V = 97
@@ -54,6 +61,23 @@ def test_kernel_equals_the_dequantized_fp32_product(mode, lead):
     assert y.dtype == torch.float32 and y.shape == (*lead, 48)
     # fp32 accumulation; only the kernel's bfloat16 output rounding (2^-8 relative) separates the two
     assert (y - ref).abs().max() <= 2 ** -8 * ref.abs().max()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batched_calls_use_a_bf16_copy_of_the_same_weights(mode):
+    g = torch.Generator().manual_seed(4)
+    w, b = torch.randn(48, 96, generator=g), torch.randn(48, generator=g)
+    p = quantize_weight_only(w, mode, torch.float32)
+    x = torch.randn(DENSE_BATCH, 3, 96, generator=g)  # DENSE_BATCH sequences: the dense GEMM path
+    quantized_linear(x[:1], p, b)
+    assert p.weight_only.dense is None  # one sequence never makes the copy
+    y = quantized_linear(x, p, b)
+    deq = dequantize_weight(p)
+    assert torch.equal(p.weight_only.dense, deq.bfloat16())
+    ref = bf16_input_reference(x, deq.bfloat16(), b)
+    assert (y - ref).abs().max() <= 2 ** -8 * ref.abs().max()
+    single = torch.stack([quantized_linear(r[None], p, b)[0] for r in x])  # the int8/int4 kernel, row by row
+    assert (y - single).abs().max() <= 2 ** -6 * single.abs().max()  # only the weights' bf16 rounding differs
 
 
 @pytest.mark.parametrize("mode", MODES)
