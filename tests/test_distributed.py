@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -362,3 +363,19 @@ def test_settings_one_machine_cannot_honour_are_refused_before_loading():
         FSDPArgs(timeout=0)
     with pytest.raises(ValueError, match="must be a multiple of --train.micro_batch_size 2 x 2 processes"):
         accumulation_steps(TrainArgs(micro_batch_size=2, global_batch_size=6), Parallel(rank=0, world_size=2))
+
+
+def test_the_readme_commands_of_the_multi_gpu_section_parse(capsys):
+    """The section's ```sh examples (not run: they need GPUs and nodes) keep flags that exist and values that parse."""
+    from leantune.cli import main
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Multi-GPU and multi-node (torchrun + FSDP2)", 1)[1].split("\n## ", 1)[0]
+    lines = section.replace("\\\n", " ").splitlines()
+    argvs = [shlex.split(line.split("leantune.cli" if "leantune.cli" in line else "leantune ", 1)[1], comments=True)
+             for line in lines if "finetune " in line and not line.lstrip().startswith("#")]
+    assert len(argvs) >= 4
+    for argv in argvs:
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--print_config"])
+        assert e.value.code in (0, None), f"{argv}: {capsys.readouterr().err}"
