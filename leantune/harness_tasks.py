@@ -35,6 +35,8 @@ from typing import Any
 
 import yaml
 
+from leantune.download import HubUnreachableError
+
 MMLU_EXEMPLARS = "mmlu_exemplars"
 CATEGORIES = ("stem", "humanities", "social_sciences", "other")
 SOURCE_DIR = ("tasks", "mmlu", "flan_cot_fewshot")
@@ -250,10 +252,15 @@ def run_tasks(lm, specs: list[Any], manager, local: bool, num_fewshot: int | Non
     from lm_eval import simple_evaluate
 
     t0 = time.perf_counter()
-    with offline(local):
-        out = simple_evaluate(model=lm, tasks=specs, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
-                              log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                              fewshot_random_seed=seed)
+    try:
+        with offline(local):
+            out = simple_evaluate(model=lm, tasks=specs, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
+                                  log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                  torch_random_seed=seed, fewshot_random_seed=seed)
+    except ConnectionError as e:  # a task whose dataset lives on the Hub, with no Hub to reach
+        raise HubUnreachableError(f"lm-eval task data: {e}. That task's dataset downloads from the Hugging Face Hub "
+                                  f"(or its datasets cache); {MMLU_EXEMPLARS} and task YAML files over local files "
+                                  "(dataset_path: json, data_files) run offline") from None
     seconds = time.perf_counter() - t0
     raw = {k: out[k] for k in ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
                                "higher_is_better", "n-samples") if k in out}

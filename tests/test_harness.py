@@ -252,6 +252,18 @@ def test_a_task_yaml_file_runs(tiny_checkpoint, tmp_path):
     assert result["examples"] == 3 and 0 <= result["tasks"]["my_sums"]["acc"] <= 1
 
 
+def test_a_task_whose_data_is_on_the_hub_fails_with_one_line_offline(tiny_checkpoint, tmp_path, capsys):
+    """A YAML-only run is kept offline: a Hub dataset is refused at once, naming it, without touching the network."""
+    (tmp_path / "hub_task.yaml").write_text(json.dumps({
+        "task": "hub_only", "dataset_path": "nobody/not-a-dataset", "test_split": "test",
+        "output_type": "multiple_choice", "doc_to_text": "{{q}}", "doc_to_choice": "choices", "doc_to_target": 0}))
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--checkpoint_dir", str(tiny_checkpoint), "--tasks", str(tmp_path / "hub_task.yaml")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: lm-eval task data:") and "nobody/not-a-dataset" in err
+
+
 def test_a_missing_extra_is_one_clear_line(monkeypatch, tiny_checkpoint, capsys):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
     with pytest.raises(ImportError, match=r"pip install 'leantune\[eval\]'"):
