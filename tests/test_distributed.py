@@ -379,3 +379,43 @@ def test_the_readme_commands_of_the_multi_gpu_section_parse(capsys):
         with pytest.raises(SystemExit) as e:
             main([*argv, "--print_config"])
         assert e.value.code in (0, None), f"{argv}: {capsys.readouterr().err}"
+
+
+class OneRankFSDP(Parallel):
+    """One process that still shards (a 1-rank mesh): FSDP's own arithmetic and overhead against the plain run."""
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the 1-GPU FSDP run against the plain run is unmeasured"))])
+def test_one_process_under_fsdp_equals_the_plain_run(device, tmp_path, monkeypatch):
+    """The same 4 steps with and without fully_shard on one rank: same losses and tensors (fp32), and the time of
+    each, printed (on a GPU this is FSDP's throughput overhead on one device)."""
+    import torch.distributed as dist
+
+    dev = torch.device(device)
+    original_build = build
+
+    def on_device(method, quantize=None, dropout=0.0):
+        model, names = original_build(method, quantize, dropout)
+        return model.to(dev), names
+
+    monkeypatch.setattr(sys.modules[__name__], "build", on_device)
+    in_process(method="lora", out_dir=tmp_path / "warm-up", mbs=4, gbs=8, steps=1)  # first-call costs out of the times
+    t0 = time.perf_counter()
+    in_process(method="lora", out_dir=tmp_path / "plain", mbs=4, gbs=8)
+    plain_s = time.perf_counter() - t0
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+                            rank=0, world_size=1)
+    try:
+        t0 = time.perf_counter()
+        in_process(method="lora", out_dir=tmp_path / "fsdp", mbs=4, gbs=8,
+                   parallel=OneRankFSDP(rank=0, world_size=1, device=dev))
+        fsdp_s = time.perf_counter() - t0
+    finally:
+        dist.destroy_process_group()
+    print(f"\n{device}: plain {plain_s:.2f} s, FSDP on one rank {fsdp_s:.2f} s ({fsdp_s / plain_s:.2f}x)")
+    assert_same_run(tmp_path / "plain", tmp_path / "fsdp")
