@@ -21,6 +21,15 @@ from leantune.methods import apply_method, build_manifest, method_args_class, sa
 from leantune.tokenizer import Tokenizer
 
 
+def one_thread():
+    """Module fixture body: torch on one thread while the module runs (the server, its engine thread and the
+    references share the process; on a loaded 2-core machine two threads each ran ~10x slower), restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_checkpoint(default_checkpoint: Path, out: Path, block_size: int = 256) -> Path:
     """A 2-layer random Llama (vocab of the default tokenizer) whose weights are spread wide enough that greedy
     choices are decided by clear margins, not by rounding; tokenizer and chat template from the default model."""

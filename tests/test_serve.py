@@ -13,12 +13,14 @@ import time
 import httpx
 import openai
 import pytest
-from serve_support import build_world, start_server
+from serve_support import build_world, one_thread, start_server
 
 KEY = "sk-test-key"
 N = 12  # max_tokens of most requests
 PROMPTS = ["Hello there", "What is 2+2?", "Sort these numbers: 3 1 2", "Tell me a story about a cat", "Hi"]
 
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 @pytest.fixture(scope="module")
 def world(default_checkpoint, tmp_path_factory):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from serve_support import Reference, make_adapter, tiny_checkpoint
+from serve_support import Reference, make_adapter, one_thread, tiny_checkpoint
 
 from leantune.config import Config
 from leantune.generate import Sampling, encode_prompt, generate_tokens
@@ -24,6 +24,8 @@ from leantune.serve.engine import Engine, QueueFull, UnknownModel
 PROMPTS = ["Hello there", "Sort 3 1 2 please", "Tell me a story about a cat and a dog"]
 ARGS = {"adapter": {"start_layer": 1}, "adapter_v2": {"start_layer": 0}, "lora": {"r": 4, "targets": "all"}}
 
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 class Collector:
     """A request's sink: its text, its final event and when it finished."""

@@ -11,12 +11,14 @@ import time
 
 import openai
 import pytest
-from serve_support import build_world, start_server
+from serve_support import build_world, one_thread, start_server
 
 REQUESTS, CONCURRENCY = 64, 16
 MODELS = ["tiny", "a", "b", "c"]
 TOPICS = ["the sea", "a red fox", "prime numbers", "the moon", "bread", "a quiet town", "rain", "chess"]
 
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 @pytest.fixture(scope="module")
 def world(default_checkpoint, tmp_path_factory):
