@@ -271,10 +271,10 @@ def shard_model(model: torch.nn.Module, parallel: Parallel, precision: str, args
 
 
 def transformer_blocks(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The repeated blocks: GPT's transformer.h, T5's encoder and decoder blocks."""
+    """The repeated blocks: GPT's transformer.h, T5's encoder.block and decoder.block."""
     for stack in (getattr(getattr(model, "transformer", None), "h", None),
-                  getattr(getattr(model, "encoder", None), "blocks", None),
-                  getattr(getattr(model, "decoder", None), "blocks", None)):
+                  getattr(getattr(model, "encoder", None), "block", None),
+                  getattr(getattr(model, "decoder", None), "block", None)):
         if stack is not None:
             yield from stack
 
