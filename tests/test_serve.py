@@ -150,7 +150,9 @@ def test_bad_requests_get_openai_shaped_4xx_errors(server, client):
         ("post", "/v1/adapters", {"name": "a", "path": "."}, 409),
         ("delete", "/v1/adapters/tiny", None, 400),
         ("delete", "/v1/adapters/nope", None, 404),
+        ("post", "/v1/completions", {"model": "tiny", "prompt": ""}, 400),
         ("get", "/v1/nothing-here", None, 404),
+        ("get", "/v1/chat/completions", None, 405),
     ]
     with httpx.Client(base_url=url, headers=auth) as http:
         for method, path, body, status in cases:

@@ -81,6 +81,11 @@ def create_app(engine: Engine, api_key: str | None = None, default_max_tokens: i
         return JSONResponse(error_body(str(e.detail), _STATUS_TYPES.get(e.status_code, "invalid_request_error")),
                             status_code=e.status_code, headers=getattr(e, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception):  # never a client's mistake: those are APIErrors above
+        log.error("unexpected error on %s: %r", request.url.path, e, exc_info=e)
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+
     async def authorized(request: Request) -> None:
         if api_key is None:
             return
@@ -212,6 +217,8 @@ def create_app(engine: Engine, api_key: str | None = None, default_max_tokens: i
                     pass
             return sink
 
+        if not all(prompts):
+            raise APIError(400, "the prompt is empty", param="messages" if chat else "prompt")
         reqs = []
         try:
             for i, ids in enumerate(prompts):
