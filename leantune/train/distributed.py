@@ -403,6 +403,7 @@ def launch(argv: list[str], devices: int, num_nodes: int = 1, module: str = "lea
     node with MASTER_ADDR and MASTER_PORT of the first (c10d rendezvous there) and a shared job id
     (LEANTUNE_RDZV_ID, else SLURM_JOB_ID). When a rank dies the agent stops the others and this raises
     DistributedJobError naming the rank and its exit cause; nothing is restarted."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -425,6 +426,11 @@ def launch(argv: list[str], devices: int, num_nodes: int = 1, module: str = "lea
         run(parsed)
     except ChildFailedError as e:
         raise DistributedJobError(describe_failure(e)) from None
+    except SignalException as e:  # the agent stopped every worker before raising
+        if e.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        raise DistributedJobError(f"the launcher received {e.sigval.name} and stopped every rank. The last complete "
+                                  "checkpoint in --out_dir is intact: continue with --resume auto.") from None
 
 
 def describe_failure(e) -> str:
