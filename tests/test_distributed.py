@@ -469,3 +469,20 @@ def test_t5_on_two_ranks_is_as_close_as_float_rounding_allows(tmp_path, monkeypa
     (floor_loss, floor_w), (loss, w) = max_difference(tmp_path / "one", tmp_path / "floor"), max_difference(
         tmp_path / "one", tmp_path / "two")
     assert loss <= 3 * floor_loss + 1e-6 and w <= 3 * floor_w + 1e-6, (loss, floor_loss, w, floor_w)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--devices", "0"], "--devices must be an integer >= 1, got 0"),
+    (["--num_nodes", "-2"], "--num_nodes must be an integer >= 1, got -2"),
+    (["--fsdp.timeout", "0"], "--fsdp.timeout must be > 0 seconds"),
+    (["--devices", "2", "--num_nodes", "2"], "--num_nodes 2: set MASTER_ADDR and MASTER_PORT"),
+])
+def test_bad_multi_process_flags_exit_2_before_anything_starts(flags, message, tmp_path, capsys, monkeypatch):
+    from leantune.cli import main
+
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "lora", *flags, "--checkpoint_dir", str(tmp_path / "none"), "--out_dir", str(tmp_path / "o")])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
