@@ -128,7 +128,7 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     lead = x.shape[:-1]
     if x.device.type == "cpu":
         x2 = x.reshape(-1, K).to(KERNEL_DTYPE)  # (M, in): the kernels take 2-D bfloat16 and accumulate in fp32
-        if x.dim() >= 3 and x.shape[0] >= DENSE_BATCH:
+        if x.dim() >= 2 and x.shape[0] >= DENSE_BATCH:  # (sequences, in) at a head, (sequences, T, in) in a block
             if st.dense is None:
                 st.dense = dense_weight(weight)
             y = F.linear(x2, st.dense)

@@ -78,6 +78,8 @@ def test_batched_calls_use_a_bf16_copy_of_the_same_weights(mode):
     assert (y - ref).abs().max() <= 2 ** -8 * ref.abs().max()
     single = torch.stack([quantized_linear(r[None], p, b)[0] for r in x])  # the int8/int4 kernel, row by row
     assert (y - single).abs().max() <= 2 ** -6 * single.abs().max()  # only the weights' bf16 rounding differs
+    heads = quantized_linear(x[:, -1], p, b)  # (sequences, in), as the LM head sees the last positions
+    assert torch.equal(heads, y[:, -1])
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -20,9 +20,11 @@ def upload(
     endpoint: str | None = None,
     dry_run: bool = False,
 ) -> str:
-    """Push a finetune to the Hugging Face Hub with a generated model card (README.md): the base model, the method
-    and its hyperparameters, the data and the metrics of the run's summary.json. The token comes from the environment
-    (HF_TOKEN, or `hf auth login`) and is never printed or written.
+    """Push an adapter or a model to a Hugging Face Hub repo with a generated model card.
+
+    The card (README.md) names the base model, the method and its hyperparameters, the data and the metrics of the
+    run's summary.json. The token comes from the environment (HF_TOKEN, or `hf auth login`) and is never printed or
+    written.
 
     Args:
         folder: An adapter folder (e.g. out/finetune/lora/final: LoRA-family adapters go up in PEFT's format), a full
