@@ -98,6 +98,10 @@ TABLE: dict[tuple[str, ...], dict[str, list[str]]] = {
                  "--dequantize_base": BOOL},
     ("export",): {"--format": ["xyz", ""], "--dtype": ["int8", "float64", ""], "--gguf_type": ["q4_0", ""]},
     ("data", "preview"): {"--num_samples": ["-1", "abc"], "--max_seq_length": POS_INT},
+    ("serve",): {"--port": ["-1", "70000", "abc"], "--max_batch_size": POS_INT, "--max_queue": POS_INT,
+                 "--max_new_tokens": POS_INT, "--max_seq_length": ["1", "0", "-3", "abc", "1.5"],
+                 "--threads": ["0", "-2"], "--precision": PRECISION, "--adapter": ["=x", "nope", "a b=x"],
+                 "--shutdown_timeout": ["-1", ".nan", "abc"], "--log_level": ["loud", ""], "--load_adapters": BOOL},
 }
 
 
@@ -182,6 +186,8 @@ def base_argv(words: tuple[str, ...], f: dict[str, Path], out: Path) -> list[str
         return [*words, "--adapter", str(f["adapter"]), "--checkpoint_dir", tiny, "--out_dir", str(out)]
     if words[0] == "data":
         return [*words, "--checkpoint_dir", tiny, *data]
+    if words[0] == "serve":
+        return [*words, "--checkpoint_dir", tiny, "--port", "0"]
     return list(words)
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -51,7 +53,7 @@ def serve(
     threads: int | None = None,
     shutdown_timeout: float = 300.0,
     load_adapters: bool = True,
-    log_level: str = "info",
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
 ) -> None:
     """Serve the base and its adapters over OpenAI's HTTP API (chat/completions, completions, models; SSE streaming).
 
@@ -97,6 +99,8 @@ def serve(
     check_at_least("port", port, 0)
     if port > 65535:
         raise ValueError(f"--port must be <= 65535, got {port}")
+    if not 0 <= shutdown_timeout < math.inf:  # `not` also refuses NaN
+        raise ValueError(f"--shutdown_timeout must be a number of seconds >= 0, got {shutdown_timeout}")
     check_threads(threads)
     check_model_flags(precision, None)  # --quantize is checked by loading, which knows every decode mode
     adapters = parse_adapters(adapter)
