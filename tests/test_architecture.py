@@ -29,7 +29,7 @@ LAYERS = [
     ("model", "quantize", "compile", "t5", "kinds"),
     ("checkpoint", "data", "tokenizer", "peft", "generate", "download", "t5_generate"),
     ("methods", "train", "evaluate", "inference", "merge", "export", "estimate", "rouge", "harness",
-     "harness_tasks"),
+     "harness_tasks", "serve"),
     ("commands", "cli"),
 ]
 FORBIDDEN = {  # importer prefix -> imported prefixes it must never reach directly

@@ -16,6 +16,8 @@ from leantune.commands.flags import check_at_least, check_folder, check_model_fl
 from leantune.download import DEFAULT_CHECKPOINT
 from leantune.inference import load_for_inference
 from leantune.kinds import is_seq2seq
+from leantune.serve.app import create_app
+from leantune.serve.engine import Engine
 
 API_KEY_ENV = "LEANTUNE_API_KEY"
 
@@ -87,10 +89,7 @@ def serve(
             /v1/adapters/NAME); they read folders on this machine, so keep an --api_key when others can connect.
         log_level: uvicorn's log level (critical, error, warning, info, debug).
     """
-    import uvicorn  # the server stack loads only for this command
-
-    from leantune.serve.app import create_app
-    from leantune.serve.engine import Engine
+    import uvicorn  # the server stack loads only for this command (so does FastAPI, in create_app)
 
     check_at_least("max_batch_size", max_batch_size, 1)
     check_at_least("max_queue", max_queue, 1)
