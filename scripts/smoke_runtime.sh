@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runtime-only smoke stage: a venv made by the README's set-up command alone (no transformers, peft, tensorboard)
-# trains a short adapter on the default model, then generates with it, merges it, exports it in every format and
-# evaluates it. Any command that imports a test-only package, or fails, fails the stage.
+# trains a short adapter on the default model, then generates with it, merges it, exports it in every format,
+# evaluates it and serves it (one chat completion over loopback). Any command that imports a test-only package, or fails, fails the stage.
 #   VENV=.venv-runtime bash scripts/setup.sh && bash scripts/smoke_runtime.sh .venv-runtime
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,24 @@ run generate --adapter "$OUT/peft" --prompt "Uppercase: cat" --max_new_tokens 8
 run export --adapter "$A" --format hf --out_dir "$OUT/hf"
 run export --adapter "$A" --format gguf --out_dir "$OUT/gguf"
 run evaluate --adapter "$A" --max_batches 1 --exact_match false
+# serve: the adapter behind the OpenAI API on a loopback port, one chat completion, then SIGTERM (a clean exit)
+PORT=$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+echo "+ leantune serve --adapter lora=$A --port $PORT"
+"$LT" serve --adapter "lora=$A" --port "$PORT" --threads 2 --max_new_tokens 8 --log_level warning &
+SERVER=$!
+for _ in $(seq 1 300); do "$VENV/bin/python" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/health')" \
+  2>/dev/null && break; kill -0 "$SERVER" || exit 1; sleep 0.5; done
+"$VENV/bin/python" - "$PORT" <<'PY'
+import json, sys, urllib.request
+body = {"model": "lora", "messages": [{"role": "user", "content": "Uppercase: cat"}], "max_tokens": 8, "temperature": 0}
+req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/chat/completions", json.dumps(body).encode(),
+                             {"Content-Type": "application/json"})
+answer = json.load(urllib.request.urlopen(req, timeout=120))
+assert answer["choices"][0]["finish_reason"] in ("stop", "length") and answer["usage"]["completion_tokens"] > 0, answer
+print("serve answered:", repr(answer["choices"][0]["message"]["content"]))
+PY
+kill -TERM "$SERVER"
+wait "$SERVER"
 # lm-eval tasks need the optional extra: without it, one clear line naming it (exit 2), before any model loads
 echo "+ leantune evaluate --tasks mmlu_exemplars (without the lm-eval extra)"
 if msg=$("$LT" evaluate --tasks mmlu_exemplars 2>&1); then echo "smoke: --tasks ran without lm-eval" >&2; exit 1; fi
