@@ -211,3 +211,24 @@ def test_bounded_queue_cancel_and_unload_while_running(world):
         assert not [m for m in engine.served.modules() if isinstance(m, MultiLoRALinear) and m.factors]
     finally:
         engine.close()
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(world, monkeypatch):
+    ckpt, _ = world
+    engine = new_engine(ckpt, max_batch=2)
+    try:
+        real = engine._decode_step
+        calls = []
+
+        def flaky():
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("simulated allocation failure")
+            real()
+        monkeypatch.setattr(engine, "_decode_step", flaky)
+        broken = submit(engine, "base", PROMPTS[0], max_tokens=8)
+        assert broken.finished.wait(30) and "simulated allocation failure" in broken.error
+        assert submit(engine, "base", PROMPTS[1], max_tokens=8).text == Reference(ckpt).text(PROMPTS[1], 8)
+        assert engine.stats()["running"] == 0 and engine.thread.is_alive()
+    finally:
+        engine.close()

@@ -174,6 +174,8 @@ class Engine:
                 raise ShuttingDown("the server is shutting down")
             if self.failure:
                 raise ShuttingDown(f"the engine failed: {self.failure}")
+            if adapter.unloading:  # unloaded since the lookup above
+                raise UnknownModel(f"The model {name!r} was just unloaded from this server")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"The server's queue is full ({self.max_queue} waiting requests); retry later",
                                 self.retry_after())
@@ -283,6 +285,22 @@ class Engine:
         log.info("adapter %s unloaded", adapter.name)
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # the thread is ending: nobody may wait for it any more
+            self.failure = f"{type(e).__name__}: {e}"
+            log.error("engine stopped: %s", traceback.format_exc())
+            with self.cv:
+                pending = [*self.waiting, *(r for r in self.slots if r is not None)]
+                self.waiting.clear()
+                for _, fut in self.commands:
+                    fut.set_exception(RuntimeError(f"the engine stopped: {self.failure}"))
+                self.commands.clear()
+            for req in pending:
+                self._fail(req, self.failure)
+            raise
+
+    def _run(self) -> None:
         torch.set_grad_enabled(False)
         with torch.inference_mode():
             while True:
