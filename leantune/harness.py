@@ -17,6 +17,7 @@ text, the BOS token as the context of an empty one), so scores equal `lm_eval.mo
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -188,16 +189,10 @@ def harness_lm(model, tokenizer, batch_size: int = 16, max_length: int | None = 
     return _lm_class()(model, tokenizer, batch_size=batch_size, max_length=max_length, name=name)
 
 
-_CLASS = None
-
-
+@functools.cache
 def _lm_class():
     """The LM class, built once on first use: it subclasses lm-eval's `TemplateLM`, which only exists with the extra."""
-    global _CLASS
-    if _CLASS is not None:
-        return _CLASS
     from lm_eval.api.model import TemplateLM
-    from lm_eval.models.utils import Collator  # noqa: F401  (a sanity check that the installed lm-eval is 0.4.x)
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
     class LeantuneLM(TemplateLM):
@@ -208,7 +203,7 @@ def _lm_class():
         def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None,
                      name: str = "leantune") -> None:
             super().__init__()
-            self.model, self.tok, self.batch_size_, self.name = model.eval(), tokenizer, batch_size, name
+            self.model, self.tok, self.batch_size, self.name = model.eval(), tokenizer, batch_size, name
             self._max_length = max_length or model.max_tokens
             self.progress = True
             self.seconds = 0.0  # time spent answering requests (what examples/s is computed from)
@@ -241,7 +236,7 @@ def _lm_class():
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
             t0 = time.perf_counter()
             pairs = [(ctx, cont) for _, ctx, cont in requests]
-            out = score_continuations(self.model, pairs, self.max_length, self.batch_size_,
+            out = score_continuations(self.model, pairs, self.max_length, self.batch_size,
                                       progress=self.progress and not disable_tqdm)
             for (key, _, _), answer in zip(requests, out):
                 if key is not None:
@@ -258,7 +253,7 @@ def _lm_class():
                         max_seq_len=self.max_length, context_len=1)):
                     windows.append((ctx, cont))
                     owner.append(i)
-            scores = score_continuations(self.model, windows, self.max_length, self.batch_size_,
+            scores = score_continuations(self.model, windows, self.max_length, self.batch_size,
                                          progress=self.progress and not disable_tqdm)
             totals = [0.0] * len(requests)
             for i, (logp, _) in zip(owner, scores):
@@ -288,7 +283,7 @@ def _lm_class():
                 prompts = [self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - max_new)
                            for i in members]
                 texts = generate_until(self.model, self.tok, prompts, until, max_new, sampling_from_kwargs(kwargs),
-                                       self.batch_size_, progress=self.progress and not disable_tqdm)
+                                       self.batch_size, progress=self.progress and not disable_tqdm)
                 for i, text in zip(members, texts):
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
@@ -301,5 +296,4 @@ def _lm_class():
         def chat_template(self, chat_template: bool | str = False) -> str | None:
             return self.tok.chat_template if chat_template else None
 
-    _CLASS = LeantuneLM
-    return _CLASS
+    return LeantuneLM

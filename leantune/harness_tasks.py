@@ -268,9 +268,27 @@ def run_tasks(lm, specs: list[Any], manager, local: bool, num_fewshot: int | Non
     examples = sum(int(out["n-samples"][t].get("effective", 0)) for t in leaves)
     model_seconds = getattr(lm, "seconds", None)
     rate_time = model_seconds if model_seconds else seconds
-    return {"tasks": flatten_results(out.get("results") or {}), "examples": examples, "seconds": round(seconds, 3),
+    results = ordered(out.get("results") or {}, out.get("group_subtasks") or {})
+    return {"tasks": flatten_results(results), "examples": examples, "seconds": round(seconds, 3),
             "model_seconds": None if model_seconds is None else round(model_seconds, 3),
             "examples_per_s": round(examples / rate_time, 3) if rate_time > 0 else None, "lm_eval": _jsonable(raw)}
+
+
+def ordered(results: dict[str, Any], group_subtasks: dict[str, list[str]]) -> dict[str, Any]:
+    """`results` with each group before its members, depth first from the top-level groups (mmlu_exemplars, then
+    stem and its subjects, ...); tasks in no group keep their place after."""
+    children = {c for members in group_subtasks.values() for c in members}
+    out: dict[str, Any] = {}
+
+    def visit(name: str) -> None:
+        if name in results and name not in out:
+            out[name] = results[name]
+        for child in group_subtasks.get(name, []):
+            visit(child)
+
+    for name in [*(g for g in group_subtasks if g not in children), *results]:
+        visit(name)
+    return out
 
 
 def flatten_results(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -146,11 +146,11 @@ PROMPTS = ["Question: What is 2 + 2?\nAnswer:", "The capital of France is", "Onc
 def test_generate_until_batched_equals_one_by_one_and_hf(lms):
     ours, hf = lms
     batched = ours.generate_until(_gen_requests(PROMPTS))
-    ours.batch_size_ = 1
+    ours.batch_size = 1
     try:
         alone = ours.generate_until(_gen_requests(PROMPTS))
     finally:
-        ours.batch_size_ = 3
+        ours.batch_size = 3
     assert batched == alone  # left padding and the KV cache change no token
     assert batched == hf.generate_until(_gen_requests(PROMPTS))
     assert any(batched)
@@ -182,9 +182,9 @@ def test_virtual_token_adapters_score_and_generate_the_same_batched_or_alone(tin
     lm = harness_lm(model, load_for_inference(tiny_checkpoint, "32-true")[1], batch_size=4)
     reqs = task_requests([f"{MMLU_EXEMPLARS}_anatomy"], limit=3)
     batched = lm.loglikelihood(reqs)
-    lm.batch_size_ = 1
+    lm.batch_size = 1
     alone, gen_alone = lm.loglikelihood(reqs), lm.generate_until(_gen_requests(PROMPTS))
-    lm.batch_size_ = 4
+    lm.batch_size = 4
     assert [g for _, g in batched] == [g for _, g in alone]
     assert [x for x, _ in batched] == pytest.approx([x for x, _ in alone], abs=1e-4)
     assert lm.generate_until(_gen_requests(PROMPTS)) == gen_alone
