@@ -359,6 +359,8 @@ def test_settings_one_machine_cannot_honour_are_refused_before_loading():
         check_fsdp_args(Parallel(rank=0, world_size=2), FSDPArgs(cpu_offload=True))
     with pytest.raises(ValueError, match="16-mixed .* not supported on several processes"):
         check_fsdp_args(Parallel(rank=0, world_size=2), FSDPArgs(), "16-mixed")
+    with pytest.raises(ValueError, match="bnb.AdamW8bit: bitsandbytes' optimizers cannot step FSDP's sharded"):
+        check_fsdp_args(Parallel(rank=0, world_size=2), FSDPArgs(), "32-true", "bnb.AdamW8bit")
     with pytest.raises(ValueError, match="runs in one process only"):
         check_parallel_method(Parallel(rank=0, world_size=2), get_method("adalora"))
     with pytest.raises(ValueError, match="--fsdp.timeout must be > 0"):

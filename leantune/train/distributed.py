@@ -230,7 +230,8 @@ def quantized_params(model: torch.nn.Module) -> set[torch.nn.Parameter]:
     return found
 
 
-def check_fsdp_args(parallel: Parallel, args: FSDPArgs, precision: str | None = None) -> None:
+def check_fsdp_args(parallel: Parallel, args: FSDPArgs, precision: str | None = None,
+                    optimizer: str | None = None) -> None:
     """Settings this machine or several ranks cannot honour, refused before the model loads."""
     if parallel.enabled and args.cpu_offload and parallel.device.type != "cuda":
         raise ValueError("--fsdp.cpu_offload keeps GPU shards in CPU memory; this run is on the CPU already (FSDP2's "
@@ -238,6 +239,9 @@ def check_fsdp_args(parallel: Parallel, args: FSDPArgs, precision: str | None = 
     if parallel.enabled and precision == "16-mixed":  # each rank's scaler would find inf in its own shards only
         raise ValueError("--precision 16-mixed (fp16 loss scaling) is not supported on several processes yet: use "
                          "bf16-mixed or bf16-true")
+    if parallel.enabled and optimizer and optimizer.startswith("bnb."):  # its kernels take plain tensors only
+        raise ValueError(f"--optimizer.name {optimizer}: bitsandbytes' optimizers cannot step FSDP's sharded "
+                         "parameters: use AdamW (sharded too, so each process keeps 1/N of its state)")
 
 
 def shard_model(model: torch.nn.Module, parallel: Parallel, precision: str, args: FSDPArgs) -> list[torch.nn.Module]:

@@ -29,6 +29,7 @@ from leantune.train.distributed import (
     FSDPArgs,
     Parallel,
     ShardedLoader,
+    check_fsdp_args,
     consolidated,
     is_sharded_checkpoint,
     load_full_optimizer,
@@ -90,6 +91,7 @@ def fit(
     summary_writer_cls = require_tensorboard() if train.logger == "tensorboard" else None  # fail before any work
     parallel = parallel or Parallel()
     check_parallel_method(parallel, method)
+    check_fsdp_args(parallel, fsdp or FSDPArgs(), precision, optimizer_args.name)
     device = device or next(model.parameters()).device
     out_dir = Path(out_dir)
     config = run_configuration(run_config, train, eval, optimizer_args, precision, parallel.world_size)

@@ -107,7 +107,7 @@ def _finetune(method: str, checkpoint_dir: Path, out_dir: Path | None, data: Dat
     train, eval, optimizer = train or TrainArgs(), eval or EvalArgs(), optimizer or OptimizerArgs()
     run = resolve(method, method_args, quantize, optimizer, out_dir)
     check_parallel_method(parallel, run.method)
-    check_fsdp_args(parallel, fsdp, precision)
+    check_fsdp_args(parallel, fsdp, precision, run.optimizer.name)
     # first: a bad or taken --out_dir fails before any loading (rank 0 checks and locks it; its error stops all)
     parallel.on_main(lambda: prepare_run_dir(run.out_dir, resume, overwrite))
     if threads:
