@@ -232,3 +232,33 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(world, m
         assert engine.stats()["running"] == 0 and engine.thread.is_alive()
     finally:
         engine.close()
+
+
+def test_a_shared_prompt_start_is_reused_per_adapter_and_gives_the_same_text(world):
+    """Rows keep their prompt's keys/values: a later request for the same adapter whose prompt starts alike (here
+    the chat template's system message and more) prefills only the rest, from a running row, a finished one or
+    its own slot; another adapter's rows are never used. Texts equal `generate` either way."""
+    ckpt, folders = world
+    engine = new_engine(ckpt, max_batch=2)
+    try:
+        engine.add_adapter("lora", folders["lora"])
+        engine.add_adapter("prefix", folders["prefix_tuning"])
+        refs = {n: Reference(ckpt, folders.get(n)) for n in ("base", "lora", "prefix_tuning")}
+        long = "Tell me a story about a cat and a dog who live in a small house by the sea."
+        for name, ref in (("lora", "lora"), ("prefix", "prefix_tuning"), ("base", "base")):
+            before = engine.stats()["prompt_tokens_reused"]
+            first = submit(engine, name, long, max_tokens=6)
+            assert first.text == refs[ref].text(long, 6)
+            reused = engine.stats()["prompt_tokens_reused"] - before
+            second = submit(engine, name, long + " Make it short.", max_tokens=6)
+            assert second.text == refs[ref].text(long + " Make it short.", 6)
+            grown = engine.stats()["prompt_tokens_reused"] - before - reused
+            assert grown >= len(encode_prompt(engine.tokenizer, long)) - 8, (name, reused, grown)
+        off = new_engine(ckpt, max_batch=2, prefix_cache=False)
+        try:
+            assert submit(off, "base", long, max_tokens=6).text == refs["base"].text(long, 6)
+            assert submit(off, "base", long, max_tokens=6).text and off.stats()["prompt_tokens_reused"] == 0
+        finally:
+            off.close()
+    finally:
+        engine.close()

@@ -55,6 +55,7 @@ def serve(
     threads: int | None = None,
     shutdown_timeout: float = 300.0,
     load_adapters: bool = True,
+    prefix_cache: bool = True,
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
 ) -> None:
     """Serve the base and its adapters over OpenAI's HTTP API (chat/completions, completions, models; SSE streaming).
@@ -87,6 +88,8 @@ def serve(
         shutdown_timeout: Seconds to wait for requests in flight after Ctrl-C/SIGTERM before cancelling them.
         load_adapters: Allow loading and unloading adapters over HTTP (POST /v1/adapters, DELETE
             /v1/adapters/NAME); they read folders on this machine, so keep an --api_key when others can connect.
+        prefix_cache: Reuse the keys and values of a prompt's start that a row already holds for the same
+            adapter (the chat template's system message, a shared few-shot preamble) instead of prefilling it again.
         log_level: uvicorn's log level (critical, error, warning, info, debug).
     """
     import uvicorn  # the server stack loads only for this command (so does FastAPI, in create_app)
@@ -117,7 +120,7 @@ def serve(
         raise ValueError(f"--adapter {name}: that is the base model's name; pick another (or set --model_name)")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
     engine = Engine(model, tokenizer, checkpoint_dir, name, max_batch=max_batch_size, max_queue=max_queue,
-                    max_seq_length=max_seq_length)
+                    max_seq_length=max_seq_length, prefix_cache=prefix_cache)
     try:
         for n, folder in adapters.items():
             a = engine.add_adapter(n, folder)

@@ -10,6 +10,10 @@ with per-row adapter selection (`adapters.LoRARows`); each grouped adapter (othe
 forward covers the contiguous slot range of its group's rows; other slots in that range ride along as passengers
 whose outputs are ignored and whose writes go to the cache's scratch column.
 
+Prefix reuse: a new request whose prompt starts like what a row already holds for the same adapter (a running
+row, or a finished one whose slot was not refilled yet; typically the chat template's system message) gets those
+keys and values copied into its row and prefills only the rest.
+
 Sampling is per row: greedy rows share one argmax, sampled rows use their own `Sampling` and a `torch.Generator`
 seeded from the request's seed, so a seeded request draws the same tokens as `generate --seed` does. Text is
 detokenized incrementally per row with the checkpoint's stop ids (EOS) and the request's stop strings held back
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -103,7 +108,7 @@ class Request:
 
 class Engine:
     def __init__(self, model: GPT, tokenizer, checkpoint_dir: Path, base_name: str, max_batch: int = 8,
-                 max_queue: int = 64, max_seq_length: int | None = None) -> None:
+                 max_queue: int = 64, max_seq_length: int | None = None, prefix_cache: bool = True) -> None:
         self.pristine = model.eval()
         self.tokenizer, self.checkpoint_dir, self.base_name = tokenizer, Path(checkpoint_dir), base_name
         self.device = model.lm_head.weight.device
@@ -122,12 +127,18 @@ class Engine:
         self._pending: set[str] = set()
         self._next_id = 1
         self.slots: list[Request | None] = [None] * max_batch
+        # Prefix reuse: the tokens whose keys/values row s holds (from column n_virtual on) and for which adapter;
+        # kept after the row's request finishes, until the slot is filled again.
+        self.prefix_cache = prefix_cache
+        self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]
+        self.row_adapter: list[Adapter | None] = [None] * max_batch
+        self.reused_tokens = 0
         self.waiting: deque[Request] = deque()
         self.commands: deque[tuple[Callable[[], object], Future]] = deque()
         self.cv = threading.Condition()
         self.closing = self.stopped = False
         self.failure: str | None = None
-        self.served_requests = self.generated_tokens = self.cancelled_requests = 0
+        self.served_requests = self.generated_tokens = self.cancelled_requests = self.prompt_tokens = 0
         self._service_time = 1.0  # moving average of a request's seconds from submit to finish (Retry-After)
         self.thread = threading.Thread(target=self._loop, name="leantune-engine", daemon=True)
         self.thread.start()
@@ -201,7 +212,8 @@ class Engine:
             return {"running": running, "waiting": len(self.waiting), "max_batch_size": self.max_batch,
                     "max_queue": self.max_queue, "context_length": self.capacity,
                     "served_requests": self.served_requests, "cancelled_requests": self.cancelled_requests,
-                    "generated_tokens": self.generated_tokens}
+                    "generated_tokens": self.generated_tokens, "prompt_tokens": self.prompt_tokens,
+                    "prompt_tokens_reused": self.reused_tokens}
 
     def add_adapter(self, name: str, path: Path) -> Adapter:
         """Load an adapter folder (leantune or PEFT, any method) under `name`; runs in the caller's thread, installs
@@ -282,6 +294,9 @@ class Engine:
             if self.adapters.get(adapter.name) is adapter:
                 del self.adapters[adapter.name]
         adapter.model = None
+        for s, a in enumerate(self.row_adapter):  # its rows' keys/values are of no use to anyone now
+            if a is adapter:
+                self.row_tokens[s], self.row_adapter[s] = [], None
         log.info("adapter %s unloaded", adapter.name)
 
     def _loop(self) -> None:
@@ -333,6 +348,7 @@ class Engine:
                         self._decode_step()
                 except Exception as e:  # a bug or an allocation failure: fail the requests, keep serving
                     log.error("engine step failed: %s", traceback.format_exc())
+                    self.row_tokens = [[] for _ in self.slots]  # what the rows hold is unknown now
                     for req in [r for r in self.slots if r is not None]:
                         self._fail(req, f"{type(e).__name__}: {e}")
 
@@ -341,19 +357,43 @@ class Engine:
 
     def _prefill(self, req: Request) -> None:
         """Run the prompt of a newly admitted request into its slot's rows of the cache; sample its first token."""
-        a = req.adapter
+        a, slot = req.adapter, req.slot
         model = self._group_model(a)
         L = len(req.prompt)
-        self.layout.prefill(req.slot)
+        self.layout.prefill(slot)
         for c in self.caches:
             c.ensure_filled(a.n_virtual + L)
+        m = self._reuse_prefix(req) if self.prefix_cache else 0
+        self.row_tokens[slot], self.row_adapter[slot] = [], a
         if a.shared:
             self.rows.set([a.id], self.device)
-        ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)  # (1, L)
-        hidden = model(ids, input_pos=torch.arange(L, device=self.device), return_hidden=True)  # (1, L, C)
+        ids = torch.tensor([req.prompt[m:]], dtype=torch.long, device=self.device)  # (1, L - m)
+        hidden = model(ids, input_pos=torch.arange(m, L, device=self.device), return_hidden=True)  # (1, L - m, C)
         logits = model.lm_head(hidden[:, -1])  # (1, V)
         req.length = L
+        self.row_tokens[slot] = list(req.prompt)
+        with self.cv:
+            self.prompt_tokens += L
+            self.reused_tokens += m
         self._accept([req], logits)
+
+    def _reuse_prefix(self, req: Request) -> int:
+        """Tokens at the start of the prompt whose keys/values some row already holds for the same adapter (e.g.
+        the chat template's system message), copied into this request's row (in place when it is that row); the
+        prefill then runs only the rest. At least the last prompt token is always run: its logits are needed."""
+        best, src = 0, -1
+        for s, tokens in enumerate(self.row_tokens):
+            if self.row_adapter[s] is req.adapter and tokens:
+                n = len(os.path.commonprefix([tokens, req.prompt]))
+                if n > best:
+                    best, src = n, s
+        m = min(best, len(req.prompt) - 1)
+        if m > 0 and src != req.slot:
+            cols = req.adapter.n_virtual + m  # the virtual positions come along
+            for c in self.caches:
+                c.k[req.slot, :, :cols] = c.k[src, :, :cols]
+                c.v[req.slot, :, :cols] = c.v[src, :, :cols]
+        return max(m, 0)
 
     def _decode_step(self) -> None:
         groups: dict[object, list[int]] = {}
@@ -403,6 +443,7 @@ class Engine:
         logits = model.lm_head(h)  # (n, V)
         for r in reqs:
             r.length += 1
+            self.row_tokens[r.slot].append(r.last)  # the token just written at its row's column
         self._accept(reqs, logits)
 
     def _accept(self, reqs: list[Request], logits: torch.Tensor) -> None:
