@@ -218,7 +218,9 @@ def quantize_for_inference(model: nn.Module, mode: str) -> nn.Module:
     """Swap a float GPT's block linears and LM head for weight-only `mode` (int8, int4) QuantLinears, in place.
 
     Quantize before applying an adapter (it then wraps these layers). A tied input embedding keeps its float table;
-    the head gets its own quantized copy. Layers whose shape the kernels refuse stay float, counted in one warning.
+    the head gets its own quantized copy, in int8 under int4 too (as llama.cpp keeps its output matrix at higher
+    precision: on the default model an int4 head took greedy agreement with fp32 from ~66% of prompts to ~19%, for
+    ~10% more speed). Layers whose shape the kernels refuse stay float, counted in one warning.
     """
     if mode not in WEIGHT_ONLY_MODES:
         raise ValueError(f"--quantize {mode!r} is not one of {', '.join(WEIGHT_ONLY_MODES)}")
@@ -228,13 +230,14 @@ def quantize_for_inference(model: nn.Module, mode: str) -> nn.Module:
         if type(layer) is not nn.Linear:
             raise TypeError(f"{name}: --quantize {mode} swaps plain nn.Linear layers, got {type(layer).__name__} "
                             "(quantize the base before applying an adapter)")
-        if not kernel_fits(mode, layer.out_features, layer.in_features):
+        layer_mode = "int8" if name == "lm_head" else mode
+        if not kernel_fits(layer_mode, layer.out_features, layer.in_features):
             kept.append(f"{name} {tuple(layer.weight.shape)}")
             continue
 
-        def make(layer: nn.Linear) -> QuantLinear:
+        def make(layer: nn.Linear, layer_mode=layer_mode) -> QuantLinear:
             bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
-            weight = quantize_weight_only(layer.weight.detach(), mode, layer.weight.dtype)
+            weight = quantize_weight_only(layer.weight.detach(), layer_mode, layer.weight.dtype)
             return QuantLinear(layer.in_features, layer.out_features, weight, bias)
         _swap(model, name, make)
     if kept:

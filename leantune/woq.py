@@ -11,8 +11,8 @@ stream and the KV cache stay in fp32 under `--precision 32-true`. Off CPU the we
 not fast). Weights are quantized once after loading and never trained: `finetune` refuses these modes (its quantized
 bases are bitsandbytes' `bnb.*`).
 
-The block linears and the LM head are quantized (the head is a quarter of a small model's bytes); a tied input
-embedding keeps its float table (a lookup reads one row per token), so the head gets its own quantized copy. A layer
+The block linears and the LM head are quantized (the head is a quarter of a small model's bytes; it stays int8 under
+int4, see `quantize.quantize_for_inference`); a tied input embedding keeps its float table (a lookup reads one row per token), so the head gets its own quantized copy. A layer
 is a `leantune.quantize.QuantLinear` whose `weight` Parameter carries a `WeightOnly` record (`weight.weight_only`),
 so every PEFT layer that wraps quantized linears (LoRA, DoRA, IA3, LoHa, LoKr, AdaLoRA, adapter v2) runs unmerged on
 top through `quantize.quantized_linear`.

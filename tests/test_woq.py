@@ -127,6 +127,8 @@ def test_greedy_equals_the_dequantized_weights_model(mode, tie):
     q = quantize_for_inference(copy.deepcopy(model), mode)
     swapped = {n for n, m in q.named_modules() if isinstance(m, QuantLinear)}
     assert len(swapped) == 2 * 5 + 1 and "lm_head" in swapped  # qkv, proj, fc_1, fc_2, proj per block; the head
+    assert q.lm_head.weight.weight_only.mode == "int8"  # the head stays int8 under int4
+    assert q.transformer.h[0].mlp.fc_1.weight.weight_only.mode == mode
     assert torch.equal(q.transformer.wte.weight, emb)  # a tied embedding keeps its float table
     assert all(not p.requires_grad for p in q.parameters())
     ref = dequantize_model(copy.deepcopy(q))  # plain fp32 linears holding exactly the weights the kernels use
