@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--quantize", default=None)
     ap.add_argument("--sequential", type=int, default=16, help="requests in the one-at-a-time run")
+    ap.add_argument("--prefix_cache", default="true", help="serve --prefix_cache")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     import httpx
@@ -99,7 +100,8 @@ def main() -> None:
         cmd = [sys.executable, "-m", "leantune.cli", "serve", "--checkpoint_dir", str(a.checkpoint_dir),
                "--adapter", f"lora={lora}", "--adapter", f"peft={peft}", "--model_name", "base",
                "--port", str(port), "--threads", str(a.threads), "--max_batch_size", str(a.max_batch),
-               "--max_queue", str(a.requests), "--max_new_tokens", str(a.new), "--log_level", "warning"]
+               "--max_queue", str(a.requests), "--max_new_tokens", str(a.new), "--log_level", "warning",
+               "--prefix_cache", a.prefix_cache]
         server = subprocess.Popen(cmd + (["--quantize", a.quantize] if a.quantize else []))
         try:
             url = f"http://127.0.0.1:{port}"
@@ -120,6 +122,7 @@ def main() -> None:
             run(client, jobs[:2], 4, 1)  # warm-up
             seq = run(client, jobs[: a.sequential], a.new, 1)
             conc = run(client, jobs, a.new, a.concurrency)
+            health = httpx.get(url + "/health").json()
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=120)
@@ -131,9 +134,11 @@ def main() -> None:
     print_table(rows, ["run", "requests", "tokens", "wall_s", "tokens_per_s", "p50_ms", "p95_ms"])
     print(f"aggregate / single-stream tokens/s: {ratio}x; answers differing from the sequential run: {len(crossed)}"
           f" of {a.sequential}; {a.quantize or 'no --quantize'}, {a.threads} threads, "
-          f"{a.max_batch} rows")
+          f"{a.max_batch} rows; prompt tokens {health['prompt_tokens']}, {health['prompt_tokens_reused']} of them "
+          "reused from rows holding the same start")
     result = {"environment": environment(), "args": vars(a) | {"checkpoint_dir": str(a.checkpoint_dir)},
-              "rows": rows, "ratio": ratio, "crossed": crossed}
+              "rows": rows, "ratio": ratio, "crossed": crossed,
+              "prompt_tokens": health["prompt_tokens"], "prompt_tokens_reused": health["prompt_tokens_reused"]}
     print(write_result("serve_cpu", result))
 
 

@@ -107,6 +107,9 @@ class Request:
 
 
 class Engine:
+    """Serves `model` (loaded once, never modified) and the adapters added to it; `max_batch` rows decode together,
+    at most `max_queue` requests wait, each request holds up to `max_seq_length` tokens (default: the model's)."""
+
     def __init__(self, model: GPT, tokenizer, checkpoint_dir: Path, base_name: str, max_batch: int = 8,
                  max_queue: int = 64, max_seq_length: int | None = None, prefix_cache: bool = True) -> None:
         self.pristine = model.eval()
@@ -144,10 +147,6 @@ class Engine:
         self.thread.start()
 
     # ---- what the HTTP layer calls (any thread) -------------------------------------------------------
-    def limit(self, name: str) -> int:
-        """Tokens (prompt + completion) one request for model `name` may hold."""
-        return self.capacity - self.lookup(name).n_virtual
-
     def lookup(self, name: str) -> Adapter:
         a = self.adapters.get(name)
         if a is None or a.unloading:
