@@ -217,3 +217,16 @@ def test_generate_command_decodes_with_the_weight_only_modes(mode, tiny_checkpoi
     assert isinstance(text, str) and "tokens/s" in capsys.readouterr().err
     model = load_for_inference(tiny_checkpoint, quantize=mode)[0]
     assert model.quantize == mode and isinstance(model.lm_head, QuantLinear)
+
+
+@pytest.mark.slow
+def test_default_model_still_answers_with_int8(default_checkpoint):
+    """(int4 answers this one with "L'Étoile, la Marseillaise, ..."; its agreement is measured in bench/decode_cpu.py.)"""
+    from leantune.generate import encode_prompt
+    from leantune.inference import load_for_inference
+
+    model, tok, _, _ = load_for_inference(default_checkpoint, "32-true", quantize="int8")
+    ids = torch.tensor(encode_prompt(tok, "What is the capital of France?"))
+    text = tok.decode(list(generate_tokens(model, ids, 12, stop_ids=tok.eos_ids)), skip_special_tokens=True)
+    assert "Paris" in text
+    assert model.lm_head.weight.weight_only.mode == "int8"
