@@ -102,6 +102,8 @@ TABLE: dict[tuple[str, ...], dict[str, list[str]]] = {
                  "--max_new_tokens": POS_INT, "--max_seq_length": ["1", "0", "-3", "abc", "1.5"],
                  "--threads": ["0", "-2"], "--precision": PRECISION, "--adapter": ["=x", "nope", "a b=x"],
                  "--shutdown_timeout": ["-1", ".nan", "abc"], "--log_level": ["loud", ""], "--load_adapters": BOOL},
+    ("upload",): {"--repo_id": ["", "a/b/c", "has space"], "--private": BOOL, "--dry_run": BOOL,
+                  "--run_dir": ["no-such-run-folder"], "--checkpoint_dir": ["no-such-base-folder"]},
 }
 
 
@@ -188,6 +190,8 @@ def base_argv(words: tuple[str, ...], f: dict[str, Path], out: Path) -> list[str
         return [*words, "--checkpoint_dir", tiny, *data]
     if words[0] == "serve":
         return [*words, "--checkpoint_dir", tiny, "--port", "0"]
+    if words[0] == "upload":  # a dry run: nothing would be sent even if a bad flag got through
+        return [*words, str(f["adapter"]), "--repo_id", "me/x", "--dry_run", "true"]
     return list(words)
 
 
