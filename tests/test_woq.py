@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from method_cases import EVERY_METHOD, tiny_args
 
 from leantune.cli import main
 from leantune.config import Config
@@ -230,3 +231,29 @@ def test_default_model_still_answers_with_int8(default_checkpoint):
     text = tok.decode(list(generate_tokens(model, ids, 12, stop_ids=tok.eos_ids)), skip_special_tokens=True)
     assert "Paris" in text
     assert model.lm_head.weight.weight_only.mode == "int8"
+
+
+@pytest.mark.parametrize("method", [m for m in EVERY_METHOD if m != "full"])
+def test_every_adapter_method_applies_on_top_of_an_int8_base(method):
+    """Each PEFT method, unmerged on the int8 base, computes what it computes on the dequantized float base."""
+    model = tiny()
+    q = quantize_for_inference(copy.deepcopy(model), "int8")
+    ref = dequantize_model(copy.deepcopy(q))
+    x = torch.randint(0, V, (2, 11), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        base_err = (q(x) - ref(x)).abs().max()  # the kernels' bfloat16 rounding, before any adapter
+    names = apply_method(q, method, tiny_args(method))
+    assert names == apply_method(ref, method, tiny_args(method))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # the same non-zero trained state on both
+        qp, rp = dict(q.named_parameters()), dict(ref.named_parameters())
+        for n in names:
+            qp[n].add_(torch.randn(qp[n].shape, generator=g) * 0.05)
+            rp[n].copy_(qp[n])
+    with torch.no_grad():
+        got, want = q.eval()(x), ref.eval()(x)
+        base = quantize_for_inference(copy.deepcopy(model), "int8")(x)
+    # the adapter adds no error of its own: what separates the two stays at the quantized base's own rounding level
+    err = (got - want).abs().max()
+    assert err <= 3 * base_err + 1e-3 * want.abs().max(), (float(err), float(base_err))
+    assert not torch.equal(got, base)  # the adapter is applied
