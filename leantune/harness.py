@@ -7,9 +7,8 @@ lm-eval is an optional extra (`pip install 'leantune[eval]'`): this module impor
 - `score_continuations`: log P(continuation | context) and whether greedy decoding would produce it, for many
   (context, continuation) token pairs at once. A request whose input is a prefix of another's (MMLU's four one-token
   answers share one context) is read off the longer row's forward pass; the rows left run sorted by length in right-
-  padded batches of rows of similar length (causal attention never sees the padding on the right, so no mask is
-  needed), first tokens common to a whole batch run once into the KV cache, and only the scored positions go
-  through the LM head and the fp32 log-softmax, never the whole (B, T, vocab) logits.
+  padded batches (causal attention never sees the padding on the right, so no mask is needed), and only the scored
+  positions go through the LM head and the fp32 log-softmax, never the whole (B, T, vocab) logits.
 - `generate_until`: greedy decoding with the KV cache and left padding (`greedy_batch`), batched by prompt length,
   stopping a row at an end-of-sequence id or the first stop string; sampled decoding runs one prompt at a time.
 Tokenization follows lm-eval's `hf` backend (the checkpoint's own BOS rule, context/continuation split of the whole
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,8 +31,6 @@ from leantune.generate import Sampling, generate_tokens, greedy_batch
 from leantune.kinds import is_seq2seq
 
 INSTALL_HINT = "pip install 'leantune[eval]'"
-MIN_SHARED = 8
-"""A batch's rows computing their common first tokens once need at least this many of them."""
 HEAD_CHUNK = 1024
 """Scored positions projected through the LM head at a time (a rolling window scores every position)."""
 
@@ -80,18 +76,17 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     bar = tqdm(total=len(requests), desc="loglikelihood", unit="req", leave=False, disable=not progress,
                dynamic_ncols=True)
-    for batch in length_batches(rows, batch_size):
+    for s in range(0, len(rows), batch_size):
+        batch = rows[s:s + batch_size]
         L = len(batch[0])
         ids = torch.zeros(len(batch), L, dtype=torch.long)
         for r, seq in enumerate(batch):
             ids[r, :len(seq)] = torch.tensor(seq)
-        first_scored = min(len(inputs[i]) - len(requests[i][1]) for seq in batch for i in wanted[seq])
-        shared = min(len(os.path.commonprefix(batch)), first_scored) if len(batch) > 1 else 0
-        hidden = _forward(model, ids.to(device), shared if shared >= MIN_SHARED else 0)  # (B, L - shared, C)
+        hidden = model(ids.to(device), return_hidden=True)  # (B, L, C); right padding is never attended to
         row_idx, pos_idx, targets, owners = [], [], [], []
         for r, seq in enumerate(batch):
             for i in wanted[seq]:
-                n, end = len(requests[i][1]), len(inputs[i]) - L + hidden.shape[1]  # positions in `hidden`
+                n, end = len(requests[i][1]), len(inputs[i])
                 row_idx += [r] * n
                 pos_idx += range(end - n, end)
                 targets += list(requests[i][1])
@@ -104,40 +99,6 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
         bar.update(len(owners))
     bar.close()
     return results  # type: ignore[return-value]
-
-
-def _forward(model, ids: torch.Tensor, shared: int) -> torch.Tensor:
-    """Final hidden states (B, L - shared, C) of right-padded rows (B, L) whose first `shared` tokens are the same
-    (MMLU's "The following are multiple choice questions (with answers) about"): that prefix runs once, for one
-    row, into the KV cache, is copied to the other rows' cache entries, and the rest of every row attends to it.
-    shared=0: one plain forward (right padding needs no mask: causal attention never looks right)."""
-    if shared == 0 or model.virtual is not None:
-        return model(ids, return_hidden=True)[:, shared:]
-    B, L = ids.shape
-    device = ids.device
-    model.set_kv_cache(B, L, device=device)
-    try:
-        model(ids[:1, :shared], input_pos=torch.arange(shared, device=device), return_hidden=True)
-        for block in model.transformer.h:
-            cache = block.attn.kv_cache  # buffers k, v: (B, n_query_groups, L, head_size)
-            cache.k[1:, :, :shared] = cache.k[:1, :, :shared]
-            cache.v[1:, :, :shared] = cache.v[:1, :, :shared]
-        return model(ids[:, shared:], input_pos=torch.arange(shared, L, device=device), return_hidden=True)
-    finally:
-        model.clear_kv_cache()
-
-
-def length_batches(rows: list[tuple[int, ...]], batch_size: int, keep: float = 0.9) -> list[list[tuple[int, ...]]]:
-    """Rows (sorted longest first) in batches of at most `batch_size` whose rows are all at least `keep` times as
-    long as the batch's first: right padding stays under ~10% of a batch (a fixed count of 16 padded the default
-    model's MMLU-exemplar rows by 13%), long rows going in smaller batches."""
-    out: list[list[tuple[int, ...]]] = []
-    for row in rows:
-        if out and len(out[-1]) < batch_size and len(row) >= keep * len(out[-1][0]):
-            out[-1].append(row)
-        else:
-            out.append([row])
-    return out
 
 
 def _score_positions(model, hidden: torch.Tensor, rows: list[int], positions: list[int], targets: list[int]
