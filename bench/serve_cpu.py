@@ -41,8 +41,8 @@ def make_lora(checkpoint: Path, out: Path, seed: int) -> Path:
 
     model = load_hf_checkpoint(checkpoint, dtype=torch.float32)
     args = LoRAArgs(r=8, alpha=16, targets="query,value")
+    torch.manual_seed(seed)  # before apply_method: A's initialisation is random too
     trainable = apply_method(model, "lora", args)
-    torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
