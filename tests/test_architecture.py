@@ -5,7 +5,7 @@ Layers, bottom to top (a module may import its own layer and the ones below):
   0 facts       config, presets, families, runtime, ops
   1 model       model, quantize, compile
   2 parts       checkpoint, data, tokenizer, peft, generate, download
-  3 library     methods, train, evaluate, inference, merge, export, estimate
+  3 library     methods, train, evaluate, inference, merge, export, estimate, harness, serve, upload
   4 commands    commands, cli
 Plus narrower rules from the design: data never imports the model or training; a PEFT method never imports the
 registry, the loop or the commands; checkpoint formats know no loop and no method.
@@ -29,7 +29,7 @@ LAYERS = [
     ("model", "quantize", "compile", "t5", "kinds"),
     ("checkpoint", "data", "tokenizer", "peft", "generate", "download", "t5_generate"),
     ("methods", "train", "evaluate", "inference", "merge", "export", "estimate", "rouge", "harness",
-     "harness_tasks", "serve"),
+     "harness_tasks", "serve", "upload"),
     ("commands", "cli"),
 ]
 FORBIDDEN = {  # importer prefix -> imported prefixes it must never reach directly

@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from leantune.checkpoint.io import atomic_dir
+
 T = TypeVar("T")
 DCP_DIR = "dcp"
 """The sharded weights and optimizer state of a checkpoint written by several ranks (`torch.distributed.checkpoint`)."""
@@ -365,8 +367,6 @@ def shared_atomic_dir(final_dir: Path, parallel: Parallel) -> Iterator[Path]:
     """`leantune.checkpoint.io.atomic_dir` for a folder every rank writes into: rank 0 makes the hidden temporary
     sibling and tells the others its name; after all ranks finished (a barrier), rank 0 renames it into place. A
     rank that dies mid-write leaves only the hidden temporary, which the next run's folder preparation removes."""
-    from leantune.checkpoint.io import atomic_dir
-
     if not parallel.enabled:
         with atomic_dir(final_dir) as tmp:
             yield tmp
