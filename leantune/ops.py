@@ -17,12 +17,9 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        C = x.shape[-1]
-        x2 = x.reshape(-1, C)  # (N, C)
-        rstd = torch.linalg.vector_norm(x2, dim=-1, keepdim=True).square_().div_(C).add_(eps).rsqrt_()  # (N, 1)
-        y = torch.mul(x2, rstd).mul_(weight)
+        y, x2, rstd = _rms_norm_forward(x, weight, eps)
         ctx.save_for_backward(x2, rstd, weight)
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, gy):
@@ -42,8 +39,24 @@ class _RMSNormFn(torch.autograd.Function):
         return gx, gw, None
 
 
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)  # (N, C)
+    rstd = torch.linalg.vector_norm(x2, dim=-1, keepdim=True).square_().div_(C).add_(eps).rsqrt_()  # (N, 1)
+    y = torch.mul(x2, rstd).mul_(weight)
+    return y.view(x.shape), x2, rstd
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Fused fp32 RMSNorm (Llama). Other dtypes should use the reference path, which rounds as transformers."""
+    """Fused fp32 RMSNorm (Llama). Other dtypes should use the reference path, which rounds as transformers.
+    Without autograd (decoding, evaluation) the same kernels run without the autograd.Function call, which costs
+    about as much as the math for one token: the bits are the training path's."""
+    if not _needs_grad(x, weight):
+        return _rms_norm_forward(x, weight, eps)[0]
     return _RMSNormFn.apply(x, weight, eps)
 
 
@@ -79,5 +92,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (..., T, hs), cos/sin (..., T, rope_n_elem) broadcastable: RoPE on the first rope_n_elem dims."""
+    """x (..., T, hs), cos/sin (..., T, rope_n_elem) broadcastable: RoPE on the first rope_n_elem dims (without
+    autograd, the same rotation without the autograd.Function call)."""
+    if not _needs_grad(x):
+        return _rotate(x, cos, sin, sign=1.0)
     return _RoPEFn.apply(x, cos, sin)

@@ -196,7 +196,9 @@ def test_merge_equals_unmerged_unmerge_restores_and_transformers_loads_it(tmp_pa
         for k, v in model.state_dict().items():
             if k in weights:
                 torch.testing.assert_close(v, weights[k], atol=1e-6, rtol=0)
-        torch.testing.assert_close(model(idx), unmerged, atol=1e-6, rtol=0)
+        # W + dW - dW is W to rounding; through the model that reaches ~1e-6 (1.01e-6 seen on one CPU): the
+        # merge tolerance, 1e-5
+        torch.testing.assert_close(model(idx), unmerged, atol=1e-5, rtol=0)
         get_method("dora").merge(model, 1.0)
         assert not any(isinstance(m, LoRALinear) for m in model.modules())
         torch.testing.assert_close(model(idx), unmerged, atol=1e-5, rtol=0)

@@ -135,7 +135,13 @@ def test_one_optimizer_step_equals_peft(tmp_path, case):
     step(lambda: ours(idx)[..., :V], our_params)
     theirs = {k.split("prompt_encoder.default.")[1]: v for k, v in pm.named_parameters() if "prompt_encoder" in k}
     for k, p in ours.virtual.named_parameters():
-        torch.testing.assert_close(p, theirs[k], atol=1e-6, rtol=1e-5, msg=k)
+        torch.testing.assert_close(p.grad, theirs[k].grad, atol=1e-7, rtol=1e-4, msg=k)
+        # AdamW's first step is lr * g / (|g| + eps): where |g| is near eps (1e-8) a rounding-level difference in g
+        # moves the update by up to lr, so the updates are compared where the gradient is well above rounding (one
+        # element of an LSTM's 2048 differed by 4e-6 on one CPU for that reason).
+        sure = theirs[k].grad.abs() > 1e-6
+        torch.testing.assert_close(p[sure], theirs[k][sure], atol=1e-6, rtol=1e-5, msg=k)
+        torch.testing.assert_close(p[~sure], theirs[k][~sure], atol=2e-2, rtol=0, msg=k)  # within 2 lr steps
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
