@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 import typing
 
 import pytest
@@ -57,14 +58,24 @@ def test_alpaca_local_file_and_cache(tmp_path):
     assert (len(module.train_dataset), len(module.val_dataset)) == (3, 1)
 
 
-def test_alpaca_2k_parquet_needs_pyarrow(tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("pyarrow") is not None:
-        pytest.skip("pyarrow is installed: the missing-dependency message cannot be shown")
+def test_alpaca_2k_parquet_needs_pyarrow(tmp_path, monkeypatch):
+    # hidden even where pyarrow is installed (lm-eval's datasets brings it): a None entry makes its import fail
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     (tmp_path / "x.parquet").write_bytes(b"PAR1")
     with pytest.raises(DataError, match="pyarrow"):
         Alpaca(version="alpaca-2k", local_path=tmp_path / "x.parquet").load_examples()
+
+
+def test_alpaca_2k_parquet_rows(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"instruction": "Add 1 and 2.", "input": "", "output": "3"},
+            {"instruction": "Uppercase:", "input": "cat", "output": "CAT"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "x.parquet")
+    examples, _ = Alpaca(version="alpaca-2k", local_path=tmp_path / "x.parquet").load_examples()
+    assert [(e.line, e.record["output"]) for e in examples] == [(1, "3"), (2, "CAT")]
 
 
 def test_json_with_utf8_bom_and_blank_lines(tmp_path):
