@@ -3,7 +3,7 @@ of leantune modules (they only ever hide a cycle), and no runtime import of the 
 
 Layers, bottom to top (a module may import its own layer and the ones below):
   0 facts       config, presets, families, runtime, ops
-  1 model       model, quantize, compile
+  1 model       model, quantize, woq, compile
   2 parts       checkpoint, data, tokenizer, peft, generate, download
   3 library     methods, train, evaluate, inference, merge, export, estimate, harness, serve, upload
   4 commands    commands, cli
@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "leantune"
 
 LAYERS = [
     ("config", "presets", "families", "runtime", "ops", "t5_presets"),
-    ("model", "quantize", "compile", "t5", "kinds"),
+    ("model", "quantize", "woq", "compile", "t5", "kinds"),
     ("checkpoint", "data", "tokenizer", "peft", "generate", "download", "t5_generate"),
     ("methods", "train", "evaluate", "inference", "merge", "export", "estimate", "rouge", "harness",
      "harness_tasks", "serve", "upload"),
