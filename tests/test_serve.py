@@ -210,9 +210,21 @@ def test_a_client_that_goes_away_frees_its_row(server, monkeypatch):
 
     monkeypatch.setattr(serve_app, "DISCONNECT_POLL_S", 0.01)
     engine, srv = server
-    before = engine.stats()["cancelled_requests"]
-    body = {"model": "a", "max_tokens": 200, "messages": [{"role": "user", "content": "Tell me everything"}]}
+    body = {"model": "a", "max_tokens": 200, "temperature": 0,
+            "messages": [{"role": "user", "content": "Tell me everything"}]}
     auth = {"Authorization": f"Bearer {KEY}"}
+    whole = httpx.post(srv.url + "/v1/chat/completions", json=body, headers=auth, timeout=60).json()
+    assert whole["choices"][0]["finish_reason"] == "length"  # greedy never stops early: only a cancel can end it
+    # On an idle machine the tiny model decodes its whole budget before a 50 ms client timeout is noticed, and a
+    # finished request is not a cancelled one: slow each decode step so the disconnect comes first.
+    decode_step = engine._decode_step
+
+    def slow_step() -> None:
+        time.sleep(0.02)
+        decode_step()
+
+    monkeypatch.setattr(engine, "_decode_step", slow_step)
+    before = engine.stats()["cancelled_requests"]
     with pytest.raises(httpx.ReadTimeout):  # a non-streamed answer the client stops waiting for
         httpx.post(srv.url + "/v1/chat/completions", json=body, headers=auth, timeout=0.05)
     with httpx.stream("POST", srv.url + "/v1/chat/completions", json={**body, "stream": True}, headers=auth) as r:
