@@ -11,6 +11,7 @@ stay eager and the caller is told why.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -57,3 +58,42 @@ def uncompile_blocks(model: nn.Module) -> None:
     """Undo compile_blocks: the blocks run eager again (e.g. after a compile error)."""
     for block in model.transformer.h:
         block._compiled_call_impl = None
+
+
+STATIC_CACHE_STEP = 256
+"""A compiled decode step sees a KV cache of fixed length: the length is rounded up to a multiple of this, so prompts
+of similar size reuse one graph instead of compiling one per length."""
+
+
+def static_cache_length(tokens: int, limit: int) -> int:
+    """The static KV-cache length for `tokens` positions: the next multiple of STATIC_CACHE_STEP, at most `limit`."""
+    return min(limit, -(-tokens // STATIC_CACHE_STEP) * STATIC_CACHE_STEP)
+
+
+def decode_step(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One KV-cache step: idx (B, T) at input_pos (T,) -> logits (B, padded_vocab) of the last position."""
+    hidden = model(idx, input_pos=input_pos, position_ids=position_ids, attention_mask=attention_mask,
+                   return_hidden=True)  # (B, T, C)
+    return model.lm_head(hidden[:, -1])
+
+
+@functools.cache
+def _compiled_decode_step():
+    return torch.compile(decode_step, dynamic=False)
+
+
+def compiled_decode_step(model: nn.Module):
+    """`decode_step` compiled whole by inductor, bound to `model` (with a static KV cache: `set_kv_cache(static=True)`),
+    or None when inductor cannot compile here (the reason is logged).
+
+    One graph covers all layers, the LM head and the elementwise work between the matrix products, so a one-token
+    step runs a few fused C++ loops around the weight kernels instead of ~20 small eager ops per layer; that per-op
+    overhead, not the weights, is most of an eager step of a small model on a CPU (see bench/decode_cpu.py). Shapes
+    are static (batch, cache length), so each new (batch, length) compiles once: about a minute the first time on 2
+    CPU cores, seconds later from inductor's on-disk cache."""
+    reason = compile_unavailable_reason(next(model.parameters()).device)
+    if reason is not None:
+        log.warning("--compile ignored, decoding eager: %s", reason)
+        return None
+    return functools.partial(_compiled_decode_step(), model)

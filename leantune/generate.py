@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from leantune.compile import compiled_decode_step, static_cache_length
 from leantune.model import GPT
 
 
@@ -56,10 +57,12 @@ def generate_tokens(
     stop_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    compiled: bool = False,
 ) -> Iterator[int]:
     """Yield new token ids one at a time for a 1-D prompt; stops after a stop id (which is yielded) or the budget.
 
-    With use_cache=False every step recomputes the whole sequence (reference path for tests).
+    With use_cache=False every step recomputes the whole sequence (reference path for tests). compiled=True runs the
+    one-token steps through `leantune.compile.compiled_decode_step` over a static KV cache (the prompt stays eager).
     """
     sampling = sampling or Sampling()
     device = model.lm_head.weight.device
@@ -70,18 +73,22 @@ def generate_tokens(
         raise ValueError(f"prompt has {T} tokens; the model's block size is {model.config.block_size}"
                          + (f" of which {model.n_virtual} hold virtual tokens" if model.n_virtual else ""))
     stop = set(stop_ids)
-    if use_cache:
+    step = compiled_decode_step(model) if compiled and use_cache else None
+    if step is not None:
+        model.set_kv_cache(1, static_cache_length(max_len, model.max_tokens), device=device, static=True)
+    elif use_cache:
         model.set_kv_cache(1, max_len, device=device)
     try:
         tokens = prompt[None]  # (1, T)
         input_pos = torch.arange(T, device=device)
         x = tokens
-        for _ in range(max_len - T):
-            if use_cache:
-                hidden = model(x, input_pos=input_pos, return_hidden=True)
+        for i in range(max_len - T):
+            if step is not None and i > 0:
+                logits = step(x, input_pos)  # (1, V)
             else:
-                hidden = model(tokens, return_hidden=True)
-            logits = model.lm_head(hidden[:, -1])  # (1, V): project only the last position
+                hidden = model(x if use_cache else tokens, input_pos=input_pos if use_cache else None,
+                               return_hidden=True)
+                logits = model.lm_head(hidden[:, -1])  # (1, V): project only the last position
             nxt = sample(logits, sampling, generator)  # (1,)
             token = int(nxt)
             yield token
@@ -141,14 +148,15 @@ def bos_for_rendered(tokenizer, text: str) -> bool | None:
     return False if text.startswith(tokenizer.decode([tokenizer.bos_id])) else None
 
 
-def stream_text(model, tokenizer, ids, max_new_tokens, sampling, stop, generator):
+def stream_text(model, tokenizer, ids, max_new_tokens, sampling, stop, generator, compiled: bool = False):
     """Print tokens as they are decoded (stop strings held back); returns (text, tokens generated, start time)."""
     decoder = tokenizer.stream_decoder()
     stops = StopStringFilter(stop or [])
     eos = set(tokenizer.eos_ids)
     pieces, n = [], 0
     t0 = time.perf_counter()
-    for token in generate_tokens(model, ids, max_new_tokens, sampling, stop_ids=tokenizer.eos_ids, generator=generator):
+    for token in generate_tokens(model, ids, max_new_tokens, sampling, stop_ids=tokenizer.eos_ids, generator=generator,
+                                 compiled=compiled):
         n += 1
         if token in eos:
             break
@@ -165,14 +173,18 @@ def stream_text(model, tokenizer, ids, max_new_tokens, sampling, stop, generator
 
 @torch.inference_mode()
 def greedy_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int],
-                 pad_id: int = 0, stop_fn: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+                 pad_id: int = 0, stop_fn: Callable[[int, list[int]], bool] | None = None,
+                 compiled: bool = False) -> list[list[int]]:
     """Greedy continuations of several prompts at once; each stops at its first stop id (not included), or once
-    `stop_fn(row, new_tokens)` says so after a token is added (e.g. a stop string appeared in the decoded text)."""
+    `stop_fn(row, new_tokens)` says so after a token is added (e.g. a stop string appeared in the decoded text).
+    compiled=True: the one-token steps run compiled over a static KV cache, as in `generate_tokens`."""
     device = model.lm_head.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
     max_len = min(L + max_new_tokens, model.max_tokens)
+    step = compiled_decode_step(model) if compiled else None
+    cache_len = static_cache_length(max_len, model.max_tokens) if step is not None else max_len
     idx = torch.full((B, L), pad_id, dtype=torch.long, device=device)
-    attn = torch.zeros(B, max_len, dtype=torch.long, device=device)
+    attn = torch.zeros(B, cache_len, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):  # left padding: every prompt ends at column L-1
         idx[i, L - len(p):] = torch.tensor(p, device=device)
         attn[i, L - len(p):L] = 1
@@ -180,13 +192,17 @@ def greedy_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(B)]
-    model.set_kv_cache(B, max_len, device=device)
+    model.set_kv_cache(B, cache_len, device=device, static=step is not None)
     try:
         input_pos = torch.arange(L, device=device)
         x = idx
         for t in range(max_len - L):
-            hidden = model(x, input_pos=input_pos, position_ids=pos, attention_mask=attn, return_hidden=True)
-            nxt = model.lm_head(hidden[:, -1]).argmax(-1)  # (B,)
+            if step is not None and t > 0:
+                logits = step(x, input_pos, pos, attn)  # (B, V)
+            else:
+                hidden = model(x, input_pos=input_pos, position_ids=pos, attention_mask=attn, return_hidden=True)
+                logits = model.lm_head(hidden[:, -1])
+            nxt = logits.argmax(-1)  # (B,)
             done |= torch.isin(nxt, stop)
             for i in (~done).nonzero().flatten().tolist():
                 out[i].append(int(nxt[i]))

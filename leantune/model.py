@@ -18,7 +18,8 @@ from leantune.config import Config
 
 # Under torch.compile, end the graph after the qkv projection: a LoRA qkv adds its updates to output slices in
 # place, and inductor fusing those slice writes with RoPE's rotate-half concat gave one slow, mask-heavy loop nest.
-# Split there, each side compiles to plain loops (see leantune/compile.py).
+# Split there, each side compiles to plain loops (see leantune/compile.py). Only for training: a compiled decode step
+# (no autograd) stays one graph.
 _COMPILE_SPLIT_QKV = True
 
 
@@ -63,13 +64,16 @@ class GPT(nn.Module):
         return self._rope
 
     # ---- KV cache -------------------------------------------------------------------------------------
-    def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, device=None, dtype=None) -> None:
+    def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, device=None, dtype=None,
+                     static: bool = False) -> None:
+        """Preallocate every layer's keys/values. static=True: attention always reads the whole buffer under a mask
+        (shapes never change from step to step, so a compiled decode step is one graph; see leantune/decode.py)."""
         max_seq_length = min((max_seq_length or self.config.block_size) + self.n_virtual, self.config.block_size)
         device = device or self.lm_head.weight.device
         dtype = dtype or self.transformer.wte.weight.dtype
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch_size, self.config.n_query_groups, max_seq_length,
-                                          self.config.head_size, device, dtype)
+                                          self.config.head_size, device, dtype, static)
 
     def clear_kv_cache(self) -> None:
         for block in self.transformer.h:
@@ -158,9 +162,13 @@ class GPT(nn.Module):
         """A boolean (B|1, 1, T, S) mask where True means "may attend", or None for the plain causal case."""
         window = self.config.sliding_window
         if input_pos is not None:  # KV-cache decoding: keys are positions 0..S-1 of the cache
-            S = int(input_pos[-1]) + 1
-            if T == 1 and attention_mask is None and (window is None or S <= window):
-                return None  # a single new token attends to everything cached so far
+            cache = self.transformer.h[0].attn.kv_cache
+            if cache is not None and cache.static:
+                S = cache.k.shape[2]  # the whole buffer; the mask hides the positions not written yet
+            else:
+                S = int(input_pos[-1]) + 1
+                if T == 1 and attention_mask is None and (window is None or S <= window):
+                    return None  # a single new token attends to everything cached so far
             keys = torch.arange(S, device=device)[None]
             mask = input_pos[:, None] >= keys  # (T, S)
             if window is not None:
@@ -235,7 +243,7 @@ class CausalSelfAttention(nn.Module):
         cfg = self.config
         B, T, _ = x.shape
         qkv = self.qkv(x)  # (B, T, (nh + 2 * ng) * hs)
-        if torch.compiler.is_compiling() and _COMPILE_SPLIT_QKV:
+        if torch.compiler.is_compiling() and _COMPILE_SPLIT_QKV and torch.is_grad_enabled():
             torch._dynamo.graph_break()
         q, k, v = qkv.split(cfg.qkv_sizes, dim=-1)
         q = q.view(B, T, cfg.n_head, cfg.head_size).transpose(1, 2)  # (B, nh, T, hs)
@@ -263,10 +271,14 @@ class CausalSelfAttention(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values (B, n_query_groups, max_seq, head_size); decoding writes at input_pos."""
+    """Preallocated keys/values (B, n_query_groups, max_seq, head_size); decoding writes at input_pos.
 
-    def __init__(self, batch_size, n_groups, max_seq_length, head_size, device, dtype) -> None:
+    update() returns the filled prefix (B, ng, S, hs), or with static=True the whole buffer (B, ng, max_seq, hs),
+    which GPT._mask then masks: no shape depends on the position, and no tensor value is read on the host."""
+
+    def __init__(self, batch_size, n_groups, max_seq_length, head_size, device, dtype, static: bool = False) -> None:
         super().__init__()
+        self.static = static
         shape = (batch_size, n_groups, max_seq_length, head_size)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
@@ -275,6 +287,8 @@ class KVCache(nn.Module):
         B = k.shape[0]
         self.k[:B].index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v[:B].index_copy_(2, input_pos, v.to(self.v.dtype))
+        if self.static:
+            return self.k[:B], self.v[:B]
         S = int(input_pos[-1]) + 1  # attend only over the filled prefix, not the whole buffer
         return self.k[:B, :, :S], self.v[:B, :, :S]
 
