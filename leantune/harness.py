@@ -8,7 +8,10 @@ lm-eval is an optional extra (`pip install 'leantune[eval]'`): this module impor
   (context, continuation) token pairs at once. A request whose input is a prefix of another's (MMLU's four one-token
   answers share one context) is read off the longer row's forward pass; the rows left run sorted by length in right-
   padded batches (causal attention never sees the padding on the right, so no mask is needed), and only the scored
-  positions go through the LM head and the fp32 log-softmax, never the whole (B, T, vocab) logits.
+  positions go through the LM head and the fp32 log-softmax, never the whole (B, T, vocab) logits. The tokens all
+  rows of a batch begin with (MMLU's "The following are multiple choice questions (with answers) about") run once,
+  at batch size 1, and the rows run only what follows, attending to its keys and values (`context_kv`; the
+  attention is merged exactly from a context part and a causal part, see `leantune.model.attention_with_context`).
 - `generate_until`: greedy decoding with the KV cache and left padding (`greedy_batch`), batched by prompt length,
   stopping a row at an end-of-sequence id or the first stop string; sampled decoding runs one prompt at a time.
 Tokenization follows lm-eval's `hf` backend (the checkpoint's own BOS rule, context/continuation split of the whole
@@ -33,6 +36,10 @@ from leantune.kinds import is_seq2seq
 INSTALL_HINT = "pip install 'leantune[eval]'"
 HEAD_CHUNK = 1024
 """Scored positions projected through the LM head at a time (a rolling window scores every position)."""
+MIN_SHARED = 4
+"""Fewest common first tokens of a batch's rows worth running once for all of them."""
+CONTEXTS_KEPT = 8
+"""Shared contexts' keys/values kept for later batches (they are small: n_layer x 2 x ng x P x hs)."""
 
 
 def require_lm_eval():
@@ -48,13 +55,18 @@ def require_lm_eval():
 
 @torch.inference_mode()
 def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int,
-                        batch_size: int = 16, progress: bool = False) -> list[tuple[float, bool]]:
+                        batch_size: int = 16, progress: bool = False, share_prefix: bool = True
+                        ) -> list[tuple[float, bool]]:
     """(sum of log-probabilities of `continuation`, is it the greedy continuation) per (context, continuation).
 
     As lm-eval's `hf` backend: the model reads (context + continuation)[-(max_length + 1):][:-1] (cut from the left
-    when too long) and the continuation's tokens are scored at its last positions.
+    when too long) and the continuation's tokens are scored at its last positions. share_prefix: run the first
+    tokens common to a batch's rows once (where the model allows it, see `_can_share_prefix`); the scores are the
+    same up to float rounding.
     """
     device = model.lm_head.weight.device
+    share_prefix = share_prefix and _can_share_prefix(model)
+    contexts: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     inputs: list[tuple[int, ...]] = []
     for ctx, cont in requests:
         if not cont:
@@ -79,14 +91,29 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
     for s in range(0, len(rows), batch_size):
         batch = rows[s:s + batch_size]
         L = len(batch[0])
-        ids = torch.zeros(len(batch), L, dtype=torch.long)
+        p = 0
+        if share_prefix:  # never past a row's first scored position, whose hidden state is needed
+            first_scored = min(len(inputs[i]) - len(requests[i][1]) for seq in batch for i in wanted[seq])
+            p = min(_common_prefix_length(batch), first_scored)
+        if p < MIN_SHARED:
+            p = 0
+        ids = torch.zeros(len(batch), L - p, dtype=torch.long)
         for r, seq in enumerate(batch):
-            ids[r, :len(seq)] = torch.tensor(seq)
-        hidden = model(ids.to(device), return_hidden=True)  # (B, L, C); right padding is never attended to
+            ids[r, :len(seq) - p] = torch.tensor(seq[p:])
+        if p:  # the rows continue a shared context: only their own tokens, at positions p.., run per row
+            prefix = batch[0][:p]
+            if prefix not in contexts:
+                if len(contexts) >= CONTEXTS_KEPT:
+                    contexts.pop(next(iter(contexts)))
+                contexts[prefix] = _context_kv(model, prefix)
+            position_ids = torch.arange(p, L, device=device)[None]
+            hidden = model(ids.to(device), position_ids=position_ids, context_kv=contexts[prefix], return_hidden=True)
+        else:
+            hidden = model(ids.to(device), return_hidden=True)  # (B, L, C); right padding is never attended to
         row_idx, pos_idx, targets, owners = [], [], [], []
         for r, seq in enumerate(batch):
             for i in wanted[seq]:
-                n, end = len(requests[i][1]), len(inputs[i])
+                n, end = len(requests[i][1]), len(inputs[i]) - p
                 row_idx += [r] * n
                 pos_idx += range(end - n, end)
                 targets += list(requests[i][1])
@@ -99,6 +126,37 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
         bar.update(len(owners))
     bar.close()
     return results  # type: ignore[return-value]
+
+
+def _can_share_prefix(model) -> bool:
+    """Whether `context_kv` serves this model: a leantune decoder on CPU (the merge needs the CPU flash kernel's
+    logsumexp), without virtual tokens (prompt/prefix tuning renumber positions) or a sliding window."""
+    return (model.lm_head.weight.device.type == "cpu" and hasattr(model, "transformer")
+            and getattr(model, "virtual", None) is None and model.config.sliding_window is None)
+
+
+def _common_prefix_length(batch: Sequence[tuple[int, ...]]) -> int:
+    """Tokens every row begins with, leaving each row at least one token of its own (the shortest row is last)."""
+    first, cap = batch[0], len(batch[-1]) - 1
+    p = 0
+    while p < cap and all(seq[p] == first[p] for seq in batch):
+        p += 1
+    return p
+
+
+def _context_kv(model, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's keys (rotated) and values (1, ng, P, hs) for the P tokens of `prefix`, through the KV cache."""
+    blocks = model.transformer.h
+    kept = [block.attn.kv_cache for block in blocks]  # a caller's cache, if any, is put back
+    P = len(prefix)
+    try:
+        model.set_kv_cache(1, P)
+        device = model.lm_head.weight.device
+        model(torch.tensor([prefix], device=device), input_pos=torch.arange(P, device=device))
+        return [(block.attn.kv_cache.k[:, :, :P].clone(), block.attn.kv_cache.v[:, :, :P].clone()) for block in blocks]
+    finally:
+        for block, cache in zip(blocks, kept):
+            block.attn.kv_cache = cache
 
 
 def _score_positions(model, hidden: torch.Tensor, rows: list[int], positions: list[int], targets: list[int]

@@ -88,6 +88,7 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         return_hidden: bool = False,
     ) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, padded_vocab) or, with return_hidden, final hidden (B, T, C).
@@ -96,8 +97,24 @@ class GPT(nn.Module):
         position_ids (B, T): per-row positions (packing resets them per sample; left padding shifts them).
         segment_ids (B, T): packed sample index per token; attention never crosses samples.
         attention_mask (B, S): 1 for real tokens, 0 for padding, over all S keys (cache included).
+        context_kv: per layer (k, v), each (1, ng, P, hs), keys already rotated: a context of P tokens at positions
+            0..P-1 that every row of idx continues (a prompt prefix shared by a batch, run once at batch size 1).
+            idx holds only what follows it (right padded is fine), numbered from P unless position_ids says
+            otherwise; each token sees the whole context and its own row causally. Attention runs as two parts
+            merged exactly (`attention_with_context`), so the rows keep SDPA's causal kernel, which does half the
+            work of a masked one. Without the KV cache, packing, padding masks or virtual tokens.
         """
         B, T = idx.shape
+        if context_kv is not None:
+            P = context_kv[0][0].shape[2]
+            if input_pos is not None or segment_ids is not None or attention_mask is not None or self.virtual is not None:
+                raise ValueError("context_kv runs without input_pos, segment_ids, attention_mask or virtual tokens")
+            if self.config.sliding_window is not None and P + T > self.config.sliding_window:
+                raise ValueError("context_kv does not apply a sliding window")
+            if len(context_kv) != self.config.n_layer:
+                raise ValueError(f"context_kv has {len(context_kv)} layers, the model {self.config.n_layer}")
+            if position_ids is None:
+                position_ids = torch.arange(P, P + T, device=idx.device)[None]
         if position_ids is None:
             position_ids = input_pos.unsqueeze(0) if input_pos is not None else torch.arange(T, device=idx.device)[None]
         x = self.transformer.wte(idx)  # (B, T, C)
@@ -120,6 +137,9 @@ class GPT(nn.Module):
             cos = cos_full[position_ids].unsqueeze(1).to(x.dtype)  # (B|1, 1, T, rope_n_elem)
             sin = sin_full[position_ids].unsqueeze(1).to(x.dtype)
         for i, block in enumerate(self.transformer.h):
+            if context_kv is not None:
+                x = block(x, cos, sin, None, None, context_kv=context_kv[i])
+                continue
             x = block(x, cos, sin, mask, input_pos, None if layer_kv is None else layer_kv[i])
         if prepended:
             x = x[:, prepended:]  # (B, T, C): the virtual positions produce no outputs
@@ -215,9 +235,9 @@ class Block(nn.Module):
         self.norm_2 = None if config.shared_attention_norm else make_norm(config)
         self.mlp = SwiGLUMLP(config) if config.mlp_class == "swiglu" else GeluMLP(config)
 
-    def forward(self, x, cos, sin, mask, input_pos, prefix_kv=None):
+    def forward(self, x, cos, sin, mask, input_pos, prefix_kv=None, context_kv=None):
         x_normed = self.norm_1(x)
-        h = self.attn(x_normed, cos, sin, mask, input_pos, prefix_kv)
+        h = self.attn(x_normed, cos, sin, mask, input_pos, prefix_kv, context_kv)
         if self.config.parallel_residual:
             mlp_in = x_normed if self.norm_2 is None else self.norm_2(x)
             return self.mlp(mlp_in) + h + x
@@ -237,9 +257,11 @@ class CausalSelfAttention(nn.Module):
         # called as adapter(attn, q) -> (B, n_head, T, head_size) and added to the attention output.
         self.adapter: nn.Module | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos, prefix_kv=None):
+    def forward(self, x, cos, sin, mask, input_pos, prefix_kv=None, context_kv=None):
         """prefix_kv: this layer's prefix-tuning keys and values (2, ng, P, hs), attended to before the sequence
-        (no RoPE: they have no position) when decoding without the KV cache."""
+        (no RoPE: they have no position) when decoding without the KV cache.
+        context_kv: this layer's (k, v) of a shared context every row continues, (1, ng, P, hs) each, rotated at
+        positions 0..P-1 (see GPT.forward); the rows attend to it and to themselves causally, with no mask."""
         cfg = self.config
         B, T, _ = x.shape
         qkv = self.qkv(x)  # (B, T, (nh + 2 * ng) * hs)
@@ -259,15 +281,42 @@ class CausalSelfAttention(nn.Module):
             pk, pv = prefix_kv.to(k.dtype)  # (ng, P, hs) each
             k = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)  # (B, ng, P + T, hs)
             v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
-        is_causal = mask is None and input_pos is None and T > 1
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0 / math.sqrt(cfg.head_size),
-            enable_gqa=cfg.n_query_groups != cfg.n_head,
-        )  # (B, nh, T, hs)
+        if context_kv is not None:
+            y = attention_with_context(q, k, v, *context_kv, scale=1.0 / math.sqrt(cfg.head_size))
+        else:
+            is_causal = mask is None and input_pos is None and T > 1
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0 / math.sqrt(cfg.head_size),
+                enable_gqa=cfg.n_query_groups != cfg.n_head,
+            )  # (B, nh, T, hs)
         if self.adapter is not None:
             y = y + self.adapter(self, q)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_size)  # (B, T, nh*hs)
         return self.proj(y)
+
+
+def attention_with_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_k: torch.Tensor,
+                           context_v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of q over a shared context (every key visible) followed by the rows' own keys (causal): equal to
+    SDPA over the concatenated keys with the matching mask, without the mask.
+
+    q (B, nh, T, hs); k, v (B, ng, T, hs); context_k, context_v (1|B, ng, P, hs) -> (B, nh, T, hs). The two parts
+    are softmaxes over disjoint key sets, merged exactly by their log-sum-exps: the causal part is SDPA's flash
+    kernel (CPU's returns its logsumexp), the context part (P is small) plain matmuls with the query heads of one
+    KV group folded together, as head i uses KV head i // (nh // ng).
+    """
+    B, nh, T, hs = q.shape
+    ng = context_k.shape[1]
+    own, own_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, dropout_p=0.0, is_causal=True, scale=scale)  # (B, nh, T, hs), (B, nh, T) fp32
+    qg = q.reshape(B, ng, nh // ng * T, hs)  # (B, ng, rep*T, hs)
+    scores = torch.matmul(qg, context_k.transpose(-1, -2)).float().mul_(scale)  # (B, ng, rep*T, P)
+    ctx_lse = scores.logsumexp(-1)  # (B, ng, rep*T)
+    ctx = torch.matmul(scores.sub_(ctx_lse[..., None]).exp_().to(q.dtype), context_v)  # (B, ng, rep*T, hs)
+    ctx, ctx_lse = ctx.view(B, nh, T, hs), ctx_lse.view(B, nh, T)
+    lse = torch.logaddexp(own_lse, ctx_lse)
+    out = own * (own_lse - lse).exp_().to(own.dtype)[..., None]  # keeps the (B, T, nh, hs) layout of `own`
+    return out.addcmul_(ctx, (ctx_lse - lse).exp_().to(own.dtype)[..., None])
 
 
 class KVCache(nn.Module):

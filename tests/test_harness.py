@@ -15,9 +15,11 @@ from adapter_support import random_lora
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
+import leantune.harness as harness
 from leantune.checkpoint.hf import load_hf_checkpoint
 from leantune.cli import main
 from leantune.commands.evaluate import evaluate
+from leantune.config import Config
 from leantune.harness import harness_lm, require_lm_eval, score_continuations
 from leantune.harness_tasks import (
     CATEGORIES,
@@ -31,6 +33,9 @@ from leantune.harness_tasks import (
 )
 from leantune.inference import load_for_inference
 from leantune.methods import apply_method
+from leantune.model import GPT
+from leantune.peft.adapter import AdapterArgs
+from leantune.peft.lora import LoRAArgs
 from leantune.peft.prefix_tuning import PrefixTuningArgs
 from leantune.peft.prompt_tuning import PromptTuningArgs
 
@@ -126,6 +131,113 @@ def test_scoring_shares_prefixes_and_batches_without_changing_a_number(tiny_chec
     assert [lp for lp, _ in alone] == pytest.approx([lp for lp, _ in batched], abs=1e-5)
 
 
+# ---- shared-prefix scoring: a batch's common first tokens run once ----------------------------------------------
+def _tiny_gpt(n_query_groups: int, method: str | None = None) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(Config(vocab_size=97, block_size=128, n_layer=3, n_embd=48, n_head=6, n_query_groups=n_query_groups))
+    if method is not None:
+        args = LoRAArgs(r=4, dropout=0.0, targets="all") if method == "lora" else AdapterArgs(prompt_length=5,
+                                                                                               start_layer=1)
+        trainable = apply_method(model, method, args)
+        with torch.no_grad():  # LoRA's B and the adapter's gate start at zero: make them change the model
+            for name, p in model.named_parameters():
+                if name in trainable:
+                    p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def _rows_with_a_common_start(n_common: int, lengths: list[int], seed: int = 0):
+    """(context, continuation) requests whose inputs all begin with the same n_common tokens."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randint(0, 97, (n_common,), generator=g).tolist()
+    reqs = []
+    for n in lengths:
+        ctx = common + torch.randint(0, 97, (n,), generator=g).tolist()
+        reqs += [(ctx, [int(t)]) for t in torch.randint(0, 97, (2,), generator=g)]  # two one-token choices
+        reqs.append((ctx, torch.randint(0, 97, (3,), generator=g).tolist()))  # and a longer one
+    return reqs
+
+
+def _assert_same_scores(a, b, tol: float = 1e-5) -> None:
+    assert [g for _, g in a] == [g for _, g in b]
+    assert [x for x, _ in a] == pytest.approx([x for x, _ in b], rel=tol, abs=tol)
+
+
+@pytest.mark.parametrize("n_query_groups,method", [(6, None), (2, None), (1, None), (2, "lora"), (2, "adapter")])
+def test_shared_prefix_scoring_equals_the_plain_path(n_query_groups, method, monkeypatch):
+    """Rows of unequal lengths beginning with the same 24 tokens: with the common start run once (batch 1, through
+    the KV cache) and the rows attending to it, every score equals the plain batched forward; MHA, GQA, MQA, with a
+    LoRA on every layer and with LLaMA-Adapter's gated prefix."""
+    model = _tiny_gpt(n_query_groups, method)
+    runs = []
+    real = harness._context_kv
+    monkeypatch.setattr(harness, "_context_kv", lambda m, prefix: runs.append(len(prefix)) or real(m, prefix))
+    reqs = _rows_with_a_common_start(24, [1, 3, 9, 17, 30, 41, 2])
+    plain = score_continuations(model, reqs, model.max_tokens, batch_size=3, share_prefix=False)
+    assert runs == []
+    shared = score_continuations(model, reqs, model.max_tokens, batch_size=3)
+    assert runs and all(n >= 24 for n in runs)  # the common start really ran on its own
+    _assert_same_scores(shared, plain)
+
+
+def test_shared_prefix_is_cut_so_every_row_keeps_a_token_and_is_reused_across_batches(monkeypatch):
+    """The shortest row fixes how much is shared (it keeps at least one token of its own); a batch whose rows
+    begin with the same tokens as an earlier batch's reuses that context's keys and values; a start shorter than
+    MIN_SHARED is not worth a pass of its own."""
+    model = _tiny_gpt(2)
+    runs = []
+    real = harness._context_kv
+    monkeypatch.setattr(harness, "_context_kv", lambda m, prefix: runs.append(len(prefix)) or real(m, prefix))
+    g = torch.Generator().manual_seed(1)
+    common = torch.randint(0, 97, (12,), generator=g).tolist()
+    # inputs (context + continuation[:-1]) of 13, 8 and 6 tokens; the last one is all common tokens but its last
+    reqs = [(common + [5], [7]), (common[:7] + [3], [9]), (common[:5] + [4], [9])]
+    plain = score_continuations(model, reqs, model.max_tokens, batch_size=4, share_prefix=False)
+    shared = score_continuations(model, reqs, model.max_tokens, batch_size=4)
+    assert runs == [5]  # 6 tokens in the shortest input: 5 shared, 1 of its own
+    runs.clear()
+    reqs.append((common[:5], [common[5], common[6], 8]))  # read off a longer row, scored from position 4 on
+    longer = score_continuations(model, reqs, model.max_tokens, batch_size=4)
+    assert runs == [4]  # the shared part stops before the first scored position
+    _assert_same_scores(longer, score_continuations(model, reqs, model.max_tokens, batch_size=4, share_prefix=False))
+    _assert_same_scores(shared, plain)
+    assert harness._common_prefix_length([(1, 2, 3), (1, 2, 4), (1, 2)]) == 1
+    runs.clear()
+    same_start = [(common + torch.randint(0, 97, (n,), generator=g).tolist(), [1]) for n in (9, 7, 5, 3)]
+    out = score_continuations(model, same_start, model.max_tokens, batch_size=2)
+    assert runs == [12]  # both batches continue the same 12 tokens: their keys/values are computed once
+    _assert_same_scores(out, score_continuations(model, same_start, model.max_tokens, batch_size=2,
+                                                 share_prefix=False))
+    runs.clear()
+    short = [(common[:3] + [n], [1]) for n in (10, 20)]  # 3 common tokens: plain path
+    assert score_continuations(model, short, model.max_tokens, batch_size=2) == score_continuations(
+        model, short, model.max_tokens, batch_size=2, share_prefix=False)
+    assert runs == []
+
+
+@pytest.mark.parametrize("n_query_groups", [6, 2])
+def test_rows_continuing_a_context_equal_the_last_positions_of_the_whole_sequence(n_query_groups):
+    """model(suffix, position_ids, context_kv=the prefix's keys/values) gives the hidden states that the full
+    sequences have at the suffix's positions, per row (right padding included), and the context's K/V come out of
+    the KV cache unchanged by the call."""
+    model = _tiny_gpt(n_query_groups)
+    g = torch.Generator().manual_seed(2)
+    prefix, suffix = torch.randint(0, 97, (1, 10), generator=g), torch.randint(0, 97, (2, 15), generator=g)
+    kv = harness._context_kv(model, tuple(prefix[0].tolist()))
+    assert len(kv) == 3 and kv[0][0].shape == (1, n_query_groups, 10, 8)
+    assert all(block.attn.kv_cache is None for block in model.transformer.h)  # the cache is put back as it was
+    with torch.no_grad():
+        full = model(torch.cat([prefix.expand(2, -1), suffix], dim=1), return_hidden=True)  # (2, 25, C)
+        rows = model(suffix, position_ids=torch.arange(10, 25)[None], context_kv=kv, return_hidden=True)
+        default_positions = model(suffix, context_kv=kv, return_hidden=True)
+        short = model(suffix[:1, :4], context_kv=kv, return_hidden=True)  # a shorter row: causal, no padding seen
+    torch.testing.assert_close(rows, full[:, 10:], rtol=1e-5, atol=1e-5)
+    assert torch.equal(default_positions, rows)
+    torch.testing.assert_close(short, full[:1, 10:14], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="context_kv"):
+        model(suffix, context_kv=kv, attention_mask=torch.ones(2, 15))
+
+
 def test_loglikelihood_rolling_equals_lm_evals_hf_backend(lms):
     ours, hf = lms
     texts = ["The quick brown fox jumps over the lazy dog.", "Hello world",
@@ -219,6 +331,24 @@ def test_evaluate_tasks_with_an_adapter_and_compare(tiny_checkpoint, perturbed_a
     assert table.splitlines()[0] == "| metric | base | mine | lora |"
     assert "| anatomy acc |" in table and "| astronomy acc_norm |" in table
     assert table in capsys.readouterr().out
+
+
+def test_evaluate_tasks_on_an_int8_weight_only_base(tiny_checkpoint):
+    """--quantize int8 with --tasks: the quantized linears run under lm-eval, with the batch's common start shared,
+    and the loglikelihoods stay close to the fp32 model's."""
+    result = evaluate(checkpoint_dir=tiny_checkpoint, tasks=TASK, precision="32-true", quantize="int8")
+    assert result["examples"] == 10 and result["quantize"] == "int8"
+    assert set(result["tasks"]) == {f"{MMLU_EXEMPLARS}_anatomy", f"{MMLU_EXEMPLARS}_astronomy"}
+    model, tok, _, _ = load_for_inference(tiny_checkpoint, "32-true", quantize="int8")
+    assert type(model.transformer.h[0].attn.qkv).__name__ != "Linear"  # really quantized
+    lm = harness_lm(model, tok, batch_size=4)
+    reqs = task_requests([f"{MMLU_EXEMPLARS}_anatomy"], limit=3)
+    pairs = [lm._encode_pair(*r.args) for r in reqs]
+    shared = score_continuations(model, pairs, lm.max_length, batch_size=4)
+    plain = score_continuations(model, pairs, lm.max_length, batch_size=4, share_prefix=False)
+    _assert_same_scores(shared, plain)
+    fp32 = harness_lm(*load_for_inference(tiny_checkpoint, "32-true")[:2], batch_size=4)
+    assert [x for x, _ in lm.loglikelihood(reqs)] == pytest.approx([x for x, _ in fp32.loglikelihood(reqs)], abs=0.05)
 
 
 def test_evaluate_loss_and_tasks_together_with_compare_base(tiny_checkpoint, perturbed_adapter, tmp_path):
