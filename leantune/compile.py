@@ -80,7 +80,7 @@ def decode_step(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor, po
 
 @functools.cache
 def _compiled_decode_step():
-    return torch.compile(decode_step, dynamic=False)
+    return torch.compile(decode_step)
 
 
 def compiled_decode_step(model: nn.Module):
@@ -89,9 +89,9 @@ def compiled_decode_step(model: nn.Module):
 
     One graph covers all layers, the LM head and the elementwise work between the matrix products, so a one-token
     step runs a few fused C++ loops around the weight kernels instead of ~20 small eager ops per layer; that per-op
-    overhead, not the weights, is most of an eager step of a small model on a CPU (see bench/decode_cpu.py). Shapes
-    are static (batch, cache length), so each new (batch, length) compiles once: about a minute the first time on 2
-    CPU cores, seconds later from inductor's on-disk cache."""
+    overhead, not the weights, is most of an eager step of a small model on a CPU (see bench/decode_cpu.py). The first
+    (batch, cache length) compiles a static graph, about a minute on 2 CPU cores the first time and seconds later from
+    inductor's on-disk cache; a second shape compiles once more with those sizes symbolic, which then serves all."""
     reason = compile_unavailable_reason(next(model.parameters()).device)
     if reason is not None:
         log.warning("--compile ignored, decoding eager: %s", reason)

@@ -32,6 +32,7 @@ def generate(
     threads: int | None = None,
     num_beams: int = 1,
     length_penalty: float = 1.0,
+    compile: bool = False,
 ) -> str:
     """Generate text from a prompt with the KV cache, streaming tokens to the terminal.
 
@@ -55,6 +56,10 @@ def generate(
         threads: CPU threads for torch (default: torch's choice).
         num_beams: Beam search with this many beams (encoder-decoder models such as T5; 1: greedy or sampling).
         length_penalty: Beam search ranks finished outputs by log-probability / length ** length_penalty.
+        compile: Compile the one-token decode step with torch.compile (inductor, needs a C++ compiler on CPU): one
+            fused graph instead of ~20 small ops per layer, about 1.4x faster decoding with --quantize int4/int8 on
+            the default model. The first run compiles for about a minute on 2 CPU cores; later runs reuse inductor's
+            on-disk cache (seconds). Tokens can differ from eager decoding in the last bits of the logits.
     """
     sampling = Sampling(temperature, top_k, top_p)
     check_at_least("max_new_tokens", max_new_tokens, 1)
@@ -84,7 +89,10 @@ def generate(
         raise ValueError("--prompt is empty: give a prompt (or drop --raw to use the chat template)")
     ids = torch.tensor(ids, dtype=torch.long)
     generator = torch.Generator(device=device).manual_seed(seed)
-    text, n, t0 = stream_text(model, tokenizer, ids, max_new_tokens, sampling, stop, generator)
+    if compile:
+        print("[compiling the decode step: about a minute the first time, seconds once inductor has cached it]",
+              file=sys.stderr)
+    text, n, t0 = stream_text(model, tokenizer, ids, max_new_tokens, sampling, stop, generator, compiled=compile)
     dt = time.perf_counter() - t0
     print(f"\n[{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s, prompt {len(ids)} tokens, {precision}]", file=sys.stderr)
     return text

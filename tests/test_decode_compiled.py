@@ -1,0 +1,102 @@
+"""The static KV cache (attention over the whole buffer under a mask) and the compiled decode step (`--compile`)."""
+
+import pytest
+import torch
+
+from leantune import compile as lt_compile
+from leantune.config import Config
+from leantune.generate import generate_tokens, greedy_batch
+from leantune.model import GPT
+from tests.test_generate import CONFIGS
+
+needs_inductor = pytest.mark.skipif(lt_compile.compile_unavailable_reason() is not None,
+                                    reason="inductor cannot compile here (no C++ compiler)")
+
+
+def tiny(name: str = "llama-gqa", seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(Config(vocab_size=97, block_size=64, **CONFIGS[name])).eval()
+    with torch.no_grad():  # larger random weights so greedy continuations are not all one token
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5)
+    return model
+
+
+@torch.inference_mode()
+def step_logits(model: GPT, prompt: torch.Tensor, steps: int, static: bool) -> torch.Tensor:
+    """(steps, V) logits of greedy KV-cache decoding, the cache static (whole buffer, masked) or not."""
+    model.set_kv_cache(1, 48, static=static)
+    x, pos, out = prompt[None], torch.arange(len(prompt)), []
+    try:
+        for _ in range(steps):
+            logits = model.lm_head(model(x, input_pos=pos, return_hidden=True)[:, -1])  # (1, V)
+            out.append(logits[0])
+            x, pos = logits.argmax(-1)[:, None], pos[-1:] + 1
+    finally:
+        model.clear_kv_cache()
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_static_cache_decodes_as_the_growing_cache(name):
+    model = tiny(name)
+    prompt = torch.randint(0, 97, (9,))
+    static, growing = step_logits(model, prompt, 30, True), step_logits(model, prompt, 30, False)
+    assert static.argmax(-1).tolist() == growing.argmax(-1).tolist()
+    torch.testing.assert_close(static, growing, rtol=1e-5, atol=1e-5)
+    assert len(set(growing.argmax(-1).tolist())) > 3, "degenerate continuation would make the comparison meaningless"
+
+
+def test_static_cache_length_rounds_up_within_the_limit():
+    step = lt_compile.STATIC_CACHE_STEP
+    assert lt_compile.static_cache_length(1, 10_000) == step
+    assert lt_compile.static_cache_length(step, 10_000) == step
+    assert lt_compile.static_cache_length(step + 1, 10_000) == 2 * step
+    assert lt_compile.static_cache_length(step + 1, step + 7) == step + 7
+
+
+@needs_inductor
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_compiled_decoding_equals_eager(quantize):
+    from leantune.quantize import quantize_for_inference
+
+    model = tiny()
+    if quantize:
+        quantize_for_inference(model, quantize)
+    prompt = torch.randint(0, 97, (9,))
+    eager = list(generate_tokens(model, prompt, 30))
+    assert list(generate_tokens(model, prompt, 30, compiled=True)) == eager
+    assert len(set(eager)) > 3
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 11, 7)]
+    stop = [5]
+    assert greedy_batch(model, prompts, 12, stop, compiled=True) == greedy_batch(model, prompts, 12, stop)
+
+
+def test_compile_unavailable_decodes_eager(monkeypatch, caplog):
+    monkeypatch.setattr(lt_compile, "compile_unavailable_reason", lambda device="cpu": "no working C++ compiler (test)")
+    model = tiny()
+    prompt = torch.randint(0, 97, (5,))
+    with caplog.at_level("WARNING"):
+        assert list(generate_tokens(model, prompt, 8, compiled=True)) == list(generate_tokens(model, prompt, 8))
+    assert "--compile ignored" in caplog.text
+
+
+@needs_inductor
+def test_generate_and_chat_commands_compile(tiny_checkpoint, monkeypatch, capsys, tmp_path):
+    import io
+    import json
+
+    from leantune.commands.chat import chat
+    from leantune.commands.generate import generate
+
+    kw = dict(prompt="Tell me about rivers.", checkpoint_dir=tiny_checkpoint, max_new_tokens=12, threads=1,
+              quantize="int8")
+    eager = generate(**kw)
+    capsys.readouterr()
+    assert generate(**kw, compile=True) == eager
+    assert "compiling the decode step" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"hi\n/save {tmp_path / 'c.json'}\n"))
+    chat(checkpoint_dir=tiny_checkpoint, temperature=0.0, max_new_tokens=4, threads=1, quantize="int8", compile=True)
+    saved = json.loads((tmp_path / "c.json").read_text())["messages"]
+    assert [m["role"] for m in saved] == ["user", "assistant"]
