@@ -2,11 +2,14 @@
 process, plus how often the quantized greedy tokens agree with leantune's fp32 greedy tokens.
 
 Usage: python bench/decode_cpu.py [--threads 2] [--new 64] [--rounds 3] [--batch 16] [--prompts 50] [--agree_new 32]
+                                  [--modes int8,int4] [--compiled int8,int4]
 
 - single stream: every model generates exactly --new tokens greedily (no early stop) from the same chat-rendered
   prompt; rounds alternate over the models so machine noise hits all alike; the best round counts.
 - batched: `leantune.generate.greedy_batch` decodes --batch different prompts at once (left padded, --new tokens
   each); aggregate tokens/s over all rows, against the same model's single stream.
+- compiled: the modes in --compiled also run with `--compile` (the decode step compiled whole over a static KV cache;
+  compiled during the warm-up, which is not timed), as "<mode> compiled" rows.
 - agreement: greedy continuations (--agree_new tokens, stopping at EOS) of the first --prompts Demo test prompts,
   quantized vs leantune fp32, both through greedy_batch in batches of --batch: the share of prompts whose whole
   continuation is identical, and the share of reference tokens matched before the first difference.
@@ -51,6 +54,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=50)
     ap.add_argument("--agree_new", type=int, default=32)
     ap.add_argument("--modes", default="int8,int4")
+    ap.add_argument("--compiled", default="int8,int4", help="modes also timed with --compile ('' for none)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from transformers import AutoModelForCausalLM
@@ -70,9 +74,15 @@ def main() -> None:
                               attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=tok.pad_id)
         return out[0, len(ids):].tolist()
 
+    from leantune.compile import compile_unavailable_reason
+
+    compiled = [m for m in a.compiled.split(",") if m] if compile_unavailable_reason() is None else []
     runners = {"transformers fp32": run_hf}
     for name, model in models.items():
         runners[f"leantune {name}"] = lambda n, model=model: list(generate_tokens(model, ids, n))
+    for name in compiled:
+        runners[f"leantune {name} compiled"] = lambda n, model=models[name]: list(
+            generate_tokens(model, ids, n, compiled=True))
     for fn in runners.values():
         fn(8)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in runners}
@@ -94,30 +104,34 @@ def main() -> None:
     prompts = demo_prompts(tok, max(a.prompts, a.batch))
     batch_prompts = prompts[:a.batch]
     batched = []
-    for name, model in models.items():
-        greedy_batch(model, batch_prompts[:2], 4, stop_ids=[])  # warm-up
+    for name, model, comp in [*((n, m, False) for n, m in models.items()), *((n, models[n], True) for n in compiled)]:
+        label = f"leantune {name}" + (" compiled" if comp else "")
+        greedy_batch(model, batch_prompts, 4, stop_ids=[], compiled=comp)  # warm-up (and the compile)
         ts = []
         for _ in range(a.rounds):
             t = time.perf_counter()
-            out = greedy_batch(model, batch_prompts, a.new, stop_ids=[])
+            out = greedy_batch(model, batch_prompts, a.new, stop_ids=[], compiled=comp)
             ts.append(time.perf_counter() - t)
         assert all(len(o) == a.new for o in out)
         agg = a.batch * a.new / min(ts)
-        one = next(r["tok_s"] for r in single if r["decoder"] == f"leantune {name}")
-        batched.append({"decoder": f"leantune {name}", "batch": a.batch, "aggregate_tok_s": round(agg, 1),
+        one = next(r["tok_s"] for r in single if r["decoder"] == label)
+        batched.append({"decoder": label, "batch": a.batch, "aggregate_tok_s": round(agg, 1),
                         "rounds_tok_s": [round(a.batch * a.new / t, 1) for t in ts],
                         "vs_own_single_stream": round(agg / one, 2), "vs_transformers": round(agg * hf_best / a.new, 2)})
     print_table(batched, ["decoder", "batch", "aggregate_tok_s", "rounds_tok_s", "vs_own_single_stream",
                           "vs_transformers"])
 
-    def continuations(model) -> list[list[int]]:
+    def continuations(model, comp: bool = False) -> list[list[int]]:
         out = []
         for i in range(0, a.prompts, a.batch):
-            out += greedy_batch(model, prompts[i:i + a.batch][: a.prompts - i], a.agree_new, stop_ids=tok.eos_ids)
+            out += greedy_batch(model, prompts[i:i + a.batch][: a.prompts - i], a.agree_new, stop_ids=tok.eos_ids,
+                                compiled=comp)
         return out
 
     reference = continuations(models["fp32"])
     agree = [{"decoder": f"leantune {m}", **agreement(reference, continuations(models[m]))} for m in modes]
+    agree += [{"decoder": f"leantune {m} compiled", **agreement(reference, continuations(models[m], True))}
+              for m in compiled]
     print_table(agree, ["decoder", "identical_prompts", "prompts", "identical_share",
                         "token_agreement_to_first_divergence"])
     same_fp32 = outputs["leantune fp32"] == outputs["transformers fp32"]

@@ -83,7 +83,7 @@ def _compiled_decode_step():
     return torch.compile(decode_step)
 
 
-def compiled_decode_step(model: nn.Module):
+def compiled_decode_step(model: nn.Module, batch_size: int = 1):
     """`decode_step` compiled whole by inductor, bound to `model` (with a static KV cache: `set_kv_cache(static=True)`),
     or None when inductor cannot compile here (the reason is logged).
 
@@ -91,9 +91,16 @@ def compiled_decode_step(model: nn.Module):
     step runs a few fused C++ loops around the weight kernels instead of ~20 small eager ops per layer; that per-op
     overhead, not the weights, is most of an eager step of a small model on a CPU (see bench/decode_cpu.py). The first
     (batch, cache length) compiles a static graph, about a minute on 2 CPU cores the first time and seconds later from
-    inductor's on-disk cache; a second shape compiles once more with those sizes symbolic, which then serves all."""
+    inductor's on-disk cache; a second shape compiles once more with those sizes symbolic, which then serves all.
+
+    Also None for `batch_size` >= woq.DENSE_BATCH rows of a weight-only quantized model: those steps run its prepacked
+    oneDNN weights (opaque to the compiler) and are bound by the GEMMs, so they stay eager."""
+    from leantune.woq import DENSE_BATCH, WeightOnlyParameter
+
     reason = compile_unavailable_reason(next(model.parameters()).device)
     if reason is not None:
         log.warning("--compile ignored, decoding eager: %s", reason)
+        return None
+    if batch_size >= DENSE_BATCH and any(isinstance(p, WeightOnlyParameter) for p in model.parameters()):
         return None
     return functools.partial(_compiled_decode_step(), model)

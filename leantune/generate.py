@@ -181,7 +181,7 @@ def greedy_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
     device = model.lm_head.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
     max_len = min(L + max_new_tokens, model.max_tokens)
-    step = compiled_decode_step(model) if compiled else None
+    step = compiled_decode_step(model, B) if compiled else None
     cache_len = static_cache_length(max_len, model.max_tokens) if step is not None else max_len
     idx = torch.full((B, L), pad_id, dtype=torch.long, device=device)
     attn = torch.zeros(B, cache_len, dtype=torch.long, device=device)

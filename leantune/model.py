@@ -183,7 +183,7 @@ class GPT(nn.Module):
         window = self.config.sliding_window
         if input_pos is not None:  # KV-cache decoding: keys are positions 0..S-1 of the cache
             cache = self.transformer.h[0].attn.kv_cache
-            if cache is not None and cache.static:
+            if getattr(cache, "static", False):  # caches other than KVCache (the server's) may not say
                 S = cache.k.shape[2]  # the whole buffer; the mask hides the positions not written yet
             else:
                 S = int(input_pos[-1]) + 1

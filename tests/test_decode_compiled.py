@@ -100,3 +100,16 @@ def test_generate_and_chat_commands_compile(tiny_checkpoint, monkeypatch, capsys
     chat(checkpoint_dir=tiny_checkpoint, temperature=0.0, max_new_tokens=4, threads=1, quantize="int8", compile=True)
     saved = json.loads((tmp_path / "c.json").read_text())["messages"]
     assert [m["role"] for m in saved] == ["user", "assistant"]
+
+
+def test_batched_weight_only_steps_stay_eager_on_prepacked_weights():
+    from leantune.quantize import quantize_for_inference
+    from leantune.woq import DENSE_BATCH
+
+    model = quantize_for_inference(tiny(), "int8")
+    assert lt_compile.compiled_decode_step(model, DENSE_BATCH) is None
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in range(3, 3 + DENSE_BATCH)]
+    eager = greedy_batch(model, prompts, 10, [5])
+    assert greedy_batch(model, prompts, 10, [5], compiled=True) == eager
+    dense = model.transformer.h[0].attn.qkv.weight.weight_only.dense  # made by the first batched call
+    assert dense is not None and (dense.is_mkldnn or not torch.ops.mkldnn._is_mkldnn_bf16_supported())
