@@ -303,20 +303,20 @@ def attention_with_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
     q (B, nh, T, hs); k, v (B, ng, T, hs); context_k, context_v (1|B, ng, P, hs) -> (B, nh, T, hs). The two parts
     are softmaxes over disjoint key sets, merged exactly by their log-sum-exps: the causal part is SDPA's flash
     kernel (CPU's returns its logsumexp), the context part (P is small) plain matmuls with the query heads of one
-    KV group folded together, as head i uses KV head i // (nh // ng).
+    KV group folded together, as head i uses KV head i // (nh // ng). Both parts work in q's contiguous layout, so
+    the merge is one same-layout pass (mixing layouts made it the costliest step).
     """
     B, nh, T, hs = q.shape
     ng = context_k.shape[1]
+    q = q.contiguous()
     own, own_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, dropout_p=0.0, is_causal=True, scale=scale)  # (B, nh, T, hs), (B, nh, T) fp32
-    qg = q.reshape(B, ng, nh // ng * T, hs)  # (B, ng, rep*T, hs)
-    scores = torch.matmul(qg, context_k.transpose(-1, -2)).float().mul_(scale)  # (B, ng, rep*T, P)
-    ctx_lse = scores.logsumexp(-1)  # (B, ng, rep*T)
-    ctx = torch.matmul(scores.sub_(ctx_lse[..., None]).exp_().to(q.dtype), context_v)  # (B, ng, rep*T, hs)
-    ctx, ctx_lse = ctx.view(B, nh, T, hs), ctx_lse.view(B, nh, T)
-    lse = torch.logaddexp(own_lse, ctx_lse)
-    out = own * (own_lse - lse).exp_().to(own.dtype)[..., None]  # keeps the (B, T, nh, hs) layout of `own`
-    return out.addcmul_(ctx, (ctx_lse - lse).exp_().to(own.dtype)[..., None])
+        q, k, v, dropout_p=0.0, is_causal=True, scale=scale)  # (B, nh, T, hs) as q, (B, nh, T) fp32
+    scores = torch.matmul(q.view(B, ng, nh // ng * T, hs), context_k.transpose(-1, -2)).float().mul_(scale)
+    own_lse = own_lse.reshape(B, ng, nh // ng * T)  # (B, ng, rep*T), as scores (B, ng, rep*T, P)
+    lse = torch.logaddexp(own_lse, scores.logsumexp(-1))
+    out = torch.matmul(scores.sub_(lse[..., None]).exp_().to(q.dtype), context_v)  # the context part, weighted
+    own = own.reshape(B, ng, nh // ng * T, hs)
+    return out.addcmul_(own, (own_lse - lse).exp_().to(own.dtype)[..., None]).view(B, nh, T, hs)
 
 
 class KVCache(nn.Module):
