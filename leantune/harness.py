@@ -7,8 +7,9 @@ lm-eval is an optional extra (`pip install 'leantune[eval]'`): this module impor
 - `score_continuations`: log P(continuation | context) and whether greedy decoding would produce it, for many
   (context, continuation) token pairs at once. A request whose input is a prefix of another's (MMLU's four one-token
   answers share one context) is read off the longer row's forward pass; the rows left run sorted by length in right-
-  padded batches (causal attention never sees the padding on the right, so no mask is needed), and only the scored
-  positions go through the LM head and the fp32 log-softmax, never the whole (B, T, vocab) logits. The tokens all
+  padded batches (causal attention never sees the padding on the right, so no mask is needed), cut where the padding
+  saved is worth more than one more batch (`_plan_batches`), and only the scored positions go through the LM head
+  and the fp32 log-softmax, never the whole (B, T, vocab) logits. The tokens all
   rows of a batch begin with (MMLU's "The following are multiple choice questions (with answers) about") run once,
   at batch size 1, and the rows run only what follows, attending to its keys and values (`context_kv`; the
   attention is merged exactly from a context part and a causal part, see `leantune.model.attention_with_context`).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,6 +40,9 @@ HEAD_CHUNK = 1024
 """Scored positions projected through the LM head at a time (a rolling window scores every position)."""
 MIN_SHARED = 4
 """Fewest common first tokens of a batch's rows worth running once for all of them."""
+BATCH_COST = 128
+"""What one more batch costs, in tokens' worth of work (one more pass over the weights, smaller multiplies): batches
+are cut where the padding this saves is worth more (`_plan_batches`)."""
 CONTEXTS_KEPT = 8
 """Shared contexts' keys/values kept for later batches (they are small: n_layer x 2 x ng x P x hs)."""
 
@@ -88,15 +93,11 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     bar = tqdm(total=len(requests), desc="loglikelihood", unit="req", leave=False, disable=not progress,
                dynamic_ncols=True)
-    for s in range(0, len(rows), batch_size):
-        batch = rows[s:s + batch_size]
+    # The first position each row is scored at: a shared start stops before it (its hidden state is needed).
+    first_scored = [min(len(inputs[i]) - len(requests[i][1]) for i in wanted[seq]) for seq in rows]
+    for s, e, p in _plan_batches(rows, first_scored if share_prefix else None, batch_size):
+        batch = rows[s:e]
         L = len(batch[0])
-        p = 0
-        if share_prefix:  # never past a row's first scored position, whose hidden state is needed
-            first_scored = min(len(inputs[i]) - len(requests[i][1]) for seq in batch for i in wanted[seq])
-            p = min(_common_prefix_length(batch), first_scored)
-        if p < MIN_SHARED:
-            p = 0
         ids = torch.zeros(len(batch), L - p, dtype=torch.long)
         for r, seq in enumerate(batch):
             ids[r, :len(seq) - p] = torch.tensor(seq[p:])
@@ -135,13 +136,43 @@ def _can_share_prefix(model) -> bool:
             and getattr(model, "virtual", None) is None and model.config.sliding_window is None)
 
 
-def _common_prefix_length(batch: Sequence[tuple[int, ...]]) -> int:
-    """Tokens every row begins with, leaving each row at least one token of its own (the shortest row is last)."""
-    first, cap = batch[0], len(batch[-1]) - 1
-    p = 0
-    while p < cap and all(seq[p] == first[p] for seq in batch):
-        p += 1
-    return p
+def _plan_batches(rows: Sequence[tuple[int, ...]], first_scored: Sequence[int] | None, batch_size: int
+                  ) -> list[tuple[int, int, int]]:
+    """(start, end, shared length) of each batch of the rows (sorted longest first): runs of at most batch_size
+    rows, cut where that costs least: the tokens run (every row padded to its batch's first, less a start shared by
+    the batch, which runs once) plus BATCH_COST per batch. A fixed cut every batch_size rows pads fifteen rows to
+    one long row's length; this cuts around such rows. first_scored (None: no sharing) bounds the shared start per
+    row; a start shorter than MIN_SHARED is not shared. Dynamic programming over the cut points, O(rows *
+    batch_size) prefix comparisons."""
+    n = len(rows)
+    best, plan = [0.0] + [math.inf] * n, [(0, 0)] * (n + 1)
+    for j in range(1, n + 1):
+        last = rows[j - 1]  # the shortest row of rows[i:j]
+        common = len(last) - 1  # the common start of rows[i:j], leaving `last` a token of its own
+        for i in range(j - 1, max(0, j - batch_size) - 1, -1):
+            p = 0
+            if first_scored is not None:
+                common = min(common, _common_length(rows[i], last), first_scored[i])
+                p = common if common >= MIN_SHARED and j - i > 1 else 0  # one row alone: nothing to share
+            cost = best[i] + (j - i) * (len(rows[i]) - p) + p + BATCH_COST
+            if cost < best[j]:
+                best[j], plan[j] = cost, (i, p)
+    out, j = [], n
+    while j > 0:
+        i, p = plan[j]
+        out.append((i, j, p))
+        j = i
+    return out[::-1]
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many first tokens a and b have in common."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _context_kv(model, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:

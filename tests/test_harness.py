@@ -201,7 +201,8 @@ def test_shared_prefix_is_cut_so_every_row_keeps_a_token_and_is_reused_across_ba
     assert runs == [4]  # the shared part stops before the first scored position
     _assert_same_scores(longer, score_continuations(model, reqs, model.max_tokens, batch_size=4, share_prefix=False))
     _assert_same_scores(shared, plain)
-    assert harness._common_prefix_length([(1, 2, 3), (1, 2, 4), (1, 2)]) == 1
+    assert harness._plan_batches([(1, 2, 3, 4, 5, 6), (1, 2, 3, 4, 5, 7), (1, 2, 3, 4, 5)], [5, 5, 4], 3) == [
+        (0, 3, 4)]  # the shortest row keeps its fifth token
     runs.clear()
     same_start = [(common + torch.randint(0, 97, (n,), generator=g).tolist(), [1]) for n in (9, 7, 5, 3)]
     out = score_continuations(model, same_start, model.max_tokens, batch_size=2)
@@ -213,6 +214,18 @@ def test_shared_prefix_is_cut_so_every_row_keeps_a_token_and_is_reused_across_ba
     assert score_continuations(model, short, model.max_tokens, batch_size=2) == score_continuations(
         model, short, model.max_tokens, batch_size=2, share_prefix=False)
     assert runs == []
+
+
+def test_batches_are_cut_around_a_long_row():
+    """One long row is not padded into a batch of short ones when another batch costs less than the padding; rows
+    of close lengths stay together up to batch_size."""
+    long, short = tuple(range(300)), tuple(range(50, 60))
+    assert harness._plan_batches([long, short, short, short], None, 4) == [(0, 1, 0), (1, 4, 0)]
+    assert harness._plan_batches([long[:12], long[:11], long[:10]], None, 4) == [(0, 3, 0)]
+    assert harness._plan_batches([long[:12]] * 5, None, 2) == [(0, 2, 0), (2, 4, 0), (4, 5, 0)]
+    # with sharing: a single row never shares; the shared start counts as run once
+    assert harness._plan_batches([long[:40], long[:30]], [39, 29], 2) == [(0, 2, 29)]
+    assert harness._plan_batches([long[:40]], [39], 2) == [(0, 1, 0)]
 
 
 @pytest.mark.parametrize("n_query_groups", [6, 2])
