@@ -14,6 +14,7 @@ import torch
 from adapter_support import random_lora
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
+from tiny_families import TINY, make_hf
 
 import leantune.harness as harness
 from leantune.checkpoint.hf import load_hf_checkpoint
@@ -178,6 +179,17 @@ def test_shared_prefix_scoring_equals_the_plain_path(n_query_groups, method, mon
     shared = score_continuations(model, reqs, model.max_tokens, batch_size=3)
     assert runs and all(n >= 24 for n in runs)  # the common start really ran on its own
     _assert_same_scores(shared, plain)
+
+
+@pytest.mark.parametrize("family", [n for n in TINY if n != "mistral-sliding-window"])
+def test_shared_prefix_scoring_equals_the_plain_path_for_every_family(family, tmp_path):
+    """Partial rotary (Pythia, Phi), learned positions (GPT-2), parallel residuals (Falcon, NeoX), biases, MQA: the
+    shared start and the rows after it give the plain path's scores (a sliding window takes the plain path)."""
+    model = load_hf_checkpoint(make_hf(family, tmp_path), dtype=torch.float32).eval()
+    reqs = [(ctx, [c % 160 for c in cont]) for ctx, cont in _rows_with_a_common_start(20, [1, 4, 9, 30, 2])]
+    _assert_same_scores(score_continuations(model, reqs, model.max_tokens, batch_size=3),
+                        score_continuations(model, reqs, model.max_tokens, batch_size=3, share_prefix=False))
+    assert harness._can_share_prefix(model) == (model.config.sliding_window is None)
 
 
 def test_shared_prefix_is_cut_so_every_row_keeps_a_token_and_is_reused_across_batches(monkeypatch):
