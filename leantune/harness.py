@@ -60,17 +60,19 @@ def require_lm_eval():
 
 @torch.inference_mode()
 def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int,
-                        batch_size: int = 16, progress: bool = False, share_prefix: bool = True
+                        batch_size: int = 16, progress: bool = False, plain: bool = False
                         ) -> list[tuple[float, bool]]:
     """(sum of log-probabilities of `continuation`, is it the greedy continuation) per (context, continuation).
 
     As lm-eval's `hf` backend: the model reads (context + continuation)[-(max_length + 1):][:-1] (cut from the left
-    when too long) and the continuation's tokens are scored at its last positions. share_prefix: run the first
-    tokens common to a batch's rows once (where the model allows it, see `_can_share_prefix`); the scores are the
-    same up to float rounding.
+    when too long) and the continuation's tokens are scored at its last positions. Where the model allows it, the
+    first tokens common to a batch's rows run once (`_can_share_prefix`) and the last block runs only at the scored
+    positions (`_can_cut_last`); plain=True runs every token of every row through every block instead (the same
+    scores up to float rounding: the reference the tests compare with).
     """
     device = model.lm_head.weight.device
-    share_prefix = share_prefix and _can_share_prefix(model)
+    share_prefix = not plain and _can_share_prefix(model)
+    cut_last = not plain and _can_cut_last(model)
     contexts: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     inputs: list[tuple[int, ...]] = []
     for ctx, cont in requests:
@@ -101,16 +103,12 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
         ids = torch.zeros(len(batch), L - p, dtype=torch.long)
         for r, seq in enumerate(batch):
             ids[r, :len(seq) - p] = torch.tensor(seq[p:])
-        if p:  # the rows continue a shared context: only their own tokens, at positions p.., run per row
+        if p:
             prefix = batch[0][:p]
             if prefix not in contexts:
                 if len(contexts) >= CONTEXTS_KEPT:
                     contexts.pop(next(iter(contexts)))
                 contexts[prefix] = _context_kv(model, prefix)
-            position_ids = torch.arange(p, L, device=device)[None]
-            hidden = model(ids.to(device), position_ids=position_ids, context_kv=contexts[prefix], return_hidden=True)
-        else:
-            hidden = model(ids.to(device), return_hidden=True)  # (B, L, C); right padding is never attended to
         row_idx, pos_idx, targets, owners = [], [], [], []
         for r, seq in enumerate(batch):
             for i in wanted[seq]:
@@ -119,6 +117,23 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
                 pos_idx += range(end - n, end)
                 targets += list(requests[i][1])
                 owners.append((i, n))
+        keep = None
+        if cut_last:  # few scored positions per row (MMLU: one): the last block runs only there
+            scored: list[set[int]] = [set() for _ in batch]
+            for r, q in zip(row_idx, pos_idx):
+                scored[r].add(q)
+            kept = [sorted(q) for q in scored]
+            m = max(map(len, kept))
+            if 2 * m <= L - p:
+                keep = torch.tensor([q + q[-1:] * (m - len(q)) for q in kept], device=device)  # (B, m)
+                column = [{q: c for c, q in enumerate(k)} for k in kept]
+                pos_idx = [column[r][q] for r, q in zip(row_idx, pos_idx)]
+        if p:  # the rows continue a shared context: only their own tokens, at positions p.., run per row
+            position_ids = torch.arange(p, L, device=device)[None]
+            hidden = model(ids.to(device), position_ids=position_ids, context_kv=contexts[prefix], keep=keep,
+                           return_hidden=True)
+        else:  # (B, L|m, C); right padding is never attended to
+            hidden = model(ids.to(device), keep=keep, return_hidden=True)
         logp, greedy = _score_positions(model, hidden, row_idx, pos_idx, targets)
         k = 0
         for i, n in owners:
@@ -134,6 +149,13 @@ def _can_share_prefix(model) -> bool:
     logsumexp), without virtual tokens (prompt/prefix tuning renumber positions) or a sliding window."""
     return (model.lm_head.weight.device.type == "cpu" and hasattr(model, "transformer")
             and getattr(model, "virtual", None) is None and model.config.sliding_window is None)
+
+
+def _can_cut_last(model) -> bool:
+    """Whether `GPT.forward(keep=...)` serves this model: a leantune decoder without virtual tokens or a sliding
+    window."""
+    return (hasattr(model, "transformer") and getattr(model, "virtual", None) is None
+            and model.config.sliding_window is None)
 
 
 def _plan_batches(rows: Sequence[tuple[int, ...]], first_scored: Sequence[int] | None, batch_size: int

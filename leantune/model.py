@@ -89,6 +89,7 @@ class GPT(nn.Module):
         segment_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        keep: torch.Tensor | None = None,
         return_hidden: bool = False,
     ) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, padded_vocab) or, with return_hidden, final hidden (B, T, C).
@@ -103,8 +104,15 @@ class GPT(nn.Module):
             otherwise; each token sees the whole context and its own row causally. Attention runs as two parts
             merged exactly (`attention_with_context`), so the rows keep SDPA's causal kernel, which does half the
             work of a masked one. Without the KV cache, packing, padding masks or virtual tokens.
+        keep (B, m): the positions of each row whose outputs are wanted (scoring reads one or a few per row); the
+            result is (B, m, C|vocab) at those. The last block computes its attention output and MLP only there
+            (its keys and values still cover every position), which saves most of that block. Plain causal
+            attention only (with or without context_kv): no KV cache, packing, padding masks or virtual tokens.
         """
         B, T = idx.shape
+        if keep is not None and (input_pos is not None or segment_ids is not None or attention_mask is not None
+                                 or self.virtual is not None):
+            raise ValueError("keep runs without input_pos, segment_ids, attention_mask or virtual tokens")
         if context_kv is not None:
             P = context_kv[0][0].shape[2]
             if input_pos is not None or segment_ids is not None or attention_mask is not None or self.virtual is not None:
@@ -128,6 +136,8 @@ class GPT(nn.Module):
             mask = self._mask(T, None, segment_ids, attention_mask, idx.device)
             if self.virtual is not None:
                 mask = _mask_with_virtual(mask, T, self.n_virtual, prepended > 0, idx.device)
+        if keep is not None and mask is not None and context_kv is None:
+            raise ValueError("keep does not apply a sliding window")
 
         if self.config.learned_pos_emb:
             x = x + self.transformer.wpe(position_ids)
@@ -136,9 +146,11 @@ class GPT(nn.Module):
             cos_full, sin_full = self.rope_cache(idx.device)
             cos = cos_full[position_ids].unsqueeze(1).to(x.dtype)  # (B|1, 1, T, rope_n_elem)
             sin = sin_full[position_ids].unsqueeze(1).to(x.dtype)
+        last = len(self.transformer.h) - 1
         for i, block in enumerate(self.transformer.h):
-            if context_kv is not None:
-                x = block(x, cos, sin, None, None, context_kv=context_kv[i])
+            if context_kv is not None or keep is not None:
+                x = block(x, cos, sin, None, None, context_kv=None if context_kv is None else context_kv[i],
+                          keep=keep if i == last else None)
                 continue
             x = block(x, cos, sin, mask, input_pos, None if layer_kv is None else layer_kv[i])
         if prepended:
@@ -235,9 +247,13 @@ class Block(nn.Module):
         self.norm_2 = None if config.shared_attention_norm else make_norm(config)
         self.mlp = SwiGLUMLP(config) if config.mlp_class == "swiglu" else GeluMLP(config)
 
-    def forward(self, x, cos, sin, mask, input_pos, prefix_kv=None, context_kv=None):
+    def forward(self, x, cos, sin, mask, input_pos, prefix_kv=None, context_kv=None, keep=None):
+        """keep (B, m): only these positions go on past the attention, whose keys/values still read all of x."""
         x_normed = self.norm_1(x)
-        h = self.attn(x_normed, cos, sin, mask, input_pos, prefix_kv, context_kv)
+        h = self.attn(x_normed, cos, sin, mask, input_pos, prefix_kv, context_kv, keep)
+        if keep is not None:  # (B, T, C) -> (B, m, C)
+            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+            x_normed = x_normed.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
         if self.config.parallel_residual:
             mlp_in = x_normed if self.norm_2 is None else self.norm_2(x)
             return self.mlp(mlp_in) + h + x
@@ -257,11 +273,12 @@ class CausalSelfAttention(nn.Module):
         # called as adapter(attn, q) -> (B, n_head, T, head_size) and added to the attention output.
         self.adapter: nn.Module | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos, prefix_kv=None, context_kv=None):
+    def forward(self, x, cos, sin, mask, input_pos, prefix_kv=None, context_kv=None, keep=None):
         """prefix_kv: this layer's prefix-tuning keys and values (2, ng, P, hs), attended to before the sequence
         (no RoPE: they have no position) when decoding without the KV cache.
         context_kv: this layer's (k, v) of a shared context every row continues, (1, ng, P, hs) each, rotated at
-        positions 0..P-1 (see GPT.forward); the rows attend to it and to themselves causally, with no mask."""
+        positions 0..P-1 (see GPT.forward); the rows attend to it and to themselves causally, with no mask.
+        keep (B, m): queries only at these positions (plain causal attention; see GPT.forward) -> (B, m, C)."""
         cfg = self.config
         B, T, _ = x.shape
         qkv = self.qkv(x)  # (B, T, (nh + 2 * ng) * hs)
@@ -281,7 +298,17 @@ class CausalSelfAttention(nn.Module):
             pk, pv = prefix_kv.to(k.dtype)  # (ng, P, hs) each
             k = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)  # (B, ng, P + T, hs)
             v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
-        if context_kv is not None:
+        if keep is not None:  # a few queries per row: a small (B, 1, m, S) mask costs nothing here
+            q = q.gather(2, keep[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))  # (B, nh, m, hs)
+            visible = torch.arange(T, device=x.device) <= keep[:, :, None]  # (B, m, T)
+            if context_kv is not None:
+                ck, cv = context_kv
+                k = torch.cat([ck.expand(B, -1, -1, -1), k], dim=2)  # (B, ng, P + T, hs)
+                v = torch.cat([cv.expand(B, -1, -1, -1), v], dim=2)
+                visible = torch.cat([visible.new_ones(*visible.shape[:2], ck.shape[2]), visible], dim=-1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=1.0 / math.sqrt(cfg.head_size),
+                                               enable_gqa=cfg.n_query_groups != cfg.n_head)  # (B, nh, m, hs)
+        elif context_kv is not None:
             y = attention_with_context(q, k, v, *context_kv, scale=1.0 / math.sqrt(cfg.head_size))
         else:
             is_causal = mask is None and input_pos is None and T > 1
@@ -291,7 +318,7 @@ class CausalSelfAttention(nn.Module):
             )  # (B, nh, T, hs)
         if self.adapter is not None:
             y = y + self.adapter(self, q)
-        y = y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_size)  # (B, T, nh*hs)
+        y = y.transpose(1, 2).reshape(B, y.shape[2], cfg.n_head * cfg.head_size)  # (B, T|m, nh*hs)
         return self.proj(y)
 
 

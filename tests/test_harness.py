@@ -174,7 +174,7 @@ def test_shared_prefix_scoring_equals_the_plain_path(n_query_groups, method, mon
     real = harness._context_kv
     monkeypatch.setattr(harness, "_context_kv", lambda m, prefix: runs.append(len(prefix)) or real(m, prefix))
     reqs = _rows_with_a_common_start(24, [1, 3, 9, 17, 30, 41, 2])
-    plain = score_continuations(model, reqs, model.max_tokens, batch_size=3, share_prefix=False)
+    plain = score_continuations(model, reqs, model.max_tokens, batch_size=3, plain=True)
     assert runs == []
     shared = score_continuations(model, reqs, model.max_tokens, batch_size=3)
     assert runs and all(n >= 24 for n in runs)  # the common start really ran on its own
@@ -188,7 +188,7 @@ def test_shared_prefix_scoring_equals_the_plain_path_for_every_family(family, tm
     model = load_hf_checkpoint(make_hf(family, tmp_path), dtype=torch.float32).eval()
     reqs = [(ctx, [c % 160 for c in cont]) for ctx, cont in _rows_with_a_common_start(20, [1, 4, 9, 30, 2])]
     _assert_same_scores(score_continuations(model, reqs, model.max_tokens, batch_size=3),
-                        score_continuations(model, reqs, model.max_tokens, batch_size=3, share_prefix=False))
+                        score_continuations(model, reqs, model.max_tokens, batch_size=3, plain=True))
     assert harness._can_share_prefix(model) == (model.config.sliding_window is None)
 
 
@@ -204,14 +204,14 @@ def test_shared_prefix_is_cut_so_every_row_keeps_a_token_and_is_reused_across_ba
     common = torch.randint(0, 97, (12,), generator=g).tolist()
     # inputs (context + continuation[:-1]) of 13, 8 and 6 tokens; the last one is all common tokens but its last
     reqs = [(common + [5], [7]), (common[:7] + [3], [9]), (common[:5] + [4], [9])]
-    plain = score_continuations(model, reqs, model.max_tokens, batch_size=4, share_prefix=False)
+    plain = score_continuations(model, reqs, model.max_tokens, batch_size=4, plain=True)
     shared = score_continuations(model, reqs, model.max_tokens, batch_size=4)
     assert runs == [5]  # 6 tokens in the shortest input: 5 shared, 1 of its own
     runs.clear()
     reqs.append((common[:5], [common[5], common[6], 8]))  # read off a longer row, scored from position 4 on
     longer = score_continuations(model, reqs, model.max_tokens, batch_size=4)
     assert runs == [4]  # the shared part stops before the first scored position
-    _assert_same_scores(longer, score_continuations(model, reqs, model.max_tokens, batch_size=4, share_prefix=False))
+    _assert_same_scores(longer, score_continuations(model, reqs, model.max_tokens, batch_size=4, plain=True))
     _assert_same_scores(shared, plain)
     assert harness._plan_batches([(1, 2, 3, 4, 5, 6), (1, 2, 3, 4, 5, 7), (1, 2, 3, 4, 5)], [5, 5, 4], 3) == [
         (0, 3, 4)]  # the shortest row keeps its fifth token
@@ -220,11 +220,11 @@ def test_shared_prefix_is_cut_so_every_row_keeps_a_token_and_is_reused_across_ba
     out = score_continuations(model, same_start, model.max_tokens, batch_size=2)
     assert runs == [12]  # both batches continue the same 12 tokens: their keys/values are computed once
     _assert_same_scores(out, score_continuations(model, same_start, model.max_tokens, batch_size=2,
-                                                 share_prefix=False))
+                                                 plain=True))
     runs.clear()
     short = [(common[:3] + [n], [1]) for n in (10, 20)]  # 3 common tokens: plain path
     assert score_continuations(model, short, model.max_tokens, batch_size=2) == score_continuations(
-        model, short, model.max_tokens, batch_size=2, share_prefix=False)
+        model, short, model.max_tokens, batch_size=2, plain=True)
     assert runs == []
 
 
@@ -244,7 +244,7 @@ def test_batches_are_cut_around_a_long_row():
 def test_rows_continuing_a_context_equal_the_last_positions_of_the_whole_sequence(n_query_groups):
     """model(suffix, position_ids, context_kv=the prefix's keys/values) gives the hidden states that the full
     sequences have at the suffix's positions, per row (right padding included), and the context's K/V come out of
-    the KV cache unchanged by the call."""
+    the KV cache, which is left as it was; keep= gives the same states at the kept positions only."""
     model = _tiny_gpt(n_query_groups)
     g = torch.Generator().manual_seed(2)
     prefix, suffix = torch.randint(0, 97, (1, 10), generator=g), torch.randint(0, 97, (2, 15), generator=g)
@@ -259,6 +259,18 @@ def test_rows_continuing_a_context_equal_the_last_positions_of_the_whole_sequenc
     torch.testing.assert_close(rows, full[:, 10:], rtol=1e-5, atol=1e-5)
     assert torch.equal(default_positions, rows)
     torch.testing.assert_close(short, full[:1, 10:14], rtol=1e-5, atol=1e-5)
+    # keep: the last block only at some positions per row, with a context or over the whole sequence
+    keep = torch.tensor([[14, 3], [0, 14]])
+
+    def at(h, positions):
+        return h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))
+
+    with torch.no_grad():
+        kept = model(suffix, context_kv=kv, keep=keep, return_hidden=True)
+        kept_whole = model(torch.cat([prefix.expand(2, -1), suffix], dim=1), keep=keep + 10, return_hidden=True)
+    assert kept.shape == (2, 2, 48)
+    torch.testing.assert_close(kept, at(rows, keep), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kept_whole, at(full, keep + 10), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="context_kv"):
         model(suffix, context_kv=kv, attention_mask=torch.ones(2, 15))
 
@@ -370,7 +382,7 @@ def test_evaluate_tasks_on_an_int8_weight_only_base(tiny_checkpoint):
     reqs = task_requests([f"{MMLU_EXEMPLARS}_anatomy"], limit=3)
     pairs = [lm._encode_pair(*r.args) for r in reqs]
     shared = score_continuations(model, pairs, lm.max_length, batch_size=4)
-    plain = score_continuations(model, pairs, lm.max_length, batch_size=4, share_prefix=False)
+    plain = score_continuations(model, pairs, lm.max_length, batch_size=4, plain=True)
     _assert_same_scores(shared, plain)
     fp32 = harness_lm(*load_for_inference(tiny_checkpoint, "32-true")[:2], batch_size=4)
     assert [x for x, _ in lm.loglikelihood(reqs)] == pytest.approx([x for x, _ in fp32.loglikelihood(reqs)], abs=0.05)
