@@ -174,7 +174,7 @@ def _plan_batches(rows: Sequence[tuple[int, ...]], first_scored: Sequence[int] |
         for i in range(j - 1, max(0, j - batch_size) - 1, -1):
             p = 0
             if first_scored is not None:
-                common = min(common, _common_length(rows[i], last), first_scored[i])
+                common = min(_common_length(rows[i], last, common), first_scored[i])
                 p = common if common >= MIN_SHARED and j - i > 1 else 0  # one row alone: nothing to share
             cost = best[i] + (j - i) * (len(rows[i]) - p) + p + BATCH_COST
             if cost < best[j]:
@@ -187,14 +187,19 @@ def _plan_batches(rows: Sequence[tuple[int, ...]], first_scored: Sequence[int] |
     return out[::-1]
 
 
-def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many first tokens a and b have in common."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def _common_length(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many first tokens a and b (tuples) have in common, at most limit: a binary search over slice comparisons,
+    which run at C speed (few-shot prompts share hundreds of tokens, row after row)."""
+    lo, hi = 0, min(limit, len(a), len(b))  # a[:lo] == b[:lo]; the answer is in [lo, hi]
+    if a[:hi] == b[:hi]:
+        return hi
+    while hi - lo > 1:  # a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _context_kv(model, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -238,6 +238,9 @@ def test_batches_are_cut_around_a_long_row():
     # with sharing: a single row never shares; the shared start counts as run once
     assert harness._plan_batches([long[:40], long[:30]], [39, 29], 2) == [(0, 2, 29)]
     assert harness._plan_batches([long[:40]], [39], 2) == [(0, 1, 0)]
+    for a, b, limit, n in [((1, 2, 3), (1, 2, 4), 9, 2), ((1, 2), (1, 2, 3), 9, 2), ((5,), (6,), 9, 0),
+                           ((1, 2, 3), (1, 2, 3), 2, 2), (long, long[:299] + (0,), 400, 299), ((), (1,), 3, 0)]:
+        assert harness._common_length(a, b, limit) == n
 
 
 @pytest.mark.parametrize("n_query_groups", [6, 2])
