@@ -14,6 +14,7 @@ import torch
 from adapter_support import random_lora
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
+from method_cases import EVERY_METHOD, tiny_args
 from tiny_families import TINY, make_hf
 
 import leantune.harness as harness
@@ -179,6 +180,24 @@ def test_shared_prefix_scoring_equals_the_plain_path(n_query_groups, method, mon
     shared = score_continuations(model, reqs, model.max_tokens, batch_size=3)
     assert runs and all(n >= 24 for n in runs)  # the common start really ran on its own
     _assert_same_scores(shared, plain)
+
+
+@pytest.mark.parametrize("method", EVERY_METHOD)
+def test_scoring_equals_the_plain_path_for_every_method(method):
+    """Every PEFT method (perturbed so it changes the model): the shared start and the last-block cut give the plain
+    path's scores; the virtual-token methods (prompt, prefix, P-tuning) take the plain path."""
+    torch.manual_seed(0)
+    model = GPT(Config(vocab_size=97, block_size=128, n_layer=3, n_embd=48, n_head=6, n_query_groups=2))
+    trainable = apply_method(model, method, tiny_args(method))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in trainable:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.eval()
+    assert harness._can_share_prefix(model) == (model.virtual is None)
+    reqs = _rows_with_a_common_start(20, [1, 4, 9, 30, 2, 17])
+    _assert_same_scores(score_continuations(model, reqs, model.max_tokens, batch_size=3),
+                        score_continuations(model, reqs, model.max_tokens, batch_size=3, plain=True))
 
 
 @pytest.mark.parametrize("family", [n for n in TINY if n != "mistral-sliding-window"])
