@@ -19,6 +19,8 @@ import shutil
 import torch
 import torch.nn as nn
 
+from leantune.woq import DENSE_BATCH, WeightOnlyParameter
+
 log = logging.getLogger(__name__)
 
 
@@ -95,8 +97,6 @@ def compiled_decode_step(model: nn.Module, batch_size: int = 1):
 
     Also None for `batch_size` >= woq.DENSE_BATCH rows of a weight-only quantized model: those steps run its prepacked
     oneDNN weights (opaque to the compiler) and are bound by the GEMMs, so they stay eager."""
-    from leantune.woq import DENSE_BATCH, WeightOnlyParameter
-
     reason = compile_unavailable_reason(next(model.parameters()).device)
     if reason is not None:
         log.warning("--compile ignored, decoding eager: %s", reason)
