@@ -133,6 +133,9 @@ def chat(
     context = model.max_tokens
     reserve = min(max_new_tokens, context // 2)  # room kept for the answer; half the window at most
     print(f"chat: {HELP}", file=sys.stderr)
+    if compile:
+        print("[--compile: the first answer waits for the decode step to compile (about a minute the first time)]",
+              file=sys.stderr)
     while True:
         user = read_message()
         if user is None:
