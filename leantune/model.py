@@ -67,7 +67,7 @@ class GPT(nn.Module):
     def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, device=None, dtype=None,
                      static: bool = False) -> None:
         """Preallocate every layer's keys/values. static=True: attention always reads the whole buffer under a mask
-        (shapes never change from step to step, so a compiled decode step is one graph; see leantune/decode.py)."""
+        (shapes never change from step to step, so a compiled decode step is one graph; see leantune/compile.py)."""
         max_seq_length = min((max_seq_length or self.config.block_size) + self.n_virtual, self.config.block_size)
         device = device or self.lm_head.weight.device
         dtype = dtype or self.transformer.wte.weight.dtype
