@@ -29,13 +29,21 @@ def compile_unavailable_reason(device: torch.device | str = "cpu") -> str | None
     if not hasattr(torch, "compile"):
         return "this torch has no torch.compile"
     if torch.device(device).type == "cpu":
-        try:
-            from torch._inductor.cpp_builder import get_cpp_compiler
+        return _cpu_compiler_problem()
+    return None
 
-            get_cpp_compiler()
-        except Exception as e:  # InvalidCxxCompiler, or an inductor without cpp_builder
-            cxx = os.environ.get("CXX", "g++")
-            return f"no working C++ compiler for inductor ({cxx} {'found' if shutil.which(cxx) else 'not found'}: {e})"
+
+@functools.cache
+def _cpu_compiler_problem() -> str | None:
+    """Why inductor finds no working C++ compiler, or None. The probe runs the compiler (~0.3 s), so it runs once per
+    process, not on every `generate_tokens(compiled=True)` (each chat answer, each batch)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # InvalidCxxCompiler, or an inductor without cpp_builder
+        cxx = os.environ.get("CXX", "g++")
+        return f"no working C++ compiler for inductor ({cxx} {'found' if shutil.which(cxx) else 'not found'}: {e})"
     return None
 
 

@@ -145,15 +145,14 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
 
 
 def _can_share_prefix(model) -> bool:
-    """Whether `context_kv` serves this model: a leantune decoder on CPU (the merge needs the CPU flash kernel's
-    logsumexp), without virtual tokens (prompt/prefix tuning renumber positions) or a sliding window."""
-    return (model.lm_head.weight.device.type == "cpu" and hasattr(model, "transformer")
-            and getattr(model, "virtual", None) is None and model.config.sliding_window is None)
+    """Whether `context_kv` serves this model: one `_can_cut_last` serves, on CPU (the merge needs the CPU flash
+    kernel's logsumexp)."""
+    return model.lm_head.weight.device.type == "cpu" and _can_cut_last(model)
 
 
 def _can_cut_last(model) -> bool:
-    """Whether `GPT.forward(keep=...)` serves this model: a leantune decoder without virtual tokens or a sliding
-    window."""
+    """Whether `GPT.forward(keep=...)` serves this model: a leantune decoder without virtual tokens (prompt/prefix
+    tuning renumber positions) or a sliding window."""
     return (hasattr(model, "transformer") and getattr(model, "virtual", None) is None
             and model.config.sliding_window is None)
 

@@ -110,13 +110,12 @@ class GPT(nn.Module):
             attention only (with or without context_kv): no KV cache, packing, padding masks or virtual tokens.
         """
         B, T = idx.shape
-        if keep is not None and (input_pos is not None or segment_ids is not None or attention_mask is not None
-                                 or self.virtual is not None):
-            raise ValueError("keep runs without input_pos, segment_ids, attention_mask or virtual tokens")
+        for name, arg in (("keep", keep), ("context_kv", context_kv)):
+            if arg is not None and (input_pos is not None or segment_ids is not None or attention_mask is not None
+                                    or self.virtual is not None):
+                raise ValueError(f"{name} runs without input_pos, segment_ids, attention_mask or virtual tokens")
         if context_kv is not None:
             P = context_kv[0][0].shape[2]
-            if input_pos is not None or segment_ids is not None or attention_mask is not None or self.virtual is not None:
-                raise ValueError("context_kv runs without input_pos, segment_ids, attention_mask or virtual tokens")
             if self.config.sliding_window is not None and P + T > self.config.sliding_window:
                 raise ValueError("context_kv does not apply a sliding window")
             if len(context_kv) != self.config.n_layer:
@@ -195,7 +194,7 @@ class GPT(nn.Module):
         window = self.config.sliding_window
         if input_pos is not None:  # KV-cache decoding: keys are positions 0..S-1 of the cache
             cache = self.transformer.h[0].attn.kv_cache
-            if getattr(cache, "static", False):  # caches other than KVCache (the server's) may not say
+            if cache is not None and cache.static:
                 S = cache.k.shape[2]  # the whole buffer; the mask hides the positions not written yet
             else:
                 S = int(input_pos[-1]) + 1

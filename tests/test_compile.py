@@ -51,13 +51,15 @@ def test_compiled_training_step_matches_eager():
     assert all(b._compiled_call_impl is None for b in compiled.transformer.h)
 
 
-def test_no_compiler_falls_back_to_eager(monkeypatch, caplog):
+def test_no_compiler_falls_back_to_eager(monkeypatch, caplog, request):
     import torch._inductor.cpp_builder as cpp_builder
 
     def missing():
         raise RuntimeError("no g++")
 
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
+    lt_compile._cpu_compiler_problem.cache_clear()  # the probe's answer is kept per process
+    request.addfinalizer(lt_compile._cpu_compiler_problem.cache_clear)
     model, _ = _lora_model()
     assert "no working C++ compiler" in lt_compile.compile_unavailable_reason("cpu")
     with caplog.at_level("WARNING"):

@@ -39,6 +39,8 @@ class SlotLayout:
 class SlotKVCache:
     """Keys and values (slots, n_query_groups, capacity + 1, head_size) of one layer."""
 
+    static = False  # as KVCache's: update() returns only the columns the rows use (GPT._mask reads this)
+
     def __init__(self, layout: SlotLayout, slots: int, n_groups: int, head_size: int, device, dtype) -> None:
         shape = (slots, n_groups, layout.capacity + 1, head_size)  # + 1: the scratch column
         self.layout = layout
