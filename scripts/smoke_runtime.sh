@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runtime-only smoke stage: a venv made by the README's set-up command alone (no transformers, peft, tensorboard)
-# trains a short adapter on the default model, then generates with it, merges it, exports it in every format,
+# trains a short adapter on the default model, then generates with it (also int4 + --compile), merges it, exports it in every format,
 # evaluates it and serves it (one chat completion over loopback). Any command that imports a test-only package, or fails, fails the stage.
 #   VENV=.venv-runtime bash scripts/setup.sh && bash scripts/smoke_runtime.sh .venv-runtime
 set -euo pipefail
@@ -17,6 +17,8 @@ run finetune lora --out_dir "$OUT/lora" --train.max_steps 2 --train.global_batch
   --eval.max_batches 1 --eval.sample_new_tokens 0 --threads 2
 A="$OUT/lora/final"
 run generate --adapter "$A" --prompt "Reverse the letters: abc" --max_new_tokens 8
+# the compiled decode step (inductor, from the runtime install alone) over an int4 base with the adapter unmerged
+run generate --adapter "$A" --quantize int4 --compile true --prompt "Reverse the letters: abc" --max_new_tokens 8
 run merge --adapter "$A" --out_dir "$OUT/merged"
 run export --adapter "$A" --format peft --out_dir "$OUT/peft"
 run generate --adapter "$OUT/peft" --prompt "Uppercase: cat" --max_new_tokens 8
