@@ -2,10 +2,12 @@
 process, plus how often the quantized greedy tokens agree with leantune's fp32 greedy tokens.
 
 Usage: python bench/decode_cpu.py [--threads 2] [--new 64] [--rounds 3] [--batch 16] [--prompts 50] [--agree_new 32]
-                                  [--modes int8,int4] [--compiled int8,int4]
+                                  [--agree_batch 1] [--modes int8,int4] [--compiled int8,int4]
 
 - single stream: every model generates exactly --new tokens greedily (no early stop) from the same chat-rendered
-  prompt; rounds alternate over the models so machine noise hits all alike; the best round counts.
+  prompt; rounds alternate over the models so machine noise hits all alike; the best round counts. tok_s is
+  end to end (the prompt's forward included); each round also times the prompt and first token alone (prompt_ms),
+  and decode_tok_s is the other --new - 1 tokens over the rest of the time, the rate llama.cpp reports as "eval".
 - batched: `leantune.generate.greedy_batch` decodes --batch different prompts at once (left padded, --new tokens
   each); aggregate tokens/s over all rows, against the same model's single stream.
 - compiled: the modes in --compiled also run single-stream with `--compile` (the decode step compiled whole over a
@@ -13,8 +15,10 @@ Usage: python bench/decode_cpu.py [--threads 2] [--new 64] [--rounds 3] [--batch
   steps stay eager under --compile, so the batched table also gives each mode's aggregate against its fastest single
   stream, compiled or not.
 - agreement: greedy continuations (--agree_new tokens, stopping at EOS) of the first --prompts Demo test prompts,
-  quantized vs leantune fp32, both through greedy_batch in batches of --batch: the share of prompts whose whole
-  continuation is identical, and the share of reference tokens matched before the first difference.
+  quantized vs leantune fp32, both through greedy_batch in batches of --agree_batch (default 1: the single-stream
+  path, whose weight-only head screens greedy picks; 8 or more rows take the batched bfloat16 path): the share of
+  prompts whose whole continuation is identical, and the share of reference tokens matched before the first
+  difference.
 Prints tables and writes bench/results/decode_cpu.json.
 """
 
@@ -55,6 +59,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompts", type=int, default=50)
     ap.add_argument("--agree_new", type=int, default=32)
+    ap.add_argument("--agree_batch", type=int, default=1,
+                    help="prompts decoded together for the agreement table (1: the single-stream path of generate/chat)")
     ap.add_argument("--modes", default="int8,int4")
     ap.add_argument("--compiled", default="int8,int4", help="modes also timed with --compile ('' for none)")
     a = ap.parse_args()
@@ -88,20 +94,34 @@ def main() -> None:
     for fn in runners.values():
         fn(8)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in runners}
+    firsts: dict[str, list[float]] = {k: [] for k in runners}  # the prompt and the first token alone
     outputs = {}
     for r in range(a.rounds):
         for name, fn in runners.items():
             t = time.perf_counter()
+            fn(1)
+            firsts[name].append(time.perf_counter() - t)
+            t = time.perf_counter()
             outputs[name] = fn(a.new)
             times[name].append(time.perf_counter() - t)
         print(f"round {r + 1}: " + ", ".join(f"{k} {a.new / v[-1]:.1f} tok/s" for k, v in times.items()), flush=True)
+
+    def decode_rate(name: str) -> list[float]:  # tokens after the first, per second of their own time
+        return [(a.new - 1) / max(t - f, 1e-9) for t, f in zip(times[name], firsts[name])]
+
     hf_best = min(times["transformers fp32"])
+    hf_decode = max(decode_rate("transformers fp32"))
     single = []
     for name, ts in times.items():
         best = min(ts)
+        decode = decode_rate(name)
         single.append({"decoder": name, "tok_s": round(a.new / best, 1), "rounds_tok_s": [round(a.new / t, 1) for t in ts],
-                       "vs_transformers": round(hf_best / best, 2)})
+                       "vs_transformers": round(hf_best / best, 2),
+                       "prompt_ms": round(1000 * min(firsts[name]), 1), "decode_tok_s": round(max(decode), 1),
+                       "rounds_decode_tok_s": [round(d, 1) for d in decode],
+                       "decode_vs_transformers": round(max(decode) / hf_decode, 2)})
     print_table(single, ["decoder", "tok_s", "rounds_tok_s", "vs_transformers"])
+    print_table(single, ["decoder", "prompt_ms", "decode_tok_s", "rounds_decode_tok_s", "decode_vs_transformers"])
 
     prompts = demo_prompts(tok, max(a.prompts, a.batch))
     batch_prompts = prompts[:a.batch]
@@ -128,9 +148,9 @@ def main() -> None:
 
     def continuations(model, comp: bool = False) -> list[list[int]]:
         out = []
-        for i in range(0, a.prompts, a.batch):
-            out += greedy_batch(model, prompts[i:i + a.batch][: a.prompts - i], a.agree_new, stop_ids=tok.eos_ids,
-                                compiled=comp)
+        for i in range(0, a.prompts, a.agree_batch):
+            out += greedy_batch(model, prompts[i:i + a.agree_batch][: a.prompts - i], a.agree_new,
+                                stop_ids=tok.eos_ids, compiled=comp)
         return out
 
     reference = continuations(models["fp32"])
@@ -143,7 +163,8 @@ def main() -> None:
     print(f"leantune fp32 single-stream tokens identical to transformers': {same_fp32}")
     path = write_result("decode_cpu", {"env": environment(), "prompt_tokens": len(ids), "new_tokens": a.new,
                                        "single_stream": single, "batched": batched, "agreement": agree,
-                                       "agreement_new_tokens": a.agree_new, "fp32_identical_to_transformers": same_fp32})
+                                       "agreement_new_tokens": a.agree_new, "agreement_batch": a.agree_batch,
+                                       "fp32_identical_to_transformers": same_fp32})
     print(f"wrote {path}")
 
 

@@ -12,6 +12,7 @@ import torch
 
 from leantune.compile import compiled_decode_step, static_cache_length
 from leantune.model import GPT
+from leantune.quantize import greedy_tokens
 
 
 @dataclass
@@ -73,7 +74,8 @@ def generate_tokens(
         raise ValueError(f"prompt has {T} tokens; the model's block size is {model.config.block_size}"
                          + (f" of which {model.n_virtual} hold virtual tokens" if model.n_virtual else ""))
     stop = set(stop_ids)
-    step = compiled_decode_step(model) if compiled and use_cache else None
+    greedy = sampling.temperature <= 0
+    step = compiled_decode_step(model, greedy=greedy) if compiled and use_cache else None
     if step is not None:
         model.set_kv_cache(1, static_cache_length(max_len, model.max_tokens), device=device, static=True)
     elif use_cache:
@@ -84,12 +86,12 @@ def generate_tokens(
         x = tokens
         for i in range(max_len - T):
             if step is not None and i > 0:
-                logits = step(x, input_pos)  # (1, V)
+                out = step(x, input_pos)  # (1,) token or (1, V) logits
             else:
                 hidden = model(x if use_cache else tokens, input_pos=input_pos if use_cache else None,
-                               return_hidden=True)
-                logits = model.lm_head(hidden[:, -1])  # (1, V): project only the last position
-            nxt = sample(logits, sampling, generator)  # (1,)
+                               return_hidden=True)[:, -1]  # (1, C): project only the last position
+                out = greedy_tokens(model.lm_head, hidden) if greedy else model.lm_head(hidden)
+            nxt = out if greedy else sample(out, sampling, generator)  # (1,)
             token = int(nxt)
             yield token
             if token in stop:
@@ -181,7 +183,7 @@ def greedy_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
     device = model.lm_head.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
     max_len = min(L + max_new_tokens, model.max_tokens)
-    step = compiled_decode_step(model, B) if compiled else None
+    step = compiled_decode_step(model, B, greedy=True) if compiled else None
     cache_len = static_cache_length(max_len, model.max_tokens) if step is not None else max_len
     idx = torch.full((B, L), pad_id, dtype=torch.long, device=device)
     attn = torch.zeros(B, cache_len, dtype=torch.long, device=device)
@@ -198,11 +200,10 @@ def greedy_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
         x = idx
         for t in range(max_len - L):
             if step is not None and t > 0:
-                logits = step(x, input_pos, pos, attn)  # (B, V)
+                nxt = step(x, input_pos, pos, attn)  # (B,)
             else:
                 hidden = model(x, input_pos=input_pos, position_ids=pos, attention_mask=attn, return_hidden=True)
-                logits = model.lm_head(hidden[:, -1])
-            nxt = logits.argmax(-1)  # (B,)
+                nxt = greedy_tokens(model.lm_head, hidden[:, -1])  # (B,)
             done |= torch.isin(nxt, stop)
             for i in (~done).nonzero().flatten().tolist():
                 out[i].append(int(nxt[i]))

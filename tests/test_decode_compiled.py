@@ -56,6 +56,23 @@ def test_static_cache_length_rounds_up_within_the_limit():
     assert lt_compile.static_cache_length(step + 1, step + 7) == step + 7
 
 
+@pytest.mark.parametrize("groups", [4, 2, 1])
+def test_one_query_attention_equals_sdpa(groups):
+    from leantune.model import one_query_attention
+
+    g = torch.Generator().manual_seed(groups)
+    B, nh, S, hs = 3, 4, 20, 8
+    q = torch.randn(B, nh, 1, hs, generator=g)
+    k, v = torch.randn(2, B, groups, S, hs, generator=g)
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.4
+    mask[..., 0] = True  # every row sees a key
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=groups < nh)
+    torch.testing.assert_close(one_query_attention(q, k, v, mask, scale=0.3), ref, rtol=1e-5, atol=1e-6)
+    one = one_query_attention(q, k, v, mask[:1], scale=0.3)  # one mask for every row
+    torch.testing.assert_close(one, torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask[:1], scale=0.3, enable_gqa=groups < nh), rtol=1e-5, atol=1e-6)
+
+
 @needs_inductor
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_compiled_decoding_equals_eager(quantize):

@@ -20,18 +20,23 @@ from leantune.quantize import (
     compute_dtype_of,
     dequantize_model,
     dequantize_weight,
+    greedy_tokens,
     is_quantized,
     logical_numel,
     quantize_for_inference,
     quantized_linear,
+    storage_tensors,
 )
 from leantune.woq import (
     DENSE_BATCH,
     INT4_GROUP,
+    SCREEN_CANDIDATES,
+    add_screen,
     int4_dequantize_codes,
     int4_quantize,
     int8_quantize,
     quantize_weight_only,
+    screened_argmax,
 )
 
 MODES = ("int8", "int4")
@@ -136,7 +141,7 @@ def test_greedy_equals_the_dequantized_weights_model(mode, tie):
     ref = dequantize_model(copy.deepcopy(q))  # plain fp32 linears holding exactly the weights the kernels use
     rounded = copy.deepcopy(ref)
     for name, m in list(rounded.named_modules()):
-        if isinstance(m, torch.nn.Linear):
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":  # greedy picks score the int8 head in fp32
             parent, _, attr = name.rpartition(".")
             setattr(rounded.get_submodule(parent), attr, Bf16Rounded(m))
     prompt = torch.randint(0, V, (9,), generator=torch.Generator().manual_seed(2))
@@ -150,6 +155,52 @@ def test_greedy_equals_the_dequantized_weights_model(mode, tie):
         x = prompt[None]
         # each product's input and output are rounded to bfloat16: a few percent after two layers of std-0.5 weights
         assert (q(x) - ref(x)).abs().max() <= 0.06 * ref(x).abs().max()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_screened_argmax_is_the_argmax_of_the_int8_head_in_fp32(bias):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1024, 64, generator=g)
+    b = torch.randn(1024, generator=g) if bias else None
+    weight = quantize_weight_only(w, "int8", torch.float32)
+    add_screen(weight)
+    assert weight.weight_only.screen is not None
+    deq = dequantize_weight(weight)  # (out, in) fp32: the int8 codes times their scales
+    packed, sz = weight.weight_only.screen
+    coarse_differs = 0
+    for B in (1, 3, DENSE_BATCH - 1):
+        for _ in range(20):
+            x = torch.randn(B, 64, generator=g) * 3
+            exact = torch.nn.functional.linear(x, deq, b)  # (B, out)
+            assert torch.equal(screened_argmax(x, weight, b), exact.argmax(-1))
+            coarse = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, INT4_GROUP, sz).float()
+            coarse_differs += int((coarse + (0 if b is None else b)).argmax(-1).ne(exact.argmax(-1)).sum())
+    assert coarse_differs > 0, "the int4 copy alone always agreed: these cases would not catch a missing rescore"
+    assert SCREEN_CANDIDATES < 1024
+
+
+def test_greedy_tokens_screens_only_a_weight_only_head_with_few_rows(monkeypatch):
+    q = quantize_for_inference(tiny(), "int4")
+    head = q.lm_head
+    st = head.weight.weight_only
+    assert st.screen is not None and all(any(t is s for t in storage_tensors(head.weight)) for s in st.screen)
+    x = torch.randn(DENSE_BATCH, 64, generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = torch.ops.aten._weight_int4pack_mm_for_cpu
+    with torch.no_grad():
+        full = head(x).argmax(-1)
+        # count the int4 kernel's calls: at an int8 head only the screen uses it
+        monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(a[0].shape) or real(*a))
+        few = greedy_tokens(head, x[:3])
+        many = greedy_tokens(head, x)
+    assert calls == [torch.Size([3, 64])]  # DENSE_BATCH rows take the head's batched path, not the screen
+    assert torch.equal(many, full)
+    assert torch.equal(few, torch.nn.functional.linear(x[:3], dequantize_weight(head.weight)).argmax(-1))
+    plain = tiny().lm_head  # a float head computes its logits
+    assert torch.equal(greedy_tokens(plain, x), plain(x).argmax(-1))
+    odd = quantize_weight_only(torch.randn(112, 48), "int8", torch.float32)  # in % 32 != 0: no int4 copy
+    add_screen(odd)
+    assert odd.weight_only.screen is None
 
 
 def test_lora_applies_unmerged_on_top_of_an_int8_base():

@@ -14,7 +14,7 @@ Prefix reuse: a new request whose prompt starts like what a row already holds fo
 row, or a finished one whose slot was not refilled yet; typically the chat template's system message) gets those
 keys and values copied into its row and prefills only the rest.
 
-Sampling is per row: greedy rows share one argmax, sampled rows use their own `Sampling` and a `torch.Generator`
+Sampling is per row: greedy rows share one `greedy_tokens` call, sampled rows use their own `Sampling` and a `torch.Generator`
 seeded from the request's seed, so a seeded request draws the same tokens as `generate --seed` does. Text is
 detokenized incrementally per row with the checkpoint's stop ids (EOS) and the request's stop strings held back
 until they can no longer match (`StopStringFilter`). The waiting queue is bounded: `submit` raises `QueueFull`
@@ -41,6 +41,7 @@ import torch
 
 from leantune.generate import Sampling, StopStringFilter, sample
 from leantune.model import GPT
+from leantune.quantize import greedy_tokens
 from leantune.serve.adapters import LoRARows, install_lora, load_onto_copy, lora_factors, shared_copy, uninstall_lora
 from leantune.serve.cache import SlotKVCache, SlotLayout
 
@@ -368,13 +369,12 @@ class Engine:
             self.rows.set([a.id], self.device)
         ids = torch.tensor([req.prompt[m:]], dtype=torch.long, device=self.device)  # (1, L - m)
         hidden = model(ids, input_pos=torch.arange(m, L, device=self.device), return_hidden=True)  # (1, L - m, C)
-        logits = model.lm_head(hidden[:, -1])  # (1, V)
         req.length = L
         self.row_tokens[slot] = list(req.prompt)
         with self.cv:
             self.prompt_tokens += L
             self.reused_tokens += m
-        self._accept([req], logits)
+        self._accept([req], model.lm_head, hidden[:, -1])
 
     def _reuse_prefix(self, req: Request) -> int:
         """Tokens at the start of the prompt whose keys/values some row already holds for the same adapter (e.g.
@@ -439,23 +439,22 @@ class Engine:
         h = hidden[b, -1]  # (n, C)
         if a.shared:
             self.rows.set([r.adapter.id for r in reqs], dev)
-        logits = model.lm_head(h)  # (n, V)
         for r in reqs:
             r.length += 1
             self.row_tokens[r.slot].append(r.last)  # the token just written at its row's column
-        self._accept(reqs, logits)
+        self._accept(reqs, model.lm_head, h)
 
-    def _accept(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        """Sample one token per row (greedy rows in one argmax) and hand it to the request."""
-        greedy = [i for i, r in enumerate(reqs) if r.generator is None]
-        tokens: list[int] = [0] * len(reqs)
-        if greedy:
-            picked = logits[greedy].argmax(-1).tolist() if len(greedy) < len(reqs) else logits.argmax(-1).tolist()
-            for i, t in zip(greedy, picked):
-                tokens[i] = t
-        for i, r in enumerate(reqs):
-            if r.generator is not None:
-                tokens[i] = int(sample(logits[i:i + 1], r.sampling, r.generator))
+    def _accept(self, reqs: list[Request], head: torch.nn.Module, h: torch.Tensor) -> None:
+        """Pick one token per row from its last hidden state h (n, C) and hand it to the request: greedy rows through
+        `greedy_tokens` over all rows (the per-row adapter ids cover all of them; a weight-only head screens with its
+        int4 copy, as `generate` does, so a row's greedy text does not depend on its neighbours), sampled rows from
+        the head's logits."""
+        sampled = [i for i, r in enumerate(reqs) if r.generator is not None]
+        tokens = greedy_tokens(head, h).tolist() if len(sampled) < len(reqs) else [0] * len(reqs)
+        if sampled:
+            logits = head(h)  # (n, V)
+            for i in sampled:
+                tokens[i] = int(sample(logits[i:i + 1], reqs[i].sampling, reqs[i].generator))
         for r, t in zip(reqs, tokens):
             self._push(r, t)
 
