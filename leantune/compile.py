@@ -90,7 +90,8 @@ def decode_step(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor, po
 
 
 def greedy_decode_step(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor,
-                       position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       position_ids: torch.Tensor | None = None,
+                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """`decode_step` for greedy decoding: -> the next token ids (B,), through `quantize.greedy_tokens` (a weight-only
     head screens with its int4 copy instead of computing every logit in int8)."""
     return greedy_tokens(model.lm_head, _last_hidden(model, idx, input_pos, position_ids, attention_mask))
@@ -108,8 +109,8 @@ def _compiled(step):
 
 
 def compiled_decode_step(model: nn.Module, batch_size: int = 1, greedy: bool = False):
-    """`decode_step` (or with greedy=True `greedy_decode_step`) compiled whole by inductor, bound to `model` (with a static KV cache: `set_kv_cache(static=True)`),
-    or None when inductor cannot compile here (the reason is logged).
+    """`decode_step` (with greedy=True `greedy_decode_step`) compiled whole by inductor, bound to `model` (with a
+    static KV cache: `set_kv_cache(static=True)`), or None when inductor cannot compile here (the reason is logged).
 
     One graph covers all layers, the LM head and the elementwise work between the matrix products, so a one-token
     step runs a few fused C++ loops around the weight kernels instead of ~20 small eager ops per layer; that per-op

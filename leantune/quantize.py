@@ -189,8 +189,8 @@ class QuantLinear(nn.Module):
 
 def greedy_tokens(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x (B, in) -> the argmax of head(x) (B,). A weight-only head on CPU with few rows takes `woq.screened_argmax`
-    (its int4 copy screens, int8 rows decide; ~2 ms of a ~13 ms compiled int4 token on the default model); any
-    other head (float, bitsandbytes, or wrapped by an adapter) computes its logits."""
+    (its int4 copy screens, int8 rows decide: ~1.2 ms instead of ~3.4 ms of a compiled int4 token on the default
+    model); any other head (float, bitsandbytes, or wrapped by an adapter) computes its logits."""
     st = getattr(head.weight, "weight_only", None) if type(head) is QuantLinear else None
     if st is not None and st.screen is not None and x.device.type == "cpu" and x.shape[0] < DENSE_BATCH:
         return screened_argmax(x, head.weight, head.bias)

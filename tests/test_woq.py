@@ -190,7 +190,8 @@ def test_greedy_tokens_screens_only_a_weight_only_head_with_few_rows(monkeypatch
     with torch.no_grad():
         full = head(x).argmax(-1)
         # count the int4 kernel's calls: at an int8 head only the screen uses it
-        monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(a[0].shape) or real(*a))
+        monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu",
+                            lambda *a: calls.append(a[0].shape) or real(*a))
         few = greedy_tokens(head, x[:3])
         many = greedy_tokens(head, x)
     assert calls == [torch.Size([3, 64])]  # DENSE_BATCH rows take the head's batched path, not the screen

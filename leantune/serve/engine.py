@@ -14,9 +14,9 @@ Prefix reuse: a new request whose prompt starts like what a row already holds fo
 row, or a finished one whose slot was not refilled yet; typically the chat template's system message) gets those
 keys and values copied into its row and prefills only the rest.
 
-Sampling is per row: greedy rows share one `greedy_tokens` call, sampled rows use their own `Sampling` and a `torch.Generator`
-seeded from the request's seed, so a seeded request draws the same tokens as `generate --seed` does. Text is
-detokenized incrementally per row with the checkpoint's stop ids (EOS) and the request's stop strings held back
+Sampling is per row: greedy rows share one `greedy_tokens` call, sampled rows use their own `Sampling` and a
+`torch.Generator` seeded from the request's seed, so a seeded request draws the same tokens as `generate --seed`.
+Text is detokenized incrementally per row with the checkpoint's stop ids (EOS) and the request's stop strings held back
 until they can no longer match (`StopStringFilter`). The waiting queue is bounded: `submit` raises `QueueFull`
 (HTTP 429 with Retry-After) instead of growing without limit.
 """
@@ -446,9 +446,8 @@ class Engine:
 
     def _accept(self, reqs: list[Request], head: torch.nn.Module, h: torch.Tensor) -> None:
         """Pick one token per row from its last hidden state h (n, C) and hand it to the request: greedy rows through
-        `greedy_tokens` over all rows (the per-row adapter ids cover all of them; a weight-only head screens with its
-        int4 copy, as `generate` does, so a row's greedy text does not depend on its neighbours), sampled rows from
-        the head's logits."""
+        `greedy_tokens` over all n rows (the per-row adapter ids cover all of them; with few rows a weight-only head
+        screens with its int4 copy, as `generate` does), sampled rows from the head's logits."""
         sampled = [i for i, r in enumerate(reqs) if r.generator is not None]
         tokens = greedy_tokens(head, h).tolist() if len(sampled) < len(reqs) else [0] * len(reqs)
         if sampled:
