@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+from method_cases import EVERY_METHOD, tiny_args
 
 from leantune import compile as lt_compile
 from leantune.config import Config
 from leantune.generate import generate_tokens, greedy_batch
+from leantune.methods import apply_method
 from leantune.model import GPT
 from tests.test_generate import CONFIGS
 
@@ -88,6 +90,25 @@ def test_compiled_decoding_equals_eager(quantize):
     prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 11, 7)]
     stop = [5]
     assert greedy_batch(model, prompts, 12, stop, compiled=True) == greedy_batch(model, prompts, 12, stop)
+
+
+@needs_inductor
+@pytest.mark.parametrize("method", EVERY_METHOD)
+def test_compiled_decoding_equals_eager_with_every_method(method):
+    """Adapters in the compiled step (LLaMA-Adapter's gated prefix after the fused one-token attention, virtual
+    tokens in the static cache, unmerged LoRA-family branches) decode as they do eager."""
+    model = tiny()
+    names = apply_method(model, method, tiny_args(method))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # a non-zero trained state, so each method changes the continuation
+        params = dict(model.named_parameters())
+        for n in names:
+            params[n].add_(torch.randn(params[n].shape, generator=g) * 0.3)
+    model.eval().requires_grad_(False)
+    prompt = torch.randint(0, 97, (9,), generator=torch.Generator().manual_seed(1))
+    eager = list(generate_tokens(model, prompt, 20))
+    assert list(generate_tokens(model, prompt, 20, compiled=True)) == eager
+    assert len(set(eager)) > 3
 
 
 def test_compile_unavailable_decodes_eager(monkeypatch, caplog):
