@@ -30,10 +30,14 @@ class Sampling:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,)."""
-    if s.temperature <= 0:
+    if s.greedy:
         return logits.argmax(dim=-1)
     logits = logits.float() / s.temperature
     if s.top_k is not None and s.top_k < logits.shape[-1]:
@@ -74,8 +78,7 @@ def generate_tokens(
         raise ValueError(f"prompt has {T} tokens; the model's block size is {model.config.block_size}"
                          + (f" of which {model.n_virtual} hold virtual tokens" if model.n_virtual else ""))
     stop = set(stop_ids)
-    greedy = sampling.temperature <= 0
-    step = compiled_decode_step(model, greedy=greedy) if compiled and use_cache else None
+    step = compiled_decode_step(model, greedy=sampling.greedy) if compiled and use_cache else None
     if step is not None:
         model.set_kv_cache(1, static_cache_length(max_len, model.max_tokens), device=device, static=True)
     elif use_cache:
@@ -90,8 +93,8 @@ def generate_tokens(
             else:
                 hidden = model(x if use_cache else tokens, input_pos=input_pos if use_cache else None,
                                return_hidden=True)[:, -1]  # (1, C): project only the last position
-                out = greedy_tokens(model.lm_head, hidden) if greedy else model.lm_head(hidden)
-            nxt = out if greedy else sample(out, sampling, generator)  # (1,)
+                out = greedy_tokens(model.lm_head, hidden) if sampling.greedy else model.lm_head(hidden)
+            nxt = out if sampling.greedy else sample(out, sampling, generator)  # (1,)
             token = int(nxt)
             yield token
             if token in stop:

@@ -246,7 +246,7 @@ def generate_until(model, tokenizer, prompts: Sequence[Sequence[int]], until: Se
     texts = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc="generate_until", unit="req", leave=False, disable=not progress,
                dynamic_ncols=True)
-    if sampling is None or sampling.temperature <= 0:
+    if sampling is None or sampling.greedy:
         order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
         for s in range(0, len(order), batch_size):
             rows = order[s:s + batch_size]

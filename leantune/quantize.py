@@ -187,14 +187,15 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {kind}, bias={self.bias is not None}"
 
 
-def greedy_tokens(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def greedy_tokens(head: nn.Module, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, in) -> the argmax of head(x) (B,). A weight-only head on CPU with few rows takes `woq.screened_argmax`
     (its int4 copy screens, int8 rows decide: ~1.2 ms instead of ~3.4 ms of a compiled int4 token on the default
-    model); any other head (float, bitsandbytes, or wrapped by an adapter) computes its logits."""
+    model); any other head (float, bitsandbytes, or wrapped by an adapter) takes the argmax of its logits, `logits`
+    (head(x), when the caller has them already) or computed here."""
     st = getattr(head.weight, "weight_only", None) if type(head) is QuantLinear else None
     if st is not None and st.screen is not None and x.device.type == "cpu" and x.shape[0] < DENSE_BATCH:
         return screened_argmax(x, head.weight, head.bias)
-    return head(x).argmax(-1)
+    return (head(x) if logits is None else logits).argmax(-1)
 
 
 def quantized_module_names(model: nn.Module) -> list[str]:

@@ -152,15 +152,16 @@ head's argmax were all ties of its bfloat16-rounded logits)."""
 
 
 def add_screen(weight: torch.Tensor) -> None:
-    """Give an int8 LM-head weight an int4 copy for greedy picks (`screened_argmax`), when the int4 kernel takes its
-    shape: the copy reads half the bytes of the int8 head, which is a quarter of a small model's bytes per token."""
+    """Give an int8 LM-head weight on CPU an int4 copy for greedy picks (`screened_argmax`), when the int4 kernel
+    takes its shape: the copy reads half the bytes of the int8 head, which is a quarter of a small model's bytes per
+    token. Off CPU the weight is dequantized per call, and `quantize.greedy_tokens` never screens: no copy."""
     st: WeightOnly = weight.weight_only
     N, K = st.shape
-    if st.mode != "int8" or not kernel_fits("int4", N, K) or N <= SCREEN_CANDIDATES:
+    if weight.device.type != "cpu" or st.mode != "int8" or not kernel_fits("int4", N, K) or N <= SCREEN_CANDIDATES:
         return
     w = weight.data.float() * st.scales.float()[:, None]  # (out, in): screen what the exact scores use
     q, scales = int4_quantize(w)
-    st.screen = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 1).to(w.device), scales.to(w.device)
+    st.screen = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales
 
 
 def screened_argmax(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -199,6 +199,8 @@ def test_greedy_tokens_screens_only_a_weight_only_head_with_few_rows(monkeypatch
     assert torch.equal(few, torch.nn.functional.linear(x[:3], dequantize_weight(head.weight)).argmax(-1))
     plain = tiny().lm_head  # a float head computes its logits
     assert torch.equal(greedy_tokens(plain, x), plain(x).argmax(-1))
+    given = torch.randn(DENSE_BATCH, 112, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(greedy_tokens(plain, x, given), given.argmax(-1))  # logits the caller has are not recomputed
     odd = quantize_weight_only(torch.randn(112, 48), "int8", torch.float32)  # in % 32 != 0: no int4 copy
     add_screen(odd)
     assert odd.weight_only.screen is None

@@ -175,7 +175,7 @@ class Engine:
                                   f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} in "
                                   "the completion). Please reduce the length of the prompt or max_tokens.")
         generator = None
-        if sampling.temperature > 0:
+        if not sampling.greedy:
             generator = torch.Generator(device=self.device).manual_seed(
                 seed if seed is not None else random.randrange(2**63))
         req = Request(list(prompt), adapter, max_tokens, sampling, generator, StopStringFilter(stop),
@@ -449,11 +449,10 @@ class Engine:
         `greedy_tokens` over all n rows (the per-row adapter ids cover all of them; with few rows a weight-only head
         screens with its int4 copy, as `generate` does), sampled rows from the head's logits."""
         sampled = [i for i, r in enumerate(reqs) if r.generator is not None]
-        tokens = greedy_tokens(head, h).tolist() if len(sampled) < len(reqs) else [0] * len(reqs)
-        if sampled:
-            logits = head(h)  # (n, V)
-            for i in sampled:
-                tokens[i] = int(sample(logits[i:i + 1], reqs[i].sampling, reqs[i].generator))
+        logits = head(h) if sampled else None  # (n, V)
+        tokens = greedy_tokens(head, h, logits).tolist() if len(sampled) < len(reqs) else [0] * len(reqs)
+        for i in sampled:
+            tokens[i] = int(sample(logits[i:i + 1], reqs[i].sampling, reqs[i].generator))
         for r, t in zip(reqs, tokens):
             self._push(r, t)
 
