@@ -8,7 +8,7 @@ Usage: python bench/decode_cpu.py [--threads 2] [--new 64] [--rounds 3] [--batch
   prompt; rounds alternate over the models so machine noise hits all alike; the best round counts. tok_s is
   end to end (the prompt's forward included); each round also times the prompt and first token alone (prompt_ms),
   and decode_tok_s is the other --new - 1 tokens over the rest of the time, the rate llama.cpp reports as "eval".
-- batched: `leantune.generate.greedy_batch` decodes --batch different prompts at once (left padded, --new tokens
+- batched: `leantune.decode.generate.greedy_batch` decodes --batch different prompts at once (left padded, --new tokens
   each); aggregate tokens/s over all rows, against the same model's single stream.
 - compiled: the modes in --compiled also run single-stream with `--compile` (the decode step compiled whole over a
   static KV cache; compiled during the warm-up, which is not timed), as "<mode> compiled" rows. Batched weight-only
@@ -37,7 +37,7 @@ from common import DEFAULT_CHECKPOINT, environment, print_table, write_result  #
 
 def demo_prompts(tok, n: int) -> list[list[int]]:
     from leantune.data.demo import Demo
-    from leantune.generate import encode_prompt
+    from leantune.decode.generate import encode_prompt
 
     records = Demo().test_set()[:n]
     return [encode_prompt(tok, r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")) for r in records]
@@ -67,7 +67,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     from transformers import AutoModelForCausalLM
 
-    from leantune.generate import encode_prompt, generate_tokens, greedy_batch
+    from leantune.decode.generate import encode_prompt, generate_tokens, greedy_batch
     from leantune.inference import load_for_inference
 
     modes = [m for m in a.modes.split(",") if m]
@@ -82,7 +82,7 @@ def main() -> None:
                               attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=tok.pad_id)
         return out[0, len(ids):].tolist()
 
-    from leantune.compile import compile_unavailable_reason
+    from leantune.decode.compile import compile_unavailable_reason
 
     compiled = [m for m in a.compiled.split(",") if m] if compile_unavailable_reason() is None else []
     runners = {"transformers fp32": run_hf}

@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, print_table, write_result  # noqa: E402
 
-from leantune.config import Config  # noqa: E402
 from leantune.estimate import build_random_model, estimate, measure_training_memory  # noqa: E402
+from leantune.models.decoder.config import Config  # noqa: E402
 
 TOLERANCE = 0.15  # |estimated / measured - 1| of the total
 

@@ -29,7 +29,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from leantune.checkpoint.hf import load_hf_checkpoint
-    from leantune.generate import encode_prompt, generate_tokens
+    from leantune.decode.generate import encode_prompt, generate_tokens
     from leantune.tokenizer import Tokenizer
 
     tok = Tokenizer(a.checkpoint_dir)

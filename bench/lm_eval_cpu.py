@@ -27,7 +27,7 @@ from common import DEFAULT_CHECKPOINT, environment, print_table, write_result  #
 
 
 def requests_for(names: list[str]):
-    from leantune.harness_tasks import offline, resolve_tasks
+    from leantune.evaluation.harness_tasks import offline, resolve_tasks
 
     specs, manager, local = resolve_tasks(names)
     with offline(local):
@@ -72,9 +72,9 @@ def main() -> None:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from leantune.evaluation.harness import harness_lm
+    from leantune.evaluation.harness_tasks import MMLU_EXEMPLARS, read_exemplars
     from leantune.export import export_peft_adapter
-    from leantune.harness import harness_lm
-    from leantune.harness_tasks import MMLU_EXEMPLARS, read_exemplars
     from leantune.inference import load_for_inference
 
     subjects = sorted(read_exemplars()[0])

@@ -8,7 +8,7 @@ LoKrConfig / IA3Config): LoRA-family methods on q/v with r=8 alpha=16, IA3 with 
 MLP's down projection). Results go to bench/results/<method>_cpu.json. For DoRA with dropout > 0 both run the
 dropped input through the frozen W as well (PEFT's DoRA formula); --dropout 0 shows the cost without that matmul
 (LoHa, LoKr and IA3 have no input dropout).
-With --compile leantune's blocks are compiled (leantune.compile.compile_blocks); the compile time is reported
+With --compile leantune's blocks are compiled (leantune.decode.compile.compile_blocks); the compile time is reported
 separately and excluded from tokens/s, as both sides are timed after warm-up. The peer side is the step of
 ../shared/bench/hf_peft_cpu.py (LoRA q/v r=8 alpha=16 dropout 0.05, AdamW 2e-4, loss on every position).
 Both run in this process, alternating rounds. Writes bench/results/<method>_cpu.json (<method>_cuda.json on a GPU).
@@ -83,7 +83,7 @@ def main() -> None:
     ours.to(device=device, dtype=dtype).train()
     compiled = False
     if a.compile:
-        from leantune.compile import compile_blocks
+        from leantune.decode.compile import compile_blocks
 
         compiled = compile_blocks(ours)
     params = dict(ours.named_parameters())

@@ -74,7 +74,7 @@ GB = 2**30
 
 # ---- the leantune side (runs in a child process) --------------------------------------------------------------------
 def model_config(spec: dict):
-    from leantune.config import Config
+    from leantune.models.decoder.config import Config
 
     return Config(**SMOKE_CONFIG) if spec.get("smoke") else Config.from_name(MODELS[spec["model"]])
 
@@ -92,7 +92,7 @@ def make_checkpoint(spec: dict) -> dict:
     import torch
 
     from leantune.checkpoint.hf import save_hf_checkpoint
-    from leantune.model import GPT
+    from leantune.models.decoder.model import GPT
 
     out = Path(spec["ckpt"])
     if (out / "config.json").is_file():
@@ -118,7 +118,7 @@ def run_one(spec: dict) -> dict:
     import torch
 
     from leantune.checkpoint.hf import load_hf_checkpoint
-    from leantune.generate import generate_tokens
+    from leantune.decode.generate import generate_tokens
     from leantune.peft.lora import LoRAArgs, apply_lora
     from leantune.runtime import autocast_dtype, compute_dtype, weight_dtype
     from leantune.train.loss import supervised_ce_sum
@@ -360,7 +360,7 @@ def report(records: list[dict], meta: dict, out: Path, env: dict | None = None, 
     flops = {}
     for model in {r["model"] for r in records}:
         if model in MODELS:
-            from leantune.config import Config
+            from leantune.models.decoder.config import Config
 
             flops[model] = flops_per_token(Config.from_name(MODELS[model]), meta["seq"])
     tables = build_tables(records, flops, meta["peak_tflops"])

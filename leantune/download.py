@@ -17,7 +17,7 @@ from pathlib import Path
 
 from leantune.checkpoint import gguf
 from leantune.checkpoint.io import OutputExistsError, atomic_dir
-from leantune.presets import preset_names
+from leantune.models.decoder.presets import preset_names
 
 DEFAULT_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ALIASES: dict[str, str] = {"smollm2-135m-instruct": DEFAULT_REPO_ID}

@@ -2,7 +2,7 @@
 
 Memory model (bytes), checked against a measured CPU training step by bench/estimate_memory.py:
   weights      = parameters x weight bytes + the fp32 RoPE cache; with --quantize the block linears take what
-                 bitsandbytes stores (leantune.quantize.quantized_nbytes: 4-bit 0.5 byte + a 4-byte scale per 64,
+                 bitsandbytes stores (leantune.models.quantize.quantized_nbytes: 4-bit 0.5 byte + a 4-byte scale per 64,
                  or with -dq a 1-byte scale + 4 bytes per 64 x 256; int8 1 byte + 4 per row)
   gradients    = trainable x weight bytes (-true) or 4 (-mixed: fp32 master weights)
   optimizer    = trainable x state bytes: torch Adam/AdamW keep two moments in the parameter dtype (2 x weight
@@ -27,17 +27,17 @@ from pathlib import Path
 
 import torch
 
-from leantune.config import Config
-from leantune.families import config_from_checkpoint
-from leantune.kinds import is_t5_folder
 from leantune.methods import apply_method, get_method
-from leantune.model import GPT
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.families import config_from_checkpoint
+from leantune.models.decoder.model import GPT
+from leantune.models.kinds import is_t5_folder
+from leantune.models.quantize import check_mode, is_quantizable, quantize_model, quantized_nbytes, storage_tensors
+from leantune.models.t5.model import T5, T5Config
+from leantune.models.t5.presets import T5_PRESETS
 from leantune.peft.adapter_v2 import AdapterV2Linear
 from leantune.peft.lora import LoRALinear
-from leantune.quantize import check_mode, is_quantizable, quantize_model, quantized_nbytes, storage_tensors
 from leantune.runtime import compute_dtype, weight_dtype
-from leantune.t5 import T5, T5Config
-from leantune.t5_presets import T5_PRESETS
 from leantune.train.loop import enable_activation_checkpointing
 from leantune.train.optim import OptimizerArgs, build_optimizer
 from leantune.train.step import train_step
@@ -184,7 +184,7 @@ def _first_block_with_gradient(model: GPT, trainable: set[str]) -> int:
 
 def _norm_bytes(norm: torch.nn.Module, c: Config, act: int) -> int:
     """Per token: RMSNorm keeps its fp32 input and 1/rms (+ the normalised input if its weight trains, except in
-    fp32, where leantune.ops' fused RMSNorm recomputes it); LayerNorm keeps its input, mean and 1/std."""
+    fp32, where leantune.models.ops' fused RMSNorm recomputes it); LayerNorm keeps its input, mean and 1/std."""
     trains = any(p.requires_grad for p in norm.parameters())
     if c.norm_class == "rmsnorm":
         return 4 * c.n_embd + 4 + (act * c.n_embd if trains and act != 4 else 0)
@@ -201,7 +201,7 @@ def _block_bytes(block: torch.nn.Module, c: Config, act: int, device: str) -> in
     linears_train = attn.qkv.weight.requires_grad
     if linears_train:
         b += act * C * len(norms)  # the norm outputs, inputs of trained linears
-        if act == 4:  # fp32: leantune.ops' fused RoPE leaves SDPA's output (B, nh, T, hs)-contiguous, so proj's
+        if act == 4:  # fp32: leantune.models.ops' fused RoPE leaves SDPA's output (B, nh, T, hs)-contiguous, so proj's
             b += act * q  # reshape of it is a copy that proj keeps (in bf16 it is a view of the output)
     # SDPA keeps q and k after RoPE, v (a view: the whole qkv output), its output (also proj's input) and lse
     b += act * (q + k + v) + (act * (q + k) if c.rope_n_elem else 0) + act * q + 4 * c.n_head

@@ -8,9 +8,9 @@ import torch
 
 from leantune.checkpoint.auto import load_model, save_model
 from leantune.checkpoint.gguf_export import export_gguf
-from leantune.kinds import is_t5_folder
 from leantune.merge import merge_adapters
 from leantune.methods import METHODS, get_method, load_adapter, read_manifest
+from leantune.models.kinds import is_t5_folder
 
 DTYPES = ("float32", "bfloat16", "float16")
 

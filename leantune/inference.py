@@ -8,17 +8,17 @@ from pathlib import Path
 import torch
 
 from leantune.checkpoint.auto import load_model
+from leantune.decode.generate import Sampling
+from leantune.decode.seq2seq import BeamSearch, t5_beam_search, t5_generate
+from leantune.decode.woq import WEIGHT_ONLY_MODES
 from leantune.download import ensure_checkpoint
-from leantune.generate import Sampling
-from leantune.kinds import is_seq2seq
 from leantune.methods import load_any_adapter
-from leantune.model import GPT
-from leantune.quantize import check_mode, quantize_for_inference
+from leantune.models.decoder.model import GPT
+from leantune.models.kinds import is_seq2seq
+from leantune.models.quantize import check_mode, quantize_for_inference
+from leantune.models.t5.model import T5
 from leantune.runtime import compute_dtype, default_device, resolve_precision, weight_dtype
-from leantune.t5 import T5
-from leantune.t5_generate import BeamSearch, t5_beam_search, t5_generate
 from leantune.tokenizer import Tokenizer
-from leantune.woq import WEIGHT_ONLY_MODES
 
 
 def load_for_inference(checkpoint_dir: Path, precision: str | None = None, adapter: Path | None = None,

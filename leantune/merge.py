@@ -6,8 +6,8 @@ from pathlib import Path
 
 from leantune.checkpoint.peft_dir import is_peft_dir
 from leantune.methods import METHODS, get_method, load_any_adapter, read_manifest
-from leantune.model import GPT
-from leantune.quantize import round_trip_
+from leantune.models.decoder.model import GPT
+from leantune.models.quantize import round_trip_
 from leantune.runtime import compute_dtype
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from leantune.checkpoint.hf import TOKENIZER_FILES
-from leantune.config import Config
 from leantune.methods import apply_method
-from leantune.model import GPT
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import GPT
 from leantune.peft.lora import LoRAArgs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from leantune.checkpoint.hf import TOKENIZER_FILES, load_hf_checkpoint
-from leantune.generate import Sampling, encode_prompt, stream_text
+from leantune.decode.generate import Sampling, encode_prompt, stream_text
 from leantune.inference import load_for_inference
 from leantune.methods import apply_method, build_manifest, method_args_class, save_checkpoint
 from leantune.tokenizer import Tokenizer

@@ -1,12 +1,15 @@
 """The import contract, checked from the source: layers import downwards only, no cycles, no function-local imports
 of leantune modules (they only ever hide a cycle), and no runtime import of the test-only references.
 
-Layers, bottom to top (a module may import its own layer and the ones below):
-  0 facts       config, presets, families, runtime, ops
-  1 model       model, quantize, woq, compile
-  2 parts       checkpoint, data, tokenizer, peft, generate, download
-  3 library     methods, train, evaluate, inference, merge, export, estimate, harness, serve, upload
-  4 commands    commands, cli
+Layers, bottom to top (a module may import its own layer and the ones below; a dotted name matches its package and
+everything under it, the longest match wins):
+  0 facts       runtime, the decoder's config, presets and families, T5 presets
+  1 model       models (the two model kinds, fused ops, quantized layers), the decode kernels (compile, woq)
+  2 parts       checkpoint, data, tokenizer, peft, decode (generate, seq2seq), download
+  3 library     methods, train, inference, merge, export, estimate, serve, upload
+  4 evaluation  evaluation (evaluate, harness, tasks, rouge): it scores with train's loss
+  5 use cases   finetune (the recipe: data, model, loop, evaluation)
+  6 commands    commands, cli
 Plus narrower rules from the design: data never imports the model or training; a PEFT method never imports the
 registry, the loop or the commands; checkpoint formats know no loop and no method.
 """
@@ -25,17 +28,18 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "leantune"
 
 LAYERS = [
-    ("config", "presets", "families", "runtime", "ops", "t5_presets"),
-    ("model", "quantize", "woq", "compile", "t5", "kinds"),
-    ("checkpoint", "data", "tokenizer", "peft", "generate", "download", "t5_generate"),
-    ("methods", "train", "evaluate", "inference", "merge", "export", "estimate", "rouge", "harness",
-     "harness_tasks", "serve", "upload"),
+    ("runtime", "models.decoder.config", "models.decoder.presets", "models.decoder.families", "models.t5.presets"),
+    ("models", "decode.compile", "decode.woq"),
+    ("checkpoint", "data", "tokenizer", "peft", "decode", "download"),
+    ("methods", "train", "inference", "merge", "export", "estimate", "serve", "upload"),
+    ("evaluation",),
+    ("finetune",),
     ("commands", "cli"),
 ]
 FORBIDDEN = {  # importer prefix -> imported prefixes it must never reach directly
-    "data": ("model", "train", "peft", "methods", "checkpoint.hf"),
-    "peft": ("methods", "train", "commands", "cli"),
-    "checkpoint": ("train", "methods", "peft", "commands", "cli"),
+    "data": ("models.decoder.model", "models.t5.model", "models.kinds", "models.quantize", "decode", "train", "peft", "methods", "checkpoint.hf", "evaluation", "finetune"),
+    "peft": ("methods", "train", "evaluation", "finetune", "commands", "cli"),
+    "checkpoint": ("train", "methods", "peft", "evaluation", "finetune", "commands", "cli"),
 }
 REFERENCE_ONLY = ("transformers", "peft")  # test-time references: never imported by runtime code at module level
 # Function-local imports of these optional packages are fine (the feature that needs them says which extra to add).
@@ -81,12 +85,14 @@ def collect_imports(root: Path) -> tuple[set[str], list[Import]]:
     return set(modules), found
 
 
-def layer_of(module: str) -> int:
-    rel = module.removeprefix(f"{PACKAGE.name}.")
-    for i, names in enumerate(LAYERS):
-        if rel.split(".")[0] in names:
-            return i
-    return 0  # the package itself
+def layer_index(rel: str, layers=LAYERS) -> int:
+    """The layer of a module path relative to the package: its longest listed prefix decides (0 for the package)."""
+    best, depth = 0, -1
+    for n, names in enumerate(layers):
+        for name in names:
+            if (rel == name or rel.startswith(name + ".")) and name.count(".") > depth:
+                best, depth = n, name.count(".")
+    return best
 
 
 def violations(root: Path, layers=LAYERS, forbidden=FORBIDDEN) -> list[str]:
@@ -97,10 +103,7 @@ def violations(root: Path, layers=LAYERS, forbidden=FORBIDDEN) -> list[str]:
     rel = lambda m: m.removeprefix(pkg + ".")  # noqa: E731
 
     def layer(m: str) -> int:
-        for n, names in enumerate(layers):
-            if rel(m).split(".")[0] in names:
-                return n
-        return 0
+        return layer_index(rel(m), layers)
 
     for i in internal:
         where = f"{i.importer}:{i.line} imports {i.imported}"
@@ -167,8 +170,8 @@ def test_the_checker_catches_cycles_layers_and_hidden_imports(tmp_path):
     (pkg / "train").mkdir()
     files = {
         "__init__.py": "",
-        "config.py": "from leantune import model\n",  # layer 0 -> 1
-        "model.py": "import leantune.config\n",  # with config.py: a cycle
+        "runtime.py": "from leantune import models\n",  # layer 0 -> 1
+        "models.py": "import leantune.runtime\n",  # with runtime.py: a cycle
         "data/__init__.py": "",
         "data/sft.py": "def f():\n    from leantune.train import loop\n",  # local, upward, forbidden
         "train/__init__.py": "",
@@ -177,8 +180,8 @@ def test_the_checker_catches_cycles_layers_and_hidden_imports(tmp_path):
     for name, text in files.items():
         (pkg / name).write_text(textwrap.dedent(text))
     problems = "\n".join(violations(pkg))
-    assert "leantune.config:1 imports leantune.model, a higher layer" in problems
-    assert "import cycle: leantune.config -> leantune.model" in problems
+    assert "leantune.runtime:1 imports leantune.models, a higher layer" in problems
+    assert "import cycle: leantune.models -> leantune.runtime" in problems
     assert "leantune.data.sft:2 imports leantune.train.loop inside a function" in problems
     assert "which data must not import" in problems
     assert "leantune.train.loop:1 imports transformers, a test-only reference" in problems

@@ -1,13 +1,13 @@
-"""Regional torch.compile of the blocks (leantune.compile): same loss and gradients as eager, clean fallback."""
+"""Regional torch.compile of the blocks (leantune.decode.compile): same loss and gradients as eager, clean fallback."""
 
 import copy
 
 import pytest
 import torch
 
-from leantune import compile as lt_compile
-from leantune.config import Config
-from leantune.model import GPT
+from leantune.decode import compile as lt_compile
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import GPT
 from leantune.peft.lora import LoRAArgs, apply_lora
 from leantune.train.loss import supervised_ce_sum
 

@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from leantune.data import JSON
+from leantune.finetune import finetune
 from leantune.peft.adapter_v2 import AdapterV2Args
 from leantune.peft.lora import LoRAArgs
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.optim import OptimizerArgs
-from leantune.train.recipe import finetune
 from leantune.train.state import STATE_FILE
 
 METHOD_ARGS = {"lora": LoRAArgs(r=4, dropout=0.1), "adapter_v2": AdapterV2Args(start_layer=1), "full": None}

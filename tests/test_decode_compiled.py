@@ -4,11 +4,11 @@ import pytest
 import torch
 from method_cases import EVERY_METHOD, tiny_args
 
-from leantune import compile as lt_compile
-from leantune.config import Config
-from leantune.generate import generate_tokens, greedy_batch
+from leantune.decode import compile as lt_compile
+from leantune.decode.generate import generate_tokens, greedy_batch
 from leantune.methods import apply_method
-from leantune.model import GPT
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import GPT
 from tests.test_generate import CONFIGS
 
 needs_inductor = pytest.mark.skipif(lt_compile.compile_unavailable_reason() is not None,
@@ -46,7 +46,9 @@ def test_static_cache_decodes_as_the_growing_cache(name):
     prompt = torch.randint(0, 97, (9,))
     static, growing = step_logits(model, prompt, 30, True), step_logits(model, prompt, 30, False)
     assert static.argmax(-1).tolist() == growing.argmax(-1).tolist()
-    torch.testing.assert_close(static, growing, rtol=1e-5, atol=1e-5)
+    # fp32 sums over a masked whole buffer vs the grown cache: the same values up to reduction order (1.5e-5 seen on
+    # an AVX512-BF16 CPU), far below what could change a greedy pick (asserted above)
+    torch.testing.assert_close(static, growing, rtol=1e-4, atol=1e-4)
     assert len(set(growing.argmax(-1).tolist())) > 3, "degenerate continuation would make the comparison meaningless"
 
 
@@ -60,7 +62,7 @@ def test_static_cache_length_rounds_up_within_the_limit():
 
 @pytest.mark.parametrize("groups", [4, 2, 1])
 def test_one_query_attention_equals_sdpa(groups):
-    from leantune.model import one_query_attention
+    from leantune.models.decoder.model import one_query_attention
 
     g = torch.Generator().manual_seed(groups)
     B, nh, S, hs = 3, 4, 20, 8
@@ -78,7 +80,7 @@ def test_one_query_attention_equals_sdpa(groups):
 @needs_inductor
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_compiled_decoding_equals_eager(quantize):
-    from leantune.quantize import quantize_for_inference
+    from leantune.models.quantize import quantize_for_inference
 
     model = tiny()
     if quantize:
@@ -142,8 +144,8 @@ def test_generate_and_chat_commands_compile(tiny_checkpoint, monkeypatch, capsys
 
 
 def test_batched_weight_only_steps_stay_eager_on_prepacked_weights():
-    from leantune.quantize import quantize_for_inference
-    from leantune.woq import DENSE_BATCH
+    from leantune.decode.woq import DENSE_BATCH
+    from leantune.models.quantize import quantize_for_inference
 
     model = quantize_for_inference(tiny(), "int8")
     assert lt_compile.compiled_decode_step(model, DENSE_BATCH) is None

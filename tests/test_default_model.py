@@ -8,7 +8,7 @@ import torch
 import transformers as tf
 
 from leantune.checkpoint.hf import load_hf_checkpoint
-from leantune.generate import encode_prompt, generate_tokens
+from leantune.decode.generate import encode_prompt, generate_tokens
 from leantune.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow

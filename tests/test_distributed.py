@@ -28,16 +28,17 @@ from conftest import TinyData, V
 from method_cases import EVERY_METHOD, tiny_args
 from safetensors.torch import load_file
 
-from leantune.config import Config
 from leantune.data import JSON
 from leantune.data.seq2seq import shift_right
+from leantune.finetune import finetune
 from leantune.methods import apply_method, get_method, load_trainable, save_checkpoint
-from leantune.model import GPT
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import GPT
+from leantune.models.quantize import quantize_model
+from leantune.models.t5.model import T5, T5Config
 from leantune.peft.adapter_v2 import AdapterV2Args
 from leantune.peft.lora import LoRAArgs
 from leantune.peft.lora_layers import DoRAArgs
-from leantune.quantize import quantize_model
-from leantune.t5 import T5, T5Config
 from leantune.train.distributed import (
     DCP_DIR,
     FSDPArgs,
@@ -49,7 +50,6 @@ from leantune.train.distributed import (
 )
 from leantune.train.loop import EvalArgs, TrainArgs, accumulation_steps, check_parallel_method, fit
 from leantune.train.optim import OptimizerArgs
-from leantune.train.recipe import finetune
 from leantune.train.state import STATE_FILE, find_latest_checkpoint
 
 # no dropout (each rank draws its own masks, one process draws others): the runs differ only by float rounding

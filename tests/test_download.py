@@ -277,7 +277,7 @@ def test_list(capsys, monkeypatch):
     assert download_list()[0] == "smollm2-135m-instruct" and DEFAULT_REPO_ID in download_list()
     assert download_command("list") is None
     assert "smollm2-135m-instruct" in capsys.readouterr().out
-    from leantune.presets import preset_names
+    from leantune.models.decoder.presets import preset_names
 
     assert set(preset_names()) <= set(download_list())
     assert "meta-llama/Llama-2-7b-hf" in download_list()

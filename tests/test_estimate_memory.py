@@ -4,8 +4,8 @@ and the estimated peak is within 15% of a measured CPU training step (bench/esti
 import pytest
 import torch
 
-from leantune.config import Config
 from leantune.estimate import _block_bytes, build_random_model, estimate, measure_training_memory
+from leantune.models.decoder.config import Config
 from leantune.peft.lora import LoRAArgs
 
 TOLERANCE = 0.15

@@ -13,7 +13,7 @@ from adapter_support import random_lora
 from data_support import StubTokenizer
 from rouge_score import rouge_scorer
 
-import leantune.evaluate as ev
+import leantune.evaluation.evaluate as ev
 from leantune.cli import main
 from leantune.commands.evaluate import evaluate
 from leantune.data import Demo, Summarization

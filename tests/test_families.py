@@ -8,13 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-import leantune.families as families_pkg
+import leantune.models.decoder.families as families_pkg
 from leantune.checkpoint.hf import hf_config_dict, load_hf_checkpoint, save_hf_checkpoint
-from leantune.config import Config
-from leantune.families import FAMILIES, config_from_hf, config_to_hf, default_prompt_style, family_of, gguf_family
-from leantune.families import base as families_base
-from leantune.model import GPT
-from leantune.presets import PRESETS, preset_names
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.families import (
+    FAMILIES,
+    config_from_hf,
+    config_to_hf,
+    default_prompt_style,
+    family_of,
+    gguf_family,
+)
+from leantune.models.decoder.families import base as families_base
+from leantune.models.decoder.model import GPT
+from leantune.models.decoder.presets import PRESETS, preset_names
 
 TINY = dict(vocab_size=64, block_size=32, n_layer=1, n_embd=32, n_head=4, n_query_groups=2, intermediate_size=48)
 
@@ -43,7 +50,7 @@ def test_families_import_only_config():
     for path in pkg.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("leantune"):
-                assert node.module == "leantune.config" or node.module.startswith("leantune.families"), (path, node.module)
+                assert node.module == "leantune.models.decoder.config" or node.module.startswith("leantune.models.decoder.families"), (path, node.module)
 
 
 @pytest.mark.parametrize("name", preset_names())

@@ -11,9 +11,9 @@ from method_cases import EVERY_METHOD, tiny_args
 
 from leantune.cli import main
 from leantune.data import JSON
+from leantune.finetune import finetune
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.optim import OptimizerArgs
-from leantune.train.recipe import finetune
 
 
 def small_run(method, ckpt, data_path, out_dir, quantize=None, **train):

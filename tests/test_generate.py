@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from leantune.config import Config
-from leantune.generate import Sampling, StopStringFilter, generate_tokens, sample
-from leantune.model import GPT
+from leantune.decode.generate import Sampling, StopStringFilter, generate_tokens, sample
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import GPT
 
 CONFIGS = {
     "llama-gqa": dict(n_layer=2, n_embd=64, n_head=4, n_query_groups=2),
@@ -67,7 +67,7 @@ def test_stop_string_filter_holds_back_partial_matches():
 
 
 def test_batched_left_padded_greedy_equals_one_by_one():
-    from leantune.generate import greedy_batch
+    from leantune.decode.generate import greedy_batch
 
     torch.manual_seed(0)
     model = GPT(Config(vocab_size=97, block_size=64, **CONFIGS["llama-gqa"])).eval()

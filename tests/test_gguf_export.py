@@ -14,8 +14,8 @@ from leantune.checkpoint.gguf import gguf_to_hf, read_metadata
 from leantune.checkpoint.gguf_export import export_gguf
 from leantune.checkpoint.hf import load_hf_checkpoint, ours_to_hf
 from leantune.checkpoint.io import load_safetensors
-from leantune.config import Config
-from leantune.model import GPT
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import GPT
 
 HIDDEN, N_HEAD, N_KV, FFN, LAYERS = 64, 4, 2, 96, 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -152,7 +152,7 @@ def test_default_model_f16_generates_same_text_in_transformers(tmp_path, default
     tf = pytest.importorskip("transformers")
     from tokenizers import Tokenizer as HFTokenizer
 
-    from leantune.generate import generate_tokens
+    from leantune.decode.generate import generate_tokens
     from leantune.tokenizer import Tokenizer
 
     model = load_hf_checkpoint(default_checkpoint, dtype=torch.float32).eval()

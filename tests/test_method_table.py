@@ -17,16 +17,16 @@ from method_cases import EVERY_METHOD, tiny_args
 
 from leantune.checkpoint.io import load_safetensors
 from leantune.cli import main
-from leantune.config import Config
 from leantune.data import JSON
 from leantune.estimate import estimate
+from leantune.finetune import finetune
 from leantune.inference import load_for_inference
 from leantune.methods import METHODS, apply_method, load_any_adapter, register
-from leantune.model import GPT
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import GPT
 from leantune.peft.base import Method
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.optim import OptimizerArgs
-from leantune.train.recipe import finetune
 
 
 @dataclass

@@ -12,8 +12,8 @@ import torch
 from leantune.checkpoint.hf import TOKENIZER_FILES
 from leantune.cli import main
 from leantune.data import JSON
+from leantune.finetune import finetune
 from leantune.train.args import EvalArgs, TrainArgs
-from leantune.train.recipe import finetune
 
 
 @pytest.fixture(scope="module")

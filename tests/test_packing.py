@@ -2,9 +2,9 @@
 
 import torch
 
-from leantune.config import Config
 from leantune.data import Demo
-from leantune.model import GPT
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import GPT
 from leantune.tokenizer import Tokenizer
 from leantune.train.loss import supervised_ce_sum
 

@@ -7,8 +7,8 @@ from tiny_families import TINY, V
 from tiny_families import random_hf as make_hf
 
 from leantune.checkpoint.hf import hf_to_ours, iter_hf_tensors, load_hf_checkpoint, ours_to_hf, save_hf_checkpoint
-from leantune.config import Config
-from leantune.families import FAMILIES, config_from_checkpoint
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.families import FAMILIES, config_from_checkpoint
 
 
 def test_every_family_has_a_tiny_config():
@@ -78,7 +78,7 @@ def test_config_written_from_scratch_loads_in_transformers(family, tmp_path):
 def test_packed_segments_equal_separate_runs():
     """Packing: segment ids + reset positions give each sample exactly its standalone logits."""
     torch.manual_seed(0)
-    from leantune.model import GPT
+    from leantune.models.decoder.model import GPT
 
     model = GPT(Config(vocab_size=V, n_layer=2, n_embd=64, n_head=4, n_query_groups=2, block_size=64)).eval()
     a, b = torch.randint(0, V, (1, 7)), torch.randint(0, V, (1, 9))

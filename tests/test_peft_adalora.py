@@ -19,9 +19,11 @@ from leantune.cli import main
 from leantune.data import JSON
 from leantune.estimate import estimate
 from leantune.export import export_peft_adapter
-from leantune.families import config_from_checkpoint
+from leantune.finetune import finetune
 from leantune.inference import load_for_inference
 from leantune.methods import METHODS, load_any_adapter
+from leantune.models.decoder.families import config_from_checkpoint
+from leantune.models.quantize import quantize_model
 from leantune.peft.adalora import allocate, budget_schedule
 from leantune.peft.adalora_layers import (
     AdaLoRAArgs,
@@ -31,10 +33,8 @@ from leantune.peft.adalora_layers import (
     orth_regularizer,
 )
 from leantune.peft.adalora_peft import _hf_modules, _triplet, export_peft, import_peft
-from leantune.quantize import quantize_model
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.optim import OptimizerArgs
-from leantune.train.recipe import finetune
 from leantune.train.step import train_step
 
 SCHEDULE = dict(init_r=6, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=8)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leantune.config import Config
-from leantune.model import GPT
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import GPT
 from leantune.peft.adapter import AdapterArgs, AdapterPrefix, apply_adapter
 from leantune.peft.adapter_v2 import AdapterV2Args, AdapterV2Linear, apply_adapter_v2
 
@@ -64,7 +64,7 @@ def test_trainable_counts(cfg, method, expected):
 
 
 def test_falcon_7b_preset_count():
-    pytest.importorskip("leantune.presets")
+    pytest.importorskip("leantune.models.decoder.presets")
     for method, expected in (("adapter", 1_365_330), ("adapter_v2", 3_839_186)):
         with torch.device("meta"):
             model = GPT(Config.from_name("falcon-7b"))

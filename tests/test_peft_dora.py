@@ -11,15 +11,15 @@ from safetensors.torch import load_file
 from tiny_families import TINY, V, make_hf
 
 from leantune.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
-from leantune.config import Config
 from leantune.estimate import estimate
-from leantune.families import config_from_hf
 from leantune.methods import get_method, load_any_adapter
-from leantune.model import GPT
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.families import config_from_hf
+from leantune.models.decoder.model import GPT
+from leantune.models.quantize import dequantize_model, quantize_model
 from leantune.peft.lora import DoRAArgs, LoRALinear, apply_dora, merge_lora
 from leantune.peft.lora_dora import squared_row_norms
 from leantune.peft.lora_peft import export_peft, import_peft
-from leantune.quantize import dequantize_model, quantize_model
 
 HF_TARGETS = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "projection": "o_proj", "head": "lm_head",
               "mlp": ["gate_proj", "up_proj", "down_proj"]}

@@ -16,18 +16,18 @@ from tiny_families import TINY, V, load_hf, make_hf
 from leantune.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
 from leantune.checkpoint.peft_dir import peft_weights
 from leantune.commands.export import export as export_command
-from leantune.config import Config
 from leantune.data import JSON
 from leantune.estimate import estimate, resolve_config
-from leantune.families import config_from_hf
+from leantune.finetune import finetune
 from leantune.methods import load_any_adapter
-from leantune.model import GPT
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.families import config_from_hf
+from leantune.models.decoder.model import GPT
+from leantune.models.quantize import dequantize_model, quantize_model
 from leantune.peft.ia3 import METHOD, IA3Args, IA3Linear, apply_ia3, merge_ia3
 from leantune.peft.ia3_peft import export_peft, import_peft
-from leantune.quantize import dequantize_model, quantize_model
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.optim import OptimizerArgs
-from leantune.train.recipe import finetune
 
 
 def randomize(model):

@@ -22,16 +22,16 @@ from lycoris_support import (
 from tiny_families import V, make_hf
 
 from leantune.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
-from leantune.config import Config
 from leantune.estimate import estimate
 from leantune.merge import merge_adapters
 from leantune.methods import build_manifest, get_method, load_any_adapter, save_checkpoint
-from leantune.model import GPT
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import GPT
+from leantune.models.quantize import dequantize_weight, quantize_model
 from leantune.peft.loha import LoHaArgs, apply_loha, loha_params, merge_loha
 from leantune.peft.lokr import LoKrArgs, apply_lokr
 from leantune.peft.lora import LoRAArgs, LoRALinear, apply_lora
 from leantune.peft.lycoris import LycorisLinear
-from leantune.quantize import dequantize_weight, quantize_model
 
 METHOD = get_method("loha")
 

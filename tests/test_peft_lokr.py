@@ -22,13 +22,13 @@ from peft.tuners.lokr.layer import factorization as peft_factorization
 from tiny_families import V, make_hf
 
 from leantune.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
-from leantune.config import Config
 from leantune.estimate import estimate
 from leantune.methods import get_method, load_any_adapter
-from leantune.model import GPT
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import GPT
+from leantune.models.quantize import dequantize_weight, quantize_model
 from leantune.peft.lokr import LoKrArgs, LoKrFactors, apply_lokr, factorization, lokr_params, merge_lokr
 from leantune.peft.lycoris import LycorisLinear
-from leantune.quantize import dequantize_weight, quantize_model
 
 METHOD = get_method("lokr")
 

@@ -5,8 +5,8 @@ import torch
 import transformers as tf
 
 from leantune.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
-from leantune.config import Config
-from leantune.model import GPT
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import GPT
 from leantune.peft.lora import LoRAArgs, LoRALinear, apply_lora, merge_lora
 
 FALCON_7B = dict(n_layer=32, n_embd=4544, n_head=71, n_query_groups=1, vocab_size=65024, intermediate_size=18176,

@@ -14,21 +14,21 @@ from tiny_families import TINY, V, load_hf, random_hf
 
 from leantune.checkpoint.hf import load_hf_checkpoint
 from leantune.commands.export import export as export_command
-from leantune.config import Config
 from leantune.data import JSON
+from leantune.decode.generate import generate_tokens, greedy_batch
 from leantune.estimate import estimate, resolve_config
-from leantune.families import config_from_hf
-from leantune.generate import generate_tokens, greedy_batch
+from leantune.finetune import finetune
 from leantune.merge import merge_adapters
 from leantune.methods import apply_method, get_method, load_any_adapter
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.families import config_from_hf
+from leantune.models.quantize import quantize_model
 from leantune.peft.p_tuning import PTuningArgs
 from leantune.peft.prefix_tuning import PrefixTuningArgs
 from leantune.peft.prompt_tuning import PromptTuningArgs, init_prompt_text
-from leantune.quantize import quantize_model
 from leantune.tokenizer import Tokenizer
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.optim import OptimizerArgs
-from leantune.train.recipe import finetune
 
 P = 5
 # (id, our method, our args, peft config): each variant peft has (encoders, projection on/off)

@@ -7,10 +7,10 @@ import pytest
 import torch
 import transformers as tf
 
-from leantune.config import Config, config_field_names
-from leantune.families import FAMILIES, config_from_hf
-from leantune.model import GPT
-from leantune.presets import PRESETS, find_preset, preset_names
+from leantune.models.decoder.config import Config, config_field_names
+from leantune.models.decoder.families import FAMILIES, config_from_hf
+from leantune.models.decoder.model import GPT
+from leantune.models.decoder.presets import PRESETS, find_preset, preset_names
 
 # Upstream config.json files (the fields that matter; copied from the Hub repo named by the key).
 HF_CONFIGS = {

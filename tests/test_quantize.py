@@ -8,12 +8,10 @@ import pytest
 import torch
 
 from leantune.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
-from leantune.config import Config
 from leantune.methods import apply_method, load_adapter, method_args_class, save_checkpoint
-from leantune.model import GPT
-from leantune.peft.adapter import AdapterArgs
-from leantune.peft.lora import LoRAArgs, LoRALinear, merge_lora
-from leantune.quantize import (
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import GPT
+from leantune.models.quantize import (
     QUANT_MODES,
     QuantLinear,
     dequantize_model,
@@ -26,6 +24,8 @@ from leantune.quantize import (
     round_trip_,
     storage_tensors,
 )
+from leantune.peft.adapter import AdapterArgs
+from leantune.peft.lora import LoRAArgs, LoRALinear, merge_lora
 from leantune.train.loss import supervised_ce_sum
 
 V = 101

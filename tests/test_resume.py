@@ -9,10 +9,10 @@ from method_cases import EVERY_METHOD, tiny_args
 from safetensors.torch import load_file
 
 from leantune.data import JSON
+from leantune.finetune import finetune
 from leantune.peft.lora import LoRAArgs
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.optim import OptimizerArgs
-from leantune.train.recipe import finetune
 
 
 def run(method, ckpt, data_path, out_dir, resume=None, max_steps=6, method_args=None, save_interval=3):

@@ -1,4 +1,4 @@
-"""leantune.rouge against rouge-score itself and against HF `evaluate`'s rouge metric, transcribed below (the package
+"""leantune.evaluation.rouge against rouge-score itself and against HF `evaluate`'s rouge metric, transcribed below (the package
 is not installed here: it would pull in `datasets`); hand-counted values show the settings (stemming, Lsum lines)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer, scoring
 
-from leantune import rouge
+from leantune.evaluation import rouge
 
 PREDICTIONS = [
     "Amanda baked cookies and will bring some to Jerry tomorrow.",

@@ -6,9 +6,9 @@ import os
 import pytest
 
 from leantune.data import JSON
+from leantune.finetune import finetune
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.optim import OptimizerArgs
-from leantune.train.recipe import finetune
 
 
 def run(ckpt, data_path, out_dir, **kw):

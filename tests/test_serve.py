@@ -109,7 +109,7 @@ def test_seeded_sampling_repeats_and_matches_generate(world, client):
     kw = dict(temperature=0.9, top_p=0.95, seed=7, max_tokens=N)
     first = chat(client, "a", PROMPTS[3], **kw).choices[0].message.content
     assert chat(client, "a", PROMPTS[3], **kw).choices[0].message.content == first
-    from leantune.generate import Sampling
+    from leantune.decode.generate import Sampling
     assert first == world["refs"]["a"].text(PROMPTS[3], N, sampling=Sampling(0.9, None, 0.95), seed=7)
 
 

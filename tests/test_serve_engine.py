@@ -12,11 +12,11 @@ import pytest
 import torch
 from serve_support import Reference, make_adapter, one_thread, tiny_checkpoint
 
-from leantune.config import Config
-from leantune.generate import Sampling, encode_prompt, generate_tokens
+from leantune.decode.generate import Sampling, encode_prompt, generate_tokens
 from leantune.inference import load_for_inference
 from leantune.methods import METHODS
-from leantune.model import GPT
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import GPT
 from leantune.serve import adapters as serve_adapters
 from leantune.serve.adapters import MultiLoRALinear
 from leantune.serve.engine import Engine, QueueFull, UnknownModel

@@ -1,11 +1,11 @@
-"""The hand-fused ops (leantune.ops) and the fused cross-entropy equal the plain PyTorch expressions."""
+"""The hand-fused ops (leantune.models.ops) and the fused cross-entropy equal the plain PyTorch expressions."""
 
 import pytest
 import torch
 
-from leantune import ops
-from leantune.config import Config
-from leantune.model import RMSNorm, apply_rope, build_rope_cache
+from leantune.models import ops
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import RMSNorm, apply_rope, build_rope_cache
 
 
 def _grads(fn, *inputs):

@@ -10,8 +10,8 @@ import torch
 from t5_support import VARIANTS, frequent_tokens, padded_batch, random_t5_hf, trim
 
 from leantune.checkpoint.t5_hf import load_t5_checkpoint
-from leantune.generate import Sampling
-from leantune.t5_generate import BeamSearch, pad_inputs, t5_beam_search, t5_generate
+from leantune.decode.generate import Sampling
+from leantune.decode.seq2seq import BeamSearch, pad_inputs, t5_beam_search, t5_generate
 
 MAX_NEW = 12
 

@@ -12,8 +12,8 @@ from t5_support import V, padded_batch, random_t5_hf, tiny_config
 from leantune.checkpoint.t5_hf import hf_name, load_t5_checkpoint
 from leantune.estimate import estimate_t5
 from leantune.methods import apply_method, get_method, load_any_adapter
+from leantune.models.t5.model import T5, T5Config
 from leantune.peft.ia3 import IA3Args, IA3Linear, merge_ia3
-from leantune.t5 import T5, T5Config
 
 # our args -> peft's IA3Config for the same layers (None: peft's T5 default, k, v and wo with wo input-scaled)
 CASES = {

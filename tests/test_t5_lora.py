@@ -10,8 +10,8 @@ from t5_support import padded_batch, random_t5_hf
 from leantune.checkpoint.t5_hf import hf_name, load_t5_checkpoint
 from leantune.cli import main
 from leantune.methods import apply_method
+from leantune.models.t5.model import T5, T5Config
 from leantune.peft.lora_layers import LoRAArgs, LoRALinear
-from leantune.t5 import T5, T5Config
 
 # our targets -> peft's target_modules for the same layers
 CASES = {

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from t5_support import VARIANTS, as_transformers_4_folder, padded_batch, random_t5_hf
 
 from leantune.checkpoint.t5_hf import hf_name, load_t5_checkpoint, our_name, save_t5_checkpoint
-from leantune.t5 import T5, T5Config, relative_position_bucket
+from leantune.models.t5.model import T5, T5Config, relative_position_bucket
 
 ATOL = 1e-5
 

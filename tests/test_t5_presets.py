@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformers as tf
 
-from leantune.t5 import T5, T5Config
-from leantune.t5_presets import T5_PRESETS, find_t5_preset, t5_preset_names
+from leantune.models.t5.model import T5, T5Config
+from leantune.models.t5.presets import T5_PRESETS, find_t5_preset, t5_preset_names
 
 # Upstream config.json files (every field but task_specific_params; copied from the Hub repo named by the key).
 # T5 v1.0 files have no tie_word_embeddings, feed_forward_proj or relative_attention_max_distance: defaults apply.

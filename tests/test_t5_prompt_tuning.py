@@ -8,10 +8,10 @@ import torch
 from t5_support import padded_batch, random_t5_hf
 
 from leantune.checkpoint.t5_hf import load_t5_checkpoint
+from leantune.decode.seq2seq import t5_generate
 from leantune.methods import apply_method, get_method, load_any_adapter
 from leantune.peft.p_tuning import PTuningArgs
 from leantune.peft.prompt_tuning import PromptTuningArgs
-from leantune.t5_generate import t5_generate
 
 P = 4
 CASES = [

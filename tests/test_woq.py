@@ -9,12 +9,22 @@ import torch
 from method_cases import EVERY_METHOD, tiny_args
 
 from leantune.cli import main
-from leantune.config import Config
-from leantune.generate import generate_tokens, greedy_batch
+from leantune.decode.generate import generate_tokens, greedy_batch
+from leantune.decode.woq import (
+    DENSE_BATCH,
+    INT4_GROUP,
+    SCREEN_CANDIDATES,
+    add_screen,
+    int4_dequantize_codes,
+    int4_quantize,
+    int8_quantize,
+    quantize_weight_only,
+    screened_argmax,
+)
 from leantune.methods import apply_method
-from leantune.model import GPT
-from leantune.peft.lora import LoRAArgs
-from leantune.quantize import (
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import GPT
+from leantune.models.quantize import (
     QuantLinear,
     check_mode,
     compute_dtype_of,
@@ -27,17 +37,7 @@ from leantune.quantize import (
     quantized_linear,
     storage_tensors,
 )
-from leantune.woq import (
-    DENSE_BATCH,
-    INT4_GROUP,
-    SCREEN_CANDIDATES,
-    add_screen,
-    int4_dequantize_codes,
-    int4_quantize,
-    int8_quantize,
-    quantize_weight_only,
-    screened_argmax,
-)
+from leantune.peft.lora import LoRAArgs
 
 MODES = ("int8", "int4")
 V = 97
@@ -278,7 +278,7 @@ def test_generate_command_decodes_with_the_weight_only_modes(mode, tiny_checkpoi
 @pytest.mark.slow
 def test_default_model_still_answers_with_int8(default_checkpoint):
     """(int4 answers this one with "L'Étoile, la Marseillaise, ..."; its agreement is measured in bench/decode_cpu.py.)"""
-    from leantune.generate import encode_prompt
+    from leantune.decode.generate import encode_prompt
     from leantune.inference import load_for_inference
 
     model, tok, _, _ = load_for_inference(default_checkpoint, "32-true", quantize="int8")

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from leantune.checkpoint.hf import hf_to_ours, iter_hf_tensors, load_hf_checkpoint, save_hf_checkpoint
 from leantune.checkpoint.t5_hf import load_t5_checkpoint, save_t5_checkpoint, t5_from_hf_state_dict
-from leantune.kinds import is_seq2seq, is_t5_folder
+from leantune.models.kinds import is_seq2seq, is_t5_folder
 
 
 def load_model(checkpoint_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",

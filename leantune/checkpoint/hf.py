@@ -1,7 +1,7 @@
 """Hugging Face model folders in and out: key maps between HF layouts and `GPT`, loading and saving.
 
 Loading builds the model on the meta device and assigns the checkpoint's tensors (no double allocation).
-Each HF format fuses or splits q/k/v differently (its `leantune.families` record says how); `GPT` always holds one
+Each HF format fuses or splits q/k/v differently (its `leantune.models.decoder.families` record says how); `GPT` always holds one
 fused qkv laid out [Q; K; V].
 """
 
@@ -17,10 +17,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from leantune.checkpoint.io import atomic_dir, save_safetensors, write_json
-from leantune.config import Config
-from leantune.families import config_from_checkpoint, config_to_hf, family_of
-from leantune.model import GPT
-from leantune.quantize import check_mode, is_quantizable, quantize_model, quantize_weight
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.families import config_from_checkpoint, config_to_hf, family_of
+from leantune.models.decoder.model import GPT
+from leantune.models.quantize import check_mode, is_quantizable, quantize_model, quantize_weight
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "spiece.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -177,7 +177,7 @@ def load_hf_checkpoint(checkpoint_dir: str | Path, config: Config | None = None,
                        compute_dtype: torch.dtype | None = None) -> GPT:
     """Build GPT on the meta device and assign the folder's weights. Missing/unexpected keys raise clearly.
 
-    With `quantize` (a leantune.quantize mode) the block linears are quantized one tensor at a time as they are
+    With `quantize` (a leantune.models.quantize mode) the block linears are quantized one tensor at a time as they are
     read, from `compute_dtype` (default `dtype`, else float32), so the float model is never whole in memory.
     """
     checkpoint_dir = Path(checkpoint_dir)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from leantune.checkpoint.io import atomic_dir, load_safetensors, save_safetensors, write_json
-from leantune.families import family_of
+from leantune.models.decoder.families import family_of
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from leantune.checkpoint.hf import SHARD_BYTES, iter_hf_tensors, write_hf_folder
-from leantune.t5 import T5, T5Config
+from leantune.models.t5.model import T5, T5Config
 
 _EMBED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 # Old checkpoints carry an unused cross-attention bias table; transformers ignores it too.

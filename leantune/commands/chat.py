@@ -15,8 +15,8 @@ import torch
 
 from leantune.checkpoint.io import write_json
 from leantune.commands.flags import check_at_least, check_folder, check_model_flags, check_seed, check_threads
+from leantune.decode.generate import Sampling, bos_for_rendered, stream_text
 from leantune.download import DEFAULT_CHECKPOINT
-from leantune.generate import Sampling, bos_for_rendered, stream_text
 from leantune.inference import load_for_inference
 
 HELP = ('commands: /reset clears the history, /save FILE writes the conversation as JSON, /exit (or Ctrl-D) quits; '

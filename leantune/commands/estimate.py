@@ -10,9 +10,9 @@ from typing import Literal
 from leantune.commands.flags import check_at_least
 from leantune.estimate import estimate, estimate_t5, resolve_config
 from leantune.methods import METHODS
-from leantune.quantize import check_mode
+from leantune.models.quantize import check_mode
+from leantune.models.t5.model import T5Config
 from leantune.runtime import PRECISIONS
-from leantune.t5 import T5Config
 from leantune.train.optim import optimizer_class
 
 

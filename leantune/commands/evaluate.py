@@ -16,13 +16,14 @@ from leantune.checkpoint.io import atomic_write_bytes, write_json
 from leantune.commands.flags import check_at_least, check_folder, check_model_flags, check_threads
 from leantune.data import DataModule, Demo
 from leantune.download import DEFAULT_CHECKPOINT
-from leantune.evaluate import report_table, rouge_eval, task_eval, validation_loss
-from leantune.harness import harness_lm, require_lm_eval
-from leantune.harness_tasks import parse_tasks, resolve_tasks, run_tasks
+from leantune.evaluation.evaluate import report_table, rouge_eval, task_eval
+from leantune.evaluation.harness import harness_lm, require_lm_eval
+from leantune.evaluation.harness_tasks import parse_tasks, resolve_tasks, run_tasks
 from leantune.inference import load_for_inference
-from leantune.kinds import decoder_start_id
 from leantune.methods import MANIFEST_FILE, read_manifest
+from leantune.models.kinds import decoder_start_id
 from leantune.train.args import EvalArgs, TrainArgs
+from leantune.train.validate import validation_loss
 
 METRICS = ("loss", "exact_match", "rouge")
 DEFAULT_NEW_TOKENS = {"exact_match": 32, "rouge": 128}

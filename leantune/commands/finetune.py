@@ -12,11 +12,11 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
+from leantune import finetune as recipe
 from leantune.commands.flags import check_folder, check_model_flags, check_threads
 from leantune.data import DataModule, Demo
 from leantune.methods import METHODS
 from leantune.peft.base import Method
-from leantune.train import recipe
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.distributed import FSDPArgs, launch, launched
 from leantune.train.optim import OptimizerArgs, optimizer_class

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from leantune.quantize import check_mode
+from leantune.models.quantize import check_mode
 from leantune.runtime import PRECISIONS, default_device, resolve_precision
 
 SEED_LIMIT = 2**63

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from leantune.commands.flags import check_at_least, check_folder, check_model_flags, check_seed, check_threads
+from leantune.decode.generate import Sampling, encode_prompt, generate_tokens, stream_text
 from leantune.download import DEFAULT_CHECKPOINT
-from leantune.generate import Sampling, encode_prompt, generate_tokens, stream_text
 from leantune.inference import load_for_inference, seq2seq_answer
-from leantune.kinds import is_seq2seq
+from leantune.models.kinds import is_seq2seq
 
 
 def generate(

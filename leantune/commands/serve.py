@@ -15,7 +15,7 @@ import torch
 from leantune.commands.flags import check_at_least, check_folder, check_model_flags, check_threads
 from leantune.download import DEFAULT_CHECKPOINT
 from leantune.inference import load_for_inference
-from leantune.kinds import is_seq2seq
+from leantune.models.kinds import is_seq2seq
 from leantune.serve.app import create_app
 from leantune.serve.engine import Engine
 

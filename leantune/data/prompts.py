@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
-from leantune.families import default_prompt_style
+from leantune.models.decoder.families import default_prompt_style
 
 
 class Segment(NamedTuple):

@@ -18,11 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from leantune.families import FAMILIES
-from leantune.model import GPT
+from leantune.models.decoder.families import FAMILIES
+from leantune.models.decoder.model import GPT
+from leantune.models.quantize import compute_dtype_of, is_quantized, quantized_linear
 from leantune.peft.base import mark_trainable, merge_into_linears, params_of
 from leantune.peft.lora_layers import TARGETS, target_layers
-from leantune.quantize import compute_dtype_of, is_quantized, quantized_linear
 
 STATE_BUFFERS = ("ipt_A", "unc_A", "ipt_E", "unc_E", "ipt_B", "unc_B", "rank_mask")
 """Per layer: EMA of the sensitivity |p * grad| and of its uncertainty for A, E and B, and the final rank mask."""

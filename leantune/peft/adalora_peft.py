@@ -16,8 +16,8 @@ import torch
 
 from leantune.checkpoint.hf import blocked_to_grouped, grouped_to_blocked
 from leantune.checkpoint.peft_dir import CONFIG_FILE, hf_module_paths, peft_weights, read_peft_config, write_peft_dir
-from leantune.families import family_of
-from leantune.model import GPT
+from leantune.models.decoder.families import family_of
+from leantune.models.decoder.model import GPT
 from leantune.peft.adalora_layers import TARGETS, AdaLoRAArgs, AdaLoRALinear, apply_adalora
 
 _PREFIX = "base_model.model."

@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from leantune.config import Config
-from leantune.model import GPT
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import GPT
+from leantune.models.quantize import compute_dtype_of
 from leantune.peft.base import Method, mark_trainable
-from leantune.quantize import compute_dtype_of
 
 
 @dataclass

@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from leantune.model import GPT
+from leantune.models.decoder.model import GPT
+from leantune.models.quantize import QuantLinear, compute_dtype_of, is_quantized, quantized_linear
 from leantune.peft.adapter import add_prefixes, prefix_params
 from leantune.peft.base import Method, mark_trainable
-from leantune.quantize import QuantLinear, compute_dtype_of, is_quantized, quantized_linear
 
 
 @dataclass

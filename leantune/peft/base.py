@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from leantune.quantize import dequantize_weight
+from leantune.models.quantize import dequantize_weight
 
 
 @dataclass(frozen=True)

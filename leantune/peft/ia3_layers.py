@@ -20,11 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from leantune.kinds import is_seq2seq
-from leantune.model import GPT
+from leantune.models.decoder.model import GPT
+from leantune.models.kinds import is_seq2seq
+from leantune.models.quantize import compute_dtype_of, dequantize_weight, is_quantized, quantized_linear
+from leantune.models.t5.model import T5
 from leantune.peft.base import mark_trainable, params_of
-from leantune.quantize import compute_dtype_of, dequantize_weight, is_quantized, quantized_linear
-from leantune.t5 import T5
 
 TARGETS = ("query", "key", "value", "projection", "mlp")
 """query/key/value: rows of the fused qkv output (T5: the q/k/v linears of every attention); projection: attention

@@ -20,12 +20,12 @@ import torch
 
 from leantune.checkpoint.hf import blocked_to_grouped, grouped_to_blocked
 from leantune.checkpoint.peft_dir import CONFIG_FILE, peft_weights, read_peft_config, write_peft_dir
-from leantune.families import family_of
-from leantune.kinds import is_seq2seq
-from leantune.model import GPT
+from leantune.models.decoder.families import family_of
+from leantune.models.decoder.model import GPT
+from leantune.models.kinds import is_seq2seq
+from leantune.models.t5.model import T5
 from leantune.peft.ia3_layers import TARGETS, IA3Args, IA3Linear, apply_ia3
 from leantune.peft.ia3_peft_t5 import export_t5_peft, import_t5_peft
-from leantune.t5 import T5
 
 _PREFIX = "base_model.model."
 _OURS = {"attn.proj": "projection", "mlp.proj": "mlp"}  # our whole-layer targets (qkv parts are handled apart)

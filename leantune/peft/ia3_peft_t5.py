@@ -16,8 +16,8 @@ import torch
 
 from leantune.checkpoint.peft_dir import peft_weights, write_peft_dir
 from leantune.checkpoint.t5_hf import hf_name, our_name
+from leantune.models.t5.model import T5
 from leantune.peft.ia3_layers import TARGETS, IA3Args, IA3Linear, apply_ia3
-from leantune.t5 import T5
 
 _PREFIX = "base_model.model."
 # T5 module name -> leantune IA3 target (wi / wi_0 / wi_1 have none: leantune's mlp target is the down projection)

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from leantune.checkpoint.hf import blocked_to_grouped, grouped_to_blocked
-from leantune.families import Family
-from leantune.model import GPT
+from leantune.models.decoder.families import Family
+from leantune.models.decoder.model import GPT
 from leantune.peft.base import Method, PeftFormat
 from leantune.peft.lycoris import (
     LycorisLinear,

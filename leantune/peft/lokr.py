@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from leantune.model import GPT
+from leantune.models.decoder.model import GPT
 from leantune.peft.base import Method, PeftFormat
 from leantune.peft.lycoris import apply_lycoris, check_common, factor_params, init_kaiming, merge_lycoris, parse_targets
 from leantune.peft.lycoris_peft import LycorisSpec, export_lycoris, import_lycoris

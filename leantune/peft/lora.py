@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from leantune.model import GPT
+from leantune.models.decoder.model import GPT
 from leantune.peft.base import Method, PeftFormat
 from leantune.peft.lora_layers import (
     TARGETS,

@@ -19,12 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from leantune.kinds import is_seq2seq
-from leantune.model import GPT
+from leantune.models.decoder.model import GPT
+from leantune.models.kinds import is_seq2seq
+from leantune.models.quantize import compute_dtype_of, dequantize_weight, is_quantized, quantized_linear
+from leantune.models.t5.model import T5
 from leantune.peft.base import mark_trainable, merge_into_linears, params_of
 from leantune.peft.lora_dora import dora_forward, dora_norms, spread_rows, squared_row_norms
-from leantune.quantize import compute_dtype_of, dequantize_weight, is_quantized, quantized_linear
-from leantune.t5 import T5
 
 TARGETS = ("query", "key", "value", "projection", "mlp", "head")
 

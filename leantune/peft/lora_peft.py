@@ -19,13 +19,13 @@ import torch
 
 from leantune.checkpoint.hf import blocked_to_grouped, grouped_to_blocked
 from leantune.checkpoint.peft_dir import CONFIG_FILE, hf_module_paths, peft_weights, read_peft_config, write_peft_dir
-from leantune.families import family_of
-from leantune.kinds import is_seq2seq
-from leantune.model import GPT
+from leantune.models.decoder.families import family_of
+from leantune.models.decoder.model import GPT
+from leantune.models.kinds import is_seq2seq
+from leantune.models.quantize import dequantize_weight
 from leantune.peft.lora_dora import squared_row_norms
 from leantune.peft.lora_layers import TARGETS, LoRAArgs, LoRALinear, apply_lora
 from leantune.peft.lora_peft_t5 import export_t5_peft, import_t5_peft
-from leantune.quantize import dequantize_weight
 
 _PREFIX = "base_model.model."
 _MAGNITUDE = "lora_magnitude_vector"  # PEFT's DoRA key: saved without ".weight"

@@ -16,8 +16,8 @@ import torch
 
 from leantune.checkpoint.peft_dir import peft_weights, write_peft_dir
 from leantune.checkpoint.t5_hf import hf_name, our_name
+from leantune.models.t5.model import T5
 from leantune.peft.lora_layers import TARGETS, LoRAArgs, LoRALinear, apply_lora
-from leantune.t5 import T5
 
 _PREFIX = "base_model.model."
 # T5 module name -> leantune LoRA target

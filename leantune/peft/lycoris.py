@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from leantune.model import GPT
+from leantune.models.decoder.model import GPT
+from leantune.models.quantize import compute_dtype_of, is_quantized, quantized_linear
 from leantune.peft.base import mark_trainable, merge_into_linears
 from leantune.peft.lora_layers import TARGETS, target_layers
-from leantune.quantize import compute_dtype_of, is_quantized, quantized_linear
 
 
 def parse_targets(targets: list[str] | str, flag: str) -> list[str]:

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 
 from leantune.checkpoint.peft_dir import CONFIG_FILE, hf_module_paths, peft_weights, read_peft_config, write_peft_dir
-from leantune.families import Family, family_of
-from leantune.model import GPT
+from leantune.models.decoder.families import Family, family_of
+from leantune.models.decoder.model import GPT
 from leantune.peft.lycoris import LycorisLinear, layers_of
 
 _PREFIX = "base_model.model."

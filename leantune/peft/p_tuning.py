@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from leantune.model import GPT
+from leantune.models.decoder.model import GPT
 from leantune.peft.base import Method, PeftFormat, mark_trainable
 from leantune.peft.virtual import PromptEmbeddings, input_embedding, install, placement, virtual_params
 from leantune.peft.virtual_peft import export_p_tuning, load_into, read_virtual

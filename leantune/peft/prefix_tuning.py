@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from leantune.kinds import is_seq2seq
-from leantune.model import GPT
+from leantune.models.decoder.model import GPT
+from leantune.models.kinds import is_seq2seq
 from leantune.peft.base import Method, PeftFormat, mark_trainable
 from leantune.peft.virtual import PrefixKV, install, placement, virtual_params
 from leantune.peft.virtual_peft import export_prefix, load_into, read_virtual

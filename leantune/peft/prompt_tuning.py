@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from leantune.model import GPT
+from leantune.models.decoder.model import GPT
 from leantune.peft.base import Method, PeftFormat, mark_trainable
 from leantune.peft.virtual import (
     PromptEmbeddings,

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from leantune.kinds import is_seq2seq
-from leantune.model import GPT
-from leantune.quantize import compute_dtype_of
+from leantune.models.decoder.model import GPT
+from leantune.models.kinds import is_seq2seq
+from leantune.models.quantize import compute_dtype_of
 
 
 class PromptEmbeddings(nn.Module):

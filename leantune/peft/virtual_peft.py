@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from leantune.checkpoint.peft_dir import CONFIG_FILE, peft_weights, read_peft_config, write_peft_dir
-from leantune.kinds import is_seq2seq
-from leantune.model import GPT
+from leantune.models.decoder.model import GPT
+from leantune.models.kinds import is_seq2seq
 from leantune.peft.virtual import PrefixKV, PromptEmbeddings
 
 TENSOR = "prompt_embeddings"

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leantune.methods import load_any_adapter
-from leantune.model import GPT
+from leantune.models.decoder.model import GPT
 from leantune.peft.lora_layers import LoRALinear
 
 SHARE_MIN = 4096

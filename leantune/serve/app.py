@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from leantune.generate import Sampling, bos_for_rendered
+from leantune.decode.generate import Sampling, bos_for_rendered
 from leantune.serve.engine import ContextOverflow, Engine, QueueFull, ShuttingDown, UnknownModel
 from leantune.serve.protocol import (
     AdapterRequest,

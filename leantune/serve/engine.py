@@ -39,9 +39,9 @@ from pathlib import Path
 
 import torch
 
-from leantune.generate import Sampling, StopStringFilter, sample
-from leantune.model import GPT
-from leantune.quantize import greedy_tokens
+from leantune.decode.generate import Sampling, StopStringFilter, sample
+from leantune.models.decoder.model import GPT
+from leantune.models.quantize import greedy_tokens
 from leantune.serve.adapters import LoRARows, install_lora, load_onto_copy, lora_factors, shared_copy, uninstall_lora
 from leantune.serve.cache import SlotKVCache, SlotLayout
 

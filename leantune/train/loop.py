@@ -19,10 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from leantune.checkpoint.io import atomic_dir, load_safetensors, save_safetensors
-from leantune.compile import compile_blocks
-from leantune.evaluate import validation_loss
+from leantune.decode.compile import compile_blocks
+from leantune.models.quantize import logical_numel
 from leantune.peft.base import Method
-from leantune.quantize import logical_numel
 from leantune.runtime import autocast_dtype
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.distributed import (
@@ -54,6 +53,7 @@ from leantune.train.state import (
     save_training_state,
 )
 from leantune.train.step import NonFiniteError, train_step
+from leantune.train.validate import validation_loss
 
 METHOD_STATE_FILE = "method_state.safetensors"
 """A method's state between steps (`Method.train_state`), beside training_state.pt in each checkpoint."""

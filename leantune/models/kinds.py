@@ -12,8 +12,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from leantune.model import GPT
-from leantune.t5 import T5, T5Config
+from leantune.models.decoder.model import GPT
+from leantune.models.t5.model import T5, T5Config
 
 
 def is_seq2seq(model: nn.Module) -> bool:

@@ -19,8 +19,8 @@ import shutil
 import torch
 import torch.nn as nn
 
-from leantune.quantize import greedy_tokens
-from leantune.woq import DENSE_BATCH, WeightOnlyParameter
+from leantune.decode.woq import DENSE_BATCH, WeightOnlyParameter
+from leantune.models.quantize import greedy_tokens
 
 log = logging.getLogger(__name__)
 

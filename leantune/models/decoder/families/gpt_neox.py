@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from leantune.config import Config
-from leantune.families.base import Family, gelu_from_hf, gelu_to_hf, rope_scaling_from_hf, rope_theta, rope_to_hf
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.families.base import (
+    Family,
+    gelu_from_hf,
+    gelu_to_hf,
+    rope_scaling_from_hf,
+    rope_theta,
+    rope_to_hf,
+)
 
 
 def _from_hf(hf: dict[str, Any]) -> dict[str, Any]:

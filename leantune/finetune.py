@@ -15,11 +15,11 @@ import torch
 from leantune.checkpoint.auto import load_model
 from leantune.data import DataModule, Demo
 from leantune.download import DEFAULT_CHECKPOINT, ensure_checkpoint
-from leantune.evaluate import encode_prompts, greedy_outputs, task_eval
-from leantune.kinds import folder_decoder_start_id
+from leantune.evaluation.evaluate import encode_prompts, greedy_outputs, task_eval
 from leantune.methods import apply_method, build_manifest, get_method, load_any_adapter, load_trainable, save_checkpoint
+from leantune.models.kinds import folder_decoder_start_id
+from leantune.models.quantize import check_mode
 from leantune.peft.base import Method, mark_trainable
-from leantune.quantize import check_mode
 from leantune.runtime import compute_dtype, default_device, resolve_precision, weight_dtype
 from leantune.tokenizer import Tokenizer
 from leantune.train.args import EvalArgs, TrainArgs

@@ -13,12 +13,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from leantune import ops
-from leantune.config import Config
+from leantune.models import ops
+from leantune.models.decoder.config import Config
 
 # Under torch.compile, end the graph after the qkv projection: a LoRA qkv adds its updates to output slices in
 # place, and inductor fusing those slice writes with RoPE's rotate-half concat gave one slow, mask-heavy loop nest.
-# Split there, each side compiles to plain loops (see leantune/compile.py). Only for training: a compiled decode step
+# Split there, each side compiles to plain loops (see leantune/decode/compile.py). Only for training: a compiled decode step
 # (no autograd) stays one graph.
 _COMPILE_SPLIT_QKV = True
 
@@ -67,7 +67,7 @@ class GPT(nn.Module):
     def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, device=None, dtype=None,
                      static: bool = False) -> None:
         """Preallocate every layer's keys/values. static=True: attention always reads the whole buffer under a mask
-        (shapes never change from step to step, so a compiled decode step is one graph; see leantune/compile.py)."""
+        (shapes never change from step to step, so a compiled decode step is one graph; see leantune/decode/compile.py)."""
         max_seq_length = min((max_seq_length or self.config.block_size) + self.n_virtual, self.config.block_size)
         device = device or self.lm_head.weight.device
         dtype = dtype or self.transformer.wte.weight.dtype
@@ -462,7 +462,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, rs: dict) -> torch.Tensor:
 
 
 def _use_fused(x: torch.Tensor) -> bool:
-    """Hand-fused ops (leantune.ops) serve eager fp32, with autograd or without (the same bits either way, so a no-grad
+    """Hand-fused ops (leantune.models.ops) serve eager fp32, with autograd or without (the same bits either way, so a no-grad
     pass equals the training forward); under torch.compile the plain expressions fuse better, and other dtypes keep
     the reference rounding of transformers."""
     return x.dtype == torch.float32 and not torch.compiler.is_compiling()

@@ -10,7 +10,7 @@ A quantized layer is a `QuantLinear` whose `weight` is bitsandbytes' own Paramet
 and call `quantized_linear` for the frozen product. Weights are never requantized after training: merging
 dequantizes (see `dequantize_weight`).
 
-The inference-only weight-only modes `int8` / `int4` (`leantune.woq`, torch's CPU kernels) reuse `QuantLinear` and
+The inference-only weight-only modes `int8` / `int4` (`leantune.decode.woq`, torch's CPU kernels) reuse `QuantLinear` and
 the helpers below, so adapters apply on top of them the same way; `finetune` refuses them.
 """
 
@@ -24,7 +24,7 @@ from types import ModuleType
 import torch
 import torch.nn as nn
 
-from leantune.woq import (
+from leantune.decode.woq import (
     DENSE_BATCH,
     WEIGHT_ONLY_MODES,
     add_screen,

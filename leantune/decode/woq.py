@@ -13,7 +13,7 @@ bases are bitsandbytes' `bnb.*`).
 
 The block linears and the LM head are quantized (the head is a quarter of a small model's bytes; it stays int8 under
 int4, see `quantize.quantize_for_inference`); a tied input embedding keeps its float table (a lookup reads one row per token), so the head gets its own quantized copy. A layer
-is a `leantune.quantize.QuantLinear` whose `weight` Parameter carries a `WeightOnly` record (`weight.weight_only`),
+is a `leantune.models.quantize.QuantLinear` whose `weight` Parameter carries a `WeightOnly` record (`weight.weight_only`),
 so every PEFT layer that wraps quantized linears (LoRA, DoRA, IA3, LoHa, LoKr, AdaLoRA, adapter v2) runs unmerged on
 top through `quantize.quantized_linear`.
 """

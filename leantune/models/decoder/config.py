@@ -1,8 +1,8 @@
 """Decoder architectures as data: one `Config` drives the one `GPT` model.
 
 Differences between families (Llama, Mistral, Qwen2, SmolLM2, Falcon, GPT-NeoX/Pythia/StableLM, GPT-2, Phi)
-are fields here, never checks on names. `leantune.families.config_from_hf` reads a Hugging Face `config.json`
-(each family's translation lives in its record there); `Config.from_name` builds a preset from `leantune.presets`
+are fields here, never checks on names. `leantune.models.decoder.families.config_from_hf` reads a Hugging Face `config.json`
+(each family's translation lives in its record there); `Config.from_name` builds a preset from `leantune.models.decoder.presets`
 (facts copied from the upstream config.json files).
 """
 
@@ -11,14 +11,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
-from leantune.presets import find_preset
+from leantune.models.decoder.presets import find_preset
 
 
 @dataclass
 class Config:
     name: str = ""
     hf_model_type: str = "llama"
-    """HF `model_type` of the checkpoint format: selects its `leantune.families` record (names and config.json
+    """HF `model_type` of the checkpoint format: selects its `leantune.models.decoder.families` record (names and config.json
     translation only, never behaviour)."""
     block_size: int = 4096
     """Longest sequence the positional encoding supports."""

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from leantune.config import Config
+from leantune.models.decoder.config import Config
 
 QKVLayout = Literal["split", "grouped", "blocked"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from leantune.config import Config
-from leantune.families.base import Family, rope_theta
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.families.base import Family, rope_theta
 
 
 def _from_hf(hf: dict[str, Any]) -> dict[str, Any]:

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from leantune.compile import compiled_decode_step, static_cache_length
-from leantune.model import GPT
-from leantune.quantize import greedy_tokens
+from leantune.decode.compile import compiled_decode_step, static_cache_length
+from leantune.models.decoder.model import GPT
+from leantune.models.quantize import greedy_tokens
 
 
 @dataclass
@@ -67,7 +67,7 @@ def generate_tokens(
     """Yield new token ids one at a time for a 1-D prompt; stops after a stop id (which is yielded) or the budget.
 
     With use_cache=False every step recomputes the whole sequence (reference path for tests). compiled=True runs the
-    one-token steps through `leantune.compile.compiled_decode_step` over a static KV cache (the prompt stays eager).
+    one-token steps through `leantune.decode.compile.compiled_decode_step` over a static KV cache (the prompt stays eager).
     """
     sampling = sampling or Sampling()
     device = model.lm_head.weight.device

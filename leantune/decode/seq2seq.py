@@ -2,7 +2,7 @@
 `T5DecodeCache` (cross-attention keys/values computed once, self-attention keys/values appended).
 
 Two strategies over a padded batch (encoder attention mask): `t5_generate` (greedy, or sampling through
-`leantune.generate.sample`) and `t5_beam_search` (num_beams, length_penalty, early_stopping, num_return_sequences).
+`leantune.decode.generate.sample`) and `t5_beam_search` (num_beams, length_penalty, early_stopping, num_return_sequences).
 Both follow transformers' `generate` for encoder-decoder models token for token: outputs start with the decoder start
 token, `max_new_tokens` counts generated tokens, a sequence ends with its first EOS, finished rows are padded, and
 `min_new_tokens` forbids EOS before that many tokens. Beam search is transformers' vectorised algorithm (top 2k
@@ -19,8 +19,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from leantune.generate import Sampling, sample
-from leantune.t5 import T5
+from leantune.decode.generate import Sampling, sample
+from leantune.models.t5.model import T5
 
 
 def pad_inputs(seqs: Sequence[Sequence[int]], pad_id: int, device: str | torch.device | None = None

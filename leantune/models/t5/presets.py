@@ -68,6 +68,6 @@ def find_t5_preset(name: str) -> dict[str, Any]:
     if key not in aliases:
         close = difflib.get_close_matches(key, list(aliases), n=5, cutoff=0.5)
         hint = f"; did you mean: {', '.join(dict.fromkeys(aliases[c] for c in close))}" if close else ""
-        raise ValueError(f"no T5 preset named {name!r}{hint}. `leantune.t5_presets.t5_preset_names()` lists them")
+        raise ValueError(f"no T5 preset named {name!r}{hint}. `leantune.models.t5.presets.t5_preset_names()` lists them")
     repo_id = aliases[key]
     return {"name": repo_id, **copy.deepcopy(T5_PRESETS[repo_id])}

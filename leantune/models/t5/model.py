@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from leantune.t5_presets import find_t5_preset
+from leantune.models.t5.presets import find_t5_preset
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The family table: one `Family` record per HF `model_type`, and the translations that read it.
 
 Adding a family is one record (a module here plus a line in `FAMILIES`) and a tiny config in tests/test_parity.py,
-which checks that every registered family has one. Families import only `leantune.config`, so data, checkpoint
+which checks that every registered family has one. Families import only `leantune.models.decoder.config`, so data, checkpoint
 and model code may all read the table.
 """
 
@@ -13,13 +13,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from leantune.config import Config
-from leantune.families.base import Family, QKVLayout, transformers_major
-from leantune.families.falcon import FALCON
-from leantune.families.gpt2 import GPT2
-from leantune.families.gpt_neox import GPT_NEOX
-from leantune.families.llama import LLAMA, MISTRAL, QWEN2
-from leantune.families.phi import PHI
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.families.base import Family, QKVLayout, transformers_major
+from leantune.models.decoder.families.falcon import FALCON
+from leantune.models.decoder.families.gpt2 import GPT2
+from leantune.models.decoder.families.gpt_neox import GPT_NEOX
+from leantune.models.decoder.families.llama import LLAMA, MISTRAL, QWEN2
+from leantune.models.decoder.families.phi import PHI
 
 __all__ = ["FAMILIES", "Family", "QKVLayout", "config_from_checkpoint", "config_from_hf", "config_to_hf",
            "default_prompt_style", "family_of", "gguf_family", "transformers_major"]

@@ -12,7 +12,7 @@ lm-eval is an optional extra (`pip install 'leantune[eval]'`): this module impor
   and the fp32 log-softmax, never the whole (B, T, vocab) logits. The tokens all
   rows of a batch begin with (MMLU's "The following are multiple choice questions (with answers) about") run once,
   at batch size 1, and the rows run only what follows, attending to its keys and values (`context_kv`; the
-  attention is merged exactly from a context part and a causal part, see `leantune.model.attention_with_context`).
+  attention is merged exactly from a context part and a causal part, see `leantune.models.decoder.model.attention_with_context`).
 - `generate_until`: greedy decoding with the KV cache and left padding (`greedy_batch`), batched by prompt length,
   stopping a row at an end-of-sequence id or the first stop string; sampled decoding runs one prompt at a time.
 Tokenization follows lm-eval's `hf` backend (the checkpoint's own BOS rule, context/continuation split of the whole
@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from leantune.evaluate import cut_at_stop
-from leantune.generate import Sampling, generate_tokens, greedy_batch
-from leantune.kinds import is_seq2seq
+from leantune.decode.generate import Sampling, generate_tokens, greedy_batch
+from leantune.evaluation.evaluate import cut_at_stop
+from leantune.models.kinds import is_seq2seq
 
 INSTALL_HINT = "pip install 'leantune[eval]'"
 HEAD_CHUNK = 1024

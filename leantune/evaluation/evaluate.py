@@ -7,23 +7,20 @@ adapter side by side.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
-from leantune import rouge
 from leantune.data.base import split_examples
 from leantune.data.errors import Skips
-from leantune.generate import greedy_batch
-from leantune.kinds import is_seq2seq
-from leantune.model import GPT
-from leantune.t5 import T5
-from leantune.t5_generate import pad_inputs, t5_generate
-from leantune.train.loss import is_seq2seq_batch, seq2seq_ce_sum, supervised_ce_sum
+from leantune.decode.generate import greedy_batch
+from leantune.decode.seq2seq import pad_inputs, t5_generate
+from leantune.evaluation import rouge
+from leantune.models.decoder.model import GPT
+from leantune.models.kinds import is_seq2seq
+from leantune.models.t5.model import T5
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -93,33 +90,6 @@ def exact_match(
     return correct / max(len(answers), 1), preds
 
 
-@torch.no_grad()
-def validation_loss(model: GPT, loader, device: torch.device, max_batches: int | None = None,
-                    reduce: Callable[[list[float]], list[float]] | None = None) -> dict[str, float]:
-    """Token-weighted mean cross-entropy over the supervised tokens of `loader`, and its perplexity. `reduce` sums
-    (loss sum, token count) over the ranks of a multi-process run, each of which saw its share of every batch."""
-    was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        labels = batch["labels"].to(device)
-        if is_seq2seq_batch(batch):
-            total += float(seq2seq_ce_sum(model, {k: v.to(device) for k, v in batch.items()
-                                                  if isinstance(v, torch.Tensor)}))
-        else:
-            kwargs = {k: batch[k].to(device) for k in ("position_ids", "segment_ids") if k in batch}
-            hidden = model(batch["input_ids"].to(device), return_hidden=True, **kwargs)
-            total += float(supervised_ce_sum(hidden, model.lm_head, labels))
-        n += int((labels != -100).sum())
-    model.train(was_training)
-    if reduce is not None:
-        total, n = reduce([total, n])
-    loss = total / max(n, 1)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
-
-
 def task_eval(data, tokenizer, style, max_new_tokens: int = 32, limit: int | None = None):
     """Exact match on the data module's held-out test set, when it has one (the demo tasks do); else None."""
     if not hasattr(data, "test_set"):
@@ -164,7 +134,7 @@ def heldout_records(data) -> list[tuple[str, dict[str, Any]]]:
 
 def rouge_eval(data, tokenizer, style, max_new_tokens: int = 128, limit: int | None = None,
                max_prompt_tokens: int | None = None, batch_size: int = 16) -> Callable[[GPT], dict[str, Any]]:
-    """ROUGE (see leantune.rouge) of greedy completions of the held-out prompts against their reference outputs.
+    """ROUGE (see leantune.evaluation.rouge) of greedy completions of the held-out prompts against their reference outputs.
 
     Returns a function of the model, so one set of prompts scores a base and then an adapter. A prompt longer than
     `max_prompt_tokens` (or than the model can hold with room for one new token) is not scored, and counted

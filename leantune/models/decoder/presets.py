@@ -194,6 +194,6 @@ def find_preset(name: str) -> dict[str, Any]:
             close = difflib.get_close_matches(key, list(candidates), n=8, cutoff=0.5)
             suggestions = list(dict.fromkeys(candidates[c] for c in close)) or hits
             hint = f"; did you mean: {', '.join(suggestions)}" if suggestions else ""
-            raise ValueError(f"no preset named {name!r}{hint}. `leantune.presets.preset_names()` lists all of them")
+            raise ValueError(f"no preset named {name!r}{hint}. `leantune.models.decoder.presets.preset_names()` lists all of them")
         repo_id = hits[0]
     return {"name": repo_id, **copy.deepcopy(PRESETS[repo_id])}

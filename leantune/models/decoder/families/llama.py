@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from leantune.config import Config
-from leantune.families.base import Family, rope_scaling_from_hf, rope_theta, rope_to_hf
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.families.base import Family, rope_scaling_from_hf, rope_theta, rope_to_hf
 
 LAYER_MAP = {
     "input_layernorm": "norm_1", "post_attention_layernorm": "norm_2", "self_attn.o_proj": "attn.proj",
