@@ -15,6 +15,7 @@ import torch
 from jsonargparse import CLI, ArgumentError, set_parsing_settings
 from tqdm import tqdm
 
+from leantune.checkpoint.io import NoSpaceError, is_disk_full
 from leantune.commands import chat, data, download, estimate, evaluate, export, generate, merge, serve, upload
 from leantune.commands import finetune as finetune_commands
 from leantune.data import DATA_MODULES, DataModule
@@ -23,7 +24,8 @@ from leantune.methods import METHODS
 from leantune.train.distributed import DistributedJobError
 from leantune.train.step import NonFiniteError
 
-# Errors a user causes and can fix from the message alone (NonFiniteError names the step, samples and the fix).
+# Errors a user causes and can fix from the message alone (NonFiniteError names the step, samples and the fix); a
+# ValueError subclass of any module is one of them. A full disk (ENOSPC, EDQUOT) is too, whatever raised it.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
                KeyError, NotImplementedError, ImportError, HubUnreachableError, NonFiniteError, DistributedJobError)
 
@@ -48,6 +50,11 @@ def components() -> dict:
 
 
 def _message(e: BaseException) -> str:
+    if is_disk_full(e):
+        if isinstance(e, NoSpaceError):
+            return e.strerror
+        where = f"writing {e.filename}" if getattr(e, "filename", None) else "while writing"
+        return f"no space left on the device ({where}): free some space, or write to another disk"
     text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     if isinstance(e, PermissionError | IsADirectoryError | NotADirectoryError) and e.filename:
         text = f"{e.filename}: {e.strerror or text}"
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _fail(_parse_error(str(e), words, argv))
     except Exception as e:
-        if debug or not (isinstance(e, USER_ERRORS) or _out_of_memory(e)):
+        if debug or not (isinstance(e, USER_ERRORS) or _out_of_memory(e) or is_disk_full(e)):
             raise
         _fail(_message(e))
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from leantune.checkpoint import gguf
-from leantune.checkpoint.io import OutputExistsError, atomic_dir
+from leantune.checkpoint.io import OutputExistsError, atomic_dir, output_lock
 from leantune.models.decoder.presets import preset_names
 
 DEFAULT_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -192,21 +192,35 @@ def download(repo_id: str, checkpoint_dir: Path = Path("checkpoints"), access_to
              force: bool = False, *, endpoint: str | None = None) -> Path:
     """Put `repo_id` (alias, hub repo id, local .gguf file or local HF folder) into `checkpoint_dir`; returns the folder."""
     source, out = _source_and_target(repo_id, Path(checkpoint_dir))
+    if source == DEFAULT_REPO_ID and is_complete(out) and not force:
+        return out  # the main job calls this on every run: a complete import is reused, never redone
+    fetch = _fetcher(source, out, access_token, force, endpoint)  # a bad source is refused before anything is made
+    # one writer per folder: a second download into it is refused; the default model's import (every command does
+    # it on first use) waits for the first one instead, and then reuses what it wrote
+    with output_lock(out, wait=source == DEFAULT_REPO_ID):
+        return fetch()
+
+
+def _fetcher(source: str, out: Path, access_token: str | None, force: bool,
+             endpoint: str | None) -> Callable[[], Path]:
+    """What writes `out` from `source`, once the source is known to be one download understands."""
     if source == DEFAULT_REPO_ID:
-        if is_complete(out) and not force:
-            return out  # the main job calls this on every run: a complete import is reused, never redone
-        return import_gguf(gguf.default_gguf_path(), out, force=True)  # our own folder: a partial one is replaced
+        def default_model() -> Path:
+            if is_complete(out) and not force:
+                return out
+            return import_gguf(gguf.default_gguf_path(), out, force=True)  # our own folder: a partial is replaced
+        return default_model
     local = Path(source).expanduser()
     if local.is_file():
         if local.suffix.lower() != ".gguf":
             raise ValueError(f"{local}: expected a .gguf file or a Hugging Face model folder")
-        return import_gguf(local, out, force)
+        return lambda: import_gguf(local, out, force)
     if local.is_dir():
-        return import_hf_folder(local, out, force)
+        return lambda: import_hf_folder(local, out, force)
     if not _looks_like_repo_id(source):
         raise FileNotFoundError(f"{source!r} is neither an existing local .gguf file or folder nor a hub repo id "
                                 f"(owner/name); known names: {', '.join(download_list())}")
-    return download_from_hub(source, out, access_token, force, endpoint)
+    return lambda: download_from_hub(source, out, access_token, force, endpoint)
 
 
 def _source_and_target(repo_id: str, checkpoint_dir: Path) -> tuple[str, Path]:

@@ -6,10 +6,16 @@ prompt gets exactly one BOS whatever the post-processor would do. Whether a mode
 input is detected once (T5 appends `</s>` to every input, decoder-only models do not). Chat templates are rendered
 with jinja2 in the same sandbox and with the same helpers as transformers, so the text equals `apply_chat_template`.
 
-T5 sentencepiece folders follow transformers' `T5Tokenizer`: `extra_ids` (default 100) sentinel tokens
-`<extra_id_N>` are appended after the sentencepiece vocabulary in reverse order (`<extra_id_0>` is the last id), and
-decoding is tokenizers' Metaspace decoder (transformers' T5 tokenizer is the tokenizers one converted from
-spiece.model), which keeps the space before a word that follows a special token.
+T5 folders follow transformers' `T5Tokenizer` (what `AutoTokenizer` returns for them, transformers 5): it splits
+the text at every whitespace character (tokenizers' WhitespaceSplit) before sentencepiece's Metaspace, so leading,
+trailing and repeated whitespace gives no token of its own, like T5's original sentencepiece tokenization.
+- a T5 tokenizer.json is run through that same pipeline whatever the file says: files written by transformers 4
+  (flan-t5's) have no WhitespaceSplit, and their text "Summary: " would end in an extra "▁" token;
+- a spiece.model folder gets `extra_ids` (default 100) sentinel tokens `<extra_id_N>` after the sentencepiece
+  vocabulary in reverse order (`<extra_id_0>` is the last id), every whitespace character WhitespaceSplit knows
+  counts as a space (sentencepiece's T5 normalizer keeps U+0085), and decoding is tokenizers' Metaspace decoder,
+  which keeps the space before a word that follows a special token.
+tests/test_tokenizer_parity.py checks these as properties over random text against transformers.
 """
 
 from __future__ import annotations
@@ -45,6 +51,10 @@ _T5_TOKENIZER_CLASSES = {"T5Tokenizer", "MT5Tokenizer", "UMT5Tokenizer"}
 _T5_MODEL_TYPES = {"t5", "mt5", "umt5"}
 # Sentencepiece model file names, in the order they are tried (after tokenizer.json).
 _SP_FILES = ("tokenizer.model", "spiece.model")
+# Model types AutoTokenizer gives a T5Tokenizer when tokenizer_config.json names no class (umt5 gets a plain one).
+_T5_JSON_MODEL_TYPES = {"t5", "mt5"}
+# Every character tokenizers' WhitespaceSplit splits at (Rust's char::is_whitespace: Unicode White_Space).
+_WHITESPACE = re.compile("[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
 
 
 def _t5_layout(tok_cfg: dict[str, Any], model_cfg: dict[str, Any], sp_file: str) -> bool:
@@ -56,6 +66,38 @@ def _t5_layout(tok_cfg: dict[str, Any], model_cfg: dict[str, Any], sp_file: str)
     if isinstance(model_cfg.get("model_type"), str):
         return model_cfg["model_type"] in _T5_MODEL_TYPES
     return sp_file == "spiece.model"
+
+
+def _t5_tokenizer_json(tok_cfg: dict[str, Any], model_cfg: dict[str, Any], backend: Any) -> bool:
+    """Whether transformers loads a tokenizer.json as its T5Tokenizer (which rebuilds the pipeline, see
+    `_t5_pipeline`): a Unigram model, and tokenizer_config's class, else config.json's model type, says T5."""
+    from tokenizers.models import Unigram
+
+    if not isinstance(backend.model, Unigram):
+        return False
+    cls = tok_cfg.get("tokenizer_class")
+    if isinstance(cls, str):
+        return cls.removesuffix("Fast") in _T5_TOKENIZER_CLASSES
+    return model_cfg.get("model_type") in _T5_JSON_MODEL_TYPES
+
+
+def _t5_pipeline(backend: Any) -> None:
+    """Give a T5 tokenizer.json the pipeline transformers' T5Tokenizer builds: the file's sentencepiece charsmap
+    (its only normalizer; a transformers-4 file's `Replace(" {2,}", " ")` goes), WhitespaceSplit then Metaspace, and
+    the Metaspace decoder. Without WhitespaceSplit a trailing or doubled space became a "▁" token of its own."""
+    import base64
+
+    from tokenizers import decoders, normalizers, pre_tokenizers
+
+    state = json.loads(backend.normalizer.__getstate__()) if backend.normalizer is not None else {}
+    parts = state.get("normalizers", [state]) if state.get("type") == "Sequence" else [state]
+    charsmap = next((n["precompiled_charsmap"] for n in parts if n.get("type") == "Precompiled"
+                     and n.get("precompiled_charsmap")), None)
+    backend.normalizer = normalizers.Precompiled(base64.b64decode(charsmap)) if charsmap else None
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
 
 
 def _t5_added_tokens(tok_cfg: dict[str, Any], sp_size: int) -> dict[str, int]:
@@ -90,6 +132,8 @@ class Tokenizer:
 
             self.backend = "tokenizers"
             self._hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
+            if _t5_tokenizer_json(cfg, model_cfg, self._hf):
+                _t5_pipeline(self._hf)
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
         elif sp_file := next((n for n in _SP_FILES if (d / n).is_file()), None):
             import sentencepiece as spm
@@ -208,6 +252,8 @@ class Tokenizer:
         return ids
 
     def _encode_sp(self, text: str) -> list[int]:
+        if self._t5:  # T5Tokenizer splits at every whitespace character; sentencepiece's normalizer keeps some
+            text = _WHITESPACE.sub(" ", text)
         if self._special_split is None:
             return list(self._sp.encode(text))
         ids: list[int] = []
@@ -271,8 +317,26 @@ class Tokenizer:
             raise ValueError(f"{self.checkpoint_dir}: the tokenizer has no chat template")
         context = {k: v for k, v in self.special_tokens.items() if v is not None}
         context.update(kwargs)
-        return _compile(self.chat_template).render(
-            messages=json.loads(json.dumps(messages)), add_generation_prompt=add_generation_prompt, **context)
+        try:
+            return _compile(self.chat_template).render(
+                messages=json.loads(json.dumps(messages)), add_generation_prompt=add_generation_prompt, **context)
+        except Exception as e:
+            if type(e).__name__ != "SecurityError":  # jinja2's sandbox refusal; jinja2 is imported lazily
+                raise
+            raise ChatTemplateError(f"{self.chat_template_source}: the chat template tried something the sandbox "
+                                    f"forbids ({e}); nothing it does is executed. Use a template from a source you "
+                                    "trust (replace chat_template.jinja or tokenizer_config.json's chat_template)"
+                                    ) from None
+
+    @property
+    def chat_template_source(self) -> Path:
+        """The file the chat template was read from (named in errors)."""
+        jinja = self.checkpoint_dir / "chat_template.jinja"
+        return jinja if jinja.is_file() else self.checkpoint_dir / "tokenizer_config.json"
+
+
+class ChatTemplateError(ValueError):
+    """A checkpoint's chat template that cannot render (its sandbox refused an operation): one line naming its file."""
 
 
 _TEMPLATE_CACHE: dict[str, Any] = {}

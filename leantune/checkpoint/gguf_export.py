@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from leantune.checkpoint.gguf import BPE_MODEL, SPLIT_PRETOKENIZERS, SPM_MODEL
+from leantune.checkpoint.io import is_disk_full, no_space
 from leantune.models.decoder.families import FAMILIES, Family, family_of
 from leantune.models.decoder.model import GPT
 from leantune.tokenizer import Tokenizer
@@ -352,9 +353,15 @@ def export_gguf(model: GPT, tokenizer_dir: Path, out_path: Path, gguf_type: str 
             os.fsync(fh.fileno())
         w.close()
         os.replace(tmp, out_path)
-    except BaseException:
-        if w is not None:
-            w.close()
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        try:
+            if w is not None:
+                w.close()  # may fail again (a full disk): the temporary goes regardless
+        except OSError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise no_space(out_path.parent) from e
         raise
     return out_path

@@ -9,6 +9,7 @@ carries a small marker file (`.leantune-output`) naming its kind and the files l
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import os
@@ -55,13 +56,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path, "tmp")
     try:
-        # os.open with 0o666 lets the umask decide permissions (mkstemp would force 0o600).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with named_disk_errors(path.parent):
+            # os.open with 0o666 lets the umask decide permissions (mkstemp would force 0o600).
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -80,14 +82,15 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path, "tmp")
     try:
-        # Reserve the name with umask-respecting permissions; safetensors itself would leave the file 0o600.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        mode = os.fstat(fd).st_mode & 0o777
-        os.close(fd)
-        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.chmod(tmp, mode)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
+        with named_disk_errors(path.parent):
+            # Reserve the name with umask-respecting permissions; safetensors itself would leave the file 0o600.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            mode = os.fstat(fd).st_mode & 0o777
+            os.close(fd)
+            safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+            os.chmod(tmp, mode)
+            _fsync_file(tmp)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -107,8 +110,10 @@ def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
 def atomic_dir(final_dir: str | Path, kind: str | None = None) -> Iterator[Path]:
     """Yield a temporary sibling directory; when the block succeeds it replaces `final_dir` in one rename.
 
-    On any exception the temporary directory is deleted and an existing `final_dir` is left untouched. An
-    existing `final_dir` is moved aside only once the new one is complete, and deleted after the swap.
+    On any failure (an exception in the block, a full disk, a refused rename, Ctrl-C) the temporary directory is
+    deleted and an existing `final_dir` is left untouched. An existing `final_dir` is moved aside only once the new
+    one is complete, and deleted after the swap. A `final_dir` that cannot be renamed (a mount point: EBUSY, or
+    another file system: EXDEV) is refused with one error naming it (`OutputPathError`), nothing left behind.
     With `kind` (an output folder the user named, e.g. "merged-model"), the new folder gets the output marker, and
     an existing `final_dir` that is not leantune's own output of that kind is refused before anything is written
     (the command should already have called `claim_output`, which also asks for --overwrite).
@@ -116,38 +121,109 @@ def atomic_dir(final_dir: str | Path, kind: str | None = None) -> Iterator[Path]
     final_dir = Path(final_dir)
     if kind is not None:
         claim_output(final_dir, kind, overwrite=True)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(final_dir, "tmp")
-    os.mkdir(tmp, 0o777)
+    _refuse_mount_point(final_dir)
+    with named_disk_errors(final_dir):
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_sibling(final_dir, "tmp")
+        os.mkdir(tmp, 0o777)
+    backup: Path | None = None
     try:
-        yield tmp
-        if kind is not None:
-            write_output_marker(tmp, kind)
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                p = Path(root) / name
-                if p.is_file() and not p.is_symlink():
-                    _fsync_file(p)
-            _fsync_dir(Path(root))
+        with named_disk_errors(final_dir):
+            yield tmp
+            if kind is not None:
+                write_output_marker(tmp, kind)
+            for root, _, files in os.walk(tmp):
+                for name in files:
+                    p = Path(root) / name
+                    if p.is_file() and not p.is_symlink():
+                        _fsync_file(p)
+                _fsync_dir(Path(root))
+            if final_dir.exists() or final_dir.is_symlink():
+                backup = _tmp_sibling(final_dir, "old")
+                _rename(final_dir, backup, final_dir)
+            try:
+                _rename(tmp, final_dir, final_dir)
+            except BaseException:
+                if backup is not None:
+                    try:
+                        os.replace(backup, final_dir)
+                    finally:  # restored, or (restore refused too) kept under its hidden name: never deleted
+                        backup = None
+                raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final_dir.exists() or final_dir.is_symlink():
-        backup = _tmp_sibling(final_dir, "old")
-        os.replace(final_dir, backup)
-        try:
-            os.replace(tmp, final_dir)
-        except BaseException:
-            os.replace(backup, final_dir)
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if backup.is_dir() and not backup.is_symlink():
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            backup.unlink(missing_ok=True)
-    else:
-        os.replace(tmp, final_dir)
+    finally:  # after a swap the old folder goes, even when Ctrl-C lands here
+        if backup is not None:
+            _remove(backup)
     _fsync_dir(final_dir.parent)
+
+
+class NoSpaceError(OSError):
+    """The disk (or quota) holding an output is full; the message names the folder and the way out.
+
+    An OSError with errno ENOSPC, so code that looks at errno still sees a full disk; the CLI prints it as one line.
+    """
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(where: Path) -> NoSpaceError:
+    err = NoSpaceError(errno.ENOSPC, f"no space left on the device holding {where} (nothing was replaced there): "
+                                     "free some space, or write to another disk (e.g. another --out_dir)")
+    err.filename = str(where)
+    return err
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """A full disk or quota, also as safetensors' Rust error text (`StorageFull` / `os error 28`)."""
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+        return True
+    text = str(e)
+    return isinstance(e, safetensors.SafetensorError) and ("StorageFull" in text or "os error 28" in text
+                                                          or "QuotaExceeded" in text)
+
+
+@contextmanager
+def named_disk_errors(where: Path) -> Iterator[None]:
+    """A full disk inside the block becomes NoSpaceError naming `where` (the bare one names no file at all)."""
+    try:
+        yield
+    except (OSError, safetensors.SafetensorError) as e:  # an inner NoSpaceError is renamed: the outer path counts
+        if is_disk_full(e):
+            raise no_space(where) from e
+        raise
+
+
+def _rename(src: Path, dst: Path, final_dir: Path) -> None:
+    """os.replace, with a mount point or a cross-device folder refused in one line instead of a bare EBUSY."""
+    try:
+        os.replace(src, dst)
+    except OSError as e:
+        if e.errno in (errno.EBUSY, errno.EXDEV):
+            raise _not_renamable(final_dir, e) from e
+        raise
+
+
+def _not_renamable(final_dir: Path, e: OSError) -> OutputPathError:
+    why = "a mount point" if e.errno == errno.EBUSY else "on another file system than its parent folder"
+    return OutputPathError(f"{final_dir} is {why}, which leantune cannot replace ({e.strerror}): leantune writes a "
+                           "folder beside it and renames it into place. Nothing was written; pass a folder inside it "
+                           f"instead, e.g. --out_dir {final_dir / 'out'}")
+
+
+def _refuse_mount_point(final_dir: Path) -> None:
+    """Checked before anything is written: a rename onto or off a mount point always fails (EBUSY)."""
+    if final_dir.is_dir() and not final_dir.is_symlink() and os.path.ismount(final_dir):
+        raise _not_renamable(final_dir, OSError(errno.EBUSY, os.strerror(errno.EBUSY)))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 # ---- output folders: never replace anything but leantune's own previous output of the same kind ---------------
@@ -286,3 +362,93 @@ def _files_under(folder: Path, skip_marked: bool = False) -> list[str]:
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+# ---- one writer per output: an exclusive lock the kernel drops when the process dies ------------------------------
+class OutputBusyError(OutputPathError):
+    """Another live leantune process is writing the same output (it holds the output's lock)."""
+
+
+def lock_file(lock: str | Path, *, wait: bool = False) -> int | None:
+    """An fd holding an exclusive flock on `lock` (created if missing), or None when another open file holds it and
+    `wait` is false. flock is released by the kernel when the process dies, SIGKILL included; -1 where there is no
+    flock (Windows: one writer per output is then the user's to keep)."""
+    try:
+        import fcntl
+    except ImportError:
+        return -1
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    return fd
+
+
+def lock_path(output: str | Path) -> Path:
+    """The lock of an output folder or file: a hidden sibling, since the output itself is replaced by a rename."""
+    output = Path(output)
+    return output.with_name(f".{output.name}.lock")
+
+
+@contextmanager
+def output_lock(output: str | Path, *, wait: bool = False) -> Iterator[None]:
+    """Hold `output`'s lock for the block; a second writer of the same output is refused with OutputBusyError (or,
+    with `wait`, waits for the first). The lock file is removed on the way out."""
+    output = Path(output)
+    lock = lock_path(output)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputPathError(f"cannot create {output}: {e.filename or lock.parent} is not a writable folder "
+                              f"({e.strerror}). Pick another --out_dir.") from e
+    for _ in range(10):
+        fd = lock_file(lock, wait=wait)
+        if fd is None:
+            raise OutputBusyError(f"{output} is being written by another running leantune process: wait for it to "
+                                  "finish, stop it, or pick another --out_dir")
+        if fd == -1 or _same_file(fd, lock):
+            break
+        os.close(fd)  # the previous holder removed the file between our open and our lock: lock the new one
+    else:
+        raise OutputBusyError(f"{output}: could not take its lock {lock}; try again")
+    try:
+        yield
+    finally:
+        if fd != -1:
+            lock.unlink(missing_ok=True)  # while still holding it: a waiter then sees another inode and retries
+            os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino)
+
+
+@contextmanager
+def claimed_output(path: str | Path, kind: str, overwrite: bool = False, *,
+                   legacy_files: Iterable[str] = ()) -> Iterator[Path]:
+    """`claim_output`, then hold the output's lock while the block writes it (claimed again under the lock, so two
+    commands started together cannot both pass the check): two merges into one --out_dir -> the second is refused."""
+    path = Path(path)
+    claim_output(path, kind, overwrite, legacy_files=legacy_files)
+    with output_lock(path):
+        claim_output(path, kind, overwrite, legacy_files=legacy_files)
+        yield path
+
+
+@contextmanager
+def claimed_output_file(path: str | Path, overwrite: bool = False, *, magic: bytes | None = None) -> Iterator[Path]:
+    """`claim_output_file` with the output's lock held for the block (see `claimed_output`)."""
+    path = Path(path)
+    claim_output_file(path, overwrite, magic=magic)
+    with output_lock(path):
+        claim_output_file(path, overwrite, magic=magic)
+        yield path

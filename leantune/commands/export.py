@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from leantune.checkpoint.io import HF_MODEL_FILES, PEFT_ADAPTER_FILES, claim_output, claim_output_file
+from leantune.checkpoint.io import HF_MODEL_FILES, PEFT_ADAPTER_FILES, claimed_output, claimed_output_file
 from leantune.download import DEFAULT_CHECKPOINT, ensure_checkpoint
 from leantune.export import export_gguf_file, export_hf, export_peft_adapter, torch_dtype
 
@@ -56,12 +56,17 @@ def export(
         raise FileNotFoundError(f"--adapter {adapter}: no such folder")
     checkpoint_dir = ensure_checkpoint(Path(checkpoint_dir))
     out = Path(out_dir) if out_dir is not None else default_out(adapter, checkpoint_dir, format)
-    if format == "gguf":  # checked before any model loads
+    if format == "gguf":  # checked before any model loads; the lock keeps a second export out until this one ends
         path = out if out.suffix == ".gguf" else out / f"model-{gguf_type}.gguf"
-        claim_output_file(path, overwrite, magic=b"GGUF")
+        claimed = claimed_output_file(path, overwrite, magic=b"GGUF")
     else:
         kind, legacy = KINDS[format]
-        claim_output(out, kind, overwrite, legacy_files=legacy if out_dir is None else ())
+        claimed = claimed_output(out, kind, overwrite, legacy_files=legacy if out_dir is None else ())
+    with claimed:
+        return _export(format, adapter, checkpoint_dir, out, dt, out if format != "gguf" else path, gguf_type)
+
+
+def _export(format: str, adapter: Path | None, checkpoint_dir: Path, out: Path, dt, path: Path, gguf_type: str) -> Path:
     if format == "peft":
         result = export_peft_adapter(adapter, checkpoint_dir, out, dt, kind=KINDS["peft"][0])
         print(f"exported PEFT adapter to {result}")

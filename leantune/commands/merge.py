@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from leantune.checkpoint.auto import load_model, save_model
-from leantune.checkpoint.io import HF_MODEL_FILES, claim_output
+from leantune.checkpoint.io import HF_MODEL_FILES, claimed_output
 from leantune.commands.flags import check_weights
 from leantune.download import DEFAULT_CHECKPOINT, ensure_checkpoint
 from leantune.merge import merge_adapters
+from leantune.models.kinds import load_model, save_model
 
 
 def merge(
@@ -47,8 +47,16 @@ def merge(
     check_weights(weights, len(adapters))
     checkpoint_dir = ensure_checkpoint(Path(checkpoint_dir))
     default = Path("out") / "merged" / f"{adapters[0].parent.name}-{adapters[0].name}"
-    claim_output(out_dir or default, "merged-model", overwrite, legacy_files=HF_MODEL_FILES if out_dir is None else ())
+    legacy = HF_MODEL_FILES if out_dir is None else ()  # only a folder leantune itself named may be unmarked
     out_dir = Path(out_dir or default)
+    with claimed_output(out_dir, "merged-model", overwrite, legacy_files=legacy):  # a second merge here is refused
+        _merge(adapters, checkpoint_dir, out_dir, weights, dtype, dequantize_base)
+    print(f"merged {len(adapters)} adapter(s) into {out_dir}")
+    return out_dir
+
+
+def _merge(adapters: list[Path], checkpoint_dir: Path, out_dir: Path, weights: list[float] | None, dtype: str | None,
+           dequantize_base: bool) -> None:
     if dtype is None:  # keep the base's dtype: the copied config.json must describe the written weights
         try:
             base = json.loads((checkpoint_dir / "config.json").read_text(encoding="utf-8"))
@@ -60,5 +68,3 @@ def merge(
     model = load_model(checkpoint_dir, dtype=torch.float32)
     merge_adapters(model, adapters, weights, dequantize_base, checkpoint_dir=checkpoint_dir)
     save_model(model, out_dir, source_dir=checkpoint_dir, dtype=getattr(torch, dtype), kind="merged-model")
-    print(f"merged {len(adapters)} adapter(s) into {out_dir}")
-    return out_dir

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from leantune.checkpoint.io import lock_file
 from leantune.train.state import checkpoint_step, find_latest_checkpoint
 
 LOCK_FILE = ".leantune.lock"
@@ -107,20 +108,13 @@ def _ensure_writable(out_dir: Path) -> None:
 
 def _lock(out_dir: Path) -> None:
     """Exclusive lock for this process's lifetime; another live process holding it means a concurrent run."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): one run per folder is then the user's to keep
-        return
     key = out_dir.resolve()
     if key in _locks:
         return
-    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
+    fd = lock_file(out_dir / LOCK_FILE)
+    if fd is None:
         raise RunDirError(f"{out_dir} is in use by another running leantune process: wait for it, stop it, or "
-                          "choose another --out_dir") from e
+                          "choose another --out_dir")
     _locks[key] = fd
 
 
