@@ -54,7 +54,7 @@ _SP_FILES = ("tokenizer.model", "spiece.model")
 # Model types AutoTokenizer gives a T5Tokenizer when tokenizer_config.json names no class (umt5 gets a plain one).
 _T5_JSON_MODEL_TYPES = {"t5", "mt5"}
 # Every character tokenizers' WhitespaceSplit splits at (Rust's char::is_whitespace: Unicode White_Space).
-_WHITESPACE = re.compile("[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
+_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
 
 
 def _t5_layout(tok_cfg: dict[str, Any], model_cfg: dict[str, Any], sp_file: str) -> bool:
@@ -181,6 +181,7 @@ class Tokenizer:
         self.use_eos: bool = self._detect_use_eos()
         self.chat_template: str | None = self._load_chat_template()
         self._special_split = self._special_pattern() if self.backend == "sentencepiece" else None
+        self._kept_spaces = self._whitespace_kept_by_normalizer() if self._t5 else None
 
     # ---- special tokens ------------------------------------------------------------------------------------
     def _detect_use_bos(self) -> bool:
@@ -235,6 +236,13 @@ class Tokenizer:
             return None
         return re.compile("(" + "|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)) + ")")
 
+    def _whitespace_kept_by_normalizer(self) -> re.Pattern | None:
+        """The whitespace characters T5Tokenizer splits at but sentencepiece's normalizer leaves in a word (U+0085
+        under T5's nmt_nfkc): `encode` makes them spaces. Those the normalizer maps or removes it handles itself,
+        as transformers' charsmap does before splitting."""
+        kept = [c for c in _WHITESPACE if c in self._sp.normalize(f"a{c}b")]
+        return re.compile("|".join(map(re.escape, kept))) if kept else None
+
     # ---- encode / decode -----------------------------------------------------------------------------------
     def encode(self, text: str, bos: bool | None = None, eos: bool | None = None, max_length: int = -1) -> list[int]:
         """Token ids of `text`; `bos=None` / `eos=None` follow the model's convention (`use_bos`, `use_eos`: T5
@@ -252,8 +260,8 @@ class Tokenizer:
         return ids
 
     def _encode_sp(self, text: str) -> list[int]:
-        if self._t5:  # T5Tokenizer splits at every whitespace character; sentencepiece's normalizer keeps some
-            text = _WHITESPACE.sub(" ", text)
+        if self._kept_spaces is not None:
+            text = self._kept_spaces.sub(" ", text)
         if self._special_split is None:
             return list(self._sp.encode(text))
         ids: list[int] = []
@@ -317,26 +325,8 @@ class Tokenizer:
             raise ValueError(f"{self.checkpoint_dir}: the tokenizer has no chat template")
         context = {k: v for k, v in self.special_tokens.items() if v is not None}
         context.update(kwargs)
-        try:
-            return _compile(self.chat_template).render(
-                messages=json.loads(json.dumps(messages)), add_generation_prompt=add_generation_prompt, **context)
-        except Exception as e:
-            if type(e).__name__ != "SecurityError":  # jinja2's sandbox refusal; jinja2 is imported lazily
-                raise
-            raise ChatTemplateError(f"{self.chat_template_source}: the chat template tried something the sandbox "
-                                    f"forbids ({e}); nothing it does is executed. Use a template from a source you "
-                                    "trust (replace chat_template.jinja or tokenizer_config.json's chat_template)"
-                                    ) from None
-
-    @property
-    def chat_template_source(self) -> Path:
-        """The file the chat template was read from (named in errors)."""
-        jinja = self.checkpoint_dir / "chat_template.jinja"
-        return jinja if jinja.is_file() else self.checkpoint_dir / "tokenizer_config.json"
-
-
-class ChatTemplateError(ValueError):
-    """A checkpoint's chat template that cannot render (its sandbox refused an operation): one line naming its file."""
+        return _compile(self.chat_template).render(
+            messages=json.loads(json.dumps(messages)), add_generation_prompt=add_generation_prompt, **context)
 
 
 _TEMPLATE_CACHE: dict[str, Any] = {}

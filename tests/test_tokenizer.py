@@ -2,12 +2,12 @@
 sentencepiece as references."""
 
 import json
-import random
 import shutil
 
 import pytest
 import sentencepiece as spm
 import torch
+from tokenizer_support import llama_sentencepiece_folder
 
 from leantune.tokenizer import Tokenizer
 
@@ -180,20 +180,7 @@ def test_missing_tokenizer_raises(tmp_path):
 @pytest.fixture(scope="module")
 def sp_dir(tmp_path_factory):
     """A tiny Llama-style sentencepiece BPE model (byte fallback, identity normalization) + tokenizer_config."""
-    d = tmp_path_factory.mktemp("sp")
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over lazy dog hello world naïve café 中文 字符 code def return 12345".split()
-    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(400)]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(d / "tokenizer"), vocab_size=400, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2)
-    (d / "tokenizer.vocab").unlink()
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
-        "tokenizer_class": "LlamaTokenizer", "chat_template": "{% for m in messages %}<s>[INST] {{ m['content'] }} "
-        "[/INST]{% endfor %}"}))
-    return d
+    return llama_sentencepiece_folder(tmp_path_factory.mktemp("sp"))
 
 
 SP_TEXTS = ["hello world", "naïve 😀 中文 unseen ƒ glyphs", "12345 x", "line\nnext\ttab", "Hello", "a  b   c"]
