@@ -325,8 +325,26 @@ class Tokenizer:
             raise ValueError(f"{self.checkpoint_dir}: the tokenizer has no chat template")
         context = {k: v for k, v in self.special_tokens.items() if v is not None}
         context.update(kwargs)
-        return _compile(self.chat_template).render(
-            messages=json.loads(json.dumps(messages)), add_generation_prompt=add_generation_prompt, **context)
+        try:
+            return _compile(self.chat_template).render(
+                messages=json.loads(json.dumps(messages)), add_generation_prompt=add_generation_prompt, **context)
+        except Exception as e:
+            if type(e).__name__ != "SecurityError":  # jinja2's sandbox refusal; jinja2 is imported lazily
+                raise
+            raise ChatTemplateError(f"{self.chat_template_source}: the chat template tried something the sandbox "
+                                    f"forbids ({e}); nothing it does is executed. Use a template from a source you "
+                                    "trust (replace chat_template.jinja or tokenizer_config.json's chat_template)"
+                                    ) from None
+
+    @property
+    def chat_template_source(self) -> Path:
+        """The file the chat template was read from (named in errors)."""
+        jinja = self.checkpoint_dir / "chat_template.jinja"
+        return jinja if jinja.is_file() else self.checkpoint_dir / "tokenizer_config.json"
+
+
+class ChatTemplateError(ValueError):
+    """A checkpoint's chat template that cannot render (its sandbox refused an operation): one line naming its file."""
 
 
 _TEMPLATE_CACHE: dict[str, Any] = {}
