@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from leantune.checkpoint.io import atomic_dir, save_safetensors, write_json
+from leantune.checkpoint.safe_pickle import load_tensor_dict
 from leantune.models.decoder.config import Config
 from leantune.models.decoder.families import config_from_checkpoint, config_to_hf, family_of
 from leantune.models.decoder.model import GPT
@@ -136,8 +137,9 @@ def blocked_to_grouped(t: torch.Tensor, config: Config) -> torch.Tensor:
 
 # ---- reading ---------------------------------------------------------------------------------------------
 def iter_hf_tensors(checkpoint_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) from *.safetensors (sharded or not), else *.bin via torch.load(weights_only, mmap).
-    A damaged file (truncated download, interrupted copy) is reported by name."""
+    """Yield (key, tensor) from *.safetensors (sharded or not), else *.bin via torch.load(weights_only, mmap when
+    the file is torch's zip format). A damaged file (truncated download, interrupted copy) is reported by name, and a
+    .bin that pickles anything but named tensors is refused (UntrustedFileError), never run."""
     files = weight_files(checkpoint_dir)
     for f in files:
         try:
@@ -146,8 +148,7 @@ def iter_hf_tensors(checkpoint_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     for k in sf.keys():
                         yield k, sf.get_tensor(k)
             else:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-                yield from sd.items()
+                yield from load_tensor_dict(f, mmap=_is_zip(f)).items()
         except (SafetensorError, RuntimeError, EOFError, OSError) as e:
             if isinstance(e, FileNotFoundError | PermissionError):
                 raise
@@ -155,13 +156,33 @@ def iter_hf_tensors(checkpoint_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                              "incomplete: download or export it again") from e
 
 
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names a weight index lists; each must be a plain name in the index's own folder."""
+    try:
+        with open(index, encoding="utf-8") as fh:
+            weight_map = json.load(fh)["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index}: not a weight index (a JSON object with a 'weight_map' of file names): "
+                         f"{str(e)[:120]}") from e
+    bad = [n for n in names if not isinstance(n, str) or n in ("", ".", "..") or "/" in n or "\\" in n]
+    if bad:
+        raise ValueError(f"{index}: shard names {bad[:3]} are not plain file names in the model folder")
+    return names
+
+
+def _is_zip(path: Path) -> bool:
+    """torch.save's zip format (mmap-able); older .bin files are a bare pickle that torch.load reads whole."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def weight_files(checkpoint_dir: Path) -> list[Path]:
     d = Path(checkpoint_dir)
     for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"), ("pytorch_model.bin.index.json", "*.bin")):
         index = d / index_name
         if index.is_file():
-            with open(index, encoding="utf-8") as fh:
-                names = sorted(set(json.load(fh)["weight_map"].values()))
+            names = _index_shards(index)
             missing = [n for n in names if not (d / n).is_file()]
             if missing:
                 raise FileNotFoundError(f"{index}: shards listed but missing: {missing}")

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from leantune.checkpoint.io import atomic_dir, load_safetensors, save_safetensors, write_json
+from leantune.checkpoint.safe_pickle import load_tensor_dict
 from leantune.models.decoder.families import family_of
 
 CONFIG_FILE = "adapter_config.json"
@@ -39,11 +40,13 @@ def read_peft_config(peft_dir: str | Path) -> dict[str, Any]:
 
 
 def peft_weights(peft_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors: `adapter_model.safetensors`, else an old PEFT's `adapter_model.bin` (a torch pickle,
+    read with weights_only: one that holds anything but named tensors is refused with UntrustedFileError)."""
     peft_dir = Path(peft_dir)
     if (peft_dir / WEIGHTS_FILE).is_file():
         return load_safetensors(peft_dir / WEIGHTS_FILE)
     if (peft_dir / "adapter_model.bin").is_file():
-        return torch.load(peft_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
+        return load_tensor_dict(peft_dir / "adapter_model.bin")
     raise FileNotFoundError(f"{peft_dir}: no {WEIGHTS_FILE} (or adapter_model.bin)")
 
 

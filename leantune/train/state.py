@@ -1,6 +1,7 @@
 """Exact resume: the typed training state, which is also the `training_state.pt` format beside each checkpoint.
 
-The file holds only plain types (ints, floats, tensors, lists, dicts) so it loads with `weights_only=True`.
+The file holds only plain types (ints, floats, tensors, lists, dicts) so it loads with `weights_only=True`
+(`leantune.checkpoint.safe_pickle.load_torch_file`): a file that holds anything else is refused, never run.
 Format 2 is `{"format": 2, **TrainState fields, "optimizer": ..., "scaler": ...}`; format 1 (an untyped
 `{"state": {...}, "optimizer", "rng_cpu", "rng_cuda"}` dict) still loads.
 """
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from leantune.checkpoint.safe_pickle import load_torch_file
 
 STATE_FILE = "training_state.pt"
 FORMAT = 2
@@ -98,7 +101,10 @@ def read_training_state(path: Path) -> tuple[TrainState, dict[str, Any]]:
     file = Path(path) / STATE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no training state to resume from (was this checkpoint written by leantune?)")
-    blob = torch.load(file, map_location="cpu", weights_only=True)
+    blob = load_torch_file(file)
+    if not isinstance(blob, dict) or not ("format" in blob or isinstance(blob.get("state"), dict)):
+        raise ValueError(f"{file}: holds a {type(blob).__name__} without leantune's training state fields; resume "
+                         "from a checkpoint a leantune run wrote")
     if "format" not in blob:  # format 1: counters in a string-keyed dict
         names = {f.name for f in dataclasses.fields(TrainState)}
         counters = {k: v for k, v in blob["state"].items() if k in names}
@@ -133,7 +139,7 @@ def find_latest_checkpoint(out_dir: Path) -> Path | None:
 def checkpoint_step(checkpoint: Path) -> int | None:
     """The optimizer step a checkpoint was written at, or None when its state cannot be read."""
     try:
-        blob = torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
+        blob = load_torch_file(Path(checkpoint) / STATE_FILE)
         return int(blob["step"] if "format" in blob else blob["state"]["step"])
     except Exception:
         return None
