@@ -13,9 +13,10 @@ from typing import Any
 import torch
 
 from leantune.checkpoint.auto import load_model
+from leantune.checkpoint.io import write_json
 from leantune.data import DataModule, Demo
 from leantune.download import DEFAULT_CHECKPOINT, ensure_checkpoint
-from leantune.evaluation.evaluate import encode_prompts, greedy_outputs, task_eval
+from leantune.evaluation.evaluate import cut_at_stop, encode_prompts, greedy_outputs, task_eval
 from leantune.methods import apply_method, build_manifest, get_method, load_any_adapter, load_trainable, save_checkpoint
 from leantune.models.kinds import folder_decoder_start_id
 from leantune.models.quantize import check_mode
@@ -134,6 +135,9 @@ def _finetune(method: str, checkpoint_dir: Path, out_dir: Path | None, data: Dat
         acc, _ = task(model)
         report["exact_match_before"] = acc
         print(f"held-out exact match before finetuning: {acc:.1%} ({len(data.test_set())} prompts)")
+    sample_fn = sampler(model, tokenizer, data, style, eval.sample_new_tokens)
+    if sample_fn is not None and not resume:  # the same held-out prompt is answered again after training
+        print(describe_sample("before training", data, style, sample_fn(), eval.sample_new_tokens))
 
     if resume_adapter is not None:
         trainable, args = start_from_adapter(model, run.method, Path(resume_adapter), checkpoint_dir)
@@ -152,7 +156,6 @@ def _finetune(method: str, checkpoint_dir: Path, out_dir: Path | None, data: Dat
     def load_fn(path: Path) -> None:
         load_trainable(model, run.method, path, expected=trainable)
 
-    sample_fn = sampler(model, tokenizer, data, style, eval.sample_new_tokens)
     summary = fit(model, trainable, data, run.out_dir, save_fn, load_fn, train, eval, run.optimizer,
                   precision=precision, device=device, resume=resume, sample_fn=sample_fn, method=run.method,
                   parallel=parallel, fsdp=fsdp,
@@ -161,14 +164,14 @@ def _finetune(method: str, checkpoint_dir: Path, out_dir: Path | None, data: Dat
     report.update(summary)
     if sample_fn is not None:  # one answer to the first held-out prompt, so a default run shows what it learned
         report["sample"] = sample_fn()
-        print(f"sample answer after training ({eval.sample_new_tokens} new tokens at most): {report['sample']!r}")
+        print(describe_sample("after training", data, style, report["sample"], eval.sample_new_tokens))
     if task:
         acc, _ = task(model)
         report["exact_match_after"] = acc
         print(f"held-out exact match after finetuning: {acc:.1%}")
     print_summary(report)
     if parallel.is_main:
-        (run.out_dir / "summary.json").write_text(json.dumps(report, indent=2, default=str))
+        write_json(run.out_dir / "summary.json", json.loads(json.dumps(report, default=str)))
     return report
 
 
@@ -209,6 +212,24 @@ def sampler(model, tokenizer, data, style, max_new_tokens):
         return tokenizer.decode(out, skip_special_tokens=True)
 
     return sample
+
+
+def describe_sample(when: str, data, style, answer: str, max_new_tokens: int) -> str:
+    """The first held-out prompt, its expected answer and the model's (and whether it is right by the data's own
+    score), so a wrong answer does not read as a result."""
+    record = data.test_set()[0]
+    prompt = "\n".join(str(record[k]) for k in ("instruction", "input") if record.get(k)) or style.render_prompt(record)
+    answer = cut_at_stop(answer, style.stop_strings).strip()
+    expected = record.get("output")
+    verdict = ""
+    if expected is not None and hasattr(data, "score"):
+        verdict = "  (right)" if data.score(answer, str(expected)) else "  (wrong)"
+    lines = [f"sample {when} (first held-out prompt, {max_new_tokens} new tokens at most):",
+             f"  prompt:   {prompt!r}"]
+    if expected is not None:
+        lines.append(f"  expected: {str(expected)!r}")
+    lines.append(f"  model:    {answer!r}{verdict}")
+    return "\n".join(lines)
 
 
 def print_summary(r: dict) -> None:

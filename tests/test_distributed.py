@@ -366,7 +366,7 @@ def test_settings_one_machine_cannot_honour_are_refused_before_loading():
         check_parallel_method(Parallel(rank=0, world_size=2), get_method("adalora"))
     with pytest.raises(ValueError, match="--fsdp.timeout must be > 0"):
         FSDPArgs(timeout=0)
-    with pytest.raises(ValueError, match="must be a multiple of --train.micro_batch_size 2 x 2 processes"):
+    with pytest.raises(ValueError, match="is not a multiple of micro_batch_size 2 x 2 processes = 4"):
         accumulation_steps(TrainArgs(micro_batch_size=2, global_batch_size=6), Parallel(rank=0, world_size=2))
 
 

@@ -6,8 +6,10 @@ table; a missing extra is one clear line."""
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ import leantune.evaluation.harness as harness
 from leantune.checkpoint.hf import load_hf_checkpoint
 from leantune.cli import main
 from leantune.commands.evaluate import evaluate
-from leantune.evaluation.harness import harness_lm, require_lm_eval, score_continuations
+from leantune.evaluation.harness import LM_EVAL_REQUIREMENT, harness_lm, require_lm_eval, score_continuations
 from leantune.evaluation.harness_tasks import (
     CATEGORIES,
     MMLU_EXEMPLARS,
@@ -455,14 +457,20 @@ def test_a_task_whose_data_is_on_the_hub_fails_with_one_line_offline(tiny_checkp
 
 
 def test_a_missing_extra_is_one_clear_line(monkeypatch, tiny_checkpoint, capsys):
+    """The advice must work outside the project's venv and from any index: `pip install 'leantune[eval]'` does
+    neither; the Python running leantune installing the lm-eval range of pyproject's eval extra does."""
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert f'eval = ["{LM_EVAL_REQUIREMENT}"]' in pyproject  # the extra's range, said once more in the message
+    wanted = f"{shlex.quote(sys.executable)} -m pip install '{LM_EVAL_REQUIREMENT}'"
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
-    with pytest.raises(ImportError, match=r"pip install 'leantune\[eval\]'"):
+    with pytest.raises(ImportError) as raised:
         require_lm_eval()
+    assert wanted in str(raised.value) and "leantune[eval]" not in str(raised.value)
     with pytest.raises(SystemExit) as e:
         main(["evaluate", "--checkpoint_dir", str(tiny_checkpoint), "--tasks", MMLU_EXEMPLARS])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install 'leantune[eval]'" in err[0]
+    assert len(err) == 1 and wanted in err[0]
 
 
 # ---- the real default model -------------------------------------------------------------------------------------

@@ -82,6 +82,15 @@ def save_conversation(path: str, history: list[dict]) -> Path:
     return write_json(Path(path).expanduser(), {"messages": history})
 
 
+def cut_off_notice(budget: int, max_new_tokens: int, context: int) -> str:
+    """Why an answer stopped before the model ended it, and how to give it more room."""
+    if budget < max_new_tokens:
+        return (f"[the answer stopped at {budget} tokens, the room left in the model's {context}-token context; "
+                "/reset starts a new conversation with more room]")
+    return (f"[the answer stopped at --max_new_tokens {max_new_tokens} and may be cut off; start chat with a larger "
+            "--max_new_tokens to allow longer answers]")
+
+
 def chat(
     checkpoint_dir: Path = DEFAULT_CHECKPOINT,
     adapter: Path | None = None,
@@ -172,7 +181,9 @@ def chat(
             print(f"[dropped the {dropped} oldest turn(s) to fit the {context}-token context; "
                   f"{len(ids)} prompt tokens]", file=sys.stderr)
         budget = min(max_new_tokens, context - len(ids))
-        answer, _, _ = stream_text(model, tokenizer, torch.tensor(ids, dtype=torch.long), budget, sampling, None,
-                                   generator, compiled=compile)
+        answer, generated, _ = stream_text(model, tokenizer, torch.tensor(ids, dtype=torch.long), budget, sampling,
+                                           None, generator, compiled=compile)
         print()
+        if generated >= budget:  # no end-of-answer token came within the budget: say so, the reply reads complete
+            print(cut_off_notice(budget, max_new_tokens, context), file=sys.stderr)
         history.append({"role": "assistant", "content": answer})

@@ -72,7 +72,7 @@ def evaluate(
     finetune's (same sequence length and batch size), except that evaluate scores the whole validation split where
     finetune stops at --eval.max_batches 20.
 
-    --tasks runs lm-eval-harness tasks in process (the optional extra: pip install 'leantune[eval]'): lm-eval task
+    --tasks runs lm-eval-harness tasks in process (optional: python -m pip install 'lm-eval>=0.4.5,<0.5'): lm-eval task
     names, task YAML files, or mmlu_exemplars, the offline multiple-choice benchmark built from the MMLU questions
     the lm-eval package ships (per subject, per category and overall acc/acc_norm). --compare evaluates several
     models and adapters in one run and prints them side by side (--compare [base,out/lora/final,out/dora/final]).

@@ -18,7 +18,7 @@ from leantune.data import DataModule, Demo
 from leantune.methods import METHODS
 from leantune.peft.base import Method
 from leantune.train.args import EvalArgs, TrainArgs
-from leantune.train.distributed import FSDPArgs, launch, launched
+from leantune.train.distributed import FSDPArgs, check_batch_sizes, launch, launched
 from leantune.train.optim import OptimizerArgs, optimizer_class
 from leantune.train.state import STATE_FILE
 
@@ -83,6 +83,8 @@ def method_command(method: Method) -> Callable[..., dict]:
     def command(**kwargs) -> dict:
         check_flags(**kwargs)
         if (kwargs.get("devices", 1) > 1 or kwargs.get("num_nodes", 1) > 1) and not launched() and _argv:
+            train = kwargs.get("train") or TrainArgs()  # refused here, not inside every rank after torchrun started
+            check_batch_sizes(train.micro_batch_size, train.global_batch_size, kwargs["devices"] * kwargs["num_nodes"])
             return launch_command(_argv, kwargs["devices"], kwargs["num_nodes"], kwargs.get("out_dir"), method.name)
         method_args = kwargs.pop(method.flag, None) if method.args_class is not None else None
         if kwargs.get("data") is None:
@@ -104,8 +106,9 @@ def method_command(method: Method) -> Callable[..., dict]:
 
 def launch_command(argv: list[str], devices: int, num_nodes: int, out_dir: Path | None, method: str) -> dict:
     """Run this command line on devices x num_nodes processes (torchrun); returns the run's summary.json."""
-    launch(argv, devices, num_nodes)
-    summary = Path(out_dir or Path("out") / "finetune" / method) / "summary.json"
+    run_dir = Path(out_dir or Path("out") / "finetune" / method)
+    launch(argv, devices, num_nodes, out_dir=run_dir)
+    summary = run_dir / "summary.json"
     return json.loads(summary.read_text()) if summary.is_file() else {}
 
 

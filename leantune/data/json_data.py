@@ -7,7 +7,7 @@ from pathlib import Path
 
 from leantune.data.base import InstructionDataModule
 from leantune.data.errors import DataError
-from leantune.data.readers import find_split_file, optional_text, read_examples, require_text
+from leantune.data.readers import find_split_file, missing_file_error, optional_text, read_examples, require_text
 from leantune.data.sft import Example
 
 TRAIN_NAMES, VAL_NAMES = ("train",), ("val", "validation")
@@ -25,7 +25,7 @@ def data_files(path: Path | None, option: str = "--data.json_path") -> tuple[Pat
                             "train.json(l) (and optionally val.json(l)), or pass the file itself.", path=path)
         return train, find_split_file(path, VAL_NAMES)
     if not path.is_file():
-        raise DataError(f"{path}: no such file or folder (from {option}).", path=path)
+        raise missing_file_error(path, option)
     return path, None
 
 

@@ -28,9 +28,20 @@ def _decode(path: Path, data: bytes) -> str:
         raise DataError.at(path, line, f"not valid UTF-8 (byte 0x{data[e.start]:02x})", UTF8_FIX) from None
 
 
+def missing_file_error(path: Path, option: str | None = None) -> DataError:
+    """Why `path` cannot be read as a data file, truthfully: missing, or there but not a regular file (a FIFO, a
+    device such as /dev/zero, a socket: reading one would block or never end)."""
+    where = f" (from {option})" if option else ""
+    if path.exists() and not path.is_dir():
+        return DataError(f"{path}: is not a regular file (a FIFO, device or socket){where}; give a .json or .jsonl "
+                         "file.", path=path)
+    return DataError(f"{path}: no such file{' or folder' if option else ''}{where}. Check the path (a folder needs "
+                     "train/val files inside).", path=path)
+
+
 def _read_bytes(path: Path) -> bytes:
     if not path.is_file():
-        raise DataError(f"{path}: no such file. Check the path (a folder needs train/val files inside).", path=path)
+        raise missing_file_error(path)
     data = path.read_bytes()
     if data.startswith(codecs.BOM_UTF8):  # Windows editors write one; it is not part of the JSON
         data = data[len(codecs.BOM_UTF8):]

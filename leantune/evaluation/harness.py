@@ -1,7 +1,7 @@
 """lm-evaluation-harness in process: an lm-eval `LM` over leantune's decoder (a base, any adapter, a quantized base),
 so `leantune evaluate --tasks ...` runs lm-eval's own task definitions without exporting a merged model.
 
-lm-eval is an optional extra (`pip install 'leantune[eval]'`): this module imports it only when an LM is built
+lm-eval is optional (the `eval` extra; `python -m pip install 'lm-eval>=0.4.5,<0.5'`): this module imports it only when an LM is built
 (`harness_lm`), so the runtime without the extra never loads it. The scoring itself is plain torch:
 
 - `score_continuations`: log P(continuation | context) and whether greedy decoding would produce it, for many
@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shlex
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,7 +37,15 @@ from leantune.decode.generate import Sampling, generate_tokens, greedy_batch
 from leantune.evaluation.evaluate import cut_at_stop
 from leantune.models.kinds import is_seq2seq
 
-INSTALL_HINT = "pip install 'leantune[eval]'"
+LM_EVAL_REQUIREMENT = "lm-eval>=0.4.5,<0.5"
+"""The lm-eval versions leantune's tasks run on (pyproject's `eval` extra says the same)."""
+
+
+def install_hint() -> str:
+    """A command that installs lm-eval where it is needed: into the Python running leantune (`pip install
+    'leantune[eval]'` fails outside the project's venv and from any index without leantune)."""
+    return f"{shlex.quote(sys.executable)} -m pip install '{LM_EVAL_REQUIREMENT}'"
+
 HEAD_CHUNK = 1024
 """Scored positions projected through the LM head at a time (a rolling window scores every position)."""
 MIN_SHARED = 4
@@ -53,8 +63,8 @@ def require_lm_eval():
         import lm_eval
         import lm_eval.api.model  # noqa: F401
     except ImportError as e:
-        raise ImportError(f"lm-eval tasks need the optional lm-eval package ({e}); install it with "
-                          f"{INSTALL_HINT}") from None
+        raise ImportError(f"lm-eval tasks need the optional lm-eval package ({e}); install it into the Python "
+                          f"that runs leantune: {install_hint()}") from None
     return lm_eval
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from leantune.download import HubUnreachableError
+from leantune.evaluation.harness import install_hint
 
 MMLU_EXEMPLARS = "mmlu_exemplars"
 CATEGORIES = ("stem", "humanities", "social_sciences", "other")
@@ -50,8 +51,8 @@ def lm_eval_dir() -> Path:
     """The installed lm_eval package's folder (found without importing it)."""
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the mmlu_exemplars task is built from the lm-eval package; install it with "
-                          "pip install 'leantune[eval]'")
+        raise ImportError("the mmlu_exemplars task is built from the lm-eval package; install it into the Python "
+                          f"that runs leantune: {install_hint()}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from leantune.checkpoint.io import atomic_dir
+from leantune.train.state import find_latest_checkpoint
 
 T = TypeVar("T")
 DCP_DIR = "dcp"
@@ -401,12 +402,37 @@ def restore_rank_streams(state, ranks: list[dict] | None, parallel: Parallel) ->
 
 
 # ---- the launcher: `--devices N [--num_nodes M]` re-executes the command under torchrun -----------------------------
-def launch(argv: list[str], devices: int, num_nodes: int = 1, module: str = "leantune.cli") -> None:
+def check_batch_sizes(micro_batch_size: int, global_batch_size: int, processes: int) -> int:
+    """Micro-batches per optimizer step on each process; a global batch that the processes' micro batches do not
+    divide is refused naming the product (checked before torchrun starts, and again by the loop)."""
+    rows = micro_batch_size * processes
+    if global_batch_size % rows:
+        fits = rows * max(1, round(global_batch_size / rows))
+        raise ValueError(f"--train.global_batch_size {global_batch_size} is not a multiple of micro_batch_size "
+                         f"{micro_batch_size} x {processes} process{'es' if processes > 1 else ''} = {rows}: pass "
+                         f"--train.global_batch_size {fits}, or another --train.micro_batch_size")
+    return global_batch_size // rows
+
+
+def resume_note(out_dir: Path | None) -> str:
+    """What a stopped job leaves to continue from, said truthfully (a job killed before its first save has nothing)."""
+    if out_dir is None:
+        return "Continue from the last complete checkpoint in --out_dir with --resume auto, if there is one."
+    latest = find_latest_checkpoint(out_dir) if Path(out_dir).is_dir() else None
+    if latest is None:
+        return (f"No checkpoint was written yet in {out_dir}, so there is nothing to resume: run the command again "
+                "(with --overwrite true to replace the partial output).")
+    return f"The last complete checkpoint, {latest}, is intact: continue with --resume auto."
+
+
+def launch(argv: list[str], devices: int, num_nodes: int = 1, module: str = "leantune.cli",
+           out_dir: Path | None = None) -> None:
     """Run `python -m <module> <argv>` on `devices` processes per node through torchrun's elastic agent (in this
     process). One node: a private rendezvous on a free local port. Several nodes: run the same command on each
     node with MASTER_ADDR and MASTER_PORT of the first (c10d rendezvous there) and a shared job id
     (LEANTUNE_RDZV_ID, else SLURM_JOB_ID). When a rank dies the agent stops the others and this raises
-    DistributedJobError naming the rank and its exit cause; nothing is restarted."""
+    DistributedJobError naming the rank and its exit cause and what `out_dir` holds to resume; nothing is
+    restarted."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -429,15 +455,15 @@ def launch(argv: list[str], devices: int, num_nodes: int = 1, module: str = "lea
     try:
         run(parsed)
     except ChildFailedError as e:
-        raise DistributedJobError(describe_failure(e)) from None
+        raise DistributedJobError(describe_failure(e, out_dir)) from None
     except SignalException as e:  # the agent stopped every worker before raising
         if e.sigval == signal.SIGINT:
             raise KeyboardInterrupt from None
-        raise DistributedJobError(f"the launcher received {e.sigval.name} and stopped every rank. The last complete "
-                                  "checkpoint in --out_dir is intact: continue with --resume auto.") from None
+        raise DistributedJobError(f"the launcher received {e.sigval.name} and stopped every rank. "
+                                  f"{resume_note(out_dir)}") from None
 
 
-def describe_failure(e) -> str:
+def describe_failure(e, out_dir: Path | None = None) -> str:
     """'rank 1 was killed by SIGKILL; the launcher stopped the other ranks (0)...' from torchrun's ChildFailedError.
     The cause is the first failure that is not the launcher's own SIGTERM to the survivors."""
     def cause(f) -> str:
@@ -452,5 +478,5 @@ def describe_failure(e) -> str:
     rank, first = failures[0]
     others = sorted(r for r, _ in failures[1:])
     stopped = f"; the launcher stopped the other rank(s) ({', '.join(map(str, others))})" if others else ""
-    return (f"rank {rank} {cause(first)}{stopped}. The last complete checkpoint in --out_dir is intact: continue with "
-            "--resume auto. The rank's own error, if it printed one, is above.")
+    return (f"rank {rank} {cause(first)}{stopped}. {resume_note(out_dir)} The rank's own error, if it printed one, is "
+            "above.")

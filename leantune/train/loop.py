@@ -9,7 +9,6 @@ setup_model -> setup_optimizer -> plan_steps -> resume_state -> epoch_batches / 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from leantune.train.distributed import (
     FSDPArgs,
     Parallel,
     ShardedLoader,
+    check_batch_sizes,
     check_fsdp_args,
     consolidated,
     is_sharded_checkpoint,
@@ -43,7 +43,7 @@ from leantune.train.distributed import (
 from leantune.train.metrics import open_loggers, plot_loss, require_tensorboard
 from leantune.train.optim import OptimizerArgs, build_optimizer
 from leantune.train.protocol import TrainingData
-from leantune.train.run_config import check_resume, jsonable, save_run_config
+from leantune.train.run_config import batch_position, check_resume, jsonable, load_run_config, save_run_config
 from leantune.train.schedule import lr_at
 from leantune.train.state import (
     TrainState,
@@ -115,6 +115,9 @@ def fit(
     state = TrainState()
     if ckpt is not None:
         state = resume_state(ckpt, model, trainable, optimizer, scaler, load_fn, method, parallel)
+        state.batch_in_epoch = batch_position(load_run_config(ckpt), state.batch_in_epoch,  # another cut: same rows
+                                              train.micro_batch_size * parallel.world_size,
+                                              len(data.train_dataloader(epoch=state.epoch)))
         if main:
             print(f"Resumed from {ckpt} at step {state.step}")
     amp = autocast_dtype(precision)
@@ -220,13 +223,11 @@ def run_configuration(run_config: dict[str, Any] | None, train: TrainArgs, eval:
                       optimizer_args: OptimizerArgs, precision: str, world_size: int = 1) -> dict[str, Any]:
     """The caller's settings (base, data, method args, quantize...) plus the loop's own, as plain JSON types.
 
-    On several ranks train.micro_batch_size is recorded as the rows of one forward over all ranks (micro batch x
-    world size), the one-process equivalent, so a resume may change the world size when the batches stay the same
-    (2 ranks x 2 -> 1 process x 4); world_size itself is recorded and may differ."""
+    train.micro_batch_size is recorded as typed (per process); several ranks also record world_size and batch_rows
+    (micro batch x world size), what a resume on another world size needs (see leantune.train.run_config)."""
     extra: dict[str, Any] = {}
     if world_size > 1:
-        train = dataclasses.replace(train, micro_batch_size=train.micro_batch_size * world_size)
-        extra["world_size"] = world_size
+        extra.update(world_size=world_size, batch_rows=train.micro_batch_size * world_size)
     return jsonable({**(run_config or {}), "train": train, "eval": eval, "optimizer": optimizer_args,
                      "precision": precision, **extra})
 
@@ -258,11 +259,7 @@ def setup_optimizer(model: torch.nn.Module, trainable: list[str], args: Optimize
 
 def accumulation_steps(train: TrainArgs, parallel: Parallel) -> int:
     """Micro-batches per optimizer step on each rank: global batch / (micro batch x ranks)."""
-    rows = train.micro_batch_size * parallel.world_size
-    if train.global_batch_size % rows:
-        raise ValueError(f"--train.global_batch_size {train.global_batch_size} must be a multiple of "
-                         f"--train.micro_batch_size {train.micro_batch_size} x {parallel.world_size} processes")
-    return train.global_batch_size // rows
+    return check_batch_sizes(train.micro_batch_size, train.global_batch_size, parallel.world_size)
 
 
 def plan_steps(data: TrainingData, train: TrainArgs, accumulation: int | None = None) -> int:

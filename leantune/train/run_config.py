@@ -9,9 +9,13 @@ another run's checkpoint. Only the fields in RESUME_MAY_DIFFER may change on res
   breaks nothing the checkpoint holds); train.compile and train.activation_checkpointing (same numbers, other
   speed/memory), threads;
 - what is logged or saved: train.log_interval, train.logger, train.save_interval, and every eval.* setting;
-- where it runs from: out_dir, resume, resume_adapter (only read when a run starts), overwrite, and world_size (the
-  number of processes: train.micro_batch_size of a multi-process run is recorded over all ranks, so the batches
-  stay those of the checkpoint's run).
+- where it runs from: out_dir, resume, resume_adapter (only read when a run starts), overwrite;
+- how each optimizer step's global batch is cut: world_size (the number of processes) and train.micro_batch_size
+  (per process, as typed). Every epoch is planned as one shuffled order of samples (or packed rows) cut into batches
+  of micro_batch_size x world_size rows (`batch_rows`), so a position in the epoch is a number of rows whatever the
+  cut: `batch_position` carries it over, and `--devices 2 --train.micro_batch_size 2` resumes on one process with
+  the same flags (the same global batches, two micro batches per step). Not with --data.length_grouping, whose
+  plan depends on the batch size: there the rows per batch must stay the checkpoint's.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ RESUME_MAY_DIFFER = frozenset({
     "train.epochs", "train.max_steps", "train.max_tokens", "train.max_time", "train.warmup_steps",
     "train.min_lr_ratio", "train.compile",
     "train.activation_checkpointing", "train.log_interval", "train.logger", "train.save_interval",
-    "threads", "out_dir", "resume", "resume_adapter", "overwrite", "world_size",
+    "threads", "out_dir", "resume", "resume_adapter", "overwrite", "world_size", "train.micro_batch_size",
+    "batch_rows",
 })
 RESUME_MAY_DIFFER_PREFIXES = ("eval.",)
 
@@ -76,10 +81,29 @@ def may_differ(key: str) -> bool:
     return key in RESUME_MAY_DIFFER or key.startswith(RESUME_MAY_DIFFER_PREFIXES)
 
 
+def batch_rows(cfg: dict) -> int | None:
+    """Rows of one planned batch over all processes (micro batch x world size). A run.json written before batch_rows
+    existed recorded that product as train.micro_batch_size."""
+    rows = cfg.get("batch_rows")
+    return rows if isinstance(rows, int) else (cfg.get("train") or {}).get("micro_batch_size")
+
+
+def _cut(cfg: dict) -> str:
+    world = cfg.get("world_size") or 1
+    rows = batch_rows(cfg)
+    if world > 1 and isinstance(rows, int):
+        return f"{rows // world} x {world} processes"
+    return f"{rows} x 1 process"
+
+
 def differences(saved: dict, current: dict) -> list[str]:
     """'--key saved -> current' for every compared field that differs (a missing field counts as unset)."""
     a, b = flatten(jsonable(saved)), flatten(jsonable(current))
     out = []
+    grouped = a.get("data.length_grouping") is True or b.get("data.length_grouping") is True
+    if grouped and batch_rows(saved) != batch_rows(current):  # that plan depends on the batch size
+        out.append(f"--train.micro_batch_size {_cut(saved)} -> {_cut(current)} (with --data.length_grouping the rows "
+                   "per batch, micro batch x processes, must stay the same)")
     for key in sorted(set(a) | set(b)):
         if may_differ(key) or a.get(key) == b.get(key):
             continue
@@ -90,6 +114,16 @@ def differences(saved: dict, current: dict) -> list[str]:
 
 def _show(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v)
+
+
+def batch_position(saved: dict | None, batch_in_epoch: int, rows: int, batches_in_epoch: int) -> int:
+    """The checkpoint's position in its epoch (`batch_in_epoch` batches of the saved run's rows) in batches of `rows`:
+    the same samples are behind it. Checkpoints fall on optimizer steps, whose rows every allowed cut divides; only
+    an epoch's short last batch makes a remainder, and then the epoch is over (clamped to its batches)."""
+    before = batch_rows(saved or {})
+    if not before or before == rows:
+        return batch_in_epoch
+    return min(-(-batch_in_epoch * before // rows), batches_in_epoch)
 
 
 def save_run_config(folder: Path, cfg: dict) -> None:
