@@ -4,11 +4,14 @@ checkpoint I/O built on it.
 Each module of `leantune.peft` that defines `METHOD` (or `METHODS`) is registered here; nothing else in leantune
 asks for a method by name. A PEFT method saves only its trainable tensors (`adapter.safetensors`) plus the manifest;
 a method with `saves_full_model` saves an HF folder. Loading an adapter re-applies the method with the manifest's
-hyperparameters, checks that the saved tensors cover exactly what it made, then copies them in.
+hyperparameters, checks that the saved tensors cover exactly what it made, then copies them in. Every load first
+runs on a meta-device skeleton of the base (`check_adapter`), so an adapter that does not fit is refused before
+anything of its declared size is allocated.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import importlib
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 import leantune.peft
 from leantune.checkpoint.auto import read_model_state, save_model
@@ -230,10 +234,63 @@ def load_any_adapter(model: GPT, path: str | Path, checkpoint_dir: str | Path | 
     """Load a leantune adapter folder or a PEFT adapter folder onto `model` (unmerged, frozen); returns a manifest.
 
     For a PEFT folder the returned dict mimics a leantune manifest (method, its args) so callers need not care.
+    The folder is checked on a meta skeleton first (`check_adapter`): a refused adapter allocates nothing.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"--adapter {path}: no such folder")
+    check_adapter(model, path)
+    return _load_any(model, path, checkpoint_dir, check_quantization)
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module | None:
+    """A copy of `model`'s module tree whose every tensor is on the meta device (shapes and dtypes, no storage),
+    ~40 ms for the default model; None when a tensor cannot go to meta (a bitsandbytes weight's own class)."""
+    memo: dict[int, object] = {}
+
+    def visit(v: object) -> None:
+        if isinstance(v, torch.Tensor):
+            if id(v) not in memo:
+                m = v.detach().to("meta")
+                memo[id(v)] = nn.Parameter(m, requires_grad=v.requires_grad) if isinstance(v, nn.Parameter) else m
+        elif isinstance(v, tuple | list):
+            for x in v:
+                visit(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                visit(x)
+
+    try:
+        for module in model.modules():
+            for value in vars(module).values():  # _parameters, _buffers and plain tensor attributes (caches)
+                visit(value)
+        return copy.deepcopy(model, memo)
+    except Exception:  # noqa: BLE001 - any tensor type meta cannot hold: the real load's own checks still apply
+        return None
+
+
+def check_adapter(model: nn.Module, path: Path) -> None:
+    """Load the adapter at `path` onto a meta skeleton of `model`: the method is applied with the folder's declared
+    args (manifest or adapter_config.json) and every name and shape is checked against the saved tensors, all
+    without storage, so a folder declaring `r: 8192` over rank-8 tensors is refused before the real load allocates
+    8192 ranks (a server would keep that memory). Raises ValueError (or what the real load raises) for a misfit."""
+    skeleton = meta_skeleton(model)
+    if skeleton is None:
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the real load warns once
+            _load_any(skeleton, path, None, check_quantization=False)
+    except NotImplementedError as e:
+        if "meta" in str(e).lower():
+            return  # an op with no meta kernel: nothing learnt, the real load checks as it always did
+        raise
+    except (TypeError, RuntimeError, IndexError, AttributeError, OverflowError) as e:  # declared args the method cannot take
+        raise ValueError(f"{path}: the adapter does not fit this base ({type(e).__name__}: {e}); check its "
+                         "manifest or adapter_config.json, or pass the --checkpoint_dir it was trained on") from None
+
+
+def _load_any(model: GPT, path: Path, checkpoint_dir: str | Path | None, check_quantization: bool) -> dict[str, Any]:
     if not is_peft_dir(path):
         return load_adapter(model, path, Path(checkpoint_dir) if checkpoint_dir is not None else None,
                             check_quantization=check_quantization)

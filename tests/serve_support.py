@@ -18,6 +18,8 @@ from leantune.checkpoint.hf import TOKENIZER_FILES, load_hf_checkpoint
 from leantune.decode.generate import Sampling, encode_prompt, stream_text
 from leantune.inference import load_for_inference
 from leantune.methods import apply_method, build_manifest, method_args_class, save_checkpoint
+from leantune.serve.app import ServeSettings, create_app
+from leantune.serve.engine import Engine
 from leantune.tokenizer import Tokenizer
 
 
@@ -126,13 +128,12 @@ def build_world(default_checkpoint: Path, root: Path) -> dict:
 
 
 def start_server(world: dict, max_batch: int, max_queue: int, default_max_tokens: int, adapters=("a", "b"),
-                 api_key: str | None = None):
-    """(engine, LoopbackServer) over the world's base, named `tiny`, with `adapters` loaded."""
-    from leantune.serve.app import create_app
-    from leantune.serve.engine import Engine
-
+                 api_key: str | None = None, **settings):
+    """(engine, LoopbackServer) over the world's base, named `tiny`, with `adapters` loaded; `settings` are more
+    ServeSettings fields."""
     model, tokenizer, _, _ = load_for_inference(world["ckpt"], "32-true")
     engine = Engine(model, tokenizer, world["ckpt"], "tiny", max_batch=max_batch, max_queue=max_queue)
     for name in adapters:
         engine.add_adapter(name, world[name])
-    return engine, LoopbackServer(create_app(engine, api_key=api_key, default_max_tokens=default_max_tokens))
+    app = create_app(engine, ServeSettings(api_key=api_key, default_max_tokens=default_max_tokens, **settings))
+    return engine, LoopbackServer(app)

@@ -101,7 +101,9 @@ TABLE: dict[tuple[str, ...], dict[str, list[str]]] = {
     ("serve",): {"--port": ["-1", "70000", "abc"], "--max_batch_size": POS_INT, "--max_queue": POS_INT,
                  "--max_new_tokens": POS_INT, "--max_seq_length": ["1", "0", "-3", "abc", "1.5"],
                  "--threads": ["0", "-2"], "--precision": PRECISION, "--adapter": ["=x", "nope", "a b=x"],
-                 "--shutdown_timeout": ["-1", ".nan", "abc"], "--log_level": ["loud", ""], "--load_adapters": BOOL},
+                 "--shutdown_timeout": ["-1", ".nan", "abc"], "--log_level": ["loud", ""], "--allow_adapter_loading": BOOL,
+                 "--max_body_mb": ["0", "-1", ".nan", "abc"], "--adapter_root": ["no-such-folder"],
+                 "--allowed_hosts": ['[""]']},
     ("upload",): {"--repo_id": ["", "a/b/c", "has space"], "--private": BOOL, "--dry_run": BOOL,
                   "--run_dir": ["no-such-run-folder"], "--checkpoint_dir": ["no-such-base-folder"]},
 }

@@ -10,7 +10,7 @@ import pytest
 from serve_support import LoopbackServer, Reference, make_adapter
 
 from leantune.inference import load_for_inference
-from leantune.serve.app import create_app
+from leantune.serve.app import ServeSettings, create_app
 from leantune.serve.engine import Engine
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ def test_default_model_base_and_lora_in_one_batch_equal_generate(default_checkpo
     model, tokenizer, _, _ = load_for_inference(default_checkpoint, "32-true")
     engine = Engine(model, tokenizer, default_checkpoint, "smol", max_batch=4)
     engine.add_adapter("lora", adapter)
-    srv = LoopbackServer(create_app(engine, default_max_tokens=N))
+    srv = LoopbackServer(create_app(engine, ServeSettings(default_max_tokens=N)))
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
         jobs = [("smol", "What is the capital of France?"), ("lora", "Name three colors."),

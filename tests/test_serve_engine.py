@@ -262,3 +262,89 @@ def test_a_shared_prompt_start_is_reused_per_adapter_and_gives_the_same_text(wor
             off.close()
     finally:
         engine.close()
+
+
+def test_a_request_s_own_failure_ends_it_alone_and_its_batch_mates_go_on(world, monkeypatch):
+    """One batch of eight: a LoRA whose decode forward breaks (the shared group's step fails, then runs row by row),
+    a grouped adapter whose forward breaks, a request whose sampling raises, one whose text fails to decode, and
+    four good rows (base, LoRA, prefix tuning, seeded sampling; plus temperature 1e-40, which used to give NaN
+    probabilities and is greedy now). Only the four broken requests fail; every other text equals `generate`'s
+    alone, and the engine serves on."""
+    import leantune.serve.engine as serve_engine
+
+    ckpt, folders = world
+    engine = new_engine(ckpt, max_batch=9)
+    try:
+        engine.add_adapter("lora", folders["lora"])
+        broken = engine.add_adapter("broken-lora", folders["lora2"])
+        engine.add_adapter("prefix", folders["prefix_tuning"])
+        bad_group = engine.add_adapter("broken-prefix", folders["prefix_tuning"])
+        layer = next(m for m in engine.served.modules() if isinstance(m, MultiLoRALinear) and broken.id in m.factors)
+        real_forward = layer.forward
+
+        def lora_forward(x):  # fails on decode steps (one token a row) whenever the broken adapter's rows are in
+            if x.shape[-2] == 1 and any(i == broken.id for i, _ in layer.rows.segments):
+                raise RuntimeError("broken LoRA kernel")
+            return real_forward(x)
+        layer.forward = lora_forward
+        group_forward = bad_group.model.forward
+        bad_group.model.forward = lambda idx, **kw: (_ for _ in ()).throw(RuntimeError("broken adapter forward")) \
+            if idx.shape[1] == 1 else group_forward(idx, **kw)
+        real_sample = serve_engine.sample
+        monkeypatch.setattr(serve_engine, "sample", lambda logits, s, g: (_ for _ in ()).throw(
+            RuntimeError("probability tensor contains nan")) if s.top_k == 13 else real_sample(logits, s, g))
+        hot, tiny_t = Sampling(temperature=0.9, top_p=0.95), Sampling(temperature=1e-40)
+        with engine.cv:  # all nine are admitted together
+            good = [("base", submit(engine, "base", PROMPTS[0], max_tokens=8)),
+                    ("lora", submit(engine, "lora", PROMPTS[1], max_tokens=8)),
+                    ("prefix", submit(engine, "prefix", PROMPTS[2], max_tokens=8))]
+            seeded = submit(engine, "lora", PROMPTS[0], max_tokens=8, sampling=hot, seed=3)
+            cold = submit(engine, "base", PROMPTS[1], max_tokens=8, sampling=tiny_t, seed=1)
+            bad = {"broken LoRA kernel": submit(engine, "broken-lora", PROMPTS[0], max_tokens=8),
+                   "broken adapter forward": submit(engine, "broken-prefix", PROMPTS[1], max_tokens=8),
+                   "probability tensor": submit(engine, "base", PROMPTS[2], max_tokens=8,
+                                                sampling=Sampling(0.8, top_k=13), seed=1)}
+            undecodable = submit(engine, "base", PROMPTS[0], max_tokens=8)
+            undecodable.req.decoder = BrokenDecoder(after=3)
+        refs = {"base": Reference(ckpt), "lora": Reference(ckpt, folders["lora"]),
+                "prefix": Reference(ckpt, folders["prefix_tuning"])}
+        for (name, c), prompt in zip(good, PROMPTS):
+            assert c.text == refs[name].text(prompt, 8), name
+        assert seeded.text == refs["lora"].text(PROMPTS[0], 8, sampling=hot, seed=3)
+        assert cold.text == refs["base"].text(PROMPTS[1], 8)  # greedy
+        for message, c in bad.items():
+            assert c.finished.wait(30) and c.error and message in c.error, (message, c.error, c.done)
+        assert undecodable.finished.wait(30) and "UnicodeDecodeError" in undecodable.error
+        assert submit(engine, "lora", PROMPTS[2], max_tokens=8).text == refs["lora"].text(PROMPTS[2], 8)
+        assert engine.stats()["running"] == 0 and engine.thread.is_alive() and engine.failure is None
+    finally:
+        engine.close()
+
+
+class BrokenDecoder:
+    """A stream decoder that fails on its `after`-th token."""
+
+    def __init__(self, after: int) -> None:
+        self.n, self.after = 0, after
+
+    def push(self, token) -> str:
+        self.n += 1
+        if self.n >= self.after:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        return "x"
+
+    def flush(self) -> str:
+        return ""
+
+
+def test_adapter_names_follow_one_pattern(world):
+    ckpt, folders = world
+    engine = new_engine(ckpt, max_batch=1)
+    try:
+        for bad in ("", "has space", "-dash-first", "x" * 129, "semi;colon", "caf\u00e9", "tab\tname"):
+            with pytest.raises(ValueError, match="adapter name"):
+                engine.add_adapter(bad, folders["lora"])
+        assert engine.add_adapter("org/lora-v1.2:ft_x", folders["lora"]).name == "org/lora-v1.2:ft_x"
+        assert engine.add_adapter("y" * 128, folders["lora"]).kind == "shared"
+    finally:
+        engine.close()

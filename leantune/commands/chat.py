@@ -114,7 +114,7 @@ def chat(
         adapter: An adapter folder (any method) or a PEFT folder, applied unmerged on the base.
         system: Optional system message.
         max_new_tokens: Most tokens per answer (room for them is kept in the context window).
-        temperature: Sampling temperature; 0 means greedy.
+        temperature: Sampling temperature; 0 (or anything below 1e-5) means greedy.
         top_k: Sample among the k most likely tokens.
         top_p: Nucleus sampling mass in (0, 1].
         precision: 32-true, bf16-true, 16-true.

@@ -41,7 +41,8 @@ def generate(
         checkpoint_dir: A Hugging Face model folder (see `leantune download`; the default model is imported on
             first use).
         max_new_tokens: Most tokens to generate.
-        temperature: Sampling temperature; 0 (the default) means greedy decoding, e.g. 0.7 samples.
+        temperature: Sampling temperature; 0 (the default, or anything below 1e-5) means greedy decoding, e.g. 0.7
+            samples.
         top_k: When sampling, only among the k most likely tokens (None: all).
         top_p: When sampling, nucleus mass in (0, 1] (1.0: off).
         stop: Extra stop strings; generation also stops on the checkpoint's EOS ids.

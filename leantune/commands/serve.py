@@ -16,8 +16,8 @@ from leantune.commands.flags import check_at_least, check_folder, check_model_fl
 from leantune.download import DEFAULT_CHECKPOINT
 from leantune.inference import load_for_inference
 from leantune.models.kinds import is_seq2seq
-from leantune.serve.app import create_app
-from leantune.serve.engine import Engine
+from leantune.serve.app import ServeSettings, create_app
+from leantune.serve.engine import Engine, check_adapter_name
 
 API_KEY_ENV = "LEANTUNE_API_KEY"
 
@@ -30,8 +30,12 @@ def parse_adapters(specs: list[str] | None) -> dict[str, Path]:
         if not sep:
             name, folder = Path(spec).name, spec
         name = name.strip()
-        if not name or not folder or any(c.isspace() for c in name):
-            raise ValueError(f"--adapter {spec!r}: give name=DIR (a name without spaces and an adapter folder)")
+        if not folder:
+            raise ValueError(f"--adapter {spec!r}: give name=DIR (a name and an adapter folder)")
+        try:
+            check_adapter_name(name)
+        except ValueError as e:
+            raise ValueError(f"--adapter {spec!r}: {e}") from None
         if name in out:
             raise ValueError(f"--adapter: the name {name!r} is given twice")
         check_folder("adapter", folder)
@@ -54,7 +58,10 @@ def serve(
     quantize: str | None = None,
     threads: int | None = None,
     shutdown_timeout: float = 300.0,
-    load_adapters: bool = True,
+    allow_adapter_loading: bool | None = None,
+    adapter_root: Path | None = None,
+    max_body_mb: float = 4.0,
+    allowed_hosts: list[str] | None = None,
     prefix_cache: bool = True,
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
 ) -> None:
@@ -73,6 +80,8 @@ def serve(
             method or a PEFT folder. Requests with "model": name use it. More can be loaded at run time with
             POST /v1/adapters {"name": ..., "path": ...}.
         host: Address to listen on (127.0.0.1: this machine only; 0.0.0.0 exposes the server to the network).
+            Requests must call the server by this address (the Host header; on loopback also localhost, on 0.0.0.0
+            any IP address of the machine): others get 421, which stops DNS-rebinding pages in a browser.
         port: TCP port.
         api_key: Require `Authorization: Bearer <key>` on every /v1 route; also read from the LEANTUNE_API_KEY
             environment variable (preferred: a flag shows in the process list). Never printed.
@@ -86,8 +95,15 @@ def serve(
         quantize: Load the base's linears quantized (the modes `generate --quantize` takes).
         threads: CPU threads for torch (default: torch's choice).
         shutdown_timeout: Seconds to wait for requests in flight after Ctrl-C/SIGTERM before cancelling them.
-        load_adapters: Allow loading and unloading adapters over HTTP (POST /v1/adapters, DELETE
-            /v1/adapters/NAME); they read folders on this machine, so keep an --api_key when others can connect.
+        allow_adapter_loading: Allow loading and unloading adapters over HTTP (POST /v1/adapters, DELETE
+            /v1/adapters/NAME), which reads folders on this machine. Default: on with an --api_key, off without
+            one (any local process could otherwise make the server read any folder); true turns it on without a
+            key, false off even with one.
+        adapter_root: Adapters loaded over HTTP must lie inside this folder (paths are resolved, symlinks and ..
+            included; a relative path is taken from it); others get 403. Default: any folder.
+        max_body_mb: Largest request body in MiB; a bigger one gets 413 before it is read.
+        allowed_hosts: More names clients may call the server by (the Host header), e.g. --allowed_hosts
+            '[myserver.lan]'; "*" accepts any (behind a proxy that checks it).
         prefix_cache: Reuse the keys and values of a prompt's start that a row already holds for the same
             adapter (the chat template's system message, a shared few-shot preamble) instead of prefilling it again.
         log_level: uvicorn's log level (critical, error, warning, info, debug).
@@ -103,6 +119,12 @@ def serve(
         raise ValueError(f"--port must be <= 65535, got {port}")
     if not 0 <= shutdown_timeout < math.inf:  # `not` also refuses NaN
         raise ValueError(f"--shutdown_timeout must be a number of seconds >= 0, got {shutdown_timeout}")
+    if not 0 < max_body_mb < 2**20:  # `not` also refuses NaN
+        raise ValueError(f"--max_body_mb must be a size in MiB > 0, got {max_body_mb}")
+    check_folder("adapter_root", adapter_root)
+    hosts = tuple(h.strip() for h in allowed_hosts or ())
+    if not all(hosts):
+        raise ValueError("--allowed_hosts: give host names (or \"*\"), not empty strings")
     check_threads(threads)
     check_model_flags(precision, None)  # --quantize is checked by loading, which knows every decode mode
     adapters = parse_adapters(adapter)
@@ -123,17 +145,18 @@ def serve(
                     max_seq_length=max_seq_length, prefix_cache=prefix_cache)
     try:
         for n, folder in adapters.items():
-            a = engine.add_adapter(n, folder)
-            print(f"adapter {n}: {a.method} from {folder} ({'shares batches with the base' if a.shared else 'own batches'})",
-                  file=sys.stderr)
+            engine.add_adapter(n, folder)  # the engine logs one line for each
     except BaseException:
         engine.close(timeout=0)
         raise
-    app = create_app(engine, api_key=api_key, default_max_tokens=max_new_tokens, shutdown_timeout=shutdown_timeout,
-                     load_adapters=load_adapters)
+    settings = ServeSettings(api_key=api_key, default_max_tokens=max_new_tokens, shutdown_timeout=shutdown_timeout,
+                             allow_adapter_loading=allow_adapter_loading, adapter_root=adapter_root,
+                             max_body_bytes=int(max_body_mb * 2**20), host=host, allowed_hosts=hosts)
+    app = create_app(engine, settings)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host} without an API key: anyone who can reach it can use it"
-              + (" and load adapters from this machine's folders" if load_adapters else ""), file=sys.stderr)
+              + (" and load adapters from this machine's folders" if settings.adapter_loading else ""),
+              file=sys.stderr)
     print(f"serving {name} ({precision}{', ' + quantize if quantize else ''}, context {engine.capacity} tokens, "
           f"{max_batch_size} rows) on http://{host}:{port}/v1"
           + ("; an API key is required (Authorization: Bearer)" if api_key else ""), file=sys.stderr)

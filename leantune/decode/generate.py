@@ -14,11 +14,17 @@ from leantune.decode.compile import compiled_decode_step, static_cache_length
 from leantune.models.decoder.model import GPT
 from leantune.models.quantize import greedy_tokens
 
+MIN_TEMPERATURE = 1e-5
+"""Temperatures below this decode greedily: dividing the logits by less can overflow float32 (1e-40 turned them into
+inf and the probabilities into NaN), and what it would sample is greedy's for every logit gap above 1e-3 anyway."""
+
 
 @dataclass
 class Sampling:
+    """How the next token is picked; the one place that says what is greedy (generate, chat, evaluate, serve)."""
+
     temperature: float = 0.0
-    """0 means greedy decoding."""
+    """0 (or anything below MIN_TEMPERATURE) means greedy decoding."""
     top_k: int | None = None
     top_p: float = 1.0
 
@@ -32,7 +38,7 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:

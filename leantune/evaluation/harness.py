@@ -300,9 +300,10 @@ def sampling_from_kwargs(kwargs: dict[str, Any]) -> Sampling | None:
     """lm-eval's generation kwargs as a `Sampling` (None: greedy, which `do_sample: false` means whatever the
     temperature says, as in transformers)."""
     temperature = float(kwargs.get("temperature", 0.0) or 0.0)
-    if not kwargs.get("do_sample", temperature > 0) or temperature <= 0:
+    if not kwargs.get("do_sample", temperature > 0):
         return None
-    return Sampling(temperature=temperature, top_k=kwargs.get("top_k"), top_p=float(kwargs.get("top_p", 1.0) or 1.0))
+    sampling = Sampling(temperature=temperature, top_k=kwargs.get("top_k"), top_p=float(kwargs.get("top_p", 1.0) or 1.0))
+    return None if sampling.greedy else sampling  # Sampling's floor, as generate, chat and serve
 
 
 def harness_lm(model, tokenizer, batch_size: int = 16, max_length: int | None = None, name: str = "leantune"):

@@ -16,6 +16,10 @@ keys and values copied into its row and prefills only the rest.
 
 Sampling is per row: greedy rows share one `greedy_tokens` call, sampled rows use their own `Sampling` and a
 `torch.Generator` seeded from the request's seed, so a seeded request draws the same tokens as `generate --seed`.
+
+Faults are isolated per request, as vLLM and llama.cpp's server do: a request whose own prefill, sampling or
+detokenizing fails ends alone with an error event; a group's decode forward that fails is retried one row at a time,
+so only the rows that fail alone (e.g. those of a broken adapter) end, and their batch-mates go on unchanged.
 Text is detokenized incrementally per row with the checkpoint's stop ids (EOS) and the request's stop strings held back
 until they can no longer match (`StopStringFilter`). The waiting queue is bounded: `submit` raises `QueueFull`
 (HTTP 429 with Retry-After) instead of growing without limit.
@@ -28,6 +32,7 @@ import logging
 import math
 import os
 import random
+import re
 import threading
 import time
 import traceback
@@ -49,6 +54,20 @@ log = logging.getLogger("leantune.serve")
 
 Sink = Callable[[str, object], None]
 """Receives a request's events from the scheduler thread: ("text", str), ("done", dict) or ("error", str)."""
+
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+"""A served adapter's name: 1 to 128 letters, digits and . _ - : / (it travels in URLs and JSON), starting with a
+letter or digit."""
+
+
+def check_adapter_name(name: str) -> str:
+    """The name if ADAPTER_NAME matches it; else ValueError saying the rule (a long name is shown cut)."""
+    if not ADAPTER_NAME.fullmatch(name):
+        shown = name if len(name) <= 40 else name[:40] + "..."
+        raise ValueError(f"adapter name {shown!r}: use 1 to 128 letters, digits and . _ - : / (starting with a "
+                         "letter or digit)")
+    return name
 
 
 class QueueFull(Exception):
@@ -218,9 +237,7 @@ class Engine:
     def add_adapter(self, name: str, path: Path) -> Adapter:
         """Load an adapter folder (leantune or PEFT, any method) under `name`; runs in the caller's thread, installs
         between two decode steps. Raises ValueError/FileNotFoundError for a bad name or folder."""
-        name = name.strip()
-        if not name or any(c.isspace() for c in name):
-            raise ValueError(f"adapter name {name!r}: give a non-empty name without spaces")
+        check_adapter_name(name)
         with self.cv:
             if name in self.adapters or name in self._pending:
                 raise FileExistsError(f"a model named {name!r} is already being served; unload it first")
@@ -238,7 +255,7 @@ class Engine:
             with self.cv:
                 self.adapters[name] = adapter
             log.info("adapter %s: %s from %s (%s)", name, adapter.method, path,
-                     "shares batches" if adapter.shared else "batched with its own rows")
+                     "shares batches with the base" if adapter.shared else "batched with its own rows")
             return adapter
         finally:
             with self.cv:
@@ -341,12 +358,15 @@ class Engine:
                             self._finish(req, "cancelled")
                             continue
                         self.slots[slot], req.slot = req, slot
-                        self._prefill(req)
+                        try:
+                            self._prefill(req)
+                        except Exception as e:  # this request's own failure (its prompt, its adapter): it alone ends
+                            self._fail_row(req, e)
                     for req in [r for r in self.slots if r is not None and r.cancelled]:
                         self._finish(req, "cancelled")
                     if any(self.slots):
                         self._decode_step()
-                except Exception as e:  # a bug or an allocation failure: fail the requests, keep serving
+                except Exception as e:  # outside any one request (a bug in the step itself): fail the rows, keep serving
                     log.error("engine step failed: %s", traceback.format_exc())
                     self.row_tokens = [[] for _ in self.slots]  # what the rows hold is unknown now
                     for req in [r for r in self.slots if r is not None]:
@@ -374,7 +394,7 @@ class Engine:
         with self.cv:
             self.prompt_tokens += L
             self.reused_tokens += m
-        self._accept([req], model.lm_head, hidden[:, -1])
+        self._accept([req], self._pick([req], model.lm_head, hidden[:, -1]))
 
     def _reuse_prefix(self, req: Request) -> int:
         """Tokens at the start of the prompt whose keys/values some row already holds for the same adapter (e.g.
@@ -400,10 +420,24 @@ class Engine:
             if r is not None:
                 groups.setdefault(0 if r.adapter.shared else r.adapter.name, []).append(s)
         for slots in groups.values():
-            self._decode_group(slots)
+            try:
+                self._decode_group(slots)
+            except Exception as e:  # nothing of this step is committed yet: find the rows that fail on their own
+                if len(slots) == 1:
+                    self._fail_row(self.slots[slots[0]], e)
+                    continue
+                log.warning("a decode step of %d rows failed (%s: %s); running them one at a time", len(slots),
+                            type(e).__name__, e)
+                for s in slots:
+                    try:
+                        self._decode_group([s])
+                    except Exception as e1:  # this row's own failure
+                        self._fail_row(self.slots[s], e1)
 
     def _decode_group(self, slots: list[int]) -> None:
-        """One token for each row in `slots` (all of one group), in one forward over the slot range they span."""
+        """One token for each row in `slots` (all of one group), in one forward over the slot range they span.
+        Nothing is committed before every row has its token, so a failed call can be retried row by row (a row
+        rewrites the same cache column)."""
         reqs = [self.slots[s] for s in slots]
         a = reqs[0].adapter
         model, P, dev = self._group_model(a), a.n_virtual, self.device
@@ -439,22 +473,37 @@ class Engine:
         h = hidden[b, -1]  # (n, C)
         if a.shared:
             self.rows.set([r.adapter.id for r in reqs], dev)
+        picked = self._pick(reqs, model.lm_head, h)
         for r in reqs:
             r.length += 1
             self.row_tokens[r.slot].append(r.last)  # the token just written at its row's column
-        self._accept(reqs, model.lm_head, h)
+        self._accept(reqs, picked)
 
-    def _accept(self, reqs: list[Request], head: torch.nn.Module, h: torch.Tensor) -> None:
-        """Pick one token per row from its last hidden state h (n, C) and hand it to the request: greedy rows through
-        `greedy_tokens` over all n rows (the per-row adapter ids cover all of them; with few rows a weight-only head
-        screens with its int4 copy, as `generate` does), sampled rows from the head's logits."""
+    def _pick(self, reqs: list[Request], head: torch.nn.Module, h: torch.Tensor) -> list[int | Exception]:
+        """One token per row from its last hidden state h (n, C): greedy rows through `greedy_tokens` over all n rows
+        (the per-row adapter ids cover all of them; with few rows a weight-only head screens with its int4 copy, as
+        `generate` does), sampled rows from the head's logits. A row whose own sampling fails gets its exception
+        instead of a token; a failure of the shared calls raises."""
         sampled = [i for i, r in enumerate(reqs) if r.generator is not None]
         logits = head(h) if sampled else None  # (n, V)
-        tokens = greedy_tokens(head, h, logits).tolist() if len(sampled) < len(reqs) else [0] * len(reqs)
+        tokens: list[int | Exception] = (greedy_tokens(head, h, logits).tolist() if len(sampled) < len(reqs)
+                                         else [0] * len(reqs))
         for i in sampled:
-            tokens[i] = int(sample(logits[i:i + 1], reqs[i].sampling, reqs[i].generator))
+            try:
+                tokens[i] = int(sample(logits[i:i + 1], reqs[i].sampling, reqs[i].generator))
+            except Exception as e:  # e.g. non-finite logits under this row's own sampling
+                tokens[i] = e
+        return tokens
+
+    def _accept(self, reqs: list[Request], tokens: list[int | Exception]) -> None:
+        """Hand each row its token; a row whose token is an exception, or whose text fails to decode, ends alone."""
         for r, t in zip(reqs, tokens):
-            self._push(r, t)
+            try:
+                if isinstance(t, Exception):
+                    raise t
+                self._push(r, t)
+            except Exception as e:
+                self._fail_row(r, e)
 
     def _push(self, req: Request, token: int) -> None:
         req.generated += 1
@@ -499,6 +548,13 @@ class Engine:
         if not req.done:
             self._release(req)
             req.sink("error", message)
+
+    def _fail_row(self, req: Request, e: Exception) -> None:
+        """End one request with its own error; what its row of the cache holds is unknown now, so nothing reuses it."""
+        log.warning("request failed alone: %s: %s", type(e).__name__, e)
+        if req.slot >= 0:
+            self.row_tokens[req.slot], self.row_adapter[req.slot] = [], None
+        self._fail(req, f"{type(e).__name__}: {e}")
 
 
 @contextlib.contextmanager

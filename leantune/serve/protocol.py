@@ -3,7 +3,8 @@
 Requests are validated by pydantic (a bad body is a 400 in OpenAI's error shape, see app.py); fields leantune does
 not implement are refused by name when set to anything but their no-op value (n > 1, logprobs, tools, penalties),
 so a client never silently gets something other than what it asked for. Unknown extra fields are ignored, as
-OpenAI-compatible servers do.
+OpenAI-compatible servers do. Text that is not valid Unicode (a lone surrogate such as "\ud800", which JSON can
+carry but UTF-8 cannot) is refused anywhere in a body with a 400 before the tokenizer or a template sees it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 SEED_LIMIT = 2**63  # torch seeds are 64-bit
+MAX_STOP_CHARS = 1000
+"""The longest stop string: each decoded token is checked against every prefix of every stop string."""
 
 
 class APIError(Exception):
@@ -35,7 +39,38 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-class _Request(BaseModel):
+def undecodable_text(value: Any, where: str = "body") -> str | None:
+    """Where in a parsed JSON value the first string that cannot be UTF-8 encoded sits (e.g. "messages.0.content"),
+    or None when all of them can."""
+    stack = [(value, where)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return at
+        elif isinstance(v, dict):
+            stack.extend((x, f"{at}.{k}" if isinstance(k, str) and k.isprintable() and k.isascii() else at)
+                         for k, x in v.items())
+            stack.extend((k, at) for k in v if isinstance(k, str))
+        elif isinstance(v, list):
+            stack.extend((x, f"{at}.{i}") for i, x in enumerate(v))
+    return None
+
+
+class _Body(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        at = undecodable_text(data)
+        if at is not None:
+            raise PydanticCustomError("invalid_text", "{at}: text that is not valid Unicode (a lone surrogate such "
+                                      "as \\ud800); send UTF-8 text", {"at": at.removeprefix("body.")})
+        return data
+
+
+class _Request(_Body):
     model_config = ConfigDict(extra="ignore")
 
     model: str
@@ -73,6 +108,8 @@ class _Request(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4:
             raise APIError(400, f"stop has {len(stops)} sequences; at most 4 are allowed", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise APIError(400, f"stop: a stop sequence may have at most {MAX_STOP_CHARS} characters", param="stop")
         return [s for s in stops if s]
 
     def include_usage(self) -> bool:
@@ -156,7 +193,7 @@ class CompletionRequest(_Request):
         return self.max_tokens
 
 
-class AdapterRequest(BaseModel):
+class AdapterRequest(_Body):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1)
