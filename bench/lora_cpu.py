@@ -85,7 +85,7 @@ def main() -> None:
     if a.compile:
         from leantune.decode.compile import compile_blocks
 
-        compiled = compile_blocks(ours)
+        compiled = compile_blocks(list(ours.transformer.h))
     params = dict(ours.named_parameters())
     opt_ours = torch.optim.AdamW([params[n] for n in names], lr=2e-4)
 

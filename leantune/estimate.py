@@ -22,16 +22,14 @@ Not included: the CUDA context and caching-allocator slack (typically 0.3-1 GB o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from leantune.methods import apply_method, get_method
 from leantune.models.decoder.config import Config
-from leantune.models.decoder.families import config_from_checkpoint
 from leantune.models.decoder.model import GPT
-from leantune.models.kinds import is_t5_folder
+from leantune.models.kinds import kind_of_folder
 from leantune.models.quantize import check_mode, is_quantizable, quantize_model, quantized_nbytes, storage_tensors
 from leantune.models.t5.model import T5, T5Config
 from leantune.models.t5.presets import T5_PRESETS
@@ -50,9 +48,7 @@ def resolve_config(model: str) -> Config | T5Config:
     """The architecture of a checkpoint folder or a preset name, decoder (`Config`) or T5 (`T5Config`)."""
     path = Path(model)
     if (path / "config.json").is_file():
-        if is_t5_folder(path):
-            return T5Config.from_hf(json.loads((path / "config.json").read_text(encoding="utf-8")))
-        return config_from_checkpoint(path)
+        return kind_of_folder(path).config_of(path)
     if model.strip().lower().split("/", 1)[-1] in {n.lower().split("/", 1)[-1] for n in T5_PRESETS}:
         return T5Config.from_name(model)
     return Config.from_name(model)

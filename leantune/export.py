@@ -6,11 +6,10 @@ from pathlib import Path
 
 import torch
 
-from leantune.checkpoint.auto import load_model, save_model
 from leantune.checkpoint.gguf_export import export_gguf
 from leantune.merge import merge_adapters
 from leantune.methods import METHODS, get_method, load_adapter, read_manifest
-from leantune.models.kinds import is_t5_folder
+from leantune.models.kinds import GGUF, kind_of_folder, load_model, save_model
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -51,8 +50,6 @@ def export_hf(checkpoint_dir: Path, adapter: Path | None, out: Path, dtype: torc
 
 
 def export_gguf_file(checkpoint_dir: Path, adapter: Path | None, path: Path, gguf_type: str = "f16") -> Path:
-    if is_t5_folder(checkpoint_dir):
-        raise ValueError(f"{checkpoint_dir} is an encoder-decoder (T5) model: GGUF export covers decoder models; use "
-                         "--format hf or --format peft")
+    kind_of_folder(checkpoint_dir).check(GGUF)
     path.parent.mkdir(parents=True, exist_ok=True)
     return export_gguf(merged_model(checkpoint_dir, adapter), checkpoint_dir, path, gguf_type=gguf_type)

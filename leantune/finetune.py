@@ -12,13 +12,21 @@ from typing import Any
 
 import torch
 
-from leantune.checkpoint.auto import load_model
 from leantune.checkpoint.io import write_json
 from leantune.data import DataModule, Demo
 from leantune.download import DEFAULT_CHECKPOINT, ensure_checkpoint
-from leantune.evaluation.evaluate import cut_at_stop, encode_prompts, greedy_outputs, task_eval
+from leantune.evaluation.evaluate import cut_at_stop, encode_prompts, task_eval
 from leantune.methods import apply_method, build_manifest, get_method, load_any_adapter, load_trainable, save_checkpoint
-from leantune.models.kinds import folder_decoder_start_id
+from leantune.models.kinds import (
+    ACTIVATION_CHECKPOINTING,
+    BNB_BASE,
+    COMPILE,
+    FSDP,
+    folder_decoder_start_id,
+    greedy_outputs,
+    kind_of_folder,
+    load_model,
+)
 from leantune.models.quantize import check_mode
 from leantune.peft.base import Method, mark_trainable
 from leantune.runtime import compute_dtype, default_device, resolve_precision, weight_dtype
@@ -60,6 +68,28 @@ def resolve(method: str, method_args: Any, quantize: str | None, optimizer: Opti
     if optimizer.lr is None:
         optimizer = dataclasses.replace(optimizer, lr=m.default_lr)
     return Setup(m, m.make_args(method_args), quantize, optimizer, Path(out_dir or Path("out") / "finetune" / m.name))
+
+
+def check_model_kind(checkpoint_dir: Path | None, method: str, quantize: str | None, train: TrainArgs | None,
+                     processes: int = 1) -> None:
+    """Refuse, from config.json alone (before data or weights load, before torchrun starts), what the folder's model
+    kind lacks: the method, a bitsandbytes base, activation checkpointing, compile or several processes."""
+    folder = Path(checkpoint_dir or DEFAULT_CHECKPOINT)
+    if not (folder / "config.json").is_file():
+        return  # the default model before its first import, or a missing folder the loader names
+    kind = kind_of_folder(folder)
+    m = get_method(method)
+    kind.check_method(m.name)
+    quantize = quantize if quantize is not None else m.default_quantize
+    if quantize and quantize.startswith("bnb."):
+        kind.check(BNB_BASE, f"--quantize {quantize}")
+    train = train or TrainArgs()
+    if train.activation_checkpointing:
+        kind.check(ACTIVATION_CHECKPOINTING)
+    if train.compile:
+        kind.check(COMPILE)
+    if processes > 1:
+        kind.check(FSDP)
 
 
 def finetune(
@@ -116,6 +146,7 @@ def _finetune(method: str, checkpoint_dir: Path, out_dir: Path | None, data: Dat
     torch.manual_seed(train.seed)
     data = data if data is not None else Demo()
     checkpoint_dir = parallel.on_main(lambda: ensure_checkpoint(Path(checkpoint_dir)))  # one import, not N racing
+    check_model_kind(checkpoint_dir, run.method.name, run.quantize, train, parallel.world_size)
 
     device = parallel.device if parallel.enabled else default_device()
     precision = resolve_precision(precision, device)

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import torch
 
-from leantune.checkpoint.auto import load_model
 from leantune.decode.generate import Sampling
 from leantune.decode.seq2seq import BeamSearch, t5_beam_search, t5_generate
 from leantune.decode.woq import WEIGHT_ONLY_MODES
 from leantune.download import ensure_checkpoint
 from leantune.methods import load_any_adapter
 from leantune.models.decoder.model import GPT
-from leantune.models.kinds import is_seq2seq
+from leantune.models.kinds import WEIGHT_ONLY, kind_of_folder, load_model
 from leantune.models.quantize import check_mode, quantize_for_inference
 from leantune.models.t5.model import T5
 from leantune.runtime import compute_dtype, default_device, resolve_precision, weight_dtype
@@ -31,14 +30,13 @@ def load_for_inference(checkpoint_dir: Path, precision: str | None = None, adapt
     checkpoint_dir = ensure_checkpoint(Path(checkpoint_dir))
     device = default_device()
     precision = resolve_precision(precision, device)
-    tokenizer = Tokenizer(checkpoint_dir)
     weight_only = quantize in WEIGHT_ONLY_MODES
+    if weight_only:
+        kind_of_folder(checkpoint_dir).check(WEIGHT_ONLY, f"--quantize {quantize}")
+    tokenizer = Tokenizer(checkpoint_dir)
     model = load_model(checkpoint_dir, dtype=weight_dtype(precision), device=device,
                        quantize=None if weight_only else quantize, compute_dtype=compute_dtype(precision))
     if weight_only:
-        if is_seq2seq(model):
-            raise ValueError(f"--quantize {quantize} serves decoder models; encoder-decoder (T5) checkpoints decode "
-                             "in float: drop --quantize")
         quantize_for_inference(model, quantize)
     if adapter is not None:
         load_any_adapter(model, Path(adapter), checkpoint_dir)

@@ -26,13 +26,12 @@ import torch
 import torch.nn as nn
 
 import leantune.peft
-from leantune.checkpoint.auto import read_model_state, save_model
 from leantune.checkpoint.hf import weight_files
 from leantune.checkpoint.io import load_safetensors, save_safetensors, write_json
 from leantune.checkpoint.peft_dir import is_peft_dir, read_peft_config
 from leantune.decode.woq import WEIGHT_ONLY_MODES
 from leantune.models.decoder.model import GPT
-from leantune.models.kinds import architecture
+from leantune.models.kinds import architecture, read_model_state, save_model
 from leantune.peft.base import Method, mark_trainable
 
 ADAPTER_FILE = "adapter.safetensors"

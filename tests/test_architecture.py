@@ -5,7 +5,8 @@ Layers, bottom to top (a module may import its own layer and the ones below; a d
 everything under it, the longest match wins):
   0 facts       runtime, the decoder's config, presets and families, T5 presets
   1 model       models (the two model kinds, fused ops, quantized layers), the decode kernels (compile, woq)
-  2 parts       checkpoint, data, tokenizer, peft, decode (generate, seq2seq), download
+  2 parts       checkpoint, data, tokenizer, peft, decode (generate, seq2seq), download, and the kind records
+                (models.kinds: each kind's load/save and decoding entry points live in checkpoint and decode)
   3 library     methods, train, inference, merge, export, estimate, serve, upload
   4 evaluation  evaluation (evaluate, harness, tasks, rouge): it scores with train's loss
   5 use cases   finetune (the recipe: data, model, loop, evaluation)
@@ -30,7 +31,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "leantune"
 LAYERS = [
     ("runtime", "models.decoder.config", "models.decoder.presets", "models.decoder.families", "models.t5.presets"),
     ("models", "decode.compile", "decode.woq"),
-    ("checkpoint", "data", "tokenizer", "peft", "decode", "download"),
+    ("checkpoint", "data", "tokenizer", "peft", "decode", "download", "models.kinds"),
     ("methods", "train", "inference", "merge", "export", "estimate", "serve", "upload"),
     ("evaluation",),
     ("finetune",),

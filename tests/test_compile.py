@@ -36,7 +36,7 @@ def test_compiled_training_step_matches_eager():
     """Tolerance: fp32 with fused reductions reordered by inductor; 1e-5 relative / 1e-6 absolute."""
     eager, names = _lora_model()
     compiled = copy.deepcopy(eager)
-    assert lt_compile.compile_blocks(compiled)
+    assert lt_compile.compile_blocks(list(compiled.transformer.h))
     x = torch.randint(0, 101, (2, 16))
     labels = torch.cat([x[:, 1:], torch.full((2, 1), -100)], dim=1)
     ref_loss, ref_grads = _loss_and_grads(eager, names, x, labels)
@@ -47,7 +47,7 @@ def test_compiled_training_step_matches_eager():
         for n in names:
             torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
     assert all(b._compiled_call_impl is not None for b in compiled.transformer.h)
-    lt_compile.uncompile_blocks(compiled)
+    lt_compile.uncompile_blocks(list(compiled.transformer.h))
     assert all(b._compiled_call_impl is None for b in compiled.transformer.h)
 
 
@@ -63,6 +63,6 @@ def test_no_compiler_falls_back_to_eager(monkeypatch, caplog, request):
     model, _ = _lora_model()
     assert "no working C++ compiler" in lt_compile.compile_unavailable_reason("cpu")
     with caplog.at_level("WARNING"):
-        assert lt_compile.compile_blocks(model) is False
+        assert lt_compile.compile_blocks(list(model.transformer.h)) is False
     assert "running eager" in caplog.text
     assert all(b._compiled_call_impl is None for b in model.transformer.h)

@@ -119,7 +119,8 @@ def test_each_prediction_is_scored_against_its_own_reference(tmp_path, monkeypat
             outs.append(tok.encode(" ".join(summary.split()[:4]) + " ### Instruction: more", bos=False))
         return outs
 
-    monkeypatch.setattr(ev, "greedy_batch", fake_greedy_batch)
+    monkeypatch.setattr(ev, "greedy_outputs", fake_greedy_batch)  # a stand-in model: no kind record to ask
+    monkeypatch.setattr(ev, "is_seq2seq", lambda model: False)
     model = types.SimpleNamespace(training=False, max_tokens=10_000, eval=lambda: None, train=lambda mode: None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

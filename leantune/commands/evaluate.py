@@ -21,7 +21,7 @@ from leantune.evaluation.harness import harness_lm, require_lm_eval
 from leantune.evaluation.harness_tasks import parse_tasks, resolve_tasks, run_tasks
 from leantune.inference import load_for_inference
 from leantune.methods import MANIFEST_FILE, read_manifest
-from leantune.models.kinds import decoder_start_id
+from leantune.models.kinds import LM_EVAL, decoder_start_id, kind_of_folder
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.validate import validation_loss
 
@@ -120,6 +120,8 @@ def evaluate(
     runs = plan_runs(Path(checkpoint_dir), adapter, compare_base, compare)
     task_names = parse_tasks(tasks) if tasks is not None else []
     if task_names:
+        for ckpt, _ in runs.values():
+            kind_of_folder(ckpt).check(LM_EVAL)
         require_lm_eval()  # one line naming the extra, before any model loads
     data = data if data is not None else Demo()
     check_data_supports(data, metrics)

@@ -82,6 +82,8 @@ def method_command(method: Method) -> Callable[..., dict]:
 
     def command(**kwargs) -> dict:
         check_flags(**kwargs)
+        recipe.check_model_kind(kwargs.get("checkpoint_dir"), method.name, kwargs.get("quantize"), kwargs.get("train"),
+                                kwargs.get("devices", 1) * kwargs.get("num_nodes", 1))
         if (kwargs.get("devices", 1) > 1 or kwargs.get("num_nodes", 1) > 1) and not launched() and _argv:
             train = kwargs.get("train") or TrainArgs()  # refused here, not inside every rank after torchrun started
             check_batch_sizes(train.micro_batch_size, train.global_batch_size, kwargs["devices"] * kwargs["num_nodes"])

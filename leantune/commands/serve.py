@@ -15,7 +15,7 @@ import torch
 from leantune.commands.flags import check_at_least, check_folder, check_model_flags, check_threads
 from leantune.download import DEFAULT_CHECKPOINT
 from leantune.inference import load_for_inference
-from leantune.models.kinds import is_seq2seq
+from leantune.models.kinds import SERVE, kind_of_folder
 from leantune.serve.app import ServeSettings, create_app
 from leantune.serve.engine import Engine, check_adapter_name
 
@@ -133,10 +133,8 @@ def serve(
         raise ValueError("--api_key is empty: give a key or leave it out")
     if threads:
         torch.set_num_threads(threads)
+    kind_of_folder(checkpoint_dir).check(SERVE)
     model, tokenizer, precision, _ = load_for_inference(checkpoint_dir, precision, None, quantize)
-    if is_seq2seq(model):
-        raise ValueError(f"{checkpoint_dir}: serve covers decoder models; encoder-decoder (T5) checkpoints are served "
-                         "by `leantune generate` for now")
     name = model_name or Path(checkpoint_dir).name
     if name in adapters:
         raise ValueError(f"--adapter {name}: that is the base model's name; pick another (or set --model_name)")

@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -48,26 +49,27 @@ def _cpu_compiler_problem() -> str | None:
     return None
 
 
-def compile_blocks(model: nn.Module, *, dynamic: bool | None = None, mode: str | None = None) -> bool:
-    """Compile each block of `model.transformer.h` in place. Returns False (model untouched) if not possible.
+def compile_blocks(blocks: Sequence[nn.Module], *, dynamic: bool | None = None, mode: str | None = None) -> bool:
+    """Compile each of a model's repeated blocks in place (its kind's `blocks`: the same graph serves every layer).
+    Returns False (blocks untouched) if not possible.
 
     Call after PEFT layers are swapped in (the graph traces them too) and before the first forward. The first
     step pays the compile time (about a minute on 2 CPU cores); later steps reuse the graphs. Evaluation under
     no_grad and new sequence lengths compile further graphs (new lengths go dynamic after the first change).
     """
-    device = next(model.parameters()).device
+    device = next(blocks[0].parameters()).device
     reason = compile_unavailable_reason(device)
     if reason is not None:
         log.warning("torch.compile disabled, running eager: %s", reason)
         return False
-    for block in model.transformer.h:
+    for block in blocks:
         block.compile(dynamic=dynamic, mode=mode)
     return True
 
 
-def uncompile_blocks(model: nn.Module) -> None:
+def uncompile_blocks(blocks: Sequence[nn.Module]) -> None:
     """Undo compile_blocks: the blocks run eager again (e.g. after a compile error)."""
-    for block in model.transformer.h:
+    for block in blocks:
         block._compiled_call_impl = None
 
 

@@ -15,11 +15,9 @@ from tqdm.auto import tqdm
 
 from leantune.data.base import split_examples
 from leantune.data.errors import Skips
-from leantune.decode.generate import greedy_batch
-from leantune.decode.seq2seq import pad_inputs, t5_generate
 from leantune.evaluation import rouge
 from leantune.models.decoder.model import GPT
-from leantune.models.kinds import is_seq2seq
+from leantune.models.kinds import greedy_outputs, is_seq2seq
 from leantune.models.t5.model import T5
 
 
@@ -48,17 +46,6 @@ def complete(model: GPT, tokenizer, encoded: Sequence[Sequence[int]], max_new_to
             texts[i] = cut_at_stop(tokenizer.decode(out, skip_special_tokens=True), stop_strings).strip()
     model.train(was_training)
     return texts
-
-
-def greedy_outputs(model: GPT | T5, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int],
-                   pad_id: int) -> list[list[int]]:
-    """Greedy new tokens per prompt, for either model kind: a decoder continues its prompt (`greedy_batch`); an
-    encoder-decoder reads the prompt with its encoder and decodes from its start token (`t5_generate`)."""
-    if not is_seq2seq(model):
-        return greedy_batch(model, prompts, max_new_tokens, eos_ids, pad_id=pad_id)
-    ids, mask = pad_inputs(prompts, pad_id, device=next(model.parameters()).device)  # (B, S) right-padded
-    out = t5_generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id)
-    return [row[1:] for row in out.tolist()]  # without the decoder start token
 
 
 def encode_prompts(model: GPT | T5, data, tokenizer, style, records: Sequence[dict[str, Any]]

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from leantune.decode.generate import Sampling, generate_tokens, greedy_batch
 from leantune.evaluation.evaluate import cut_at_stop
-from leantune.models.kinds import is_seq2seq
+from leantune.models.kinds import LM_EVAL, kind_of
 
 LM_EVAL_REQUIREMENT = "lm-eval>=0.4.5,<0.5"
 """The lm-eval versions leantune's tasks run on (pyproject's `eval` extra says the same)."""
@@ -309,8 +309,7 @@ def sampling_from_kwargs(kwargs: dict[str, Any]) -> Sampling | None:
 def harness_lm(model, tokenizer, batch_size: int = 16, max_length: int | None = None, name: str = "leantune"):
     """An `lm_eval.api.model.LM` over a loaded leantune decoder (see `load_for_inference`), for
     `lm_eval.simple_evaluate(model=...)`: loglikelihood, loglikelihood_rolling and generate_until."""
-    if is_seq2seq(model):
-        raise NotImplementedError("lm-eval tasks run on decoder models; an encoder-decoder (T5) is not supported yet")
+    kind_of(model).check(LM_EVAL)
     require_lm_eval()
     return _lm_class()(model, tokenizer, batch_size=batch_size, max_length=max_length, name=name)
 

@@ -39,7 +39,11 @@ from leantune.decode.woq import (
 QUANT_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8")
 BLOCKSIZE = 64  # 4-bit absmax block, as QLoRA and transformers use
 INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold (transformers' and LitGPT's default)
-_QUANTIZABLE = re.compile(r"^transformer\.h\.\d+\.(attn\.(qkv|proj)|mlp\.(fc_1|fc_2|fc|proj))\.weight$")
+_QUANTIZABLE = re.compile(
+    r"^transformer\.h\.\d+\.(attn\.(qkv|proj)|mlp\.(fc_1|fc_2|fc|proj))\.weight$"  # the decoder's block linears
+    r"|^(encoder|decoder)\.block\.\d+\.((cross_)?attn\.(q|k|v|o)|ff\.(wi|wi_0|wi_1))\.weight$")  # T5's
+"""State-dict keys of the linears a quantized base stores in 4/8 bits. T5's feed-forward `wo` stays float: transformers
+keeps it so (`_keep_in_fp32_modules`) and skips it when it quantizes a T5 with bitsandbytes."""
 
 
 def check_mode(mode: str | None, inference: bool = False) -> str | None:
@@ -63,7 +67,7 @@ def bnb() -> ModuleType:
 
 
 def is_quantizable(key: str) -> bool:
-    """Whether a GPT state-dict key is a weight the quantized base stores in 4/8 bits."""
+    """Whether a state-dict key (of either model kind) is a weight the quantized base stores in 4/8 bits."""
     return bool(_QUANTIZABLE.match(key))
 
 

@@ -209,7 +209,8 @@ def fuses_qkv(model: GPT) -> bool:
 def adalora_targets(model: GPT, targets: list[str]) -> list[tuple[nn.Module, str, list[tuple[int, int]]]]:
     """LoRA's target layers, except that a fused-qkv family's fully targeted qkv is one part (one PEFT module)."""
     chosen = target_layers(model, targets)
-    if fuses_qkv(model) and {"query", "key", "value"} <= set(targets):
+    has_qkv = any(n == "qkv" for _, n, _ in chosen)  # a fused q/k/v linear (the decoder); T5's are separate
+    if has_qkv and {"query", "key", "value"} <= set(targets) and fuses_qkv(model):
         chosen = [(p, n, [(0, getattr(p, n).out_features)] if n == "qkv" else parts) for p, n, parts in chosen]
     return chosen
 

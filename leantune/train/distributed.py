@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 
 from leantune.checkpoint.io import atomic_dir
+from leantune.checkpoint.safe_pickle import dcp_load, load_dcp_metadata
+from leantune.models.kinds import blocks
 from leantune.train.state import find_latest_checkpoint
 
 T = TypeVar("T")
@@ -278,12 +280,8 @@ def shard_model(model: torch.nn.Module, parallel: Parallel, precision: str, args
 
 
 def transformer_blocks(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The repeated blocks: GPT's transformer.h, T5's encoder.block and decoder.block."""
-    for stack in (getattr(getattr(model, "transformer", None), "h", None),
-                  getattr(getattr(model, "encoder", None), "block", None),
-                  getattr(getattr(model, "decoder", None), "block", None)):
-        if stack is not None:
-            yield from stack
+    """The repeated blocks FSDP shards one by one (the model kind's `blocks`)."""
+    yield from blocks(model)
 
 
 def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -339,15 +337,18 @@ def is_sharded_checkpoint(path: Path) -> bool:
 
 def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load `path/dcp` into this run's model and optimizer, whatever the world size that wrote it (DCP reshards;
-    one process without a process group reads every shard)."""
-    import torch.distributed.checkpoint as dcp
+    one process without a process group reads every shard). Read through `dcp_load`: torch's own reader would
+    unpickle `.metadata` and the shards' non-tensor items with plain pickle, running whatever a folder holds."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    folder = Path(path) / DCP_DIR
+    # checked first: inside dcp.load a refusal is retried as rank-local metadata and reported as that one's absence
+    load_dcp_metadata(folder / ".metadata")
     msd, osd = get_state_dict(model, optimizer, options=_state_options())
     sd = {"model": msd, "optim": osd}
     with warnings.catch_warnings():  # one process: DCP says it reads every shard itself, which is the point
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(sd, checkpoint_id=str(Path(path) / DCP_DIR))
+        dcp_load(sd, folder)
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                    options=_state_options(strict=False))
 

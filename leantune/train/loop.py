@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from leantune.checkpoint.io import atomic_dir, load_safetensors, save_safetensors
 from leantune.decode.compile import compile_blocks
+from leantune.models.kinds import blocks
 from leantune.models.quantize import logical_numel
 from leantune.peft.base import Method
 from leantune.runtime import autocast_dtype
@@ -248,7 +249,7 @@ def setup_model(model: torch.nn.Module, train: TrainArgs) -> None:
     if train.activation_checkpointing:
         enable_activation_checkpointing(model)
     if train.compile:
-        compile_blocks(model)
+        compile_blocks(blocks(model))
 
 
 def setup_optimizer(model: torch.nn.Module, trainable: list[str], args: OptimizerArgs):
@@ -407,7 +408,7 @@ def enable_activation_checkpointing(model) -> None:
     """Recompute each block in backward (non-reentrant checkpoint): backward keeps only the block inputs."""
     from torch.utils.checkpoint import checkpoint
 
-    for block in model.transformer.h:
+    for block in blocks(model):
         forward = block.forward
 
         def wrapped(*args, _f=forward):
