@@ -31,7 +31,7 @@ from leantune.models.quantize import check_mode
 from leantune.peft.base import Method, mark_trainable
 from leantune.runtime import compute_dtype, default_device, resolve_precision, weight_dtype
 from leantune.tokenizer import Tokenizer
-from leantune.train.args import EvalArgs, TrainArgs
+from leantune.train.args import EvalArgs, TrainArgs, fit_max_seq_length
 from leantune.train.distributed import (
     FSDPArgs,
     Parallel,
@@ -147,6 +147,7 @@ def _finetune(method: str, checkpoint_dir: Path, out_dir: Path | None, data: Dat
     data = data if data is not None else Demo()
     checkpoint_dir = parallel.on_main(lambda: ensure_checkpoint(Path(checkpoint_dir)))  # one import, not N racing
     check_model_kind(checkpoint_dir, run.method.name, run.quantize, train, parallel.world_size)
+    train = dataclasses.replace(train, max_seq_length=fit_max_seq_length(train.max_seq_length, checkpoint_dir))
 
     device = parallel.device if parallel.enabled else default_device()
     precision = resolve_precision(precision, device)

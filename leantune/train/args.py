@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from leantune.data.base import DEFAULT_MAX_SEQ_LENGTH
+from leantune.models.kinds import kind_of_folder
 
 
 def at_least(flag: str, value, low, allow_none: bool = False) -> None:
@@ -22,6 +25,27 @@ def positive(flag: str, value, allow_none: bool = False) -> None:
         return
     if value is None or isinstance(value, bool) or not value > 0:  # `not >` also refuses NaN
         raise ValueError(f"--{flag} must be > 0, got {value}")
+
+
+def fit_max_seq_length(max_seq_length: int, checkpoint_dir: str | Path) -> int:
+    """--train.max_seq_length checked against the model's context, read from config.json before any weight loads.
+
+    Above the context a value is refused in one line: a decoder has no positions past its max position embeddings
+    (learned position tables end there, RoPE tables are built to it); T5's relative positions would run on, but
+    config.json's `n_positions` (512 for flan-t5) is the length it was trained at, so it counts as its context (a
+    T5 config without it has none; raise it to train longer on purpose). Only the default, 512, is capped instead,
+    with one warning, so that a run that never set the flag still starts on a model built for fewer positions.
+    Returns the length to train with."""
+    kind = kind_of_folder(checkpoint_dir)
+    context = kind.context_length(kind.config_of(checkpoint_dir))
+    if context is None or max_seq_length <= context:
+        return max_seq_length
+    if max_seq_length == DEFAULT_MAX_SEQ_LENGTH:
+        warnings.warn(f"--train.max_seq_length defaults to {max_seq_length}, more than the {context}-token context "
+                      f"{checkpoint_dir}/config.json gives the model: training with {context}", stacklevel=2)
+        return context
+    raise ValueError(f"--train.max_seq_length {max_seq_length} is more than the {context}-token context "
+                     f"{checkpoint_dir}/config.json gives the model; use --train.max_seq_length {context} or less")
 
 
 @dataclass
