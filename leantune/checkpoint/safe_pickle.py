@@ -43,7 +43,9 @@ def _refusal(e: BaseException) -> str:
     if m:
         return f"it names {m.group(1)}"
     m = re.search(r"Unsupported (operand \d+|class \S+)", text)
-    return m.group(0) if m else text.strip().splitlines()[0][:120] if text.strip() else type(e).__name__
+    if m:
+        return m.group(0)
+    return text.strip().splitlines()[0][:120] if text.strip() else type(e).__name__
 
 
 def load_torch_file(path: str | Path, mmap: bool = False) -> Any:
@@ -81,15 +83,15 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset({
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # how a torch.layout pickles: a lookup among torch's layouts
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),  # StorageMeta.checkpoint_id: where it was saved
+    ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),  # StorageMeta.checkpoint_id: where it was saved
     ("collections", "OrderedDict"),
-    *(("builtins", name) for name in ("set", "frozenset", "tuple", "list", "dict", "bytes", "bytearray")),
+    *(("builtins", name) for name in ("set", "frozenset", "tuple", "list", "dict")),
 })
 """(module, name) pairs a DCP `.metadata` may name: the classes torch's own checkpoint metadata is made of (each
 merely stores its fields when called) plus plain containers. Nothing here opens a file, imports or runs code."""
-_PATH_STAND_INS = {("pathlib", "WindowsPath"): PureWindowsPath, ("pathlib", "PureWindowsPath"): PureWindowsPath,
-                   ("pathlib", "PosixPath"): PurePosixPath}
-"""A path recorded on another system loads as a pure path (a concrete WindowsPath cannot exist on Linux)."""
+_PATH_STAND_INS = {("pathlib", "PosixPath"): PurePosixPath, ("pathlib", "WindowsPath"): PureWindowsPath}
+"""The concrete paths torch records load as pure paths: no file system access, and a WindowsPath saved on Windows
+loads on Linux too."""
 
 
 class MetadataUnpickler(pickle.Unpickler):
