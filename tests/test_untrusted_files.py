@@ -226,6 +226,20 @@ def test_sharded_metadata_pointing_outside_its_folder_is_refused(world, marker, 
     assert failure is None, failure
 
 
+def test_a_sharded_checkpoint_missing_a_tensor_is_one_error(world, marker, capsys):
+    """DCP's own refusals (a key the run needs is not in the checkpoint) came out as a CheckpointException, a
+    BaseException the CLI printed as a trace."""
+    ckpt = checkpoint_copy(world, "sharded", "metadata-missing-key")
+    with open(ckpt / DCP_DIR / ".metadata", "rb") as f:
+        md = pickle.load(f)  # noqa: S301 -- the test's own, freshly written checkpoint
+    md.state_dict_metadata.pop(next(k for k in md.state_dict_metadata if k.startswith("model.")))
+    with open(ckpt / DCP_DIR / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    failure = refused([*world["finetune"], "--out_dir", str(ckpt.parent), "--resume", str(ckpt)], DCP_DIR, marker,
+                      capsys)
+    assert failure is None, failure
+
+
 def test_an_untouched_sharded_checkpoint_still_resumes_in_one_process(world, marker, capsys):
     """The guard refuses payloads, not DCP: the one-rank FSDP checkpoint resumes in a plain process and runs on."""
     ckpt = checkpoint_copy(world, "sharded", "sharded-clean")

@@ -151,12 +151,16 @@ def dcp_load(state_dict: dict[str, Any], folder: str | Path) -> None:
     reader_class, planner_class = _dcp_classes()
     try:
         dcp.load(state_dict, storage_reader=reader_class(folder), planner=planner_class())
-    except CheckpointException as e:
+    except CheckpointException as e:  # a BaseException holding each rank's error: the CLI would print a trace
         failures = [f[0] for f in e.failures.values() if isinstance(f, tuple) and f]
         first = next((x for x in failures if isinstance(x, ValueError | OSError)), None)
         if first is not None:
             raise first from None
-        raise
+        other = next((x for x in failures if isinstance(x, RuntimeError | KeyError | AssertionError)), None)
+        if other is None:
+            raise
+        raise ValueError(f"{folder}: cannot load this sharded checkpoint ({str(other).strip()[:200]}); it does not "
+                         "match this run's model and optimizer, or it is damaged") from other
 
 
 @functools.cache
