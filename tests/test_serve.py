@@ -293,3 +293,4 @@ def test_graceful_shutdown_finishes_the_requests_in_flight(world):
     assert queued["choices"][0]["message"]["content"] == expected
     assert "shutting down: finishing 1 running and 1 queued requests" in log, log
     assert "serving tiny" in log and KEY not in log  # the key is never printed
+    assert log.count("adapter a:") == 1, log  # each adapter's line once (it was printed and logged)
