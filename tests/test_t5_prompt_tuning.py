@@ -71,5 +71,5 @@ def test_cached_decoding_equals_recompute_and_prefix_tuning_is_refused(tmp_path)
     cached = t5_generate(ours, ids, mask, max_new_tokens=6, eos_ids=[], min_new_tokens=6)
     assert torch.equal(cached, t5_generate(ours, ids, mask, max_new_tokens=6, eos_ids=[], min_new_tokens=6,
                                            use_cache=False))
-    with pytest.raises(ValueError, match="prefix tuning is for decoder models"):
+    with pytest.raises(ValueError, match="finetune prefix_tuning is not available for encoder-decoder models"):
         apply_method(load_t5_checkpoint(folder), "prefix_tuning", None)

@@ -172,6 +172,8 @@ T5_KIND = ModelKind(
         GGUF: "llama.cpp's GGUF names decoder tensors; use --format hf or --format peft",
         "method:adapter": _NO_PREFIX_GATE,
         "method:adapter_v2": _NO_PREFIX_GATE,
+        "method:prefix_tuning": "leantune's prefix keys and values extend the decoder's self-attention cache only; "
+                                "on T5 use prompt_tuning or p_tuning",
     },
 )
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leantune.models.decoder.model import GPT
-from leantune.models.kinds import is_seq2seq
+from leantune.models.kinds import kind_of
 from leantune.peft.base import Method, PeftFormat, mark_trainable
 from leantune.peft.virtual import PrefixKV, install, placement, virtual_params
 from leantune.peft.virtual_peft import export_prefix, load_into, read_virtual
@@ -34,8 +34,7 @@ class PrefixTuningArgs:
 
 
 def apply_prefix_tuning(model: GPT, args: PrefixTuningArgs) -> list[str]:
-    if is_seq2seq(model):
-        raise ValueError("prefix tuning is for decoder models; on T5 use prompt_tuning or p_tuning")
+    kind_of(model).check_method("prefix_tuning")  # T5 lacks it (the CLI refuses it from config.json already)
     c = model.config
     prefix = PrefixKV(args.num_virtual_tokens, c.n_layer, c.n_query_groups, c.head_size, projection=args.projection,
                       hidden_size=args.hidden_size, **placement(model))
