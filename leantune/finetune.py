@@ -46,28 +46,51 @@ from leantune.train.optim import OptimizerArgs
 from leantune.train.run_dir import prepare_run_dir
 
 
-@dataclasses.dataclass
-class Setup:
-    """What the recipe resolved from its arguments before any heavy work."""
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One finetuning run as the flags describe it, its defaults filled in from the method's record and nothing
+    loaded yet: what every step of the recipe reads, instead of a relay of positional arguments."""
 
     method: Method
     method_args: Any
-    quantize: str | None
-    optimizer: OptimizerArgs
+    checkpoint_dir: Path
     out_dir: Path
+    data: DataModule
+    precision: str | None
+    quantize: str | None
+    prompt_style: str | None
+    train: TrainArgs
+    eval: EvalArgs
+    optimizer: OptimizerArgs
+    resume: str | None
+    resume_adapter: Path | None
+    threads: int | None
+    overwrite: bool
+    fsdp: FSDPArgs
 
 
-def resolve(method: str, method_args: Any, quantize: str | None, optimizer: OptimizerArgs,
-            out_dir: Path | None) -> Setup:
-    """Check the method's flags against its record: defaults, quantization, learning rate. Nothing is loaded."""
+def resolve(method: str, checkpoint_dir: Path = DEFAULT_CHECKPOINT, out_dir: Path | None = None,
+            data: DataModule | None = None, precision: str | None = None, quantize: str | None = None,
+            prompt_style: str | None = None, train: TrainArgs | None = None, eval: EvalArgs | None = None,
+            optimizer: OptimizerArgs | None = None, method_args: Any = None, resume: str | None = None,
+            resume_adapter: Path | None = None, threads: int | None = None, overwrite: bool = False,
+            fsdp: FSDPArgs | None = None) -> RunSpec:
+    """Check the method's flags against its record (defaults, quantization, learning rate) and fill the defaults in.
+    Nothing is loaded."""
     m = get_method(method)
     quantize = quantize if quantize is not None else m.default_quantize
     if quantize and not m.accepts_quantized_base:
         raise ValueError(f"--quantize freezes a quantized base; it cannot be combined with {m.name} finetuning")
     check_mode(quantize)
+    optimizer = optimizer or OptimizerArgs()
     if optimizer.lr is None:
         optimizer = dataclasses.replace(optimizer, lr=m.default_lr)
-    return Setup(m, m.make_args(method_args), quantize, optimizer, Path(out_dir or Path("out") / "finetune" / m.name))
+    return RunSpec(method=m, method_args=m.make_args(method_args), checkpoint_dir=Path(checkpoint_dir),
+                   out_dir=Path(out_dir or Path("out") / "finetune" / m.name),
+                   data=data if data is not None else Demo(), precision=precision, quantize=quantize,
+                   prompt_style=prompt_style, train=train or TrainArgs(), eval=eval or EvalArgs(),
+                   optimizer=optimizer, resume=resume, resume_adapter=resume_adapter, threads=threads,
+                   overwrite=overwrite, fsdp=fsdp or FSDPArgs())
 
 
 def check_model_kind(checkpoint_dir: Path | None, method: str, quantize: str | None, train: TrainArgs | None,
@@ -118,34 +141,32 @@ def finetune(
     train as one data-parallel job (leantune.train.distributed); `devices`/`num_nodes` are then only checked against
     the launcher's counts. Without a launcher, more than one device must go through `leantune finetune --devices N`
     (which starts torchrun)."""
-    fsdp = fsdp or FSDPArgs()
     if (devices > 1 or num_nodes > 1) and not launched():
         raise ValueError(f"--devices {devices} --num_nodes {num_nodes}: start the run with `leantune finetune ... "
                          "--devices N` or under torchrun / a cluster launcher that sets RANK, WORLD_SIZE, LOCAL_RANK")
-    parallel = init_from_env(fsdp.timeout, devices)
+    run = resolve(method, checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, precision=precision,
+                  quantize=quantize, prompt_style=prompt_style, train=train, eval=eval, optimizer=optimizer,
+                  method_args=method_args, resume=resume, resume_adapter=resume_adapter, threads=threads,
+                  overwrite=overwrite, fsdp=fsdp)
+    parallel = init_from_env(run.fsdp.timeout, devices)
     try:
         with quiet_unless_main(parallel):
-            return _finetune(method, checkpoint_dir, out_dir, data, precision, quantize, prompt_style, train, eval,
-                             optimizer, method_args, resume, resume_adapter, threads, overwrite, parallel, fsdp)
+            return run_finetune(run, parallel)
     finally:
         shutdown(parallel)
 
 
-def _finetune(method: str, checkpoint_dir: Path, out_dir: Path | None, data: DataModule | None, precision: str | None,
-              quantize: str | None, prompt_style: str | None, train: TrainArgs | None, eval: EvalArgs | None,
-              optimizer: OptimizerArgs | None, method_args: Any, resume: str | None, resume_adapter: Path | None,
-              threads: int | None, overwrite: bool, parallel: Parallel, fsdp: FSDPArgs) -> dict:
-    train, eval, optimizer = train or TrainArgs(), eval or EvalArgs(), optimizer or OptimizerArgs()
-    run = resolve(method, method_args, quantize, optimizer, out_dir)
+def run_finetune(run: RunSpec, parallel: Parallel) -> dict:
+    """The recipe's steps over a resolved run, in this process (one rank of `parallel`)."""
+    train, eval, data, resume, precision = run.train, run.eval, run.data, run.resume, run.precision
     check_parallel_method(parallel, run.method)
-    check_fsdp_args(parallel, fsdp, precision, run.optimizer.name)
+    check_fsdp_args(parallel, run.fsdp, precision, run.optimizer.name)
     # first: a bad or taken --out_dir fails before any loading (rank 0 checks and locks it; its error stops all)
-    parallel.on_main(lambda: prepare_run_dir(run.out_dir, resume, overwrite))
-    if threads:
-        torch.set_num_threads(threads)
+    parallel.on_main(lambda: prepare_run_dir(run.out_dir, resume, run.overwrite))
+    if run.threads:
+        torch.set_num_threads(run.threads)
     torch.manual_seed(train.seed)
-    data = data if data is not None else Demo()
-    checkpoint_dir = parallel.on_main(lambda: ensure_checkpoint(Path(checkpoint_dir)))  # one import, not N racing
+    checkpoint_dir = parallel.on_main(lambda: ensure_checkpoint(run.checkpoint_dir))  # one import, not N racing
     check_model_kind(checkpoint_dir, run.method.name, run.quantize, train, parallel.world_size)
     train = dataclasses.replace(train, max_seq_length=fit_max_seq_length(train.max_seq_length, checkpoint_dir))
 
@@ -153,7 +174,7 @@ def _finetune(method: str, checkpoint_dir: Path, out_dir: Path | None, data: Dat
     precision = resolve_precision(precision, device)
     tokenizer = Tokenizer(checkpoint_dir)
     # several ranks: every rank plans the same global batches of micro x ranks rows and trains on its share
-    data.connect(tokenizer, prompt_style=prompt_style, max_seq_length=train.max_seq_length,
+    data.connect(tokenizer, prompt_style=run.prompt_style, max_seq_length=train.max_seq_length,
                  batch_size=train.micro_batch_size * parallel.world_size, seed=train.seed, packing=train.packing,
                  decoder_start_id=folder_decoder_start_id(checkpoint_dir))
     data.setup()
@@ -171,8 +192,8 @@ def _finetune(method: str, checkpoint_dir: Path, out_dir: Path | None, data: Dat
     if sample_fn is not None and not resume:  # the same held-out prompt is answered again after training
         print(describe_sample("before training", data, style, sample_fn(), eval.sample_new_tokens))
 
-    if resume_adapter is not None:
-        trainable, args = start_from_adapter(model, run.method, Path(resume_adapter), checkpoint_dir)
+    if run.resume_adapter is not None:
+        trainable, args = start_from_adapter(model, run.method, Path(run.resume_adapter), checkpoint_dir)
     else:
         args = run.method_args
         trainable = apply_method(model, run.method, args)
@@ -190,9 +211,9 @@ def _finetune(method: str, checkpoint_dir: Path, out_dir: Path | None, data: Dat
 
     summary = fit(model, trainable, data, run.out_dir, save_fn, load_fn, train, eval, run.optimizer,
                   precision=precision, device=device, resume=resume, sample_fn=sample_fn, method=run.method,
-                  parallel=parallel, fsdp=fsdp,
+                  parallel=parallel, fsdp=run.fsdp,
                   run_config={"method": run.method.name, "checkpoint_dir": str(checkpoint_dir), "data": data,
-                              run.method.flag: args, "quantize": run.quantize, "prompt_style": prompt_style})
+                              run.method.flag: args, "quantize": run.quantize, "prompt_style": run.prompt_style})
     report.update(summary)
     if sample_fn is not None:  # one answer to the first held-out prompt, so a default run shows what it learned
         report["sample"] = sample_fn()

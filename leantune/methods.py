@@ -245,6 +245,8 @@ def load_any_adapter(model: GPT, path: str | Path, checkpoint_dir: str | Path | 
 def meta_skeleton(model: nn.Module) -> nn.Module | None:
     """A copy of `model`'s module tree whose every tensor is on the meta device (shapes and dtypes, no storage),
     ~40 ms for the default model; None when a tensor cannot go to meta (a bitsandbytes weight's own class)."""
+    if any(hasattr(p, "quant_state") or hasattr(p, "SCB") for p in model.parameters()):
+        return None  # bitsandbytes storage: its meta copy is a plain uint8/int8 tensor the method cannot wrap
     memo: dict[int, object] = {}
 
     def visit(v: object) -> None:
