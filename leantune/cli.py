@@ -56,8 +56,10 @@ def _message(e: BaseException) -> str:
         where = f"writing {e.filename}" if getattr(e, "filename", None) else "while writing"
         return f"no space left on the device ({where}): free some space, or write to another disk"
     text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    if isinstance(e, PermissionError | IsADirectoryError | NotADirectoryError) and e.filename:
+    if isinstance(e, PermissionError | IsADirectoryError | NotADirectoryError | FileNotFoundError) and e.filename:
         text = f"{e.filename}: {e.strerror or text}"
+        if isinstance(e, PermissionError):
+            text += " (check its permissions and owner, or give a path you may use)"
     if isinstance(e, ImportError) and getattr(e, "name", None) and "pip install" not in text:
         text = f"{text} (pip install {e.name})"
     if _out_of_memory(e):

@@ -9,7 +9,10 @@ a few subprocess cases check the console script's real exit code.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -358,3 +361,166 @@ def test_cases_cover_every_command_and_method():
     covered = {words[0] for words in TABLE} | {"download"}
     assert covered == set(components())
     assert {words[1] for words in TABLE if words[0] == "finetune"} == set(METHODS)
+
+
+# ---- generated fault cases: (command x file kind x fault), issue 23 ------------------------------------------------
+FAULTS = ("missing", "empty", "truncated", "fifo", "dir_for_file", "unreadable", "full_disk")
+READERS = {  # the file kind -> the commands that read it
+    "data": ("finetune", "evaluate"),
+    "checkpoint": ("finetune", "generate", "evaluate"),
+    "adapter": ("generate", "merge", "export", "evaluate"),
+}
+WRITERS = ("finetune", "merge", "export")  # a full disk is a fault of commands that write
+INNER = {"checkpoint": "model.safetensors", "adapter": "adapter.safetensors"}  # the file a folder's fault hits
+
+
+@pytest.fixture(scope="module")
+def faulty(files, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """{(kind, fault): the path given on the command line}; for folders the fault sits in their weights file."""
+    root = tmp_path_factory.mktemp("faults")
+    out: dict[tuple[str, str], Path] = {}
+    good = {"data": files["data"], "checkpoint": files["tiny"], "adapter": files["adapter"]}
+    for kind, source in good.items():
+        for fault in FAULTS:
+            path = root / f"{kind}-{fault}" if kind != "data" else root / f"{fault}.jsonl"
+            if fault in ("unreadable", "full_disk"):  # a good input; the fault is injected while it runs
+                path = source
+            elif fault == "missing":
+                pass
+            elif kind == "data":
+                if fault == "empty":
+                    path.write_bytes(b"")
+                elif fault == "truncated":
+                    path.write_text('[{"instruction": "Add 1 and 1.", "input": "", "out')
+                elif fault == "fifo":
+                    os.mkfifo(path)
+                else:  # a folder where the file should be (and no train.json inside)
+                    path.mkdir()
+            elif fault == "empty":
+                path.mkdir()
+            else:
+                shutil.copytree(source, path)
+                inner = path / INNER[kind]
+                if fault == "truncated":
+                    inner.write_bytes(inner.read_bytes()[: max(inner.stat().st_size // 2, 64)])
+                else:
+                    inner.unlink()
+                    os.mkfifo(inner) if fault == "fifo" else inner.mkdir()
+            out[kind, fault] = path
+    return out
+
+
+def fault_argv(command: str, kind: str, path: Path, f: dict[str, Path], out: Path) -> list[str]:
+    """`command` reading `path` as its `kind` input, every other input good and every size tiny."""
+    data = str(path) if kind == "data" else str(f["data"])
+    ckpt = str(path) if kind == "checkpoint" else str(f["tiny"])
+    adapter = ["--adapter", str(path)] if kind == "adapter" else []
+    json_data = ["--data", "JSON", "--data.json_path", data]
+    if command == "finetune":
+        return ["finetune", "lora", "--checkpoint_dir", ckpt, *json_data, "--out_dir", str(out), "--train.max_steps",
+                "1", "--train.micro_batch_size", "2", "--train.global_batch_size", "2", "--train.max_seq_length",
+                "64", "--eval.exact_match", "false", "--eval.max_batches", "1", "--eval.sample_new_tokens", "0"]
+    if command == "evaluate":
+        return ["evaluate", "--checkpoint_dir", ckpt, *adapter, *json_data, "--max_batches", "1", "--exact_match",
+                "false", "--max_seq_length", "64"]
+    if command == "generate":
+        return ["generate", "--checkpoint_dir", ckpt, *adapter, "--prompt", "hi", "--max_new_tokens", "2"]
+    if command == "merge":
+        return ["merge", "--checkpoint_dir", ckpt, *adapter, "--out_dir", str(out)]
+    return ["export", "--checkpoint_dir", ckpt, *adapter, "--format", "peft", "--out_dir", str(out)]
+
+
+def fault_cases() -> list[tuple[str, str, str]]:
+    cases = [(command, kind, fault) for kind, commands in READERS.items() for command in commands for fault in FAULTS
+             if fault != "full_disk" or command in WRITERS]
+    return cases
+
+
+def one_line_naming(argv: list[str], capsys, path: str) -> str | None:
+    """None if `leantune argv` exited 2 with exactly one `error:` line holding `path` itself, and no traceback."""
+    try:
+        main(argv)
+        code, trace = 0, ""
+    except SystemExit as e:
+        code, trace = e.code, ""
+    except Exception as e:  # noqa: BLE001 -- a traceback is the failure being looked for
+        code, trace = "exception", f"{type(e).__name__}: {e}"
+    _, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    if code == 2 and not trace and "Traceback" not in err and len(errors) == 1 and path in errors[0]:
+        return None
+    return f"{shell(argv)}\n  exit {code} {trace}\n  stderr: {err[-600:]!r}\n  wanted: {path}"
+
+
+@contextlib.contextmanager
+def unreadable(path: Path, monkeypatch):
+    """Reads of `path` (or anything under it) fail with EACCES: the tests run as root, where chmod 000 stops
+    nothing, so the refusal is injected at every way leantune opens a file (Python's open and os.open, and the
+    safetensors readers, which open files from Rust)."""
+    import builtins
+    import io as pyio
+
+    import safetensors
+    import safetensors.torch
+
+    import leantune.checkpoint.hf as hf
+
+    target = str(path)
+
+    def denied(p) -> bool:
+        p = os.fspath(p) if isinstance(p, str | os.PathLike) else ""
+        return p == target or p.startswith(target + os.sep)
+
+    def guard(fn, name_arg=0):
+        def wrapped(*args, **kwargs):
+            name = args[name_arg] if len(args) > name_arg else kwargs.get("filename", kwargs.get("file", ""))
+            if denied(name):
+                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(name))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    with monkeypatch.context() as m:
+        for owner, attr in ((builtins, "open"), (pyio, "open"), (os, "open"), (safetensors, "safe_open"),
+                            (hf, "safe_open"), (safetensors.torch, "load_file")):
+            m.setattr(owner, attr, guard(getattr(owner, attr)))
+        yield
+
+
+@contextlib.contextmanager
+def disk_full(monkeypatch):
+    """Every write that reaches the disk fails with ENOSPC: safetensors' writer, fsync (which reports a delayed
+    write's failure), and Python's own file writes in binary and text mode."""
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "save_file", full)
+        m.setattr(os, "fsync", full)
+        yield
+
+
+def test_every_reader_of_a_file_fails_on_every_fault_in_one_line(files, faulty, tmp_path, capsys, monkeypatch):
+    """Each (command x file kind x fault): exit 2, ONE `error:` line naming the path (the output folder for a full
+    disk), no traceback, and no temporary left beside the output."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    failures, cases = [], fault_cases()
+    for i, (command, kind, fault) in enumerate(cases):
+        path, out = faulty[kind, fault], tmp_path / f"out-{i}"
+        argv = fault_argv(command, kind, path, files, out)
+        injected = (unreadable(path / INNER[kind] if kind in INNER else path, monkeypatch) if fault == "unreadable"
+                    else disk_full(monkeypatch) if fault == "full_disk" else contextlib.nullcontext())
+        with injected:
+            problem = one_line_naming(argv, capsys, str(out) if fault == "full_disk" else str(path))
+        leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+        if problem or leftovers:
+            failures.append(f"[{command} x {kind} x {fault}] {problem or ''} leftovers: {leftovers}")
+    assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures)
+    assert len(cases) == 2 * 6 + 1 + 3 * 6 + 1 + 4 * 6 + 2
+
+
+def test_fault_cases_cover_every_kind_and_fault():
+    covered = {(kind, fault) for _, kind, fault in fault_cases()}
+    assert covered == {(k, f) for k in READERS for f in FAULTS}

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from leantune.checkpoint.io import atomic_dir, save_safetensors, write_json
+from leantune.checkpoint.io import atomic_dir, check_regular_file, save_safetensors, write_json
 from leantune.checkpoint.safe_pickle import load_tensor_dict
 from leantune.models.decoder.config import Config
 from leantune.models.decoder.families import config_from_checkpoint, config_to_hf, family_of
@@ -142,6 +142,7 @@ def iter_hf_tensors(checkpoint_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     .bin that pickles anything but named tensors is refused (UntrustedFileError), never run."""
     files = weight_files(checkpoint_dir)
     for f in files:
+        check_regular_file(f)  # a FIFO would block the reader forever
         try:
             if f.suffix == ".safetensors":
                 with safe_open(str(f), framework="pt") as sf:

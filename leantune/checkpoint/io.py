@@ -98,8 +98,22 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     return path
 
 
+def check_regular_file(path: str | Path) -> Path:
+    """`path`, when it is a regular file to read; else one error naming it. A FIFO would block the reader forever
+    (opening one waits for a writer) and a device never ends, so neither reaches a loader."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+    what = "a folder" if path.is_dir() else "a FIFO, device or socket"
+    raise ValueError(f"{path}: is not a regular file ({what}); the folder holding it is damaged: write or copy it "
+                     "again")
+
+
 def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load every tensor of a safetensors file (memory-mapped on CPU, so untouched tensors cost no RAM)."""
+    check_regular_file(path)
     try:
         return safetensors.torch.load_file(str(path), device=str(device))
     except safetensors.SafetensorError as e:  # truncated or not safetensors at all: name the file, not a trace
