@@ -32,7 +32,7 @@ def step_logits(model: GPT, prompt: torch.Tensor, steps: int, static: bool) -> t
     x, pos, out = prompt[None], torch.arange(len(prompt)), []
     try:
         for _ in range(steps):
-            logits = model.lm_head(model(x, input_pos=pos, return_hidden=True)[:, -1])  # (1, V)
+            logits = model.lm_head(model.decode(x, pos, return_hidden=True)[:, -1])  # (1, V)
             out.append(logits[0])
             x, pos = logits.argmax(-1)[:, None], pos[-1:] + 1
     finally:

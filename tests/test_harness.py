@@ -267,7 +267,7 @@ def test_batches_are_cut_around_a_long_row():
 
 @pytest.mark.parametrize("n_query_groups", [6, 2])
 def test_rows_continuing_a_context_equal_the_last_positions_of_the_whole_sequence(n_query_groups):
-    """model(suffix, position_ids, context_kv=the prefix's keys/values) gives the hidden states that the full
+    """model.score(suffix, position_ids, context_kv=the prefix's keys/values) gives the hidden states that the full
     sequences have at the suffix's positions, per row (right padding included), and the context's K/V come out of
     the KV cache, which is left as it was; keep= gives the same states at the kept positions only."""
     model = _tiny_gpt(n_query_groups)
@@ -278,9 +278,9 @@ def test_rows_continuing_a_context_equal_the_last_positions_of_the_whole_sequenc
     assert all(block.attn.kv_cache is None for block in model.transformer.h)  # the cache is put back as it was
     with torch.no_grad():
         full = model(torch.cat([prefix.expand(2, -1), suffix], dim=1), return_hidden=True)  # (2, 25, C)
-        rows = model(suffix, position_ids=torch.arange(10, 25)[None], context_kv=kv, return_hidden=True)
-        default_positions = model(suffix, context_kv=kv, return_hidden=True)
-        short = model(suffix[:1, :4], context_kv=kv, return_hidden=True)  # a shorter row: causal, no padding seen
+        rows = model.score(suffix, position_ids=torch.arange(10, 25)[None], context_kv=kv, return_hidden=True)
+        default_positions = model.score(suffix, context_kv=kv, return_hidden=True)
+        short = model.score(suffix[:1, :4], context_kv=kv, return_hidden=True)  # a shorter row: causal, no padding seen
     torch.testing.assert_close(rows, full[:, 10:], rtol=1e-5, atol=1e-5)
     assert torch.equal(default_positions, rows)
     torch.testing.assert_close(short, full[:1, 10:14], rtol=1e-5, atol=1e-5)
@@ -291,13 +291,15 @@ def test_rows_continuing_a_context_equal_the_last_positions_of_the_whole_sequenc
         return h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))
 
     with torch.no_grad():
-        kept = model(suffix, context_kv=kv, keep=keep, return_hidden=True)
-        kept_whole = model(torch.cat([prefix.expand(2, -1), suffix], dim=1), keep=keep + 10, return_hidden=True)
+        kept = model.score(suffix, context_kv=kv, keep=keep, return_hidden=True)
+        kept_whole = model.score(torch.cat([prefix.expand(2, -1), suffix], dim=1), keep=keep + 10, return_hidden=True)
     assert kept.shape == (2, 2, 48)
     torch.testing.assert_close(kept, at(rows, keep), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kept_whole, at(full, keep + 10), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="context_kv"):
+    with pytest.raises(TypeError):  # the modes are separate entry points: forward takes no context, score no mask
         model(suffix, context_kv=kv, attention_mask=torch.ones(2, 15))
+    with pytest.raises(TypeError):
+        model.score(suffix, context_kv=kv, attention_mask=torch.ones(2, 15))
 
 
 def test_loglikelihood_rolling_equals_lm_evals_hf_backend(lms):

@@ -252,8 +252,8 @@ def test_kv_cache_decoding_matches_full_forward(method):
     with torch.no_grad():
         full = model(idx)
         model.set_kv_cache(batch_size=2, max_seq_length=16)
-        steps = [model(idx[:, :4], input_pos=torch.arange(4))]
-        steps += [model(idx[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(4, 8)]
+        steps = [model.decode(idx[:, :4], torch.arange(4))]
+        steps += [model.decode(idx[:, t:t + 1], torch.tensor([t])) for t in range(4, 8)]
         model.clear_kv_cache()
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 

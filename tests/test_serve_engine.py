@@ -287,9 +287,9 @@ def test_a_request_s_own_failure_ends_it_alone_and_its_batch_mates_go_on(world, 
                 raise RuntimeError("broken LoRA kernel")
             return real_forward(x)
         layer.forward = lora_forward
-        group_forward = bad_group.model.forward
-        bad_group.model.forward = lambda idx, **kw: (_ for _ in ()).throw(RuntimeError("broken adapter forward")) \
-            if idx.shape[1] == 1 else group_forward(idx, **kw)
+        group_decode = bad_group.model.decode
+        bad_group.model.decode = lambda idx, pos, **kw: (_ for _ in ()).throw(RuntimeError("broken adapter forward")) \
+            if idx.shape[1] == 1 else group_decode(idx, pos, **kw)
         real_sample = serve_engine.sample
         monkeypatch.setattr(serve_engine, "sample", lambda logits, s, g: (_ for _ in ()).throw(
             RuntimeError("probability tensor contains nan")) if s.top_k == 13 else real_sample(logits, s, g))

@@ -100,8 +100,8 @@ def greedy_decode_step(model: nn.Module, idx: torch.Tensor, input_pos: torch.Ten
 
 
 def _last_hidden(model, idx, input_pos, position_ids, attention_mask) -> torch.Tensor:
-    hidden = model(idx, input_pos=input_pos, position_ids=position_ids, attention_mask=attention_mask,
-                   return_hidden=True)  # (B, T, C)
+    hidden = model.decode(idx, input_pos, position_ids=position_ids, attention_mask=attention_mask,
+                          return_hidden=True)  # (B, T, C)
     return hidden[:, -1]  # (B, C)
 
 

@@ -97,8 +97,8 @@ def generate_tokens(
             if step is not None and i > 0:
                 out = step(x, input_pos)  # (1,) token or (1, V) logits
             else:
-                hidden = model(x if use_cache else tokens, input_pos=input_pos if use_cache else None,
-                               return_hidden=True)[:, -1]  # (1, C): project only the last position
+                hidden = (model.decode(x, input_pos, return_hidden=True) if use_cache
+                          else model(tokens, return_hidden=True))[:, -1]  # (1, C): project only the last position
                 out = greedy_tokens(model.lm_head, hidden) if sampling.greedy else model.lm_head(hidden)
             nxt = out if sampling.greedy else sample(out, sampling, generator)  # (1,)
             token = int(nxt)
@@ -211,7 +211,7 @@ def greedy_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: i
             if step is not None and t > 0:
                 nxt = step(x, input_pos, pos, attn)  # (B,)
             else:
-                hidden = model(x, input_pos=input_pos, position_ids=pos, attention_mask=attn, return_hidden=True)
+                hidden = model.decode(x, input_pos, position_ids=pos, attention_mask=attn, return_hidden=True)
                 nxt = greedy_tokens(model.lm_head, hidden[:, -1])  # (B,)
             done |= torch.isin(nxt, stop)
             for i in (~done).nonzero().flatten().tolist():

@@ -140,10 +140,10 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
                 pos_idx = [column[r][q] for r, q in zip(row_idx, pos_idx)]
         if p:  # the rows continue a shared context: only their own tokens, at positions p.., run per row
             position_ids = torch.arange(p, L, device=device)[None]
-            hidden = model(ids.to(device), position_ids=position_ids, context_kv=contexts[prefix], keep=keep,
-                           return_hidden=True)
+            hidden = model.score(ids.to(device), position_ids=position_ids, context_kv=contexts[prefix], keep=keep,
+                                 return_hidden=True)
         else:  # (B, L|m, C); right padding is never attended to
-            hidden = model(ids.to(device), keep=keep, return_hidden=True)
+            hidden = model.score(ids.to(device), keep=keep, return_hidden=True)
         logp, greedy = _score_positions(model, hidden, row_idx, pos_idx, targets)
         k = 0
         for i, n in owners:
@@ -161,7 +161,7 @@ def _can_share_prefix(model) -> bool:
 
 
 def _can_cut_last(model) -> bool:
-    """Whether `GPT.forward(keep=...)` serves this model: a leantune decoder without virtual tokens (prompt/prefix
+    """Whether `GPT.score(keep=...)` serves this model: a leantune decoder without virtual tokens (prompt/prefix
     tuning renumber positions) or a sliding window."""
     return (hasattr(model, "transformer") and getattr(model, "virtual", None) is None
             and model.config.sliding_window is None)
@@ -219,7 +219,7 @@ def _context_kv(model, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torc
     try:
         model.set_kv_cache(1, P)
         device = model.lm_head.weight.device
-        model(torch.tensor([prefix], device=device), input_pos=torch.arange(P, device=device))
+        model.decode(torch.tensor([prefix], device=device), torch.arange(P, device=device))
         return [(block.attn.kv_cache.k[:, :, :P].clone(), block.attn.kv_cache.v[:, :, :P].clone()) for block in blocks]
     finally:
         for block, cache in zip(blocks, kept):

@@ -388,7 +388,7 @@ class Engine:
         if a.shared:
             self.rows.set([a.id], self.device)
         ids = torch.tensor([req.prompt[m:]], dtype=torch.long, device=self.device)  # (1, L - m)
-        hidden = model(ids, input_pos=torch.arange(m, L, device=self.device), return_hidden=True)  # (1, L - m, C)
+        hidden = model.decode(ids, torch.arange(m, L, device=self.device), return_hidden=True)  # (1, L - m, C)
         req.length = L
         self.row_tokens[slot] = list(req.prompt)
         with self.cv:
@@ -468,8 +468,8 @@ class Engine:
                 ids[s - lo] = r.adapter.id
             self.rows.set(ids, dev)
         with _no_model_window(model):  # the per-row window is in `mask`; the model's would use one shared position
-            hidden = model(tokens, input_pos=torch.tensor([S_real - 1], device=dev), position_ids=pos,
-                           attention_mask=mask, return_hidden=True)  # (B, 1, C)
+            hidden = model.decode(tokens, torch.tensor([S_real - 1], device=dev), position_ids=pos,
+                                  attention_mask=mask, return_hidden=True)  # (B, 1, C)
         h = hidden[b, -1]  # (n, C)
         if a.shared:
             self.rows.set([r.adapter.id for r in reqs], dev)

@@ -80,48 +80,80 @@ class GPT(nn.Module):
             block.attn.kv_cache = None
 
     # ---- forward --------------------------------------------------------------------------------------
-    def forward(
-        self,
-        idx: torch.Tensor,
-        *,
-        input_pos: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        segment_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-        keep: torch.Tensor | None = None,
-        return_hidden: bool = False,
-    ) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, padded_vocab) or, with return_hidden, final hidden (B, T, C).
+    def forward(self, idx: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """Training and evaluation over whole sequences (no KV cache): idx (B, T) token ids -> logits
+        (B, T, padded_vocab) or, with return_hidden, final hidden (B, T, C).
 
-        input_pos (T,): absolute positions of idx when decoding with the KV cache.
         position_ids (B, T): per-row positions (packing resets them per sample; left padding shifts them).
         segment_ids (B, T): packed sample index per token; attention never crosses samples.
-        attention_mask (B, S): 1 for real tokens, 0 for padding, over all S keys (cache included).
+        attention_mask (B, T): 1 for real tokens, 0 for padding.
+        """
+        return self._run(idx, None, position_ids, segment_ids, attention_mask, return_hidden)
+
+    def decode(self, idx: torch.Tensor, input_pos: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """KV-cache decoding (`set_kv_cache` first): the prompt as one prefill call, then one call per new token.
+
+        input_pos (T,): absolute cache positions of idx's tokens.
+        position_ids (B, T): per-row positions when rows are left padded (default: input_pos).
+        attention_mask (B, S): 1 for real tokens, 0 for padding, over all S keys of the cache.
+        """
+        return self._run(idx, input_pos, position_ids, None, attention_mask, return_hidden)
+
+    def score(self, idx: torch.Tensor, *, context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+              keep: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+              return_hidden: bool = False) -> torch.Tensor:
+        """Scoring rows with plain causal attention (right padding is never attended to), for loglikelihoods.
+
         context_kv: per layer (k, v), each (1, ng, P, hs), keys already rotated: a context of P tokens at positions
             0..P-1 that every row of idx continues (a prompt prefix shared by a batch, run once at batch size 1).
-            idx holds only what follows it (right padded is fine), numbered from P unless position_ids says
-            otherwise; each token sees the whole context and its own row causally. Attention runs as two parts
-            merged exactly (`attention_with_context`), so the rows keep SDPA's causal kernel, which does half the
-            work of a masked one. Without the KV cache, packing, padding masks or virtual tokens.
+            idx holds only what follows it, numbered from P unless position_ids says otherwise; each token sees the
+            whole context and its own row causally. Attention runs as two parts merged exactly
+            (`attention_with_context`), so the rows keep SDPA's causal kernel, which does half the work of a masked
+            one.
         keep (B, m): the positions of each row whose outputs are wanted (scoring reads one or a few per row); the
             result is (B, m, C|vocab) at those. The last block computes its attention output and MLP only there
-            (its keys and values still cover every position), which saves most of that block. Plain causal
-            attention only (with or without context_kv): no KV cache, packing, padding masks or virtual tokens.
+            (its keys and values still cover every position), which saves most of that block.
+        A model with virtual tokens (prompt/prefix/p-tuning) or a sliding window scores through `forward`.
         """
-        B, T = idx.shape
-        for name, arg in (("keep", keep), ("context_kv", context_kv)):
-            if arg is not None and (input_pos is not None or segment_ids is not None or attention_mask is not None
-                                    or self.virtual is not None):
-                raise ValueError(f"{name} runs without input_pos, segment_ids, attention_mask or virtual tokens")
+        if context_kv is None and keep is None:
+            return self.forward(idx, position_ids=position_ids, return_hidden=return_hidden)
+        if self.virtual is not None:
+            raise ValueError("score(context_kv=, keep=) runs without virtual tokens; score through forward")
+        P = 0 if context_kv is None else context_kv[0][0].shape[2]
+        if self.config.sliding_window is not None and P + idx.shape[1] > self.config.sliding_window:
+            raise ValueError("score(context_kv=, keep=) does not apply a sliding window; score through forward")
+        T = idx.shape[1]
         if context_kv is not None:
-            P = context_kv[0][0].shape[2]
-            if self.config.sliding_window is not None and P + T > self.config.sliding_window:
-                raise ValueError("context_kv does not apply a sliding window")
             if len(context_kv) != self.config.n_layer:
                 raise ValueError(f"context_kv has {len(context_kv)} layers, the model {self.config.n_layer}")
             if position_ids is None:
                 position_ids = torch.arange(P, P + T, device=idx.device)[None]
+        if position_ids is None:
+            position_ids = torch.arange(T, device=idx.device)[None]
+        x = self.transformer.wte(idx)  # (B, T, C)
+        x, cos, sin = self._positions(x, position_ids)
+        last = len(self.transformer.h) - 1
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cos, sin, None, None, context_kv=None if context_kv is None else context_kv[i],
+                      keep=keep if i == last else None)
+        x = self.transformer.ln_f(x)
+        return x if return_hidden else self.lm_head(x)
+
+    def _positions(self, x: torch.Tensor, position_ids: torch.Tensor):
+        """x with learned position embeddings added, or the RoPE (cos, sin) of position_ids: (x, cos, sin)."""
+        if self.config.learned_pos_emb:
+            return x + self.transformer.wpe(position_ids), None, None
+        cos_full, sin_full = self.rope_cache(x.device)
+        cos = cos_full[position_ids].unsqueeze(1).to(x.dtype)  # (B|1, 1, T, rope_n_elem)
+        sin = sin_full[position_ids].unsqueeze(1).to(x.dtype)
+        return x, cos, sin
+
+    def _run(self, idx, input_pos, position_ids, segment_ids, attention_mask, return_hidden) -> torch.Tensor:
+        """The shared body of `forward` (input_pos None) and `decode`."""
+        T = idx.shape[1]
         if position_ids is None:
             position_ids = input_pos.unsqueeze(0) if input_pos is not None else torch.arange(T, device=idx.device)[None]
         x = self.transformer.wte(idx)  # (B, T, C)
@@ -135,22 +167,8 @@ class GPT(nn.Module):
             mask = self._mask(T, None, segment_ids, attention_mask, idx.device)
             if self.virtual is not None:
                 mask = _mask_with_virtual(mask, T, self.n_virtual, prepended > 0, idx.device)
-        if keep is not None and mask is not None and context_kv is None:
-            raise ValueError("keep does not apply a sliding window")
-
-        if self.config.learned_pos_emb:
-            x = x + self.transformer.wpe(position_ids)
-            cos = sin = None
-        else:
-            cos_full, sin_full = self.rope_cache(idx.device)
-            cos = cos_full[position_ids].unsqueeze(1).to(x.dtype)  # (B|1, 1, T, rope_n_elem)
-            sin = sin_full[position_ids].unsqueeze(1).to(x.dtype)
-        last = len(self.transformer.h) - 1
+        x, cos, sin = self._positions(x, position_ids)
         for i, block in enumerate(self.transformer.h):
-            if context_kv is not None or keep is not None:
-                x = block(x, cos, sin, None, None, context_kv=None if context_kv is None else context_kv[i],
-                          keep=keep if i == last else None)
-                continue
             x = block(x, cos, sin, mask, input_pos, None if layer_kv is None else layer_kv[i])
         if prepended:
             x = x[:, prepended:]  # (B, T, C): the virtual positions produce no outputs
