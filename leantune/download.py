@@ -8,7 +8,6 @@ interrupted download never leaves a half-complete checkpoint where a good one wa
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 import shutil
@@ -16,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from leantune.checkpoint import gguf
+from leantune.checkpoint.hf import index_shards
 from leantune.checkpoint.io import OutputExistsError, atomic_dir, output_lock
 from leantune.models.decoder.presets import preset_names
 
@@ -51,8 +51,10 @@ def is_complete(folder: str | Path) -> bool:
         return False
     for suffix, index in _WEIGHT_INDEX.items():
         if (d / index).is_file():
-            with open(d / index, encoding="utf-8") as fh:
-                shards = set(json.load(fh).get("weight_map", {}).values())
+            try:
+                shards = index_shards(d / index)
+            except ValueError:  # damaged, or naming files outside the folder: not a complete model
+                return False
             return bool(shards) and all((d / s).is_file() for s in shards)
         if any(d.glob(f"*{suffix}")):
             return True
@@ -85,8 +87,9 @@ def _folder_files(names: list[str], read_index: Callable[[str], list[str]], wher
 
 
 def _read_index(folder: Path, name: str) -> list[str]:
-    with open(folder / name, encoding="utf-8") as fh:
-        return list(json.load(fh).get("weight_map", {}).values())
+    """The shards a weight index lists, each a plain file name (an index naming `../x` would copy from, and write
+    to, outside the folders)."""
+    return index_shards(folder / name)
 
 
 # ---- sources -------------------------------------------------------------------------------------------------

@@ -266,6 +266,19 @@ def test_local_sharded_folder_with_missing_shard(tmp_path):
     assert is_complete(download(str(src), tmp_path / "ck"))
 
 
+def test_a_weight_index_naming_files_outside_its_folder_is_refused(tmp_path):
+    """An index whose weight_map names `../secret.safetensors` would copy a file from outside the source folder and
+    write it outside the import folder: refused, naming the index, and nothing is written."""
+    src = _hf_folder(tmp_path / "evil", safetensors=False, bin_=False)
+    secret = tmp_path / "secret.safetensors"
+    save_safetensors({"a": torch.ones(1)}, secret)
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../secret.safetensors"}}))
+    with pytest.raises(ValueError, match="not plain file names"):
+        download(str(src), tmp_path / "ck" / "x")
+    assert not (tmp_path / "ck" / "x").exists() and not list(tmp_path.glob("ck/**/*.safetensors"))
+    assert not is_complete(src)
+
+
 def test_unknown_name_is_not_sent_to_hub(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither an existing local"):
         download("./no/such/dir", tmp_path / "ck")

@@ -157,7 +157,7 @@ def iter_hf_tensors(checkpoint_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                              "incomplete: download or export it again") from e
 
 
-def _index_shards(index: Path) -> list[str]:
+def index_shards(index: Path) -> list[str]:
     """The shard file names a weight index lists; each must be a plain name in the index's own folder."""
     try:
         with open(index, encoding="utf-8") as fh:
@@ -183,7 +183,7 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
     for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"), ("pytorch_model.bin.index.json", "*.bin")):
         index = d / index_name
         if index.is_file():
-            names = _index_shards(index)
+            names = index_shards(index)
             missing = [n for n in names if not (d / n).is_file()]
             if missing:
                 raise FileNotFoundError(f"{index}: shards listed but missing: {missing}")
