@@ -24,7 +24,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import get_token
 
-from leantune.checkpoint.io import OUTPUT_MARKER
+from leantune.checkpoint.io import OUTPUT_MARKER, check_not_being_written
 from leantune.checkpoint.peft_dir import CONFIG_FILE as PEFT_CONFIG
 from leantune.checkpoint.peft_dir import is_peft_dir, read_peft_config
 from leantune.export import export_peft_adapter
@@ -233,6 +233,7 @@ def push(folder: Path, repo_id: str, checkpoint_dir: Path | None = None, run_dir
     """
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo_id or ""):
         raise ValueError(f"--repo_id {repo_id!r}: give a Hub repo id such as your-name/smollm2-lora")
+    check_not_being_written(folder)  # a merge, export or run still writing it: its files could be half old, half new
     with tempfile.TemporaryDirectory(prefix="leantune-upload-") as tmp:
         plan = plan_upload(Path(folder), Path(tmp), checkpoint_dir, run_dir, base_model)
         portable_peft_config(plan, Path(tmp))

@@ -258,3 +258,35 @@ def test_a_second_writer_of_one_out_dir_is_refused(command, adapter, tiny_checkp
         holder.wait()
     main(argv)  # the holder gone, the same command goes through
     assert target.is_dir() and not [p for p in target.parent.iterdir() if p.name.startswith(".")]
+
+
+HOLD_RUN = textwrap.dedent("""
+    import sys, time
+    from leantune.checkpoint.io import lock_file
+    lock_file(sys.argv[1])
+    print("held", flush=True)
+    time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("writer", ["merge", "run"])
+def test_upload_refuses_a_folder_another_process_is_writing(writer, adapter, tmp_path, capsys):
+    """A merge or export still writing the folder, or a live run that will replace its final/: reading it could mix
+    old and new files. The same locks held by this process (a run finished in a notebook) do not count."""
+    argv = ["upload", str(adapter), "--repo_id", "me/x", "--dry_run", "true"]
+    script, lock = (HOLD, adapter) if writer == "merge" else (HOLD_RUN, adapter.parent / io.RUN_LOCK)
+    holder = subprocess.Popen([sys.executable, "-c", script, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = one_error(capsys, argv)
+        assert "being written by another running leantune process" in line and str(adapter) in line
+    finally:
+        holder.kill()
+        holder.wait()
+    held = io.lock_file(adapter.parent / io.RUN_LOCK)  # this process's own run lock
+    try:
+        main(argv)  # nobody else writing: the dry run goes through
+    finally:
+        io._release(held)
+        (adapter.parent / io.RUN_LOCK).unlink()
+    assert "would upload:" in capsys.readouterr().out

@@ -399,7 +399,19 @@ def lock_file(lock: str | Path, *, wait: bool = False) -> int | None:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             return None
         raise
+    st = os.fstat(fd)
+    _HELD[st.st_dev, st.st_ino] = fd
     return fd
+
+
+_HELD: dict[tuple[int, int], int] = {}
+"""The locks this process holds ((device, inode) -> fd): what this process writes is not another's."""
+
+
+def _release(fd: int) -> None:
+    st = os.fstat(fd)
+    _HELD.pop((st.st_dev, st.st_ino), None)
+    os.close(fd)
 
 
 def lock_path(output: str | Path) -> Path:
@@ -426,7 +438,7 @@ def output_lock(output: str | Path, *, wait: bool = False) -> Iterator[None]:
                                   "finish, stop it, or pick another --out_dir")
         if fd == -1 or _same_file(fd, lock):
             break
-        os.close(fd)  # the previous holder removed the file between our open and our lock: lock the new one
+        _release(fd)  # the previous holder removed the file between our open and our lock: lock the new one
     else:
         raise OutputBusyError(f"{output}: could not take its lock {lock}; try again")
     try:
@@ -434,7 +446,7 @@ def output_lock(output: str | Path, *, wait: bool = False) -> Iterator[None]:
     finally:
         if fd != -1:
             lock.unlink(missing_ok=True)  # while still holding it: a waiter then sees another inode and retries
-            os.close(fd)
+            _release(fd)
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -466,3 +478,42 @@ def claimed_output_file(path: str | Path, overwrite: bool = False, *, magic: byt
     with output_lock(path):
         claim_output_file(path, overwrite, magic=magic)
         yield path
+
+
+def held_elsewhere(lock: str | Path) -> bool:
+    """Whether another live process holds the flock on an existing `lock` (none is created): it is writing what the
+    lock guards. A lock this process holds (a run finished in it, e.g. in a notebook) is not another's."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:  # no lock file: nobody holds it
+        return False
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) in _HELD:
+        os.close(fd)
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock this call took
+    return False
+
+
+RUN_LOCK = ".leantune.lock"
+"""The lock a training run holds inside its --out_dir for its whole life (leantune.train.run_dir)."""
+
+
+def check_not_being_written(folder: str | Path) -> None:
+    """Refuse to read `folder` while a live leantune process writes it: a merge or export into it (its output lock),
+    or, for a run's `final/`, the run that will replace it (the run folder's lock). Reading it then could mix files
+    of the old and the new folder."""
+    folder = Path(folder)
+    writing = held_elsewhere(lock_path(folder)) or (folder.name == "final" and held_elsewhere(folder.parent / RUN_LOCK))
+    if writing:
+        raise OutputBusyError(f"{folder} is being written by another running leantune process: wait for it to "
+                              "finish, then run this again")

@@ -25,10 +25,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from leantune.checkpoint.io import lock_file
+from leantune.checkpoint.io import RUN_LOCK, lock_file
 from leantune.train.state import checkpoint_step, find_latest_checkpoint
 
-LOCK_FILE = ".leantune.lock"
+LOCK_FILE = RUN_LOCK
 RUN_OUTPUTS = ("final", "metrics.csv", "loss.png", "summary.json", "tensorboard", "run.json")
 """Top-level names a run writes (besides step-N folders and hidden temporaries); --overwrite removes only these."""
 _STEP = re.compile(r"step-\d+")
