@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from leantune.checkpoint.io import write_json
+from leantune.checkpoint.io import disk_full_names, write_json
 from leantune.data import DataModule, Demo
 from leantune.download import DEFAULT_CHECKPOINT, ensure_checkpoint
 from leantune.evaluation.evaluate import cut_at_stop, encode_prompts, task_eval
@@ -150,7 +150,7 @@ def finetune(
                   overwrite=overwrite, fsdp=fsdp)
     parallel = init_from_env(run.fsdp.timeout, devices)
     try:
-        with quiet_unless_main(parallel):
+        with quiet_unless_main(parallel), disk_full_names(run.out_dir):  # a full disk names the run's folder
             return run_finetune(run, parallel)
     finally:
         shutdown(parallel)

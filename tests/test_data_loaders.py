@@ -177,7 +177,7 @@ def test_text_windows_predict_every_token_once():
 def test_every_module_is_a_cli_ready_dataclass():
     modules = [data_pkg.DATA_MODULES[k] for k in data_pkg.DATA_MODULES]
     assert {m.__name__ for m in modules} == {"Alpaca", "Dolly", "LIMA", "LongForm", "FLAN", "JSON", "Chat",
-                                              "Summarization", "Text", "Demo"}
+                                              "Summarization", "Text", "Demo", "Preference", "DemoPreference"}
     for cls in modules:
         assert issubclass(cls, DataModule) and dataclasses.is_dataclass(cls)
         hints = typing.get_type_hints(cls)

@@ -14,12 +14,14 @@ from leantune.data.flan import FLAN
 from leantune.data.json_data import JSON
 from leantune.data.lima import LIMA
 from leantune.data.longform import LongForm
+from leantune.data.preference import DemoPreference, Preference, PreferenceDataModule
 from leantune.data.prompts import PromptStyle, prompt_style_for_checkpoint
 from leantune.data.summarization import Summarization
 from leantune.data.text import Text
 
 DATA_MODULES: dict[str, type[DataModule]] = {
-    cls.__name__.lower(): cls for cls in (Alpaca, Dolly, LIMA, LongForm, FLAN, JSON, Chat, Summarization, Text, Demo)
+    cls.__name__.lower(): cls for cls in (Alpaca, Dolly, LIMA, LongForm, FLAN, JSON, Chat, Summarization, Text, Demo,
+                                                  Preference, DemoPreference)
 }
 
 
@@ -32,7 +34,7 @@ def get_data_module(name: str, **kwargs) -> DataModule:
 
 
 __all__ = [
-    "DATA_MODULES", "DEFAULT_MAX_SEQ_LENGTH", "FLAN", "JSON", "LIMA", "Alpaca", "Chat", "DataError", "DataModule", "Demo", "Dolly",
-    "InstructionDataModule", "LongForm", "PromptStyle", "Summarization", "Text", "get_data_module",
+    "DATA_MODULES", "DEFAULT_MAX_SEQ_LENGTH", "FLAN", "JSON", "LIMA", "Alpaca", "Chat", "DataError", "DataModule", "Demo", "DemoPreference", "Dolly",
+    "InstructionDataModule", "LongForm", "Preference", "PreferenceDataModule", "PromptStyle", "Summarization", "Text", "get_data_module",
     "prompt_style_for_checkpoint",
 ]
