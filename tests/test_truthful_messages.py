@@ -190,3 +190,20 @@ def test_chat_says_when_an_answer_stopped_at_max_new_tokens(tiny_checkpoint, mon
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
     chat.chat(checkpoint_dir=tiny_checkpoint, temperature=0.0, max_new_tokens=3, threads=1)
     assert "stopped at" not in capsys.readouterr().err
+
+
+def test_a_full_disk_while_training_names_the_run_folder(tiny_checkpoint, json_data, tmp_path, monkeypatch, capsys):
+    """A metrics row that cannot be flushed names no file of its own: the line names the run's --out_dir."""
+    import leantune.train.metrics as metrics
+
+    def full(self, row):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(metrics.MetricsWriter, "write", full)
+    out = tmp_path / "run"
+    line = one_error(capsys, ["finetune", "lora", "--checkpoint_dir", str(tiny_checkpoint), "--data", "JSON",
+                              "--data.json_path", str(json_data), "--out_dir", str(out), "--train.max_steps", "1",
+                              "--train.micro_batch_size", "2", "--train.global_batch_size", "2",
+                              "--train.max_seq_length", "64", "--eval.exact_match", "false",
+                              "--eval.sample_new_tokens", "0", "--eval.max_batches", "1"])
+    assert line == (f"error: no space left on the device holding {out} (nothing was replaced there): free some space, "
+                    "or write to another disk (e.g. another --out_dir)")

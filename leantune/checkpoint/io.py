@@ -210,6 +210,18 @@ def named_disk_errors(where: Path) -> Iterator[None]:
         raise
 
 
+@contextmanager
+def disk_full_names(where: Path) -> Iterator[None]:
+    """A full disk inside the block that names no file (a log line or a CSV row flushed) becomes NoSpaceError naming
+    `where`, the output the block writes; one that names its file keeps it."""
+    try:
+        yield
+    except (OSError, safetensors.SafetensorError) as e:
+        if is_disk_full(e) and not isinstance(e, NoSpaceError) and not getattr(e, "filename", None):
+            raise no_space(where) from e
+        raise
+
+
 def _rename(src: Path, dst: Path, final_dir: Path) -> None:
     """os.replace, with a mount point or a cross-device folder refused in one line instead of a bare EBUSY."""
     try:
