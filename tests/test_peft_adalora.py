@@ -32,10 +32,18 @@ from leantune.peft.adalora_layers import (
     merge_adalora,
     orth_regularizer,
 )
-from leantune.peft.adalora_peft import _hf_modules, _triplet, export_peft, import_peft
+from leantune.peft.peft_format import ADALORA, peft_modules
+from leantune.peft.peft_format import adalora_triplet as _triplet
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.optim import OptimizerArgs
 from leantune.train.step import train_step
+
+export_peft, import_peft = ADALORA.export, ADALORA.load
+
+
+def _hf_modules(model):
+    """(HF module path, our layer, part) for each PEFT module of the model's AdaLoRA."""
+    return [(site.hf, layer, part) for site, layer, part in peft_modules(model, ADALORA)]
 
 SCHEDULE = dict(init_r=6, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=8)
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

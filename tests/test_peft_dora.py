@@ -19,7 +19,15 @@ from leantune.models.decoder.model import GPT
 from leantune.models.quantize import dequantize_model, quantize_model
 from leantune.peft.lora import DoRAArgs, LoRALinear, apply_dora, merge_lora
 from leantune.peft.lora_dora import squared_row_norms
-from leantune.peft.lora_peft import export_peft, import_peft
+from leantune.peft.peft_format import LORA
+
+export_peft = LORA.export
+
+
+def import_peft(model, folder):
+    """Load a PEFT LoRA folder; the names of the parameters it made trainable."""
+    LORA.load(model, folder)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 HF_TARGETS = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "projection": "o_proj", "head": "lm_head",
               "mlp": ["gate_proj", "up_proj", "down_proj"]}

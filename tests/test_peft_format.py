@@ -12,7 +12,15 @@ from leantune.checkpoint.hf import load_hf_checkpoint
 from leantune.checkpoint.peft_dir import is_peft_dir
 from leantune.methods import load_any_adapter
 from leantune.peft.lora import LoRAArgs, LoRALinear, apply_lora
-from leantune.peft.lora_peft import export_peft, import_peft
+from leantune.peft.peft_format import LORA
+
+export_peft = LORA.export
+
+
+def import_peft(model, folder):
+    """Load a PEFT LoRA folder; the names of the parameters it made trainable."""
+    LORA.load(model, folder)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def randomize_lora(model):

@@ -25,9 +25,11 @@ from leantune.models.decoder.families import config_from_hf
 from leantune.models.decoder.model import GPT
 from leantune.models.quantize import dequantize_model, quantize_model
 from leantune.peft.ia3 import METHOD, IA3Args, IA3Linear, apply_ia3, merge_ia3
-from leantune.peft.ia3_peft import export_peft, import_peft
+from leantune.peft.peft_format import IA3
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.optim import OptimizerArgs
+
+export_peft, import_peft = IA3.export, IA3.load
 
 
 def randomize(model):

@@ -11,19 +11,28 @@ model_type. Adding a kind is one record in `KINDS` (tests/test_model_kinds.py ad
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from leantune.checkpoint.hf import hf_to_ours, iter_hf_tensors, load_hf_checkpoint, save_hf_checkpoint
-from leantune.checkpoint.t5_hf import load_t5_checkpoint, save_t5_checkpoint, t5_from_hf_state_dict
+from leantune.checkpoint.hf import (
+    blocked_to_grouped,
+    grouped_to_blocked,
+    hf_to_ours,
+    iter_hf_tensors,
+    load_hf_checkpoint,
+    save_hf_checkpoint,
+)
+from leantune.checkpoint.t5_hf import hf_name, load_t5_checkpoint, save_t5_checkpoint, t5_from_hf_state_dict
 from leantune.decode.generate import greedy_batch
 from leantune.decode.seq2seq import pad_inputs, t5_generate
-from leantune.models.decoder.families import config_from_checkpoint
+from leantune.models.decoder.families import config_from_checkpoint, family_of
 from leantune.models.decoder.model import GPT
 from leantune.models.quantize import check_mode, quantize_model
 from leantune.models.t5.model import T5, T5Config
@@ -44,6 +53,32 @@ CAPABILITY_FLAGS = {
     COMPILE: "--train.compile true", DECODE_COMPILE: "--compile true", FSDP: "--devices N (FSDP2)",
     GGUF: "export --format gguf",
 }
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class PeftSite:
+    """One module HF PEFT can adapt, as PEFT names it and as leantune holds it."""
+
+    hf: str  # the HF module path (a PEFT key is base_model.model.<hf>.<tensor>)
+    ours: str  # our module path (`model.get_submodule`)
+    rows: tuple[int, int] | None  # the output rows of `ours` this HF module is (one of a split q/k/v); None: all
+    targets: tuple[str, ...]  # the leantune targets (query, ..., head) that select it
+    to_hf: Callable[[torch.Tensor], torch.Tensor] = _same  # our output-row order -> the HF module's (dim 0)
+    from_hf: Callable[[torch.Tensor], torch.Tensor] = _same
+
+
+@dataclass(frozen=True)
+class PeftLayout:
+    """How a kind's modules appear in HF PEFT adapter folders (read by `leantune.peft.peft_format`)."""
+
+    task_type: str  # PEFT's task_type: CAUSAL_LM, SEQ_2_SEQ_LM
+    sites: Callable[[nn.Module], list[PeftSite]]  # every linear PEFT can adapt (the head's aliases after its name)
+    fan_in_fan_out: Callable[[Any], bool]  # config -> linears stored (in, out), as transformers' Conv1D
+    prompt_fields: Callable[[Any], dict[str, int]]  # config -> token_dim, num_transformer_submodules, heads, layers
 
 
 @dataclass(frozen=True)
@@ -67,6 +102,7 @@ class ModelKind:
     context_length: Callable[[Any], int | None]  # config -> the longest sequence it was built for (None: no limit)
     greedy: Callable[..., list[list[int]]]  # (model, prompts, max_new_tokens, eos_ids, pad_id) -> new tokens
     lacks: Mapping[str, str] = field(default_factory=dict)  # capability or "method:<name>" -> why it is missing
+    peft: PeftLayout | None = None  # its layout in HF PEFT folders; None: PEFT has none
 
     def check(self, capability: str, flag: str | None = None) -> None:
         """Refuse a capability this kind lacks: one line naming the flag, the kind and why."""
@@ -100,6 +136,30 @@ def _decoder_architecture(model: nn.Module) -> dict[str, Any]:
             "intermediate_size": c.intermediate_size, "vocab_size": c.padded_vocab_size}
 
 
+_QKV = ("query", "key", "value")
+
+
+def _decoder_peft_sites(model: nn.Module) -> list[PeftSite]:
+    """A decoder's block linears and head under the family's HF names: a split q/k/v is three sites over rows of our
+    fused qkv, a fused HF qkv one site (rows regrouped per kv head where the family groups them)."""
+    cfg, fam = model.config, family_of(model.config)
+    q, k, v = cfg.qkv_sizes
+    grouped = dict(to_hf=partial(blocked_to_grouped, config=cfg),
+                   from_hf=partial(grouped_to_blocked, config=cfg)) if fam.qkv_layout == "grouped" else {}
+    sites = []
+    for i in range(cfg.n_layer):
+        hf, ours = f"{fam.layer_prefix}.{i}.", f"transformer.h.{i}."
+        for mod, names in fam.linear_modules().items():
+            if mod == "attn.qkv" and fam.qkv_layout == "split":
+                sites += [PeftSite(hf + n, ours + mod, rows, (t,))
+                          for n, rows, t in zip(names, ((0, q), (q, q + k), (q + k, q + k + v)), _QKV)]
+            else:
+                targets = _QKV if mod == "attn.qkv" else ("projection",) if mod == "attn.proj" else ("mlp",)
+                sites.append(PeftSite(hf + names[0], ours + mod, None, targets, **(grouped if mod == "attn.qkv" else {})))
+    heads = dict.fromkeys(h for h in (fam.peft_head_module(), fam.head_module, fam.head_module_before_v5) if h)
+    return sites + [PeftSite(h, "lm_head", None, ("head",)) for h in heads]
+
+
 DECODER = ModelKind(
     name="decoder", model_class=GPT, read_config=config_from_checkpoint, seq2seq=False,
     matches=lambda cfg: cfg.get("model_type") != "t5",  # every family's model_type (the loader names unknown ones)
@@ -116,6 +176,11 @@ DECODER = ModelKind(
     context_length=lambda config: config.block_size,
     greedy=lambda model, prompts, max_new_tokens, eos_ids, pad_id: greedy_batch(
         model, prompts, max_new_tokens, eos_ids, pad_id=pad_id),
+    peft=PeftLayout(
+        task_type="CAUSAL_LM", sites=_decoder_peft_sites,
+        fan_in_fan_out=lambda config: family_of(config).transposed_linears,
+        prompt_fields=lambda c: dict(token_dim=c.n_embd, num_transformer_submodules=1, num_attention_heads=c.n_head,
+                                     num_layers=c.n_layer)),
 )
 
 
@@ -143,6 +208,17 @@ def _t5_greedy(model: T5, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     return [row[1:] for row in out.tolist()]
 
 
+_T5_LINEAR = re.compile(r"(?:encoder|decoder)\.block\.\d+\.(?:attn|cross_attn|ff)\.(q|k|v|o|wi|wi_0|wi_1|wo)")
+_T5_TARGETS = {"q": ("query",), "k": ("key",), "v": ("value",), "o": ("projection",), "wo": ("mlp",)}
+
+
+def _t5_peft_sites(model: nn.Module) -> list[PeftSite]:
+    """A T5's linears, one PEFT module each, under transformers' names (`hf_name`)."""
+    sites = [PeftSite(hf_name(n), n, None, _T5_TARGETS.get(m.group(1), ("mlp",)))
+             for n, _ in model.named_modules() if (m := _T5_LINEAR.fullmatch(n))]
+    return sites + [PeftSite("lm_head", "lm_head", None, ("head",))]
+
+
 _NO_PREFIX_GATE = ("LLaMA-Adapter gates a learned prompt into the top decoder self-attention layers of a decoder-only "
                    "model; it has no published definition for an encoder-decoder (peft has none either): use lora, "
                    "ia3, prompt or prefix")
@@ -161,6 +237,10 @@ T5_KIND = ModelKind(
     decoder_start_id=lambda config: config.decoder_start_token_id,
     context_length=lambda config: config.extra.get("n_positions"),  # relative positions: a trained length, if said
     greedy=_t5_greedy,
+    peft=PeftLayout(  # PEFT sizes a seq2seq prompt for the encoder and the decoder and uses the encoder's rows
+        task_type="SEQ_2_SEQ_LM", sites=_t5_peft_sites, fan_in_fan_out=lambda config: False,
+        prompt_fields=lambda c: dict(token_dim=c.d_model, num_transformer_submodules=2, num_attention_heads=c.num_heads,
+                                     num_layers=c.num_layers)),
     lacks={
         WEIGHT_ONLY: "the int8/int4 decode kernels serve the decoder's one-token steps; T5 decodes in float or on a "
                      "bitsandbytes base (--quantize bnb.nf4)",

@@ -1,4 +1,4 @@
-"""AdaLoRA as a method of the one training loop: the layer is in `adalora_layers`, PEFT's format in `adalora_peft`,
+"""AdaLoRA as a method of the one training loop: the layer is in `adalora_layers`, PEFT's format in `peft_format`,
 and the rank allocator (PEFT's `RankAllocator` + `AdaLoraModel.update_and_allocate`) is here, as the record's hooks.
 
 After every optimizer step (`on_step`, gradients still present) the allocator smooths each trained entry's
@@ -25,8 +25,8 @@ from leantune.peft.adalora_layers import (
     merge_adalora,
     orth_regularizer,
 )
-from leantune.peft.adalora_peft import export_peft, import_peft
-from leantune.peft.base import Method, PeftFormat
+from leantune.peft.base import Method
+from leantune.peft.peft_format import ADALORA
 
 __all__ = ["METHOD", "AdaLoRAArgs", "AdaLoRALinear", "allocate", "apply_adalora", "budget_schedule", "merge_adalora"]
 
@@ -130,7 +130,7 @@ METHOD = Method(
     adapter_params=adalora_params,
     default_lr=2e-3,
     merge=merge_adalora,
-    peft=PeftFormat(peft_type="ADALORA", export=export_peft, load=import_peft),
+    peft=ADALORA.format,
     regularizer=orth_regularizer,
     on_step=allocate,
     train_state=allocator_state,

@@ -1,4 +1,4 @@
-"""IA3 as a method of the one training loop (the layer is in `ia3_layers`, PEFT's format in `ia3_peft`).
+"""IA3 as a method of the one training loop (the layer is in `ia3_layers`, PEFT's format in `peft_format`).
 
 Learned vectors, initialised to ones, rescale the keys and values (rows of the fused qkv output) and the MLP's inner
 activations (the down projection's input): a few thousand parameters per layer, mergeable into the weights, and
@@ -8,9 +8,9 @@ dequantized weight scaled, never requantized).
 
 from __future__ import annotations
 
-from leantune.peft.base import Method, PeftFormat
+from leantune.peft.base import Method
 from leantune.peft.ia3_layers import TARGETS, IA3Args, IA3Linear, apply_ia3, ia3_params, merge_ia3, target_layers
-from leantune.peft.ia3_peft import export_peft, import_peft
+from leantune.peft.peft_format import IA3
 
 __all__ = ["METHOD", "TARGETS", "IA3Args", "IA3Linear", "apply_ia3", "ia3_params", "merge_ia3", "target_layers"]
 
@@ -22,5 +22,5 @@ METHOD = Method(
     adapter_params=ia3_params,
     default_lr=1e-2,  # ~60k parameters on SmolLM2-135M: vectors near 1 need larger steps than LoRA (1e-3)
     merge=merge_ia3,
-    peft=PeftFormat(peft_type="IA3", export=export_peft, load=import_peft),
+    peft=IA3.format,
 )

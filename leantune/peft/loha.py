@@ -15,10 +15,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from leantune.checkpoint.hf import blocked_to_grouped, grouped_to_blocked
-from leantune.models.decoder.families import Family
 from leantune.models.decoder.model import GPT
-from leantune.peft.base import Method, PeftFormat
+from leantune.models.kinds import PeftSite
+from leantune.peft.base import Method
 from leantune.peft.lycoris import (
     LycorisLinear,
     apply_lycoris,
@@ -28,7 +27,7 @@ from leantune.peft.lycoris import (
     merge_lycoris,
     parse_targets,
 )
-from leantune.peft.lycoris_peft import LycorisSpec, copy_factors, export_lycoris, import_lycoris
+from leantune.peft.peft_format import copy_factors, lycoris_record
 
 NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
@@ -118,7 +117,7 @@ def merge_loha(model: GPT, weight: float = 1.0) -> GPT:
 
 
 # ---- PEFT format ----------------------------------------------------------------------------------------------
-def _fuse(mod: LycorisLinear, model: GPT, fam: Family) -> tuple[dict[str, torch.Tensor], int]:
+def _fuse(mod: LycorisLinear, site: PeftSite) -> tuple[dict[str, torch.Tensor], int]:
     """Our P rank-r parts of a fused qkv as one rank-(P r) LoHa over the whole HF layer, exactly: part j's w*_a sit
     in its rows and columns j r..(j+1) r (zeros elsewhere), the w*_b are stacked, so each product is block-diagonal
     and the Hadamard product keeps every part's own update (rows permuted to the HF qkv order)."""
@@ -128,18 +127,18 @@ def _fuse(mod: LycorisLinear, model: GPT, fam: Family) -> tuple[dict[str, torch.
         wa = torch.zeros(mod.out_features, P * r, dtype=getattr(mod.factors[0], a).dtype)  # (out, P r)
         for j, ((s, e), f) in enumerate(zip(mod.parts, mod.factors)):
             wa[s:e, j * r:(j + 1) * r] = getattr(f, a).detach().cpu()
-        out[a] = blocked_to_grouped(wa, model.config) if fam.qkv_layout == "grouped" else wa
+        out[a] = site.to_hf(wa)
         out[b] = torch.cat([getattr(f, b).detach().cpu() for f in mod.factors])  # (P r, in)
     return out, P * r
 
 
-def _split(mod: LycorisLinear, tensors: dict[str, torch.Tensor], model: GPT, fam: Family) -> None:
+def _split(mod: LycorisLinear, tensors: dict[str, torch.Tensor], site: PeftSite, where: str) -> None:
     """One rank-r LoHa over a fused HF qkv as our three parts: rows split, the w*_b shared (copied) by each part."""
-    rows = {n: grouped_to_blocked(tensors[n], model.config) if fam.qkv_layout == "grouped" else tensors[n]
-            for n in ("hada_w1_a", "hada_w2_a") if n in tensors}
+    rows = {n: site.from_hf(tensors[n]) for n in ("hada_w1_a", "hada_w2_a")
+            if n in tensors and tensors[n].shape[0] == mod.out_features}
     for (s, e), f in zip(mod.parts, mod.factors):
         part = {n: (rows[n][s:e] if n in rows else t) for n, t in tensors.items()}
-        copy_factors(f, part, f"{fam.model_type} fused qkv LoHa")
+        copy_factors(f, part, where)
 
 
 def _config_fields(args: Any) -> dict[str, Any]:
@@ -152,8 +151,8 @@ def _args_from_config(pcfg: dict[str, Any], targets: list[str]) -> LoHaArgs:
                     module_dropout=float(pcfg.get("module_dropout") or 0), targets=targets)
 
 
-SPEC = LycorisSpec(peft_type="LOHA", flag="loha", factor_type=LoHaFactors, tensor_names=NAMES, apply=apply_loha,
-                   config_fields=_config_fields, args_from_config=_args_from_config, fuse=_fuse, split=_split)
+SPEC = lycoris_record(peft_type="LOHA", flag="loha", factor_type=LoHaFactors, tensor_names=NAMES, apply=apply_loha,
+                      config_fields=_config_fields, args_from_config=_args_from_config, fuse=_fuse, split=_split)
 
 METHOD = Method(
     name="loha",
@@ -164,6 +163,5 @@ METHOD = Method(
     adapter_params=loha_params,
     default_lr=1e-2,  # 0% -> 59% on Demo in 50 steps; 1e-3 (LoRA's) learned nothing: four small factors
     merge=merge_loha,
-    peft=PeftFormat(peft_type="LOHA", export=functools.partial(export_lycoris, spec=SPEC),
-                    load=functools.partial(import_lycoris, spec=SPEC)),
+    peft=SPEC.format,
 )

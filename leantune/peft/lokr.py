@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 
 from leantune.models.decoder.model import GPT
-from leantune.peft.base import Method, PeftFormat
+from leantune.peft.base import Method
 from leantune.peft.lycoris import apply_lycoris, check_common, factor_params, init_kaiming, merge_lycoris, parse_targets
-from leantune.peft.lycoris_peft import LycorisSpec, export_lycoris, import_lycoris
+from leantune.peft.peft_format import lycoris_record
 
 NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
@@ -145,8 +145,8 @@ def _args_from_config(pcfg: dict[str, Any], targets: list[str]) -> LoKrArgs:
 
 
 # No `fuse`/`split`: one Kronecker product over a fused HF qkv cannot hold our separate per-part products.
-SPEC = LycorisSpec(peft_type="LOKR", flag="lokr", factor_type=LoKrFactors, tensor_names=NAMES, apply=apply_lokr,
-                   config_fields=_config_fields, args_from_config=_args_from_config)
+SPEC = lycoris_record(peft_type="LOKR", flag="lokr", factor_type=LoKrFactors, tensor_names=NAMES, apply=apply_lokr,
+                      config_fields=_config_fields, args_from_config=_args_from_config)
 
 METHOD = Method(
     name="lokr",
@@ -157,6 +157,5 @@ METHOD = Method(
     adapter_params=lokr_params,
     default_lr=1e-2,  # 0% -> 45% on Demo in 50 steps; 1e-3 gave 13%: the Kronecker update grows slowly
     merge=merge_lokr,
-    peft=PeftFormat(peft_type="LOKR", export=functools.partial(export_lycoris, spec=SPEC),
-                    load=functools.partial(import_lycoris, spec=SPEC)),
+    peft=SPEC.format,
 )

@@ -1,13 +1,11 @@
 """LoRA, QLoRA and DoRA as methods of the one training loop (the layer is in `lora_layers`, DoRA's math in
-`lora_dora`, PEFT's format in `lora_peft`)."""
+`lora_dora`, PEFT's format in `peft_format`)."""
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
-from leantune.models.decoder.model import GPT
-from leantune.peft.base import Method, PeftFormat
+from leantune.peft.base import Method
 from leantune.peft.lora_layers import (
     TARGETS,
     DoRAArgs,
@@ -17,23 +15,12 @@ from leantune.peft.lora_layers import (
     apply_lora,
     lora_params,
     merge_lora,
-    present_targets,
     target_layers,
 )
-from leantune.peft.lora_peft import _read_config, export_peft, import_peft
+from leantune.peft.peft_format import LORA as LORA_PEFT
 
 __all__ = ["METHODS", "TARGETS", "DoRAArgs", "LoRAArgs", "LoRALinear", "apply_dora", "apply_lora", "lora_params",
            "merge_lora", "target_layers"]
-
-
-def load_peft_lora(model: GPT, peft_dir: Path) -> LoRAArgs:
-    """Apply a PEFT LoRA folder and return the LoRAArgs (DoRAArgs with `use_dora`) it amounts to (targets as present
-    in the model)."""
-    import_peft(model, peft_dir)
-    pcfg = _read_config(Path(peft_dir))
-    args_class = DoRAArgs if pcfg.get("use_dora") else LoRAArgs
-    return args_class(r=int(pcfg["r"]), alpha=float(pcfg["lora_alpha"]), dropout=float(pcfg.get("lora_dropout") or 0.0),
-                      rslora=bool(pcfg.get("use_rslora")), targets=present_targets(model))
 
 
 LORA = Method(
@@ -44,7 +31,7 @@ LORA = Method(
     adapter_params=lora_params,
     default_lr=1e-3,
     merge=merge_lora,
-    peft=PeftFormat(peft_type="LORA", export=export_peft, load=load_peft_lora),
+    peft=LORA_PEFT.format,
 )
 QLORA = dataclasses.replace(
     LORA, name="qlora", summary="QLoRA: LoRA on a 4-bit NF4 double-quantized frozen base (--quantize bnb.nf4-dq)",
@@ -58,8 +45,8 @@ DORA = Method(
     adapter_params=lora_params,
     default_lr=1e-3,
     merge=merge_lora,
-    peft=PeftFormat(peft_type="LORA", export=export_peft, load=load_peft_lora),
+    peft=LORA_PEFT.format,
 )
-# LORA before DORA: a PEFT folder is read by the first record of its peft_type (`methods.peft_method`), and
-# load_peft_lora reads both kinds (use_dora or not).
+# LORA before DORA: a PEFT folder is read by the first record of its peft_type (`methods.peft_method`), and its
+# load reads both kinds (DoRAArgs for use_dora).
 METHODS = (LORA, QLORA, DORA)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from leantune.models.decoder.model import GPT
 from leantune.peft.base import Method, PeftFormat, mark_trainable
+from leantune.peft.peft_format import export_p_tuning, load_into, read_virtual
 from leantune.peft.virtual import PromptEmbeddings, input_embedding, install, placement, virtual_params
-from leantune.peft.virtual_peft import export_p_tuning, load_into, read_virtual
 
 ENCODERS = ("mlp", "lstm", "none")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from leantune.models.decoder.model import GPT
 from leantune.models.kinds import kind_of
 from leantune.peft.base import Method, PeftFormat, mark_trainable
+from leantune.peft.peft_format import export_prefix, load_into, read_virtual
 from leantune.peft.virtual import PrefixKV, install, placement, virtual_params
-from leantune.peft.virtual_peft import export_prefix, load_into, read_virtual
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from leantune.models.decoder.model import GPT
 from leantune.peft.base import Method, PeftFormat, mark_trainable
+from leantune.peft.peft_format import export_prompt_tuning, load_into, read_virtual
 from leantune.peft.virtual import (
     PromptEmbeddings,
     init_from_tokens,
@@ -22,7 +23,6 @@ from leantune.peft.virtual import (
     sample_vocab_ids,
     virtual_params,
 )
-from leantune.peft.virtual_peft import export_prompt_tuning, load_into, read_virtual
 
 INITS = ("vocab", "text", "random")
 
