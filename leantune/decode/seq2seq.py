@@ -12,7 +12,7 @@ heuristics), so its outputs equal `num_beams` beam search there.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -52,10 +52,13 @@ def _block_eos(logits: torch.Tensor, eos: list[int], generated: int, min_new_tok
 def t5_generate(model: T5, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 max_new_tokens: int = 20, min_new_tokens: int = 0, sampling: Sampling | None = None,
                 eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
-                generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+                generator: torch.Generator | None = None, use_cache: bool = True,
+                stop_fn: Callable[[int, list[int]], bool] | None = None) -> torch.Tensor:
     """Greedy (the default Sampling) or sampled decoding of a batch: input_ids (B, S) -> (B, 1 + n) decoder tokens,
     n <= max_new_tokens, starting with the decoder start token; rows that ended (EOS) are padded with pad_id.
-    use_cache=False recomputes the whole decoder sequence every step (the reference path for tests)."""
+    use_cache=False recomputes the whole decoder sequence every step (the reference path for tests).
+    `stop_fn(row, new_tokens)` (as `greedy_batch` takes it) ends a row after a token when it says so (e.g. a stop
+    string appeared in the row's text); the row is padded from there like one that ended with EOS."""
     sampling = sampling or Sampling()
     eos, pad = _ids(model, eos_ids, pad_id)
     B = input_ids.shape[0]
@@ -65,6 +68,7 @@ def t5_generate(model: T5, input_ids: torch.Tensor, attention_mask: torch.Tensor
     eos_t = torch.tensor(eos or [-1], device=input_ids.device)
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
     x = tokens
+    new: list[list[int]] = [[] for _ in range(B)]  # each row's tokens so far, for stop_fn
     for step in range(max_new_tokens):
         if cache is not None:
             hidden = model.decode(x, cache=cache, return_hidden=True)
@@ -75,10 +79,24 @@ def t5_generate(model: T5, input_ids: torch.Tensor, attention_mask: torch.Tensor
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         unfinished &= ~torch.isin(nxt, eos_t)
+        if stop_fn is not None:
+            unfinished = _stopped_rows(stop_fn, new, nxt, unfinished)
         if not bool(unfinished.any()):
             break
         x = nxt[:, None]  # (B, 1)
     return tokens
+
+
+def _stopped_rows(stop_fn: Callable[[int, list[int]], bool], new: list[list[int]], nxt: torch.Tensor,
+                  unfinished: torch.Tensor) -> torch.Tensor:
+    """`unfinished` less the rows stop_fn ends after this step's tokens `nxt` (appended to `new`, rows still going)."""
+    going = unfinished.tolist()
+    keep = list(going)
+    for i, t in enumerate(nxt.tolist()):
+        if going[i]:
+            new[i].append(t)
+            keep[i] = not stop_fn(i, new[i])
+    return torch.tensor(keep, dtype=torch.bool, device=unfinished.device)
 
 
 @dataclass

@@ -17,6 +17,14 @@ lm-eval is optional (the `eval` extra; `python -m pip install 'lm-eval>=0.4.5,<0
   stopping a row at an end-of-sequence id or the first stop string; sampled decoding runs one prompt at a time.
 Tokenization follows lm-eval's `hf` backend (the checkpoint's own BOS rule, context/continuation split of the whole
 text, the BOS token as the context of an empty one), so scores equal `lm_eval.models.huggingface.HFLM`'s.
+
+An encoder-decoder (T5) gets the LM lm-eval's `hf` backend is with backend="seq2seq" (`harness_lm` picks it from the
+model's kind): the context, tokenized with the tokenizer's special tokens (T5: `</s>` appended) and cut to its last
+max_length tokens, is the encoder input; the continuation, tokenized alone without special tokens, is scored by the
+decoder from its start token (`score_seq2seq`). Rolling loglikelihoods score lm-eval's rolling windows the same way
+(each window's context to the encoder, as the `hf` backend does). `generate_until` decodes with `t5_generate`, the
+encoder reading the whole max_length; max_gen_toks counts generated tokens (the `hf` backend passes max_length =
+prompt length + max_gen_toks to transformers' generate, which for an encoder-decoder bounds the decoder alone).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from leantune.decode.generate import Sampling, generate_tokens, greedy_batch
+from leantune.decode.seq2seq import pad_inputs, t5_generate
 from leantune.evaluation.evaluate import cut_at_stop
 from leantune.models.kinds import LM_EVAL, kind_of
 
@@ -55,6 +64,8 @@ BATCH_COST = 128
 are cut where the padding this saves is worth more (`_plan_batches`)."""
 CONTEXTS_KEPT = 8
 """Shared contexts' keys/values kept for later batches (they are small: n_layer x 2 x ng x P x hs)."""
+DEFAULT_MAX_LENGTH = 2048
+"""lm-eval's max_length for a model whose config names no context length (T5's relative positions have none)."""
 
 
 def require_lm_eval():
@@ -296,6 +307,99 @@ def _stop_on_text(tokenizer, stops: Sequence[str]) -> Callable[[int, list[int]],
     return stop
 
 
+@torch.inference_mode()
+def score_seq2seq(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int,
+                  batch_size: int = 16, progress: bool = False) -> list[tuple[float, bool]]:
+    """(sum of log-probabilities of `continuation`, is it the greedy continuation) per (context, continuation) for an
+    encoder-decoder, as lm-eval's `hf` backend with backend="seq2seq": the encoder reads context[-max_length:], the
+    decoder reads the start token and continuation[:-1] and scores each continuation token.
+
+    Requests with the same context whose decoder input starts another's are read off that one row (causal decoder:
+    MMLU's four one-token answers are one decoder row of just the start token); a batch's distinct contexts run
+    through the encoder once, right-padded with their attention mask; decoder rows are right-padded (never attended
+    to by the positions before them). Log-softmax in fp32 at the scored positions only.
+    """
+    device = next(model.parameters()).device
+    start, pad = model.config.decoder_start_token_id, model.config.pad_token_id
+    keys: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (encoder input, decoder input) per request
+    for ctx, cont in requests:
+        if not cont:
+            raise ValueError("a loglikelihood request has an empty continuation")
+        if not ctx:
+            raise ValueError("a loglikelihood request has an empty context (the encoder needs at least one token)")
+        if len(cont) > max_length:
+            raise ValueError(f"a continuation of {len(cont)} tokens is longer than the model's {max_length}")
+        keys.append((tuple(ctx[-max_length:]), (start, *cont[:-1])))
+    unique = sorted(set(keys))
+    host = {k: k for k in unique}
+    for a, b in zip(reversed(unique[:-1]), reversed(unique[1:])):  # sorted: a prefix sits right before its host
+        if a[0] == b[0] and b[1][:len(a[1])] == a[1]:
+            host[a] = host[b]
+    rows = sorted({host[k] for k in unique}, key=lambda k: (-len(k[0]), -len(k[1]), k))
+    wanted: dict[tuple, list[int]] = {}
+    for i, k in enumerate(keys):
+        wanted.setdefault(host[k], []).append(i)
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    bar = tqdm(total=len(requests), desc="loglikelihood", unit="req", leave=False, disable=not progress,
+               dynamic_ncols=True)
+    for s in range(0, len(rows), batch_size):
+        batch = rows[s:s + batch_size]
+        contexts = list(dict.fromkeys(k[0] for k in batch))
+        ids, mask = pad_inputs(contexts, pad, device=device)  # (E, S)
+        enc = model.encode(ids, mask)
+        enc_mask = model.encoder_mask(mask)
+        index = {c: e for e, c in enumerate(contexts)}
+        sel = torch.tensor([index[k[0]] for k in batch], device=device)  # (B,) each row's encoder output
+        dec, _ = pad_inputs([k[1] for k in batch], pad, device=device)  # (B, T)
+        hidden = model.decode(dec, enc[sel], enc_mask[sel], return_hidden=True)  # (B, T, C)
+        row_idx, pos_idx, targets, owners = [], [], [], []
+        for r, k in enumerate(batch):
+            for i in wanted[k]:
+                cont = list(requests[i][1])
+                row_idx += [r] * len(cont)
+                pos_idx += range(len(cont))
+                targets += cont
+                owners.append((i, len(cont)))
+        h = hidden[torch.tensor(row_idx, device=device), torch.tensor(pos_idx, device=device)]  # (N, C)
+        logp = model.head(h).float().log_softmax(-1)
+        tgt = torch.tensor(targets, device=device)
+        picked = logp.gather(-1, tgt[:, None]).squeeze(-1).cpu()
+        greedy = (logp.argmax(-1) == tgt).cpu()
+        k = 0
+        for i, n in owners:
+            results[i] = (float(picked[k:k + n].sum()), bool(greedy[k:k + n].all()))
+            k += n
+        bar.update(len(owners))
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+def seq2seq_generate_until(model, tokenizer, prompts: Sequence[Sequence[int]], until: Sequence[str],
+                           max_new_tokens: int, sampling: Sampling | None = None, batch_size: int = 16,
+                           seed: int = 1234, progress: bool = False) -> list[str]:
+    """`generate_until` for an encoder-decoder: batches of prompts of similar length through the encoder, decoded by
+    `t5_generate` (greedy, or sampled from one seeded generator), a row ending at EOS or its first stop string."""
+    stops = [s for s in until if s]
+    pad = model.config.pad_token_id
+    device = next(model.parameters()).device
+    generator = None if sampling is None else torch.Generator(device=device).manual_seed(seed)
+    stop_fn = _stop_on_text(tokenizer, stops) if stops else None
+    texts = [""] * len(prompts)
+    bar = tqdm(total=len(prompts), desc="generate_until", unit="req", leave=False, disable=not progress,
+               dynamic_ncols=True)
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        ids, mask = pad_inputs([prompts[i] for i in rows], pad, device=device)
+        out = t5_generate(model, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling,
+                          eos_ids=tokenizer.eos_ids, pad_id=pad, generator=generator, stop_fn=stop_fn)
+        for i, row in zip(rows, out.tolist()):
+            texts[i] = cut_at_stop(tokenizer.decode(row[1:], skip_special_tokens=True), stops)
+        bar.update(len(rows))
+    bar.close()
+    return texts
+
+
 def sampling_from_kwargs(kwargs: dict[str, Any]) -> Sampling | None:
     """lm-eval's generation kwargs as a `Sampling` (None: greedy, which `do_sample: false` means whatever the
     temperature says, as in transformers)."""
@@ -307,11 +411,16 @@ def sampling_from_kwargs(kwargs: dict[str, Any]) -> Sampling | None:
 
 
 def harness_lm(model, tokenizer, batch_size: int = 16, max_length: int | None = None, name: str = "leantune"):
-    """An `lm_eval.api.model.LM` over a loaded leantune decoder (see `load_for_inference`), for
-    `lm_eval.simple_evaluate(model=...)`: loglikelihood, loglikelihood_rolling and generate_until."""
-    kind_of(model).check(LM_EVAL)
+    """An `lm_eval.api.model.LM` over a loaded leantune model (see `load_for_inference`), for
+    `lm_eval.simple_evaluate(model=...)`: loglikelihood, loglikelihood_rolling and generate_until. The class is the
+    model kind's: a decoder's (backend "causal") or an encoder-decoder's (backend "seq2seq")."""
+    kind = kind_of(model)
+    kind.check(LM_EVAL)
     require_lm_eval()
-    return _lm_class()(model, tokenizer, batch_size=batch_size, max_length=max_length, name=name)
+    if max_length is None and kind.seq2seq:
+        max_length = kind.context_length(model.config) or DEFAULT_MAX_LENGTH
+    cls = _seq2seq_lm_class() if kind.seq2seq else _lm_class()
+    return cls(model, tokenizer, batch_size=batch_size, max_length=max_length, name=name)
 
 
 @functools.cache
@@ -361,8 +470,7 @@ def _lm_class():
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
             t0 = time.perf_counter()
             pairs = [(ctx, cont) for _, ctx, cont in requests]
-            out = score_continuations(self.model, pairs, self.max_length, self.batch_size,
-                                      progress=self.progress and not disable_tqdm)
+            out = self._score(pairs, progress=self.progress and not disable_tqdm)
             for (key, _, _), answer in zip(requests, out):
                 if key is not None:
                     self.cache_hook.add_partial("loglikelihood", key, answer)
@@ -378,8 +486,7 @@ def _lm_class():
                         max_seq_len=self.max_length, context_len=1)):
                     windows.append((ctx, cont))
                     owner.append(i)
-            scores = score_continuations(self.model, windows, self.max_length, self.batch_size,
-                                         progress=self.progress and not disable_tqdm)
+            scores = self._score(windows, progress=self.progress and not disable_tqdm)
             totals = [0.0] * len(requests)
             for i, (logp, _) in zip(owner, scores):
                 totals[i] += logp
@@ -402,18 +509,29 @@ def _lm_class():
                 if eos and eos not in until:
                     until.append(eos)
                 max_new = int(kwargs.get("max_gen_toks", 256))
-                if max_new >= self.max_length:
-                    raise ValueError(f"max_gen_toks {max_new} leaves no room for a prompt in the model's "
-                                     f"{self.max_length} tokens")
-                prompts = [self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - max_new)
+                prompts = [self.tok_encode(requests[i].args[0], left_truncate_len=self._prompt_room(max_new))
                            for i in members]
-                texts = generate_until(self.model, self.tok, prompts, until, max_new, sampling_from_kwargs(kwargs),
-                                       self.batch_size, progress=self.progress and not disable_tqdm)
+                texts = self._generate(prompts, until, max_new, sampling_from_kwargs(kwargs),
+                                       progress=self.progress and not disable_tqdm)
                 for i, text in zip(members, texts):
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
             self.seconds += time.perf_counter() - t0
             return out
+
+        def _score(self, pairs, progress: bool) -> list[tuple[float, bool]]:
+            return score_continuations(self.model, pairs, self.max_length, self.batch_size, progress=progress)
+
+        def _prompt_room(self, max_new: int) -> int:
+            """Prompt tokens kept (the last ones): what max_new generated tokens leave of the context window."""
+            if max_new >= self.max_length:
+                raise ValueError(f"max_gen_toks {max_new} leaves no room for a prompt in the model's "
+                                 f"{self.max_length} tokens")
+            return self.max_length - max_new
+
+        def _generate(self, prompts, until, max_new: int, sampling, progress: bool) -> list[str]:
+            return generate_until(self.model, self.tok, prompts, until, max_new, sampling, self.batch_size,
+                                  progress=progress)
 
         def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
             return self.tok.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
@@ -422,3 +540,33 @@ def _lm_class():
             return self.tok.chat_template if chat_template else None
 
     return LeantuneLM
+
+
+@functools.cache
+def _seq2seq_lm_class():
+    """The LM class of an encoder-decoder: lm-eval's `hf` backend with backend="seq2seq", request for request."""
+
+    class LeantuneSeq2SeqLM(_lm_class()):
+        """Contexts go to the encoder (with the tokenizer's special tokens: T5 appends `</s>`), continuations are
+        tokenized alone without them and scored by the decoder (`score_seq2seq`)."""
+
+        backend = "seq2seq"
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None,
+                       **kwargs) -> list[int]:
+            if add_special_tokens is None and string.startswith(self.tok.decode([self.prefix_token_id])):
+                add_special_tokens = False  # as the hf backend: a text that starts with the prefix token has it
+            ids = self.tok.encode(string, bos=add_special_tokens, eos=add_special_tokens)
+            return ids[-left_truncate_len:] if left_truncate_len else ids
+
+        def _score(self, pairs, progress: bool) -> list[tuple[float, bool]]:
+            return score_seq2seq(self.model, pairs, self.max_length, self.batch_size, progress=progress)
+
+        def _prompt_room(self, max_new: int) -> int:
+            return self.max_length  # the encoder's whole window: generated tokens go to the decoder
+
+        def _generate(self, prompts, until, max_new: int, sampling, progress: bool) -> list[str]:
+            return seq2seq_generate_until(self.model, self.tok, prompts, until, max_new, sampling, self.batch_size,
+                                          progress=progress)
+
+    return LeantuneSeq2SeqLM

@@ -247,7 +247,6 @@ T5_KIND = ModelKind(
         DECODE_COMPILE: "the compiled decode step is built for the decoder's static KV cache; drop --compile",
         SERVE: "the server batches decoder KV caches; serve an encoder-decoder with another server (e.g. "
                "transformers' pipeline or TGI) after `leantune merge`",
-        LM_EVAL: "leantune's lm-eval backend scores decoder continuations; evaluate T5 with --metric loss or rouge",
         FSDP: "multi-process training shards the decoder's blocks; train T5 in one process",
         GGUF: "llama.cpp's GGUF names decoder tensors; use --format hf or --format peft",
         "method:adapter": _NO_PREFIX_GATE,
