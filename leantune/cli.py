@@ -7,6 +7,7 @@ shows the traceback instead. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -16,7 +17,20 @@ from jsonargparse import CLI, ArgumentError, set_parsing_settings
 from tqdm import tqdm
 
 from leantune.checkpoint.io import NoSpaceError, is_disk_full
-from leantune.commands import chat, data, download, estimate, evaluate, export, generate, merge, serve, upload
+from leantune.commands import (
+    chat,
+    data,
+    download,
+    estimate,
+    evaluate,
+    export,
+    generate,
+    merge,
+    report,
+    serve,
+    sweep,
+    upload,
+)
 from leantune.commands import finetune as finetune_commands
 from leantune.data import DATA_MODULES, DataModule
 from leantune.download import HubUnreachableError
@@ -44,6 +58,8 @@ def components() -> dict:
         "export": export.export,
         "upload": upload.upload,
         "serve": serve.serve,
+        "sweep": sweep.sweep,
+        "report": report.report,
         "data": {"_help": "Inspect training data: `leantune data preview --data JSON --data.json_path f.jsonl`.",
                  "preview": data.preview},
     }
@@ -149,6 +165,21 @@ def _repeated_flags(argv: list[str], words: list[str]) -> list[str]:
     return out
 
 
+POSITIONAL_LISTS = {("report",)}
+"""Commands whose one positional argument is a list given as several words (`report RUN RUN ...`)."""
+
+
+def _positional_list(argv: list[str], words: list[str]) -> list[str]:
+    """`report a b --out x` becomes `report ["a", "b"] --out x` (a JSON list: any path survives as one string)."""
+    if tuple(words) not in POSITIONAL_LISTS:
+        return argv
+    n = len(words)
+    end = next((i for i in range(n, len(argv)) if argv[i].startswith("-")), len(argv))
+    if end == n or any(a in ("-h", "--help") for a in argv[n:]):
+        return argv
+    return [*argv[:n], json.dumps(argv[n:end]), *argv[end:]]
+
+
 def main(argv: list[str] | None = None) -> None:
     # --data Demo / --data JSON --data.json_path f.jsonl: dataset modules are chosen by class name;
     # dataclass field docstrings become the --help of each --x.y option.
@@ -161,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         debug = True
     table, words = _chosen(components(), argv)
     finetune_commands.set_argv(argv)  # `finetune --devices N` runs this same command line under torchrun
-    argv = _repeated_flags(argv, words)
+    argv = _positional_list(_repeated_flags(argv, words), words)
     try:
         CLI(table, args=argv, as_positional=True, fail_untyped=False, parser_mode="yaml", exit_on_error=False,
             description="Finetune open LLMs (LoRA, QLoRA, LLaMA-Adapter, full), then generate, chat, merge, evaluate "

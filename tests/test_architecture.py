@@ -9,7 +9,8 @@ everything under it, the longest match wins):
                 (models.kinds: each kind's load/save and decoding entry points live in checkpoint and decode)
   3 library     methods, train, inference, merge, export, estimate, serve, upload
   4 evaluation  evaluation (evaluate, harness, tasks, rouge): it scores with train's loss
-  5 use cases   finetune (the recipe: data, model, loop, evaluation)
+  5 use cases   finetune (the recipe: data, model, loop, evaluation), experiments (sweeps of finetune runs),
+                report (run comparison pages)
   6 commands    commands, cli
 Plus narrower rules from the design: data never imports the model or training; a PEFT method never imports the
 registry, the loop or the commands; checkpoint formats know no loop and no method.
@@ -34,7 +35,7 @@ LAYERS = [
     ("checkpoint", "data", "tokenizer", "peft", "decode", "download", "models.kinds"),
     ("methods", "train", "inference", "merge", "export", "estimate", "serve", "upload"),
     ("evaluation",),
-    ("finetune",),
+    ("finetune", "experiments", "report"),
     ("commands", "cli"),
 ]
 FORBIDDEN = {  # importer prefix -> imported prefixes it must never reach directly
