@@ -7,6 +7,7 @@ Logits are compared in float64, where an exact translation agrees to rounding (i
 by ~1e-4: the methods fold W + dW in another order than peft); DoRA, whose row norms leantune accumulates in fp32
 only, in float32 on gentler weights (noise 0.2), where that rounding stays below 1e-4."""
 
+import dataclasses
 import json
 import warnings
 
@@ -19,6 +20,7 @@ from t5_support import V, padded_batch, random_t5_hf
 from leantune.checkpoint.t5_hf import load_t5_checkpoint
 from leantune.commands.export import export as export_command
 from leantune.methods import apply_method, build_manifest, get_method, load_any_adapter, save_checkpoint
+from leantune.models import kinds
 from leantune.peft.adalora_layers import adalora_layers
 from leantune.peft.peft_format import target_modules
 
@@ -149,6 +151,17 @@ def test_folder_for_a_deeper_t5_is_refused_naming_the_fix(tmp_path):
     _, shallow = random_t5_hf("v1.1", tmp_path / "shallow", noise=0.5, num_decoder_layers=2)
     with pytest.raises(ValueError, match=r"decoder\.block\.2\..*pass the --checkpoint_dir the adapter was trained on"):
         load_any_adapter(load_t5_checkpoint(shallow), out)
+
+
+def test_a_kind_without_a_peft_layout_is_refused_naming_method_and_kind(tmp_path, monkeypatch):
+    _, folder = random_t5_hf("v1.1", tmp_path / "t5", noise=0.5)
+    model = load_t5_checkpoint(folder)
+    m = get_method("loha")
+    apply_method(model, m, CASES["loha"][0])
+    monkeypatch.setattr(kinds, "KINDS", (dataclasses.replace(kinds.T5_KIND, peft=None), kinds.DECODER))
+    with pytest.raises(ValueError, match="PEFT has no layout for LOHA on encoder-decoder models"):
+        m.peft.export(model, tmp_path / "out", str(folder), m.make_args(CASES["loha"][0]))
+    assert not (tmp_path / "out").exists()
 
 
 def test_target_modules_name_only_the_adapted_modules():

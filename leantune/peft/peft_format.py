@@ -87,10 +87,11 @@ class PeftRecord:
 
 
 # ---- the translator ------------------------------------------------------------------------------------------------
-def layout_of(model: nn.Module) -> PeftLayout:
+def layout_of(model: nn.Module, what: str = "an adapter") -> PeftLayout:
+    """The model kind's PEFT layout; a kind PEFT has none for is refused naming the method and the kind."""
     kind = kind_of(model)
     if kind.peft is None:
-        raise ValueError(f"PEFT has no adapter layout for {kind.name} models; keep the leantune adapter")
+        raise ValueError(f"PEFT has no layout for {what} on {kind.name} models; keep the leantune adapter")
     return kind.peft
 
 
@@ -111,7 +112,7 @@ def peft_modules(model: nn.Module, record: PeftRecord) -> list[tuple[PeftSite, n
     """(site, our layer, part) for each HF module the record's adapted layers amount to."""
     chosen = {id(m) for m in record.layers(model)}
     by_ours: dict[str, dict] = {}
-    for s in layout_of(model).sites(model):
+    for s in layout_of(model, record.peft_type).sites(model):
         by_ours.setdefault(s.ours, {}).setdefault(s.rows, s)  # the first name wins (the head's current one)
     out = []
     for name, layer in model.named_modules():
@@ -141,7 +142,7 @@ def target_modules(modes: dict[str, Any], every: list[str]) -> dict[str, str]:
 def export_peft(record: PeftRecord, model: nn.Module, out_dir: str | Path, base_model_name_or_path: str,
                 args: Any = None, dtype: torch.dtype | None = None, kind: str | None = None) -> Path:
     """Write `model`'s (unmerged) adapter as a PEFT folder that `PeftModel.from_pretrained` loads with equal outputs."""
-    layout = layout_of(model)
+    layout = layout_of(model, record.peft_type)
     fan_in_fan_out = layout.fan_in_fan_out(model.config)
     if fan_in_fan_out and not record.conv1d:
         raise ValueError(f"this model stores its linears as transformers Conv1D, which PEFT's {record.peft_type} does "
@@ -217,7 +218,7 @@ def import_peft(record: PeftRecord, model: nn.Module, peft_dir: str | Path) -> A
     leaves out keep the method's identity init (zero update, unit vectors), so the outputs equal PEFT's."""
     peft_dir = Path(peft_dir)
     pcfg = read_config(peft_dir, record.peft_type, record.unsupported, record.uniform_rank)
-    sites = {s.hf: s for s in layout_of(model).sites(model)}
+    sites = {s.hf: s for s in layout_of(model, record.peft_type).sites(model)}
     found = _folder_tensors(record, model, peft_dir, sites)
     targets = [t for t in TARGETS if any(t in sites[h].targets for h in found)]
     args = record.args_from_config(pcfg, targets, [(sites[h], t) for h, t in found.items()], peft_dir)
