@@ -290,3 +290,19 @@ def test_upload_refuses_a_folder_another_process_is_writing(writer, adapter, tmp
         io._release(held)
         (adapter.parent / io.RUN_LOCK).unlink()
     assert "would upload:" in capsys.readouterr().out
+
+
+def test_a_killed_writers_temporaries_go_with_the_next_writer(adapter, tiny_checkpoint, tmp_path, capsys):
+    """SIGKILL cannot be caught: a merge killed mid-write leaves its hidden temporary (the 517 MB of the issue). The
+    next writer of that output holds its lock, so the temporary is a dead writer's and is removed; a previous output
+    moved aside between the two renames comes back."""
+    out = tmp_path / "merged"
+    (tmp_path / ".merged.tmp-0123abcd").mkdir()
+    (tmp_path / ".merged.tmp-0123abcd" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".other.tmp-0123abcd").mkdir()  # another output's: not this writer's business
+    main(merge_argv(adapter, tiny_checkpoint, out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-0123abcd", "merged"]
+    old = write(tmp_path / "restored", b"old")
+    os.rename(old, tmp_path / ".restored.old-0123abcd")
+    with output_lock(tmp_path / "restored"):
+        assert (tmp_path / "restored" / "model.safetensors").read_bytes() == b"old"

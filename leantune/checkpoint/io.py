@@ -13,6 +13,7 @@ import errno
 import fnmatch
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator
@@ -454,11 +455,30 @@ def output_lock(output: str | Path, *, wait: bool = False) -> Iterator[None]:
     else:
         raise OutputBusyError(f"{output}: could not take its lock {lock}; try again")
     try:
+        clean_stale_siblings(output)
         yield
     finally:
         if fd != -1:
             lock.unlink(missing_ok=True)  # while still holding it: a waiter then sees another inode and retries
             _release(fd)
+
+
+def clean_stale_siblings(output: Path) -> list[str]:
+    """Remove the hidden temporaries a killed writer of `output` left beside it (`.name.tmp-*`, the new folder or file
+    it never renamed into place; `.name.old-*`, the previous one, renamed back when `output` is missing). Called with
+    the output's lock held, so no live writer owns them. Returns what was removed or restored."""
+    stale = re.compile(rf"\.{re.escape(output.name)}\.(tmp|old)-[0-9a-f]{{8}}")
+    done = []
+    for path in sorted(output.parent.iterdir()) if output.parent.is_dir() else []:
+        m = stale.fullmatch(path.name)
+        if m is None:
+            continue
+        if m[1] == "old" and not output.exists() and not output.is_symlink():
+            os.replace(path, output)  # killed between atomic_dir's two renames: the previous output is complete
+        else:
+            _remove(path)
+        done.append(path.name)
+    return done
 
 
 def _same_file(fd: int, path: Path) -> bool:
