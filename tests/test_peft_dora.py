@@ -53,6 +53,20 @@ def hf_targets(targets):
     return out
 
 
+def test_dora_runs_in_float64():
+    """The row norms accumulate in at least fp32: a float64 model keeps float64 (it raised a dtype error)."""
+    torch.manual_seed(0)
+    model = GPT(Config(vocab_size=V, block_size=32, n_layer=1, n_embd=64, n_head=4)).double()
+    apply_dora(model, DoRAArgs(r=4, alpha=8))
+    randomize(model)
+    assert squared_row_norms(torch.ones(2, 3, dtype=torch.float64)).dtype == torch.float64
+    assert squared_row_norms(torch.ones(2, 3, dtype=torch.bfloat16)).dtype == torch.float32
+    qkv = model.transformer.h[0].attn.qkv
+    direct = torch.linalg.norm(qkv.weight + qkv.delta_weight(), dim=1)
+    torch.testing.assert_close(qkv.weight_norm(), torch.cat([direct[s:e] for s, e in qkv.parts]))
+    assert model(torch.randint(0, V, (1, 6))).dtype == torch.float64
+
+
 def test_fast_row_norm_equals_the_direct_formula():
     """||W_r + s B_r A|| from (out, r) products == torch.linalg.norm of the formed weight (fp32, 1e-5), per part of a
     fused qkv (query and value only) and on a full layer; rows the adapter leaves out get no magnitude."""

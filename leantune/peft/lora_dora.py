@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 
 def squared_row_norms(w: torch.Tensor) -> torch.Tensor:
-    """||W_r||^2 for each row of `w` (out, in), accumulated in fp32 without an fp32 copy of `w`."""
-    return torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
+    """||W_r||^2 for each row of `w` (out, in), accumulated in at least fp32 without an fp32 copy of `w`."""
+    return torch.linalg.vector_norm(w, dim=1, dtype=torch.promote_types(w.dtype, torch.float32)).square()
 
 
 def dora_norms(w: torch.Tensor, wsq: torch.Tensor, a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
