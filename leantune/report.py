@@ -363,8 +363,8 @@ def render_markdown(c: Comparison, figure_files: list[tuple[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
-    """Write OUT (.html) and its markdown twin OUT.md with the plots beside it as PNG files."""
+def write_report(paths: list[Path], out: Path, markdown: bool = True) -> dict[str, Any]:
+    """Write OUT (.html) and, with `markdown`, its twin OUT.md with the plots beside it as PNG files."""
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise ValueError(f"--out {out}: the report is an HTML file; give a name ending in .html")
@@ -372,6 +372,9 @@ def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
     figures = plots(c)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, render_html(c, figures).encode("utf-8"))
+    result = {"html": str(out), "markdown": None, "runs": len(c.runs), "plots": len(figures)}
+    if not markdown:
+        return result
     files = []
     for i, (title, png) in enumerate(figures):
         name = f"{out.stem}-{i + 1}.png"
@@ -379,4 +382,4 @@ def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
         files.append((title, name))
     md = out.with_suffix(".md")
     atomic_write_bytes(md, render_markdown(c, files).encode("utf-8"))
-    return {"html": str(out), "markdown": str(md), "runs": len(c.runs), "plots": len(figures)}
+    return {**result, "markdown": str(md)}

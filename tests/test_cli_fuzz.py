@@ -107,6 +107,9 @@ TABLE: dict[tuple[str, ...], dict[str, list[str]]] = {
                  "--shutdown_timeout": ["-1", ".nan", "abc"], "--log_level": ["loud", ""], "--allow_adapter_loading": BOOL,
                  "--max_body_mb": ["0", "-1", ".nan", "abc"], "--adapter_root": ["no-such-folder"],
                  "--allowed_hosts": ['[""]']},
+    ("sweep",): {"--stale_after": ["0", "-1", "abc"], "--storage": ["nodb:/x", "sqlite:///no-such-dir/\0/x.db"],
+                 "--check_only": ["maybe"]},
+    ("report",): {"--out": ["report.txt", ""], "--markdown": ["maybe"]},
     ("upload",): {"--repo_id": ["", "a/b/c", "has space"], "--private": BOOL, "--dry_run": BOOL,
                   "--run_dir": ["no-such-run-folder"], "--checkpoint_dir": ["no-such-base-folder"]},
 }
@@ -195,6 +198,14 @@ def base_argv(words: tuple[str, ...], f: dict[str, Path], out: Path) -> list[str
         return [*words, "--checkpoint_dir", tiny, *data]
     if words[0] == "serve":
         return [*words, "--checkpoint_dir", tiny, "--port", "0"]
+    if words[0] == "sweep":  # a checked spec of one tiny trial; --check_only: nothing would run
+        spec = out.with_suffix(".yaml")
+        spec.write_text(json.dumps({"flags": {"--checkpoint_dir": tiny, "--data": "JSON",
+                                              "--data.json_path": str(f["data"]), "--train.max_steps": 1},
+                                    "space": {"--lora.r": [2]}}))
+        return [*words, str(spec), "--out_dir", str(out), "--check_only", "true"]
+    if words[0] == "report":
+        return [*words, str(f["adapter"])]
     if words[0] == "upload":  # a dry run: nothing would be sent even if a bad flag got through
         return [*words, str(f["adapter"]), "--repo_id", "me/x", "--dry_run", "true"]
     return list(words)

@@ -7,7 +7,7 @@ from pathlib import Path
 from leantune.report import write_report
 
 
-def report(runs: list[Path], out: Path | None = None) -> dict:
+def report(runs: list[Path], out: Path | None = None, markdown: bool = True) -> dict:
     """Compare finetune runs and sweeps: a table of settings and results (objective, exact match, validation loss,
     tokens/s, wall time, peak memory, trainable parameters; the best per column marked), overlaid loss curves, the
     objective against each swept parameter, time and memory per method, and each run's answer to the first held-out
@@ -16,10 +16,12 @@ def report(runs: list[Path], out: Path | None = None) -> dict:
     Args:
         runs: Run folders (`leantune finetune --out_dir`) and sweep folders (`leantune sweep --out_dir`).
         out: The HTML file to write (default: report.html in the first folder given).
+        markdown: Also write the markdown twin (OUT.md, with the plots as PNG files beside it).
     """
     if not runs:
         raise ValueError("give one or more run or sweep folders: leantune report out/sweep/NAME")
     out = Path(out) if out is not None else Path(runs[0]) / "report.html"
-    result = write_report([Path(r) for r in runs], out)
-    print(f"report: {result['html']} ({result['runs']} runs, {result['plots']} plots); markdown: {result['markdown']}")
+    result = write_report([Path(r) for r in runs], out, markdown=markdown)
+    print(f"report: {result['html']} ({result['runs']} runs, {result['plots']} plots)"
+          + (f"; markdown: {result['markdown']}" if markdown else ""))
     return result

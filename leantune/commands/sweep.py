@@ -13,7 +13,7 @@ from leantune import finetune as recipe
 from leantune.commands import finetune as finetune_commands
 from leantune.experiments.slots import require_sweep
 from leantune.experiments.spec import SweepSpec, finetune_argv, grid_points, load_spec, resolve_params
-from leantune.experiments.sweep import run_sweep
+from leantune.experiments.sweep import open_storage, run_sweep
 from leantune.methods import METHODS
 
 
@@ -41,6 +41,8 @@ def sweep(spec: Path, out_dir: Path | None = None, storage: str | None = None, s
         raise ValueError(f"--stale_after must be > 0 seconds, got {stale_after}")
     out = Path(out_dir or Path("out") / "sweep" / parsed.name)
     check_trials(parsed, out)
+    if storage is not None:
+        open_storage(storage)  # an unreachable or malformed URL ends here, before any trial
     if check_only:
         print(f"{spec}: {parsed.slots()} trials, every trial's flags accepted")
         return {"name": parsed.name, "trials": parsed.slots(), "checked": True}

@@ -83,7 +83,10 @@ def open_storage(url: str) -> tuple[optuna.storages.RDBStorage, sa.Engine]:
     if parsed.get_backend_name() == "sqlite":
         kwargs = {"connect_args": {"timeout": 60}}  # several processes: wait for the writer instead of "locked"
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+                raise ValueError(f"--storage {shown}: cannot make the folder of the SQLite file ({e})") from None
     elif parsed.get_backend_name() == "postgresql":
         kwargs = {"connect_args": {"connect_timeout": 10}}
     try:
@@ -96,7 +99,7 @@ def open_storage(url: str) -> tuple[optuna.storages.RDBStorage, sa.Engine]:
     except ModuleNotFoundError as e:
         raise ImportError(f"--storage {shown}: the database driver {e.name} is not installed "
                           f"(pip install 'leantune[sweep]', or pip install psycopg2-binary for PostgreSQL)") from None
-    except (sa.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+    except (sa.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ValueError, OSError) as e:
         first = (str(getattr(e, "orig", None) or e).strip().splitlines() or ["?"])[0]
         raise ValueError(f"--storage {shown}: cannot open the study database ({first}); check the URL, that the "
                          "server runs and that the user may connect") from None
