@@ -44,6 +44,7 @@ from leantune.train.distributed import (
 from leantune.train.loop import check_parallel_method, fit
 from leantune.train.optim import OptimizerArgs
 from leantune.train.run_dir import prepare_run_dir
+from leantune.train.tracking import finish_tracking
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +226,7 @@ def run_finetune(run: RunSpec, parallel: Parallel) -> dict:
     print_summary(report)
     if parallel.is_main:
         write_json(run.out_dir / "summary.json", json.loads(json.dumps(report, default=str)))
+        finish_tracking(run.out_dir, report)
     return report
 
 

@@ -43,6 +43,7 @@ from leantune.experiments.slots import (
     worker_id,
 )
 from leantune.experiments.spec import Dimension, SweepSpec, finetune_argv, grid_points, resolve_params
+from leantune.train.tracking import PARENT_RUN_ENV, flat_params, mlflow_client, start_run
 
 if TYPE_CHECKING:  # optional: the [sweep] extra; imported where used, with one error naming the extra
     import optuna
@@ -53,8 +54,8 @@ SWEEP_FILE = "sweep.json"
 HEARTBEAT_S = 5.0
 RESULT_KEYS = ("val_loss", "val_ppl", "exact_match_before", "exact_match_after", "tokens_per_s", "time_s",
                "peak_memory_gb", "trainable_params", "total_params", "steps", "tokens", "sample")
-PARENT_RUN_ENV = "LEANTUNE_MLFLOW_PARENT_RUN_ID"
-"""Set for each trial when the sweep logs to MLflow: the trial's run becomes a child of the sweep's run."""
+PARENT_RUN_KEY = "leantune_mlflow_parent_run_id"
+"""The study's system attribute naming the sweep's MLflow run, of which each trial's run is a child."""
 
 
 class TrialFailed(Exception):
@@ -160,6 +161,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, storage_url: str | None = None, st
     slots = Slots(engine, spec.name, worker_id())
     slots.create()
     sweep = Sweep(spec, out_dir, storage, slots, stale_after)
+    sweep.parent_run_id = mlflow_parent_run(sweep)
     total = spec.slots()
     log(f"sweep {spec.name}: {total} trials ({spec.sampler}), objective {spec.objective} ({spec.direction}), "
         f"storage {public_url(storage_url)}")
@@ -173,11 +175,57 @@ def run_sweep(spec: SweepSpec, out_dir: Path, storage_url: str | None = None, st
             ran += 1
             write_sweep_file(sweep)
     result = write_sweep_file(sweep)
+    if sweep.parent_run_id:
+        finish_parent_run(sweep.parent_run_id, result)
     log(f"sweep {spec.name}: this process ran {ran} trials; study: {result['counts']}")
     if result.get("best"):
         b = result["best"]
         log(f"best: trial {b['number']} {spec.objective} {b['value']:.4g} {json.dumps(b['params'])} ({b['run_dir']})")
     return result
+
+
+def uses_mlflow(spec: SweepSpec) -> bool:
+    return spec.flags.get("--train.logger") == "mlflow" or any(
+        d.name == "--train.logger" and "mlflow" in (d.choices or ()) for d in spec.space)
+
+
+def mlflow_parent_run(sweep: Sweep, wait_s: float = 60.0) -> str | None:
+    """The sweep's MLflow run (trials log as its children) when trials log to MLflow: made by the first process
+    (slot -1 of the slots table decides which), found by the others in the study."""
+    if not uses_mlflow(sweep.spec):
+        return None
+    study_id = sweep.study()._study_id
+    if sweep.slots.claim(-1, stale_after=math.inf):
+        spec = sweep.spec
+        client = mlflow_client()
+        run_id = start_run(client, f"sweep {spec.name}", tags={"leantune.sweep": spec.name})
+        from mlflow.entities import Param  # only reached with the mlflow extra (checked by the trials' flags)
+
+        params = flat_params({"objective": spec.objective, "direction": spec.direction, "sampler": spec.sampler,
+                              "trials": spec.slots(), "space": {d.name: list(d.choices) if d.choices is not None
+                                                                else [d.low, d.high] for d in spec.space}})
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()][:100])
+        sweep.storage.set_study_system_attr(study_id, PARENT_RUN_KEY, run_id)
+        sweep.slots.finish(-1, DONE)
+        return run_id
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        run_id = sweep.storage.get_study_system_attrs(study_id).get(PARENT_RUN_KEY)
+        if run_id:
+            return run_id
+        time.sleep(0.5)
+    return None  # the process that took slot -1 died before making the run: trials log as top-level runs
+
+
+def finish_parent_run(run_id: str, result: dict[str, Any]) -> None:
+    client = mlflow_client()
+    best = result.get("best")
+    if best and best.get("value") is not None:
+        client.log_metric(run_id, "best_value", float(best["value"]))
+        client.set_tag(run_id, "best_trial", str(best["number"]))
+    for state, n in result.get("counts", {}).items():
+        client.log_metric(run_id, f"trials_{state}", float(n))
+    client.set_terminated(run_id)
 
 
 def next_slot(slots: Slots, total: int, stale_after: float) -> int | None:

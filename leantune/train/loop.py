@@ -41,7 +41,7 @@ from leantune.train.distributed import (
     shard_model,
     shared_atomic_dir,
 )
-from leantune.train.metrics import open_loggers, plot_loss, require_tensorboard
+from leantune.train.metrics import open_loggers, plot_loss
 from leantune.train.optim import OptimizerArgs, build_optimizer
 from leantune.train.protocol import TrainingData
 from leantune.train.run_config import batch_position, check_resume, jsonable, load_run_config, save_run_config
@@ -54,6 +54,7 @@ from leantune.train.state import (
     save_training_state,
 )
 from leantune.train.step import NonFiniteError, train_step
+from leantune.train.tracking import require_logger
 from leantune.train.validate import validation_loss
 
 METHOD_STATE_FILE = "method_state.safetensors"
@@ -89,7 +90,7 @@ def fit(
     With `parallel` of several ranks (leantune.train.distributed): `data` yields global batches of
     micro_batch_size x world_size rows, of which each rank trains on its share; the model is sharded with FSDP2
     (`fsdp` settings), checkpoints are sharded (DCP) and rank 0 alone logs and writes the other files."""
-    summary_writer_cls = require_tensorboard() if train.logger == "tensorboard" else None  # fail before any work
+    summary_writer_cls = require_logger(train.logger)  # TensorBoard's or MLflow's writer; fails before any work
     parallel = parallel or Parallel()
     check_parallel_method(parallel, method)
     check_fsdp_args(parallel, fsdp or FSDPArgs(), precision, optimizer_args.name)
