@@ -18,6 +18,7 @@ from leantune.inference import load_for_inference
 from leantune.models.kinds import SERVE, kind_of_folder
 from leantune.serve.app import ServeSettings, create_app
 from leantune.serve.engine import Engine, check_adapter_name
+from leantune.serve.seq2seq_engine import NO_ADAPTERS, Seq2SeqEngine
 
 API_KEY_ENV = "LEANTUNE_API_KEY"
 
@@ -78,7 +79,8 @@ def serve(
         checkpoint_dir: The base model's Hugging Face folder (the default model is imported on first use).
         adapter: An adapter to serve as name=DIR (repeat the flag, or give a list): a leantune adapter folder of any
             method or a PEFT folder. Requests with "model": name use it. More can be loaded at run time with
-            POST /v1/adapters {"name": ..., "path": ...}.
+            POST /v1/adapters {"name": ..., "path": ...}. Decoder models only: for an encoder-decoder (T5),
+            `leantune merge` the adapter and serve the merged folder.
         host: Address to listen on (127.0.0.1: this machine only; 0.0.0.0 exposes the server to the network).
             Requests must call the server by this address (the Host header; on loopback also localhost, on 0.0.0.0
             any IP address of the machine): others get 421, which stops DNS-rebinding pages in a browser.
@@ -91,6 +93,8 @@ def serve(
         max_new_tokens: The completion budget of a request that gives no max_tokens, and the most any request gets.
         max_seq_length: Context window (prompt plus completion) per request (default: the model's); longer
             requests get 400 naming the limit. The KV cache grows as it is used, up to this many tokens per row.
+            For an encoder-decoder (T5) it bounds the prompt and the completion each (default: the config's
+            n_positions, else 512).
         precision: 32-true, bf16-true, 16-true (default: the fastest safe one for the device).
         quantize: Load the base's linears quantized (the modes `generate --quantize` takes).
         threads: CPU threads for torch (default: torch's choice).
@@ -133,14 +137,18 @@ def serve(
         raise ValueError("--api_key is empty: give a key or leave it out")
     if threads:
         torch.set_num_threads(threads)
-    kind_of_folder(checkpoint_dir).check(SERVE)
+    kind = kind_of_folder(checkpoint_dir)
+    kind.check(SERVE)
+    engine_class = Seq2SeqEngine if kind.seq2seq else Engine  # the one place the model kind picks the engine
+    if adapters and kind.seq2seq:
+        raise ValueError(f"--adapter: {NO_ADAPTERS}")
     model, tokenizer, precision, _ = load_for_inference(checkpoint_dir, precision, None, quantize)
     name = model_name or Path(checkpoint_dir).name
     if name in adapters:
         raise ValueError(f"--adapter {name}: that is the base model's name; pick another (or set --model_name)")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
-    engine = Engine(model, tokenizer, checkpoint_dir, name, max_batch=max_batch_size, max_queue=max_queue,
-                    max_seq_length=max_seq_length, prefix_cache=prefix_cache)
+    engine = engine_class(model, tokenizer, checkpoint_dir, name, max_batch=max_batch_size, max_queue=max_queue,
+                          max_seq_length=max_seq_length, prefix_cache=prefix_cache)
     try:
         for n, folder in adapters.items():
             engine.add_adapter(n, folder)  # the engine logs one line for each

@@ -245,8 +245,6 @@ T5_KIND = ModelKind(
         WEIGHT_ONLY: "the int8/int4 decode kernels serve the decoder's one-token steps; T5 decodes in float or on a "
                      "bitsandbytes base (--quantize bnb.nf4)",
         DECODE_COMPILE: "the compiled decode step is built for the decoder's static KV cache; drop --compile",
-        SERVE: "the server batches decoder KV caches; serve an encoder-decoder with another server (e.g. "
-               "transformers' pipeline or TGI) after `leantune merge`",
         FSDP: "multi-process training shards the decoder's blocks; train T5 in one process",
         GGUF: "llama.cpp's GGUF names decoder tensors; use --format hf or --format peft",
         "method:adapter": _NO_PREFIX_GATE,

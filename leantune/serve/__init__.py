@@ -5,5 +5,7 @@
 - `cache.py`: the slot KV cache (one row per batch slot, each row at its own length).
 - `engine.py`: the scheduler thread that owns the model: continuous batching over the slots, per-row sampling,
   stop ids and strings, the bounded queue.
+- `seq2seq_engine.py`: the same engine for an encoder-decoder (T5): batched encoder passes, each row's decoder
+  and cross-attention keys/values held as rows of one decoding cache (the model kind picks the engine class).
 - `protocol.py` / `app.py`: OpenAI's request and response shapes, errors, SSE streaming, the FastAPI app.
 """

@@ -366,7 +366,7 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = body.prompts()
     if not prompts or len(prompts) > engine.max_queue:
         raise APIError(400, f"prompt: give 1 to {engine.max_queue} prompts", param="prompt")
-    vocab = engine.pristine.config.padded_vocab_size
+    vocab = engine.vocab_size
     encoded = []
     for p in prompts:
         if isinstance(p, str):

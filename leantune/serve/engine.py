@@ -127,24 +127,18 @@ class Request:
 
 
 class Engine:
-    """Serves `model` (loaded once, never modified) and the adapters added to it; `max_batch` rows decode together,
-    at most `max_queue` requests wait, each request holds up to `max_seq_length` tokens (default: the model's)."""
+    """Serves a decoder `model` (loaded once, never modified) and the adapters added to it; `max_batch` rows decode
+    together, at most `max_queue` requests wait, each request holds up to `max_seq_length` tokens (default: the
+    model's). The model-kind part (`_setup`, `_budget`, `_admit`, `_decode_step`) is what `Seq2SeqEngine` replaces
+    for an encoder-decoder; the scheduler, queue, sampling, text and fault handling are shared."""
 
     def __init__(self, model: GPT, tokenizer, checkpoint_dir: Path, base_name: str, max_batch: int = 8,
                  max_queue: int = 64, max_seq_length: int | None = None, prefix_cache: bool = True) -> None:
         self.pristine = model.eval()
         self.tokenizer, self.checkpoint_dir, self.base_name = tokenizer, Path(checkpoint_dir), base_name
         self.device = model.lm_head.weight.device
-        self.served = shared_copy(self.pristine)
-        self.rows = LoRARows()
-        cfg = model.config
-        self.capacity = min(cfg.block_size, max_seq_length or cfg.block_size)
-        self.layout = SlotLayout(self.capacity)
-        dtype = model.transformer.wte.weight.dtype
-        self.caches = [SlotKVCache(self.layout, max_batch, cfg.n_query_groups, cfg.head_size, self.device, dtype)
-                       for _ in range(cfg.n_layer)]
-        self._attach(self.served)
         self.max_batch, self.max_queue = max_batch, max_queue
+        self._setup(max_seq_length)
         self.eos = set(tokenizer.eos_ids)
         self.adapters: dict[str, Adapter] = {base_name: Adapter(base_name, None, "base", shared=True)}
         self._pending: set[str] = set()
@@ -166,6 +160,23 @@ class Engine:
         self.thread = threading.Thread(target=self._loop, name="leantune-engine", daemon=True)
         self.thread.start()
 
+    def _setup(self, max_seq_length: int | None) -> None:
+        """The model-kind part of the engine's state: the served copy with per-row LoRA, the slot KV cache."""
+        model, cfg = self.pristine, self.pristine.config
+        self.served = shared_copy(model)
+        self.rows = LoRARows()
+        self.capacity = min(cfg.block_size, max_seq_length or cfg.block_size)
+        self.layout = SlotLayout(self.capacity)
+        dtype = model.transformer.wte.weight.dtype
+        self.caches = [SlotKVCache(self.layout, self.max_batch, cfg.n_query_groups, cfg.head_size, self.device, dtype)
+                       for _ in range(cfg.n_layer)]
+        self._attach(self.served)
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold: [0, vocab_size)."""
+        return self.pristine.config.padded_vocab_size
+
     # ---- what the HTTP layer calls (any thread) -------------------------------------------------------
     def lookup(self, name: str) -> Adapter:
         a = self.adapters.get(name)
@@ -178,21 +189,11 @@ class Engine:
                sampling: Sampling, seed: int | None, stop: list[str], sink: Sink) -> Request:
         """Queue a request; raises UnknownModel, ContextOverflow, QueueFull or ShuttingDown."""
         adapter = self.lookup(name)
-        limit = self.capacity - adapter.n_virtual
         if not prompt:
             raise ContextOverflow("the prompt is empty")
         if max_tokens is not None:
             max_tokens = min(max_tokens, default_max_tokens)  # the server's cap (serve --max_new_tokens)
-        if max_tokens is None:
-            if len(prompt) >= limit:
-                raise ContextOverflow(f"This model's maximum context length is {limit} tokens. However, your "
-                                      f"prompt has {len(prompt)} tokens, leaving no room for a completion. Please "
-                                      "reduce the length of the prompt.")
-            max_tokens = min(default_max_tokens, limit - len(prompt))
-        elif len(prompt) + max_tokens > limit:
-            raise ContextOverflow(f"This model's maximum context length is {limit} tokens. However, you requested "
-                                  f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} in "
-                                  "the completion). Please reduce the length of the prompt or max_tokens.")
+        max_tokens = self._budget(adapter, len(prompt), max_tokens, default_max_tokens)
         generator = None
         if not sampling.greedy:
             generator = torch.Generator(device=self.device).manual_seed(
@@ -213,6 +214,21 @@ class Engine:
             self.waiting.append(req)
             self.cv.notify()
         return req
+
+    def _budget(self, adapter: Adapter, n_prompt: int, max_tokens: int | None, default_max_tokens: int) -> int:
+        """The request's completion budget, or ContextOverflow: prompt and completion share the context window."""
+        limit = self.capacity - adapter.n_virtual
+        if max_tokens is None:
+            if n_prompt >= limit:
+                raise ContextOverflow(f"This model's maximum context length is {limit} tokens. However, your "
+                                      f"prompt has {n_prompt} tokens, leaving no room for a completion. Please "
+                                      "reduce the length of the prompt.")
+            return min(default_max_tokens, limit - n_prompt)
+        if n_prompt + max_tokens > limit:
+            raise ContextOverflow(f"This model's maximum context length is {limit} tokens. However, you requested "
+                                  f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} in "
+                                  "the completion). Please reduce the length of the prompt or max_tokens.")
+        return max_tokens
 
     def cancel(self, req: Request) -> None:
         """Stop a request (e.g. its client went away); its slot is freed before the next step."""
@@ -353,15 +369,7 @@ class Engine:
                     except Exception as e:  # reported to the caller waiting on the future
                         fut.set_exception(e)
                 try:
-                    for req, slot in zip(admit, free):
-                        if req.cancelled:
-                            self._finish(req, "cancelled")
-                            continue
-                        self.slots[slot], req.slot = req, slot
-                        try:
-                            self._prefill(req)
-                        except Exception as e:  # this request's own failure (its prompt, its adapter): it alone ends
-                            self._fail_row(req, e)
+                    self._admit(admit, free)
                     for req in [r for r in self.slots if r is not None and r.cancelled]:
                         self._finish(req, "cancelled")
                     if any(self.slots):
@@ -371,6 +379,18 @@ class Engine:
                     self.row_tokens = [[] for _ in self.slots]  # what the rows hold is unknown now
                     for req in [r for r in self.slots if r is not None]:
                         self._fail(req, f"{type(e).__name__}: {e}")
+
+    def _admit(self, admit: list[Request], free: list[int]) -> None:
+        """Give each newly admitted request a free slot and prefill it, one request at a time."""
+        for req, slot in zip(admit, free):
+            if req.cancelled:
+                self._finish(req, "cancelled")
+                continue
+            self.slots[slot], req.slot = req, slot
+            try:
+                self._prefill(req)
+            except Exception as e:  # this request's own failure (its prompt, its adapter): it alone ends
+                self._fail_row(req, e)
 
     def _group_model(self, adapter: Adapter) -> GPT:
         return self.served if adapter.shared else adapter.model
