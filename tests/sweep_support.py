@@ -41,9 +41,13 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
 
 
 def read_trials(storage: str, name: str) -> list:
+    """The study's trials, opened as the sweep opens its storage (postgresql:// through psycopg2 when psycopg 3 is
+    absent)."""
     import optuna
 
-    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    from leantune.experiments.sweep import open_storage
+
+    return optuna.load_study(study_name=name, storage=open_storage(storage)[0]).get_trials(deepcopy=False)
 
 
 def assert_grid_split(trials: list, expected_points: int) -> None:

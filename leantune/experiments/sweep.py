@@ -90,13 +90,13 @@ def open_storage(url: str) -> tuple[optuna.storages.RDBStorage, sa.Engine]:
                 raise ValueError(f"--storage {shown}: cannot make the folder of the SQLite file ({e})") from None
     elif parsed.get_backend_name() == "postgresql":
         kwargs = {"connect_args": {"connect_timeout": 10}}
+        if parsed.drivername == "postgresql" and not _importable("psycopg") and _importable("psycopg2"):
+            url = parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
     try:
         engine = sa.create_engine(url, **kwargs)
         with engine.connect():
             pass
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        storage = _rdb_storage(optuna, sa, url, kwargs)
     except ModuleNotFoundError as e:
         raise ImportError(f"--storage {shown}: the database driver {e.name} is not installed "
                           f"(pip install 'leantune[sweep]', or pip install psycopg2-binary for PostgreSQL)") from None
@@ -105,6 +105,30 @@ def open_storage(url: str) -> tuple[optuna.storages.RDBStorage, sa.Engine]:
         raise ValueError(f"--storage {shown}: cannot open the study database ({first}); check the URL, that the "
                          "server runs and that the user may connect") from None
     return storage, engine
+
+
+def _rdb_storage(optuna, sa, url: str, kwargs: dict):
+    """Optuna's storage; two processes creating its tables at once on PostgreSQL collide on a catalog key (the
+    loser retries and finds them made)."""
+    for attempt in range(6):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except (sa.exc.IntegrityError, sa.exc.ProgrammingError):
+            if attempt == 5:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
+def _importable(module: str) -> bool:
+    """Whether a database driver is installed: SQLAlchemy's default for postgresql:// is psycopg (3); the
+    psycopg2-binary wheel serves as well."""
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
 
 
 @dataclass
