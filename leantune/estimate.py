@@ -17,6 +17,11 @@ Memory model (bytes), checked against a measured CPU training step by bench/esti
   total        = the peak, not the sum: weights + optimizer + max(activations, gradients + the optimizer step's
                  temporaries). A full finetune's gradients grow while activations are freed, so the two never peak
                  together.
+Preference objectives (--objective dpo|ipo|orpo|simpo): a micro-batch of b pairs is 2b rows (chosen and rejected);
+the response log-probs run through an unfused head (a chunk's logits in the activation dtype plus two fp32 copies);
+dpo/ipo with the adapter switched off add the reference pass, a no-grad forward over the same rows taken while the
+policy's activations are held: one block's working set for every row plus its head chunk. A precomputed reference
+(full finetuning, --preference.reference precomputed) costs 8 bytes per pair instead.
 Not included: the CUDA context and caching-allocator slack (typically 0.3-1 GB on a GPU).
 """
 
@@ -87,7 +92,8 @@ def estimate_t5(config: T5Config, method: str, method_args=None, precision: str 
 
 def estimate(config: Config, method: str, method_args=None, precision: str = "bf16-true", quantize: str | None = None,
              micro_batch_size: int = 1, max_seq_length: int = 2048, optimizer: str = "AdamW",
-             activation_checkpointing: bool = False, device: str = "cuda") -> dict:
+             activation_checkpointing: bool = False, device: str = "cuda", objective: str = "sft",
+             reference: str = "adapter_off") -> dict:
     """Parameter counts and the memory model above, in GiB. `device` ("cuda" or "cpu") selects two kernel details
     that differ: CPU dropout keeps its mask in the activation dtype (CUDA: 1 byte), and CUDA's AdamW updates all
     tensors at once (foreach: one trainable-sized temporary) where CPU loops tensor by tensor."""
@@ -122,7 +128,8 @@ def estimate(config: Config, method: str, method_args=None, precision: str = "bf
     act = 2 if precision != "32-true" else 4
     # virtual embeddings (prompt/P-tuning) run through the model as extra positions of every sequence
     run_through = model.virtual is not None and model.virtual.injects == "embeddings"
-    tokens = micro_batch_size * (max_seq_length + (model.n_virtual if run_through else 0))
+    rows = micro_batch_size * (2 if objective != "sft" else 1)  # a pair is a chosen and a rejected row
+    tokens = rows * (max_seq_length + (model.n_virtual if run_through else 0))
     first = _first_block_with_gradient(model, trainable_names)
     grad_layers = c.n_layer - first
     block = _block_bytes(model.transformer.h[-1], c, act, device)
@@ -156,14 +163,20 @@ def estimate(config: Config, method: str, method_args=None, precision: str = "bf
         saved += (act + 4) * tokens * V if tokens <= CE_CHUNK else act * tokens * C
         ce_work = 8 * chunk * V
         head_grad = 0
+    reference_pass = 0
+    if objective != "sft":
+        ce_work = (act + 8) * chunk * V  # log-probs: the chunk's logits, their fp32 copy and log-softmax
+        if objective in ("dpo", "ipo") and reference == "adapter_off" and not get_method(method).saves_full_model:
+            reference_pass = block * tokens + ce_work
     # a quantized layer's matmul dequantizes its weight into a temporary, one layer at a time
-    activations = saved + max(ce_work, recompute, dequant_temp) + head_grad
+    activations = saved + max(ce_work, recompute, dequant_temp, reference_pass) + head_grad
     peak = weights + optim + max(activations, grads + step_temp)
     gib = 2**30
     return dict(
         trainable_params=trainable, total_params=total, trainable_percent=round(100 * trainable / total, 4),
         weights_gb=round(weights / gib, 3), gradients_gb=round(grads / gib, 3), optimizer_gb=round(optim / gib, 3),
         activations_gb=round(activations / gib, 3), total_gb=round(peak / gib, 3),
+        **({"reference_pass_gb": round(reference_pass / gib, 3)} if objective != "sft" else {}),
     )
 
 

@@ -5,6 +5,7 @@ command over `finetune`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from leantune.checkpoint.io import disk_full_names, write_json
-from leantune.data import DataModule, Demo
+from leantune.data import DataModule, Demo, PreferenceDataModule
 from leantune.download import DEFAULT_CHECKPOINT, ensure_checkpoint
 from leantune.evaluation.evaluate import cut_at_stop, encode_prompts, task_eval
 from leantune.methods import apply_method, build_manifest, get_method, load_any_adapter, load_trainable, save_checkpoint
@@ -29,7 +30,7 @@ from leantune.models.kinds import (
 )
 from leantune.models.quantize import check_mode
 from leantune.peft.base import Method, mark_trainable
-from leantune.runtime import compute_dtype, default_device, resolve_precision, weight_dtype
+from leantune.runtime import autocast_dtype, compute_dtype, default_device, resolve_precision, weight_dtype
 from leantune.tokenizer import Tokenizer
 from leantune.train.args import EvalArgs, TrainArgs, fit_max_seq_length
 from leantune.train.distributed import (
@@ -43,8 +44,18 @@ from leantune.train.distributed import (
 )
 from leantune.train.loop import check_parallel_method, fit
 from leantune.train.optim import OptimizerArgs
+from leantune.train.preference import (
+    NEEDS_REFERENCE,
+    Objective,
+    PreferenceArgs,
+    PreferenceObjective,
+    check_objective,
+    choose_reference,
+    reference_for,
+)
 from leantune.train.run_dir import prepare_run_dir
 from leantune.train.tracking import finish_tracking
+from leantune.train.validate import preference_validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +79,8 @@ class RunSpec:
     threads: int | None
     overwrite: bool
     fsdp: FSDPArgs
+    objective: str = "sft"
+    preference: PreferenceArgs = dataclasses.field(default_factory=PreferenceArgs)
 
 
 def resolve(method: str, checkpoint_dir: Path = DEFAULT_CHECKPOINT, out_dir: Path | None = None,
@@ -75,7 +88,7 @@ def resolve(method: str, checkpoint_dir: Path = DEFAULT_CHECKPOINT, out_dir: Pat
             prompt_style: str | None = None, train: TrainArgs | None = None, eval: EvalArgs | None = None,
             optimizer: OptimizerArgs | None = None, method_args: Any = None, resume: str | None = None,
             resume_adapter: Path | None = None, threads: int | None = None, overwrite: bool = False,
-            fsdp: FSDPArgs | None = None) -> RunSpec:
+            fsdp: FSDPArgs | None = None, objective: str = "sft", preference: PreferenceArgs | None = None) -> RunSpec:
     """Check the method's flags against its record (defaults, quantization, learning rate) and fill the defaults in.
     Nothing is loaded."""
     m = get_method(method)
@@ -83,15 +96,24 @@ def resolve(method: str, checkpoint_dir: Path = DEFAULT_CHECKPOINT, out_dir: Pat
     if quantize and not m.accepts_quantized_base:
         raise ValueError(f"--quantize freezes a quantized base; it cannot be combined with {m.name} finetuning")
     check_mode(quantize)
+    check_objective(objective)
+    data = data if data is not None else Demo()
+    if objective != "sft" and not isinstance(data, PreferenceDataModule):
+        raise ValueError(f"--objective {objective} trains on preference pairs: use --data Preference "
+                         "--data.json_path pairs.jsonl (prompt/chosen/rejected rows) or --data DemoPreference")
+    if objective == "sft" and isinstance(data, PreferenceDataModule):
+        raise ValueError(f"--data {type(data).__name__} holds preference pairs: pick --objective dpo, ipo, orpo or "
+                         "simpo")
     optimizer = optimizer or OptimizerArgs()
     if optimizer.lr is None:
         optimizer = dataclasses.replace(optimizer, lr=m.default_lr)
     return RunSpec(method=m, method_args=m.make_args(method_args), checkpoint_dir=Path(checkpoint_dir),
                    out_dir=Path(out_dir or Path("out") / "finetune" / m.name),
-                   data=data if data is not None else Demo(), precision=precision, quantize=quantize,
+                   data=data, precision=precision, quantize=quantize,
                    prompt_style=prompt_style, train=train or TrainArgs(), eval=eval or EvalArgs(),
                    optimizer=optimizer, resume=resume, resume_adapter=resume_adapter, threads=threads,
-                   overwrite=overwrite, fsdp=fsdp or FSDPArgs())
+                   overwrite=overwrite, fsdp=fsdp or FSDPArgs(), objective=objective,
+                   preference=preference or PreferenceArgs())
 
 
 def check_model_kind(checkpoint_dir: Path | None, method: str, quantize: str | None, train: TrainArgs | None,
@@ -135,6 +157,8 @@ def finetune(
     devices: int = 1,
     num_nodes: int = 1,
     fsdp: FSDPArgs | None = None,
+    objective: Objective = "sft",
+    preference: PreferenceArgs | None = None,
 ) -> dict:
     """Finetune `checkpoint_dir` with `method`; returns the run's summary (also written to out_dir/summary.json).
 
@@ -148,7 +172,7 @@ def finetune(
     run = resolve(method, checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, precision=precision,
                   quantize=quantize, prompt_style=prompt_style, train=train, eval=eval, optimizer=optimizer,
                   method_args=method_args, resume=resume, resume_adapter=resume_adapter, threads=threads,
-                  overwrite=overwrite, fsdp=fsdp)
+                  overwrite=overwrite, fsdp=fsdp, objective=objective, preference=preference)
     parallel = init_from_env(run.fsdp.timeout, devices)
     try:
         with quiet_unless_main(parallel), disk_full_names(run.out_dir):  # a full disk names the run's folder
@@ -185,17 +209,21 @@ def run_finetune(run: RunSpec, parallel: Parallel) -> dict:
                        compute_dtype=compute_dtype(precision))
     task = task_eval(data, tokenizer, style) if eval.exact_match else None
     report: dict = {"method": run.method.name, "checkpoint": str(checkpoint_dir), "out_dir": str(run.out_dir)}
-    if task and not resume:
-        acc, _ = task(model)
-        report["exact_match_before"] = acc
-        print(f"held-out exact match before finetuning: {acc:.1%} ({len(data.test_set())} prompts)")
     sample_fn = sampler(model, tokenizer, data, style, eval.sample_new_tokens)
-    if sample_fn is not None and not resume:  # the same held-out prompt is answered again after training
-        print(describe_sample("before training", data, style, sample_fn(), eval.sample_new_tokens))
+
+    def before_training() -> None:
+        if task and not resume:
+            acc, _ = task(model)
+            report["exact_match_before"] = acc
+            print(f"held-out exact match before finetuning: {acc:.1%} ({len(data.test_set())} prompts)")
+        if sample_fn is not None and not resume:  # the same held-out prompt is answered again after training
+            print(describe_sample("before training", data, style, sample_fn(), eval.sample_new_tokens))
 
     if run.resume_adapter is not None:
         trainable, args = start_from_adapter(model, run.method, Path(run.resume_adapter), checkpoint_dir)
+        before_training()  # a continued adapter: "before" is the model this run starts from
     else:
+        before_training()
         args = run.method_args
         trainable = apply_method(model, run.method, args)
         if run.method.prepare is not None:
@@ -210,11 +238,16 @@ def run_finetune(run: RunSpec, parallel: Parallel) -> dict:
     def load_fn(path: Path) -> None:
         load_trainable(model, run.method, path, expected=trainable)
 
+    objective = preference_objective(run, model, trainable, data, device, precision, parallel)
+    if objective is not None and not resume:
+        report.update(preference_before(model, data, device, objective, eval.max_batches, precision))
+
     summary = fit(model, trainable, data, run.out_dir, save_fn, load_fn, train, eval, run.optimizer,
                   precision=precision, device=device, resume=resume, sample_fn=sample_fn, method=run.method,
-                  parallel=parallel, fsdp=run.fsdp,
+                  parallel=parallel, fsdp=run.fsdp, objective=objective,
                   run_config={"method": run.method.name, "checkpoint_dir": str(checkpoint_dir), "data": data,
-                              run.method.flag: args, "quantize": run.quantize, "prompt_style": run.prompt_style})
+                              run.method.flag: args, "quantize": run.quantize, "prompt_style": run.prompt_style,
+                              **({"objective": run.objective, "preference": run.preference} if objective else {})})
     report.update(summary)
     if sample_fn is not None:  # one answer to the first held-out prompt, so a default run shows what it learned
         report["sample"] = sample_fn()
@@ -228,6 +261,38 @@ def run_finetune(run: RunSpec, parallel: Parallel) -> dict:
         write_json(run.out_dir / "summary.json", json.loads(json.dumps(report, default=str)))
         finish_tracking(run.out_dir, report)
     return report
+
+
+def preference_objective(run: RunSpec, model, trainable: list[str], data, device, precision: str,
+                         parallel: Parallel) -> PreferenceObjective | None:
+    """The run's preference objective with its reference (None for SFT); prints which reference it uses."""
+    if run.objective == "sft":
+        return None
+    reference = None
+    if run.objective in NEEDS_REFERENCE:
+        mode, layers = choose_reference(run.preference.reference, model, trainable, run.method.saves_full_model,
+                                        run.resume_adapter is not None)
+        print(f"--objective {run.objective}: reference = " + (
+            "the base model, the adapter switched off in one extra forward" if mode == "adapter_off" else
+            f"the starting model's log-probs, computed once and stored in {run.out_dir}/reference_logps.safetensors"))
+        reference = reference_for(mode, layers, data, run.out_dir, bool(run.resume), model, device,
+                                  autocast_for(precision, device), parallel.is_main)
+    return PreferenceObjective(run.objective, run.preference, reference)
+
+
+def autocast_for(precision: str, device):
+    amp = autocast_dtype(precision)
+    return (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+
+
+def preference_before(model, data, device, objective: PreferenceObjective, max_batches: int | None,
+                      precision: str) -> dict[str, float]:
+    """Held-out reward accuracy and margin before training, the baseline the summary compares with."""
+    with autocast_for(precision, device)():
+        row = preference_validation(model, data.val_dataloader(), device, objective, max_batches)
+    print(f"held-out pairs before training: reward accuracy {row['val_reward_accuracy']:.1%}, margin "
+          f"{row['val_reward_margin']:.4f}, {objective.objective} loss {row['val_loss']:.4f}")
+    return {"reward_accuracy_before": row["val_reward_accuracy"], "reward_margin_before": row["val_reward_margin"]}
 
 
 def trainable_in_weight_dtype(model, trainable: list[str], dtype: torch.dtype) -> None:
@@ -292,8 +357,14 @@ def print_summary(r: dict) -> None:
         f"method {r['method']}: {r.get('steps')} steps, {r.get('tokens')} tokens in {r.get('time_s')} s "
         f"({r.get('tokens_per_s')} tokens/s), peak memory {r.get('peak_memory_gb')} GB",
         f"trainable parameters {r.get('trainable_params'):,} of {r.get('total_params'):,}",
-        f"validation loss {r.get('val_loss', float('nan')):.4f} (perplexity {r.get('val_ppl', float('nan')):.2f})",
     ]
+    if "val_reward_accuracy" in r:
+        lines.append(f"validation preference loss {r['val_loss']:.4f}; held-out reward accuracy "
+                     f"{r.get('reward_accuracy_before', float('nan')):.1%} -> {r['val_reward_accuracy']:.1%}, margin "
+                     f"{r.get('reward_margin_before', float('nan')):.4f} -> {r['val_reward_margin']:.4f}")
+    else:
+        lines.append(f"validation loss {r.get('val_loss', float('nan')):.4f} (perplexity "
+                     f"{r.get('val_ppl', float('nan')):.2f})")
     if "exact_match_after" in r:
         lines.append(f"held-out exact match: {r.get('exact_match_before', float('nan')):.1%} -> {r['exact_match_after']:.1%}")
     lines.append(f"checkpoint: {r.get('checkpoint')}")

@@ -8,9 +8,10 @@ import random
 import pytest
 from data_support import CHATML_TEMPLATE, StubTokenizer
 
+from leantune.commands.data import preview as preview_command
 from leantune.data import get_data_module
 from leantune.data.errors import DataError
-from leantune.data.preference import Preference, convert_pair, wrong_answer
+from leantune.data.preference import DemoPreference, Preference, convert_pair, wrong_answer
 
 
 def write(tmp_path, rows, name="pairs.jsonl"):
@@ -111,3 +112,11 @@ def test_demo_preference_pairs_right_against_plausible_wrong():
     for rec in m._demo().test_set():
         wrong = wrong_answer(rec, r)
         assert wrong != rec["output"] and not m.score(wrong, rec["output"])
+
+
+def test_preview_shows_pairs(default_checkpoint, capsys):
+    stats = preview_command(DemoPreference(num_train=12, num_val=3, num_test=3), default_checkpoint, num_samples=2)
+    out = capsys.readouterr().out
+    assert out.count("--- pair") == 2 and out.count("  chosen:   [[") == 2 and out.count("  rejected: [[") == 2
+    assert "<|im_start|>assistant\n" in out and "train: 12 samples" in out
+    assert stats["train"]["count"] == 12

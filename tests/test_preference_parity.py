@@ -18,15 +18,19 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from leantune.checkpoint.hf import load_hf_checkpoint
 from leantune.data.errors import Skips
-from leantune.data.preference import collate_pairs, convert_pair, tokenize_pair
+from leantune.data.preference import PairSample, collate_pairs, convert_pair, tokenize_pair
 from leantune.data.prompts import PromptStyle, TemplateStyle
 from leantune.data.sft import Example
+from leantune.methods import get_method, load_any_adapter
+from leantune.peft.base import adapter_off, mark_trainable, switchable_layers
 from leantune.train.preference import (
     PrecomputedReference,
     PreferenceArgs,
     PreferenceObjective,
+    adapter_off_reference,
     token_logps,
 )
+from leantune.train.step import train_step
 
 V = 256  # the stub tokenizer's printable ASCII (ord + 100) fits
 ROWS = [
@@ -192,3 +196,62 @@ def test_orpo_matches_trl(models):
     torch.testing.assert_close(loss, nll - losses.mean(), atol=1e-5, rtol=0)
     torch.testing.assert_close(stats["rewards_rejected"], rr.mean(), atol=1e-5, rtol=0)
     torch.testing.assert_close(stats["reward_accuracy"], (rc > rr).float().mean(), atol=1e-5, rtol=0)
+
+
+def test_one_dpo_step_equals_trl_trainer_step_on_the_same_lora(models, tmp_path):
+    """TRL's DPOTrainer takes one SGD step on a PEFT LoRA (reference: the adapter disabled); leantune takes one step
+    on the same LoRA loaded from PEFT's folder (reference: the adapter switched off). Same logits after."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models as tok_models
+    from tokenizers import pre_tokenizers
+
+    _, _, d = models
+    torch.manual_seed(1)
+    hf = tf.AutoModelForCausalLM.from_pretrained(d / "hf", dtype=torch.float32)
+    names = {0: "<pad>", 1: "<s>", 2: "</s>", 3: "<unk>"}  # no token's text starts with a special token's
+    vocab = {names.get(i, f"w{i}"): i for i in range(V)}
+    tk = HFTok(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", bos_token="<s>")
+    rows = [([1, 5, 6], [8, 9, 2], [10, 2]), ([1, 11], [12, 13, 14, 2], [15, 16, 17, 18, 2]),
+            ([1, 20, 21, 22, 23], [30, 2], [31, 32, 2]), ([1, 40], [41, 42, 2], [43, 2])]
+
+    def text(ids):
+        return " ".join(names.get(i, f"w{i}") for i in ids)
+
+    ds = Dataset.from_list([{"prompt": text(p), "chosen": " " + text(c), "rejected": " " + text(r)}
+                            for p, c, r in rows])
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], beta=0.1, use_cpu=True, bf16=False,
+                         per_device_train_batch_size=4, max_steps=1, learning_rate=0.5, lr_scheduler_type="constant",
+                         optim="sgd", weight_decay=0.0, max_grad_norm=0.0, save_strategy="no", logging_steps=1,
+                         seed=0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                      init_lora_weights=False)  # B random too: the adapter matters from the first forward
+    trainer = trl.DPOTrainer(model=hf, args=args, processing_class=tok, train_dataset=ds, peft_config=lora)
+    trainer.model.save_pretrained(tmp_path / "peft")  # a new adapter: TRL's reference is the adapter disabled
+    trainer.train()
+
+    ours = load_hf_checkpoint(d / "hf")
+    load_any_adapter(ours, tmp_path / "peft", d / "hf")
+    trained = mark_trainable(ours, get_method("lora").adapter_params(ours))
+    params = [dict(ours.named_parameters())[n] for n in trained]
+    objective = PreferenceObjective("dpo", PreferenceArgs(beta=0.1),
+                                    adapter_off_reference(lambda m: adapter_off(switchable_layers(ours, trained))))
+    pairs_ = [PairSample(p, c, r, i, index=i) for i, (p, c, r) in enumerate(rows)]
+    ours.train()
+    result = train_step(ours, [collate_pairs(pairs_, 0)], torch.optim.SGD(params, lr=0.5), params,
+                        objective=objective)
+    logged = next(h for h in trainer.state.log_history if "loss" in h)
+    assert [len(r) for r in trainer.train_dataset["rejected_ids"]] == [len(r) for _, _, r in rows]  # same tokens
+    assert result.loss == pytest.approx(logged["loss"], abs=1e-5)
+    x = torch.randint(0, V, (2, 12))
+    trainer.model.eval()
+    ours.eval()
+    with torch.no_grad():
+        expected = trainer.model(x).logits
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=0)
+        with trainer.model.disable_adapter():
+            base = trainer.model(x).logits
+    assert (expected - base).abs().max() > 1e-3  # the adapter matters and the step changed it

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from leantune.commands.flags import check_at_least
-from leantune.data import DEFAULT_MAX_SEQ_LENGTH, DataModule, Demo, InstructionDataModule
-from leantune.data.preview import format_stats, render_sample
+from leantune.data import DEFAULT_MAX_SEQ_LENGTH, DataModule, Demo, InstructionDataModule, PreferenceDataModule
+from leantune.data.preference import PairSample
+from leantune.data.preview import format_stats, render_pair, render_sample
 from leantune.data.prompts import prompt_style_for_checkpoint
 from leantune.download import DEFAULT_CHECKPOINT, ensure_checkpoint
 from leantune.tokenizer import Tokenizer
@@ -38,7 +39,7 @@ def preview(
         data = Demo()
     tokenizer = Tokenizer(ensure_checkpoint(Path(checkpoint_dir)))
     style = prompt_style_for_checkpoint(checkpoint_dir, tokenizer, prompt_style)
-    policy = data.truncation if isinstance(data, InstructionDataModule) else None
+    policy = data.truncation if isinstance(data, InstructionDataModule | PreferenceDataModule) else None
     measure = policy in ("error", "drop")  # tokenize without a limit: count over-long samples, don't stop or hide
     data.connect(tokenizer, prompt_style=style, max_seq_length=0 if measure else max_seq_length, batch_size=1)
     with warnings.catch_warnings():
@@ -49,6 +50,11 @@ def preview(
     color = sys.stdout.isatty()
     print(f"prompt style: {style.name}; {'green' if color else '[[...]]'} = trained on")
     for sample in data.train_dataset.samples[:num_samples]:
+        if isinstance(sample, PairSample):
+            print(f"--- pair {sample.sample_id} ({sample.origin}, prompt {len(sample.prompt)} tokens, chosen "
+                  f"{len(sample.chosen)}, rejected {len(sample.rejected)})")
+            print(render_pair(sample, tokenizer, color))
+            continue
         print(f"--- sample {sample.sample_id} ({sample.origin}, {len(sample)} tokens, {sample.n_supervised} supervised)")
         print(render_sample(sample, tokenizer, color))
     stats = data.stats()

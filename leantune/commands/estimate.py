@@ -19,7 +19,8 @@ from leantune.train.optim import optimizer_class
 def _estimate(model: str = "HuggingFaceTB/SmolLM2-135M-Instruct", method: str = "lora", precision: str = "bf16-true",
               quantize: str | None = None, micro_batch_size: int = 1, max_seq_length: int = 2048,
               optimizer: str = "AdamW", activation_checkpointing: bool = False,
-              device: Literal["cuda", "cpu"] = "cuda", **method_flags) -> dict:
+              device: Literal["cuda", "cpu"] = "cuda", objective: Literal["sft", "dpo", "ipo", "orpo", "simpo"] = "sft",
+              reference: Literal["adapter_off", "precomputed"] = "adapter_off", **method_flags) -> dict:
     m = METHODS.get(method)
     if m is None:
         raise ValueError(f"--method {method!r}: choose among {', '.join(METHODS)}")
@@ -39,7 +40,7 @@ def _estimate(model: str = "HuggingFaceTB/SmolLM2-135M-Instruct", method: str = 
         result = estimate_t5(cfg, method, method_flags.get(m.flag), precision, optimizer)
     else:
         result = estimate(cfg, method, method_flags.get(m.flag), precision, quantize, micro_batch_size,
-                          max_seq_length, optimizer, activation_checkpointing, device)
+                          max_seq_length, optimizer, activation_checkpointing, device, objective, reference)
     width = max(len(k) for k in result)
     print(f"{cfg.name or model}: {method}" + (f" + {quantize}" if quantize else "") + f", {precision}, "
           f"batch {micro_batch_size} x {max_seq_length} tokens")
@@ -73,6 +74,9 @@ def _build() -> Callable[..., dict]:
         "    optimizer: AdamW, SGD, bnb.AdamW8bit, bnb.PagedAdamW, bnb.PagedAdamW8bit.",
         "    activation_checkpointing: Estimate with block recomputation.",
         "    device: cuda or cpu (CPU dropout keeps a wider mask; CUDA's AdamW updates all tensors at once).",
+        "    objective: sft, or a preference objective (dpo, ipo, orpo, simpo): micro_batch_size pairs are twice as",
+        "        many rows, and dpo/ipo count the reference pass (reference_pass_gb).",
+        "    reference: dpo/ipo's reference: adapter_off (an extra no-grad forward) or precomputed (none while training).",
         *(f"    {flag}: Hyperparameters of {flag} (--{flag}.*)." for flag in groups),
     ])
     return command

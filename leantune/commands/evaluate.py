@@ -14,7 +14,7 @@ import torch
 import leantune
 from leantune.checkpoint.io import atomic_write_bytes, write_json
 from leantune.commands.flags import check_at_least, check_folder, check_model_flags, check_threads
-from leantune.data import DataModule, Demo
+from leantune.data import DataModule, Demo, PreferenceDataModule
 from leantune.download import DEFAULT_CHECKPOINT
 from leantune.evaluation.evaluate import report_table, rouge_eval, task_eval
 from leantune.evaluation.harness import harness_lm, require_lm_eval
@@ -23,9 +23,15 @@ from leantune.inference import load_for_inference
 from leantune.methods import MANIFEST_FILE, read_manifest
 from leantune.models.kinds import LM_EVAL, decoder_start_id, kind_of_folder
 from leantune.train.args import EvalArgs, TrainArgs
-from leantune.train.validate import validation_loss
+from leantune.train.preference import (
+    PrecomputedReference,
+    PreferenceArgs,
+    PreferenceObjective,
+    compute_reference_table,
+)
+from leantune.train.validate import preference_validation, validation_loss
 
-METRICS = ("loss", "exact_match", "rouge")
+METRICS = ("loss", "exact_match", "rouge", "preference")
 DEFAULT_NEW_TOKENS = {"exact_match": 32, "rouge": 128}
 """Generation budget per metric when --max_new_tokens is unset: short answers for exact match, a summary for ROUGE."""
 
@@ -81,8 +87,10 @@ def evaluate(
         checkpoint_dir: Base model folder (default: the bundled default model, imported on first use).
         adapter: An adapter folder (e.g. out/finetune/lora/final, any method) or a PEFT folder, applied unmerged.
         data: Data module (default Demo), e.g. --data Summarization --data.json_path samsum_val.jsonl.
-        metric: Comma-separated metrics: loss, exact_match, rouge (default: loss, plus exact_match when the data has a
-            held-out test set and --exact_match is true).
+        metric: Comma-separated metrics: loss, exact_match, rouge, preference (default: loss, plus exact_match when
+            the data has a held-out test set and --exact_match is true; preference for pair data). preference: DPO
+            reward accuracy and margin (beta 0.1) on the held-out pairs of --data Preference / DemoPreference, with
+            the base model (--checkpoint_dir without the adapter) as the reference.
         compare_base: With --adapter, evaluate the base first, then the adapter, and report both side by side.
         quantize: int8 or int4: weight-only quantized linears and head for fast CPU decoding (torch's kernels, fp32
             accumulation); or bitsandbytes 4/8 bits as QLoRA trains: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8
@@ -124,6 +132,8 @@ def evaluate(
             kind_of_folder(ckpt).check(LM_EVAL)
         require_lm_eval()  # one line naming the extra, before any model loads
     data = data if data is not None else Demo()
+    if metrics is None and isinstance(data, PreferenceDataModule):
+        metrics = ("preference",)  # pairs have no single reference answer: the preference metric is their score
     check_data_supports(data, metrics)
     if threads:
         torch.set_num_threads(threads)
@@ -146,6 +156,9 @@ def evaluate(
                 evaluators = prepare(data, tokenizer, metrics, exact_match, prompt_style, max_seq_length,
                                      batch_size, max_new_tokens, limit, decoder_start_id(model))
                 prepared_for = ckpt
+                if "preference" in evaluators:
+                    evaluators["preference_objective"] = base_reference(ckpt, adapter_dir, model, data, precision,
+                                                                        quantize, device)
             results[label], preds = measure(model, evaluators, data, device, max_batches, prefix)
         if task_specs is not None:
             specs, manager, local = task_specs
@@ -238,6 +251,11 @@ def check_data_supports(data: DataModule, metrics: tuple[str, ...] | None) -> No
     if "exact_match" in metrics and not hasattr(data, "test_set"):
         raise ValueError(f"--metric exact_match needs data with a held-out test set and a scorer (Demo); --data "
                          f"{type(data).__name__} has none: use --metric rouge to score free-text references")
+    if "preference" in metrics and not isinstance(data, PreferenceDataModule):
+        raise ValueError(f"--metric preference scores chosen/rejected pairs; --data {type(data).__name__} has none: "
+                         "use --data Preference --data.json_path pairs.jsonl or --data DemoPreference")
+    if isinstance(data, PreferenceDataModule) and set(metrics) - {"preference"}:
+        raise ValueError(f"--data {type(data).__name__} holds preference pairs: evaluate it with --metric preference")
     if "rouge" in metrics and not (hasattr(data, "test_set") or hasattr(data, "load_examples")):
         raise ValueError(f"--metric rouge needs records with reference outputs; --data {type(data).__name__} has "
                          "none (use --metric loss)")
@@ -252,6 +270,9 @@ def prepare(data: DataModule, tokenizer, metrics: tuple[str, ...] | None, exact_
                  decoder_start_id=decoder_start_id)
     wanted = metrics or ("loss", "exact_match")
     out: dict[str, Any] = {}
+    if "preference" in wanted:
+        data.setup()
+        out["preference"] = True
     if "loss" in wanted:
         data.setup()
         if data.val_dataset is not None and len(data.val_dataset):
@@ -273,6 +294,14 @@ def measure(model, evaluators: dict[str, Any], data: DataModule, device: torch.d
     """Run the evaluators on one model: its metrics, and its ROUGE predictions (empty without ROUGE)."""
     out: dict[str, Any] = {}
     predictions: list[dict[str, Any]] = []
+    if "preference" in evaluators:
+        row = preference_validation(model, data.val_dataloader(), device, evaluators["preference_objective"],
+                                    max_batches)
+        out.update(reward_accuracy=row["val_reward_accuracy"], reward_margin=row["val_reward_margin"],
+                   dpo_loss=row["val_loss"])
+        print(f"{prefix}held-out pairs ({len(data.val_dataset)}), the base model as reference (beta "
+              f"{PreferenceArgs.beta}): reward accuracy {out['reward_accuracy']:.1%}, margin "
+              f"{out['reward_margin']:.4f}, DPO loss {out['dpo_loss']:.4f}")
     if "loss" in evaluators:
         out.update(validation_loss(model, data.val_dataloader(), device, max_batches))
         print(f"{prefix}validation loss {out['val_loss']:.4f} (perplexity {out['val_ppl']:.2f})")
@@ -288,6 +317,19 @@ def measure(model, evaluators: dict[str, Any], data: DataModule, device: torch.d
         print(f"{prefix}ROUGE on {scores['rouge_samples']} held-out prompts: " +
               ", ".join(f"{k} {v:.4f}" for k, v in r.items()))
     return out, predictions
+
+
+def base_reference(ckpt: Path, adapter_dir: Path | None, model, data: DataModule, precision: str,
+                   quantize: str | None, device: torch.device) -> PreferenceObjective:
+    """DPO's objective on the held-out pairs with the base model (`ckpt` without adapter) as the reference: its
+    log-probs computed once (the model itself when no adapter is applied: rewards are then 0)."""
+    base = model
+    if adapter_dir is not None:
+        base, _, _, _ = load_for_inference(ckpt, precision, None, quantize)
+    table = compute_reference_table(base, data.val_dataloader(), len(data.val_dataset), device)
+    del base
+    gc.collect()
+    return PreferenceObjective("dpo", PreferenceArgs(), PrecomputedReference({"val": table}))
 
 
 def write_reports(out_file: Path, result: dict[str, Any], table: str, predictions: list[dict[str, Any]]) -> None:

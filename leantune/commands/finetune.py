@@ -20,6 +20,7 @@ from leantune.peft.base import Method
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.distributed import FSDPArgs, check_batch_sizes, launch, launched
 from leantune.train.optim import OptimizerArgs, optimizer_class
+from leantune.train.preference import PreferenceArgs
 from leantune.train.state import STATE_FILE
 
 HELP = {
@@ -44,9 +45,13 @@ HELP = {
     "num_nodes": "Nodes of a multi-node run: run the same command on every node with MASTER_ADDR/MASTER_PORT of the "
                  "first (the rendezvous endpoint) and a shared LEANTUNE_RDZV_ID (SLURM_JOB_ID is used when set).",
     "fsdp": "Multi-process settings (--fsdp.*): CPU offload, resharding after forward, collective timeout.",
+    "objective": "sft (default: cross-entropy on the replies), or preference tuning on chosen/rejected pairs (--data "
+                 "Preference / DemoPreference): dpo, ipo (need a reference: see --preference.reference), orpo, simpo.",
+    "preference": "Preference-tuning settings (--preference.*): beta, label_smoothing, gamma, reference.",
 }
 # Defaults the command line shows in full (the recipe takes None for "default").
-CLI_DEFAULTS = {"train": TrainArgs(), "eval": EvalArgs(), "optimizer": OptimizerArgs(), "fsdp": FSDPArgs()}
+CLI_DEFAULTS = {"train": TrainArgs(), "eval": EvalArgs(), "optimizer": OptimizerArgs(), "fsdp": FSDPArgs(),
+                "preference": PreferenceArgs()}
 _argv: list[str] | None = None
 
 

@@ -57,7 +57,8 @@ class PairSample:
 
     @property
     def n_supervised(self) -> int:
-        return len(self.chosen) + len(self.rejected)
+        """The response tokens of the longer row (statistics read it against `len`)."""
+        return max(len(self.chosen), len(self.rejected))
 
 
 # ---- rows -> (prompt messages, chosen, rejected) -------------------------------------------------------------------
@@ -263,17 +264,6 @@ class PreferenceDataModule(DataModule):
         ds = self._ready(self.val_dataset)
         return pair_loader(ds.samples, plan_epoch(ds.lengths, self.batch_size, self.seed, 0, shuffle=False),
                            pad_id_of(self.tokenizer), "val")
-
-    def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"max_seq_length": self.max_seq_length}
-        for name, ds in (("train", self.train_dataset), ("val", self.val_dataset)):
-            samples = ds.samples if ds is not None else []
-            lengths = [len(s) for s in samples]
-            out[name] = {"count": len(samples), "tokens": sum(lengths), "max": max(lengths, default=0),
-                         "over_max_seq_length": sum(s.full_length > self.max_seq_length for s in samples),
-                         "truncated": sum(s.full_length > len(s) for s in samples)}
-        out["skipped"] = dict(self.skips.counts)
-        return out
 
 
 @dataclass

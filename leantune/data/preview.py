@@ -41,3 +41,12 @@ def format_stats(stats: dict[str, Any]) -> str:
     for reason, n in stats.get("skipped", {}).items():
         lines.append(f"skipped {n}: {reason}")
     return "\n".join(lines)
+
+
+def render_pair(pair: Any, tokenizer: Any, color: bool = False) -> str:
+    """A preference pair: the prompt once, then each response marked as trained on (both are scored)."""
+    def mark(ids: list[int]) -> str:
+        text = tokenizer.decode(ids)
+        return f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
+
+    return (f"{tokenizer.decode(pair.prompt)}\n  chosen:   {mark(pair.chosen)}\n  rejected: {mark(pair.rejected)}")

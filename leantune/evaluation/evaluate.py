@@ -165,6 +165,7 @@ def prompt_budget(model: GPT | T5, max_prompt_tokens: int | None) -> float:
 
 
 ROWS = (("validation loss", "val_loss"), ("perplexity", "val_ppl"), ("exact match", "exact_match"),
+        ("reward accuracy", "reward_accuracy"), ("reward margin", "reward_margin"), ("DPO loss", "dpo_loss"),
         *((t, f"rouge.{t}") for t in rouge.ROUGE_TYPES))
 """Report rows: label and key (`a.b` is key b of dict a) of each metric, in the order a table shows them."""
 

@@ -8,7 +8,8 @@ so no command or loop asks for a method by name.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,31 @@ class Method:
         if isinstance(given, self.args_class):
             return given
         return self.args_class(**(given if isinstance(given, dict) else vars(given)))
+
+
+def switchable_layers(model: nn.Module, trainable: list[str]) -> list[nn.Module] | None:
+    """The layers holding every trained tensor, when each of them can be switched off (`adapter_enabled`, e.g.
+    LoRALinear); None when any trained tensor lives elsewhere: then switching off would not give the base model."""
+    layers = {name: m for name, m in model.named_modules() if hasattr(m, "adapter_enabled")}
+    found: dict[str, nn.Module] = {}
+    for t in trainable:
+        owner = t.rpartition(".")[0]
+        if owner not in layers:
+            return None
+        found[owner] = layers[owner]
+    return list(found.values()) or None
+
+
+@contextlib.contextmanager
+def adapter_off(layers: list[nn.Module]) -> Iterator[None]:
+    """Run the base model: the given layers compute without their adapter for the duration (no weight copy)."""
+    for m in layers:
+        m.adapter_enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.adapter_enabled = True
 
 
 def mark_trainable(model: nn.Module, params: list[nn.Parameter]) -> list[str]:

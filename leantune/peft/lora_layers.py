@@ -91,6 +91,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(len(parts) * r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(widths, r, **factory))
         self.merged = False
+        self.adapter_enabled = True  # False: the base layer alone (a preference run's reference forward)
         self._full = len(parts) == 1 and parts[0] == (0, self.out_features)
         self.lora_magnitude = nn.Parameter(torch.empty(widths, **factory)) if dora else None  # DoRA's m
         self._wsq: tuple | None = None  # DoRA: (key of the base weight's storage and version, its squared row norms)
@@ -139,7 +140,7 @@ class LoRALinear(nn.Module):
         return quantized_linear(x, self.weight, bias) if self.quantized else F.linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or not self.adapter_enabled:
             return self.base_forward(x, self.bias)
         if self.lora_magnitude is not None:
             return dora_forward(self, x)

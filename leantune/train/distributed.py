@@ -35,6 +35,7 @@ import torch.distributed as dist
 from leantune.checkpoint.io import atomic_dir
 from leantune.checkpoint.safe_pickle import dcp_load, load_dcp_metadata
 from leantune.models.kinds import blocks
+from leantune.train.preference import shard_pairs
 from leantune.train.state import find_latest_checkpoint
 
 T = TypeVar("T")
@@ -189,7 +190,9 @@ def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
     """Rows [rank*B/N, (rank+1)*B/N) of a global batch of B rows (B = N*b for every full batch), trailing columns
     that are padding in all of them dropped. A rank whose share is empty (a last batch with fewer rows than ranks)
     gets a copy of row 0 with every label ignored: it contributes no loss and no token, but runs the same forward
-    and backward, so every rank takes part in the same collectives."""
+    and backward, so every rank takes part in the same collectives. Preference batches split by pairs."""
+    if "pairs" in batch:
+        return shard_pairs(batch, rank, world_size)
     B = batch["input_ids"].shape[0]
     lo, hi = rank * B // world_size, (rank + 1) * B // world_size
     empty = hi == lo

@@ -41,8 +41,9 @@ from leantune.train.distributed import (
     shard_model,
     shared_atomic_dir,
 )
-from leantune.train.metrics import open_loggers, plot_loss
+from leantune.train.metrics import PREFERENCE_FIELDS, open_loggers, plot_loss
 from leantune.train.optim import OptimizerArgs, build_optimizer
+from leantune.train.preference import PreferenceObjective
 from leantune.train.protocol import TrainingData
 from leantune.train.run_config import batch_position, check_resume, jsonable, load_run_config, save_run_config
 from leantune.train.schedule import lr_at
@@ -55,7 +56,7 @@ from leantune.train.state import (
 )
 from leantune.train.step import NonFiniteError, train_step
 from leantune.train.tracking import require_logger
-from leantune.train.validate import validation_loss
+from leantune.train.validate import preference_validation, validation_loss
 
 METHOD_STATE_FILE = "method_state.safetensors"
 """A method's state between steps (`Method.train_state`), beside training_state.pt in each checkpoint."""
@@ -81,6 +82,7 @@ def fit(
     method: Method | None = None,
     parallel: Parallel | None = None,
     fsdp: FSDPArgs | None = None,
+    objective: PreferenceObjective | None = None,
 ) -> dict[str, Any]:
     """Train `trainable` parameters of `model` on `data`; returns a summary dict. Checkpoints go to out_dir/step-N
     and out_dir/final, each with the run configuration (`run.json`: the caller's `run_config` - base, data, method
@@ -89,7 +91,10 @@ def fit(
 
     With `parallel` of several ranks (leantune.train.distributed): `data` yields global batches of
     micro_batch_size x world_size rows, of which each rank trains on its share; the model is sharded with FSDP2
-    (`fsdp` settings), checkpoints are sharded (DCP) and rank 0 alone logs and writes the other files."""
+    (`fsdp` settings), checkpoints are sharded (DCP) and rank 0 alone logs and writes the other files.
+
+    With `objective` (leantune.train.preference) `data` yields preference pairs and every step, validation and log
+    row uses its loss and reward statistics instead of the cross-entropy; the rest of the loop is unchanged."""
     summary_writer_cls = require_logger(train.logger)  # TensorBoard's or MLflow's writer; fails before any work
     parallel = parallel or Parallel()
     check_parallel_method(parallel, method)
@@ -126,17 +131,19 @@ def fit(
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
 
     def evaluate() -> dict[str, float]:
+        loader = data.val_dataloader() if not parallel.enabled else ShardedLoader(data.val_dataloader(), parallel)
+        reduce = parallel.sum if parallel.enabled else None
         with autocast():
-            if not parallel.enabled:
-                return validation_loss(model, data.val_dataloader(), device, eval.max_batches)
-            return validation_loss(model, ShardedLoader(data.val_dataloader(), parallel), device, eval.max_batches,
-                                   reduce=parallel.sum)
+            if objective is not None:
+                return preference_validation(model, loader, device, objective, eval.max_batches, reduce=reduce)
+            return validation_loss(model, loader, device, eval.max_batches, reduce=reduce)
 
     if eval.initial_validation:
         row = evaluate()
         if main:
             print(f"initial validation: {_fmt(row)}")
-    loggers = (open_loggers(out_dir, summary_writer_cls, state.step if ckpt is not None and state.step > 0 else None)
+    loggers = (open_loggers(out_dir, summary_writer_cls, state.step if ckpt is not None and state.step > 0 else None,
+                            tuple(PREFERENCE_FIELDS) if objective is not None else ())
                if main else _NoLoggers())
     model.train()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
@@ -172,14 +179,15 @@ def fit(
                 g["lr"] = lr
             result = train_step(model, window, optimizer, params, device=device, autocast=autocast, scaler=scaler,
                                 max_norm=train.max_norm, step=state.step + 1, sum_across=sum_across,
-                                **step_hooks(method, model, state.step, total_steps))
+                                objective=objective, **step_hooks(method, model, state.step, total_steps))
             last_loss = result.loss
             state.step += 1
             state.tokens += result.tokens
             state.train_time = time.perf_counter() - t_start
             tok_s = state.tokens / max(state.train_time, 1e-9)
             row = dict(step=state.step, epoch=state.epoch, loss=last_loss, lr=lr, grad_norm=result.grad_norm,
-                       tokens=state.tokens, tokens_per_s=tok_s, time_s=state.train_time, mem_gb=_memory_gb(device))
+                       tokens=state.tokens, tokens_per_s=tok_s, time_s=state.train_time, mem_gb=_memory_gb(device),
+                       **result.metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", mem=f"{row['mem_gb']:.1f}G")
             if eval.interval and state.step % eval.interval == 0 and state.step < total_steps:

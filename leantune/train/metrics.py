@@ -5,11 +5,17 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+PREFERENCE_FIELDS = ["rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "logps_chosen",
+                     "logps_rejected", "val_reward_accuracy", "val_reward_margin"]
+"""The extra columns of a preference run (leantune.train.preference): per-step means over the step's pairs."""
 
-def open_loggers(out_dir: Path, summary_writer_cls, resumed_at: int | None):
+
+def open_loggers(out_dir: Path, summary_writer_cls, resumed_at: int | None, extra_fields: tuple[str, ...] = ()):
     """metrics.csv, plus TensorBoard given its SummaryWriter class (from `require_tensorboard()`, called before any
-    work); `resumed_at` (the resumed step) drops rows an earlier run logged past it."""
-    metrics = MetricsWriter(out_dir / "metrics.csv", append=resumed_at is not None, after_step=resumed_at or 0)
+    work); `resumed_at` (the resumed step) drops rows an earlier run logged past it; `extra_fields`: columns beside
+    the standard ones (a preference run's rewards)."""
+    metrics = MetricsWriter(out_dir / "metrics.csv", append=resumed_at is not None, after_step=resumed_at or 0,
+                            extra_fields=extra_fields)
     if summary_writer_cls is None:
         return metrics
     first = resumed_at + 1 if resumed_at is not None else None
@@ -19,17 +25,18 @@ def open_loggers(out_dir: Path, summary_writer_cls, resumed_at: int | None):
 class MetricsWriter:
     FIELDS = ["step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "time_s", "mem_gb", "val_loss", "val_ppl"]
 
-    def __init__(self, path: Path, append: bool, after_step: int = 0) -> None:
+    def __init__(self, path: Path, append: bool, after_step: int = 0, extra_fields: tuple[str, ...] = ()) -> None:
         new = not (append and path.exists())
+        self.fields = [*self.FIELDS, *extra_fields]
         if not new:
-            self._truncate(path, after_step)
+            self._truncate(path, after_step, self.fields)
         self.f = open(path, "a" if not new else "w", newline="", encoding="utf-8")
-        self.w = csv.DictWriter(self.f, fieldnames=self.FIELDS, extrasaction="ignore")
+        self.w = csv.DictWriter(self.f, fieldnames=self.fields, extrasaction="ignore")
         if new:
             self.w.writeheader()
 
     @staticmethod
-    def _truncate(path: Path, after_step: int) -> None:
+    def _truncate(path: Path, after_step: int, fields: list[str] | None = None) -> None:
         """Drop rows past the resumed step: a run that got further than its last checkpoint logged steps the
         resumed run repeats, and each step must appear once (TensorBoard's purge_step does the same)."""
         with open(path, newline="", encoding="utf-8") as f:
@@ -38,7 +45,7 @@ class MetricsWriter:
             return
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=MetricsWriter.FIELDS, extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=fields or MetricsWriter.FIELDS, extrasaction="ignore")
             w.writeheader()
             w.writerows(r for r in rows if int(r["step"]) <= after_step)
         tmp.replace(path)
@@ -66,7 +73,8 @@ class TensorBoardWriter:
 
     TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens": "train/tokens",
             "tokens_per_s": "train/tokens_per_s", "time_s": "train/time_s", "mem_gb": "train/mem_gb",
-            "epoch": "train/epoch", "val_loss": "val/loss", "val_ppl": "val/ppl"}
+            "epoch": "train/epoch", "val_loss": "val/loss", "val_ppl": "val/ppl",
+            **{k: f"{'val' if k.startswith('val_') else 'train'}/{k.removeprefix('val_')}" for k in PREFERENCE_FIELDS}}
 
     def __init__(self, summary_writer_cls, log_dir: Path, first_step: int | None) -> None:
         # purge_step: on resume TensorBoard hides events of earlier runs from first_step on (steps logged after

@@ -24,12 +24,15 @@ import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from leantune.checkpoint.io import load_safetensors, save_safetensors
+from leantune.peft.base import adapter_off, switchable_layers
 from leantune.train.args import positive
 
 Objective = Literal["sft", "dpo", "ipo", "orpo", "simpo"]
@@ -165,12 +168,14 @@ class PreferenceObjective:
         """The normalisers of a batch, summed over a window (and over ranks) before any loss is divided."""
         out = {"pairs": int(batch["pairs"])}
         if self.objective == "orpo":
-            out["nll_tokens"] = int((full_sequence_labels(batch)[:batch["pairs"]] != -100).sum())
+            B, w = pair_weights(batch)
+            out["nll_tokens"] = int(((full_sequence_labels(batch)[:B] != -100).sum(1) * w.to(torch.long)).sum())
         return out
 
     def terms(self, model: torch.nn.Module, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(loss sums keyed like `counts`, statistic sums over the batch's pairs, detached)."""
-        B = int(batch["pairs"])
+        B, w = pair_weights(batch)
+        w = w.to(batch["input_ids"].device, torch.float32)
         hidden = forward_hidden(model, batch)
         head = model.lm_head
         logps, n = token_logps(hidden, head, batch["labels"])
@@ -185,24 +190,55 @@ class PreferenceObjective:
             else:
                 losses = ipo_loss(pc, pr, rc, rr, n[:B], n[B:], a.beta)
             rewards = a.beta * (logps - ref).detach()
-            terms = {"pairs": losses.sum()}
+            terms = {"pairs": (losses * w).sum()}
         else:
             mean = logps / n.clamp(min=1)
             stats_logps = mean
             rewards = a.beta * mean.detach()
             if self.objective == "simpo":
-                terms = {"pairs": simpo_loss(mean[:B], mean[B:], a.beta, a.gamma, a.label_smoothing).sum()}
+                terms = {"pairs": (simpo_loss(mean[:B], mean[B:], a.beta, a.gamma, a.label_smoothing) * w).sum()}
             else:
                 ratio, _ = orpo_log_odds_ratio(mean[:B], mean[B:])
                 nll, _ = token_logps(hidden[:B], head, full_sequence_labels(batch)[:B])
-                terms = {"nll_tokens": -nll.sum(), "pairs": -a.beta * ratio.sum()}
-        return terms, pair_stats(rewards[:B], rewards[B:], stats_logps[:B].detach(), stats_logps[B:].detach())
+                terms = {"nll_tokens": -(nll * w).sum(), "pairs": -a.beta * (ratio * w).sum()}
+        return terms, pair_stats(rewards[:B], rewards[B:], stats_logps[:B].detach(), stats_logps[B:].detach(), w)
 
 
-def pair_stats(rc: torch.Tensor, rr: torch.Tensor, lc: torch.Tensor, lr: torch.Tensor) -> dict[str, torch.Tensor]:
+def pair_weights(batch: dict) -> tuple[int, torch.Tensor]:
+    """(rows per side, per-pair weight): 1 for every pair, 0 for the stand-in pair of a rank whose share of a
+    short last batch is empty (it runs the same forward and backward as the others, contributing nothing)."""
+    B = batch["input_ids"].shape[0] // 2
+    w = batch.get("pair_weight")
+    return B, (w if w is not None else torch.ones(B))
+
+
+def pair_stats(rc: torch.Tensor, rr: torch.Tensor, lc: torch.Tensor, lr: torch.Tensor,
+               w: torch.Tensor) -> dict[str, torch.Tensor]:
     """Sums over the pairs (the loop divides by the step's pair count): rewards, accuracy, margin, log-probs."""
-    return {"rewards_chosen": rc.sum(), "rewards_rejected": rr.sum(), "reward_accuracy": (rc > rr).float().sum(),
-            "reward_margin": (rc - rr).sum(), "logps_chosen": lc.sum(), "logps_rejected": lr.sum()}
+    return {"rewards_chosen": (rc * w).sum(), "rewards_rejected": (rr * w).sum(),
+            "reward_accuracy": ((rc > rr).float() * w).sum(), "reward_margin": ((rc - rr) * w).sum(),
+            "logps_chosen": (lc * w).sum(), "logps_rejected": (lr * w).sum()}
+
+
+def shard_pairs(batch: dict, rank: int, world_size: int) -> dict:
+    """This rank's pairs [rank*B/N, (rank+1)*B/N) of a global pair batch: its chosen rows and their rejected rows
+    (a plain row split would tear pairs apart), trailing all-padding columns dropped. An empty share gets pair 0
+    with weight 0."""
+    B = batch["input_ids"].shape[0] // 2
+    lo, hi = rank * B // world_size, (rank + 1) * B // world_size
+    empty = hi == lo
+    if empty:
+        lo, hi = 0, 1
+    rows = torch.cat([torch.arange(lo, hi), torch.arange(B + lo, B + hi)])
+    out = dict(batch)
+    keep = max(int(batch["attention_mask"][rows].sum(1).max()), 1)
+    for k in ("input_ids", "labels", "attention_mask"):
+        out[k] = batch[k][rows][:, :keep]
+    out["pair_index"] = batch["pair_index"][lo:hi]
+    out["sample_ids"] = batch["sample_ids"][lo:hi] if not empty else [[]]
+    out["pairs"] = 0 if empty else hi - lo
+    out["pair_weight"] = torch.zeros(1) if empty else torch.ones(hi - lo)
+    return out
 
 
 # ---- references ---------------------------------------------------------------------------------------------------
@@ -247,3 +283,47 @@ def compute_reference_table(model: torch.nn.Module, loader, n: int, device: torc
     if bool(table.isnan().any()):
         raise RuntimeError("reference log-probs missing for some pairs (the loader skipped rows)")
     return table
+
+
+REFERENCE_FILE = "reference_logps.safetensors"
+"""Beside run.json: the precomputed reference log-probs of every pair, {split: (N, 2)}, written once per run."""
+
+
+def choose_reference(mode: str, model: torch.nn.Module, trainable: list[str], full_model: bool,
+                     continued: bool) -> tuple[str, list[torch.nn.Module] | None]:
+    """("adapter_off", the layers to switch off) or ("precomputed", None) for --preference.reference `mode`.
+
+    auto takes adapter_off only where switching the adapter off gives the starting model: a new adapter whose layers
+    can all switch off (LoRA's, initialised to no change). Full finetuning has no adapter; a continued adapter
+    (--resume_adapter) starts elsewhere than the base: both get the precomputed reference of the starting model."""
+    layers = None if full_model else switchable_layers(model, trainable)
+    if mode == "adapter_off" and layers is None:
+        raise ValueError("--preference.reference adapter_off needs an adapter whose layers can be switched off (lora, "
+                         "qlora, dora); use --preference.reference precomputed (or auto)")
+    if mode == "adapter_off" or (mode == "auto" and layers is not None and not continued):
+        return "adapter_off", layers
+    return "precomputed", None
+
+
+def reference_for(mode: str, layers: list[torch.nn.Module] | None, data, out_dir: Path, resume: bool,
+                  model: torch.nn.Module, device: torch.device, autocast, is_main: bool) -> ReferenceFn:
+    """The reference of a dpo/ipo run: the adapter switched off, or log-probs of the starting model computed now
+    (before any step) and stored in out_dir, or read back from there when the run resumes."""
+    if mode == "adapter_off":
+        return adapter_off_reference(lambda _model: adapter_off(layers))
+    file = Path(out_dir) / REFERENCE_FILE
+    sizes = {"train": len(data.train_dataset), "val": len(data.val_dataset)}
+    if resume and file.is_file():
+        tables = load_safetensors(file)
+        if {k: v.shape[0] for k, v in tables.items()} != sizes:
+            raise ValueError(f"{file}: reference log-probs for {tables and {k: v.shape[0] for k, v in tables.items()}}"
+                             f" pairs, but the data gives {sizes}; resume with the run's own data")
+        return PrecomputedReference(tables)
+    if resume:
+        raise FileNotFoundError(f"{file}: missing; a run with a precomputed reference resumes with the log-probs "
+                                "of its starting model (start the run again without --resume)")
+    tables = {"train": compute_reference_table(model, data.train_dataloader(), sizes["train"], device, autocast),
+              "val": compute_reference_table(model, data.val_dataloader(), sizes["val"], device, autocast)}
+    if is_main:
+        save_safetensors(tables, file)
+    return PrecomputedReference(tables)

@@ -29,7 +29,8 @@ from leantune.checkpoint.io import RUN_LOCK, lock_file
 from leantune.train.state import checkpoint_step, find_latest_checkpoint
 
 LOCK_FILE = RUN_LOCK
-RUN_OUTPUTS = ("final", "metrics.csv", "loss.png", "summary.json", "tensorboard", "run.json")
+RUN_OUTPUTS = ("final", "metrics.csv", "loss.png", "summary.json", "tensorboard", "run.json",
+               "reference_logps.safetensors")
 """Top-level names a run writes (besides step-N folders and hidden temporaries); --overwrite removes only these."""
 _STEP = re.compile(r"step-\d+")
 _TEMP = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}")
