@@ -191,3 +191,11 @@ def test_evaluate_preference_metric_against_the_base(tiny_checkpoint, pair_file,
     assert out["reward_margin"] == pytest.approx(report["val_reward_margin"], abs=1e-4)
     with pytest.raises(ValueError, match="--metric preference scores chosen/rejected pairs"):
         evaluate_command(checkpoint_dir=tiny_checkpoint, data=JSON(json_path=pair_file), metric="preference")
+
+
+def test_dpo_on_a_4_bit_base_switches_the_adapter_off(tiny_checkpoint, pair_file, tmp_path):
+    """QLoRA: the frozen nf4 base runs alone as the reference (no dequantized copy); the run trains and resumes like
+    any other."""
+    report = run(tmp_path / "run", tiny_checkpoint, pair_file, "dpo", method="qlora", max_steps=2)
+    assert report["steps"] == 2 and not (tmp_path / "run" / "reference_logps.safetensors").exists()
+    assert float(rows(tmp_path / "run")[0]["rewards_chosen"]) == 0.0
