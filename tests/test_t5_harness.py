@@ -16,6 +16,7 @@ from leantune.decode.seq2seq import pad_inputs, t5_generate
 from leantune.evaluation.harness import harness_lm, score_seq2seq
 from leantune.evaluation.harness_tasks import MMLU_EXEMPLARS, offline, resolve_tasks, run_tasks
 from leantune.inference import load_for_inference
+from leantune.methods import apply_method, method_args_class
 
 SUBJECTS = ["anatomy", "astronomy"]
 
@@ -164,3 +165,25 @@ def test_evaluate_tasks_runs_on_t5_end_to_end(folder, tmp_path, capsys):
     task = result["tasks"][f"{MMLU_EXEMPLARS}_anatomy"]
     assert 0.0 <= task["acc"] <= 1.0
     assert "lm-eval:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method,args", [("prompt_tuning", dict(num_virtual_tokens=3, init="random")),
+                                         ("lora", dict(r=2, alpha=4))])
+def test_adapters_on_t5_score_the_same_batched_or_alone(folder, method, args):
+    """An adapter applied unmerged (virtual tokens before every encoder input, or LoRA layers): right-padded
+    encoder batches give each request what it gets alone, and the adapter changes the scores."""
+    model, tok, _, _ = load_for_inference(folder, "32-true")
+    base = harness_lm(model, tok, batch_size=4).loglikelihood(task_requests([f"{MMLU_EXEMPLARS}_anatomy"], limit=2))
+    trainable = apply_method(model, method, method_args_class(method)(**args))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in trainable:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.eval()
+    reqs = task_requests([f"{MMLU_EXEMPLARS}_anatomy"], limit=2)
+    reqs += [Instance("loglikelihood", {}, ("Amanda baked", " a cake for Tom."), len(reqs))]
+    batched = harness_lm(model, tok, batch_size=4).loglikelihood(reqs)
+    alone = harness_lm(model, tok, batch_size=1).loglikelihood(reqs)
+    assert [a for a, _ in batched] == pytest.approx([a for a, _ in alone], abs=1e-4)
+    assert [a for a, _ in batched[:len(base)]] != pytest.approx([a for a, _ in base], abs=1e-3)

@@ -1,8 +1,8 @@
 """`leantune serve` on an encoder-decoder (T5) through the real `openai` client against a server on a loopback port:
 greedy and seeded completions equal `leantune generate`'s (`seq2seq_answer`), concurrent requests that join and
-leave a running batch each get the text they get alone, streaming adds up to the same text, stop strings cut it, and
-what T5 cannot do (chat without a template, per-request adapters, a prompt or completion over the limit, token ids
-outside the vocabulary) is a 4xx or one startup line."""
+leave a running batch each get the text they get alone, streaming adds up to the same text, stop strings cut it,
+LoRA, IA3 and prompt-tuning adapters served beside the base each answer as `generate --adapter`, and what T5 cannot
+do (chat without a template, a prompt or completion over the limit, token ids outside the vocabulary) is a 4xx."""
 
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ import torch
 from serve_support import LoopbackServer, one_thread
 from t5_support import random_t5_hf, samsum_rows, tiny_t5_folder
 
-from leantune.commands.serve import serve
 from leantune.decode.generate import Sampling
 from leantune.inference import load_for_inference, seq2seq_answer
+from leantune.methods import apply_method, build_manifest, method_args_class, save_checkpoint
+from leantune.models.kinds import load_model
 from leantune.serve.app import ServeSettings, create_app
 from leantune.serve.engine import ContextOverflow
 from leantune.serve.seq2seq_engine import Seq2SeqEngine
+from leantune.tokenizer import Tokenizer
 
 KEY = "sk-test-key"
 N = 10
@@ -42,11 +44,38 @@ def folder(tmp_path_factory):
     return out
 
 
-class Reference:
-    """What `leantune generate` answers for a T5 prompt (`seq2seq_answer`)."""
+def make_t5_adapter(folder, out, method: str, seed: int, **args):
+    """A leantune adapter folder of `method` on the T5 whose trained tensors are moved away from their initial values
+    (so it changes the greedy text)."""
+    model = load_model(folder, dtype=torch.float32)
+    method_args = method_args_class(method)(**args)
+    trainable = apply_method(model, method, method_args)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in trainable:
+                p.add_(torch.randn_like(p) * 0.5)
+    manifest = build_manifest(method, method_args, folder, Tokenizer(folder), None, "32-true", model=model)
+    out.mkdir(parents=True)
+    save_checkpoint(out, model, method, trainable, manifest, folder)
+    return out
 
-    def __init__(self, folder) -> None:
-        self.model, self.tokenizer, _, self.device = load_for_inference(folder, "32-true")
+
+@pytest.fixture(scope="module")
+def adapters(folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("t5a")
+    return {"lora": make_t5_adapter(folder, root / "lora", "lora", 1, r=4, alpha=8),
+            "lora-b": make_t5_adapter(folder, root / "lora-b", "lora", 4, r=2, alpha=4, targets="all"),
+            "ia3": make_t5_adapter(folder, root / "ia3", "ia3", 2),
+            "prompt": make_t5_adapter(folder, root / "prompt", "prompt_tuning", 3, num_virtual_tokens=3,
+                                      init="random")}
+
+
+class Reference:
+    """What `leantune generate [--adapter DIR]` answers for a T5 prompt (`seq2seq_answer`)."""
+
+    def __init__(self, folder, adapter=None) -> None:
+        self.model, self.tokenizer, _, self.device = load_for_inference(folder, "32-true", adapter)
 
     def text(self, prompt: str, max_new_tokens: int, sampling: Sampling | None = None, seed: int = 0) -> str:
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -60,9 +89,11 @@ def ref(folder):
 
 
 @pytest.fixture(scope="module")
-def server(folder):
+def server(folder, adapters):
     model, tokenizer, _, _ = load_for_inference(folder, "32-true")
     engine = Seq2SeqEngine(model, tokenizer, folder, "t5", max_batch=3, max_queue=32, max_seq_length=64)
+    for name, path in adapters.items():
+        engine.add_adapter(name, path)
     srv = LoopbackServer(create_app(engine, ServeSettings(api_key=KEY, default_max_tokens=32)))
     yield engine, srv
     srv.close()
@@ -137,9 +168,9 @@ def test_a_request_joining_a_long_running_row_decodes_as_alone(ref, server):
     assert "".join(texts[0]) == ref.text(long_prompt, 30)
     assert ["".join(texts[i]) for i in (1, 2)] == [ref.text(p, 6) for p in short]
     deadline = time.monotonic() + 10
-    while engine.cache is not None and time.monotonic() < deadline:
+    while engine.groups and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert engine.cache is None and engine.batch == []
+    assert engine.groups == {}
 
 
 def test_stream_adds_up_to_the_same_text(ref, client):
@@ -184,9 +215,29 @@ def test_what_t5_cannot_do_is_a_4xx_naming_why(server):
     assert r.status_code == 404
 
 
-def test_adapters_are_refused_in_one_line(server, folder, tmp_path):
+def test_adapters_are_served_beside_the_base_each_as_generate_adapter(folder, adapters, ref, server, client):
+    """Concurrent requests for the base, two LoRAs (rows in the base's batch, each with its own update), an IA3 and a
+    prompt-tuning adapter (virtual tokens before the encoder input; both in groups of their own), interleaved: each
+    equals `generate --adapter` (and every adapter changes the text)."""
+    refs = {"t5": ref, **{name: Reference(folder, path) for name, path in adapters.items()}}
+    cards = {m.id: m.model_extra["kind"] for m in client.models.list().data}
+    assert cards == {"t5": "base", "lora": "shared", "lora-b": "shared", "ia3": "grouped", "prompt": "grouped"}
+    jobs = [(name, p) for p in PROMPTS[:4] for name in refs]
+    with cf.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda j: client.completions.create(model=j[0], prompt=j[1], max_tokens=N,
+                                                                    temperature=0), jobs))
+    for (name, prompt), r in zip(jobs, answers):
+        assert r.choices[0].text == refs[name].text(prompt, N), (name, prompt)
+    texts = [refs[name].text(PROMPTS[0], N) for name in refs]
+    assert len(set(texts)) == len(texts), texts
+
+
+def test_adapters_load_and_unload_at_run_time(server, adapters):
     engine, _ = server
-    with pytest.raises(ValueError, match="leantune merge"):
-        engine.add_adapter("x", tmp_path)
-    with pytest.raises(ValueError, match=r"^--adapter: per-request adapters .*`leantune merge`"):
-        serve(checkpoint_dir=folder, adapter=[f"x={tmp_path}"])
+    engine.add_adapter("lora2", adapters["lora"])
+    assert engine.lookup("lora2").method == "lora"
+    engine.remove_adapter("lora2")
+    deadline = time.monotonic() + 10
+    while "lora2" in engine.adapters and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "lora2" not in engine.adapters

@@ -18,7 +18,7 @@ from leantune.inference import load_for_inference
 from leantune.models.kinds import SERVE, kind_of_folder
 from leantune.serve.app import ServeSettings, create_app
 from leantune.serve.engine import Engine, check_adapter_name
-from leantune.serve.seq2seq_engine import NO_ADAPTERS, Seq2SeqEngine
+from leantune.serve.seq2seq_engine import Seq2SeqEngine
 
 API_KEY_ENV = "LEANTUNE_API_KEY"
 
@@ -79,8 +79,7 @@ def serve(
         checkpoint_dir: The base model's Hugging Face folder (the default model is imported on first use).
         adapter: An adapter to serve as name=DIR (repeat the flag, or give a list): a leantune adapter folder of any
             method or a PEFT folder. Requests with "model": name use it. More can be loaded at run time with
-            POST /v1/adapters {"name": ..., "path": ...}. Decoder models only: for an encoder-decoder (T5),
-            `leantune merge` the adapter and serve the merged folder.
+            POST /v1/adapters {"name": ..., "path": ...}. An encoder-decoder (T5) serves them the same way.
         host: Address to listen on (127.0.0.1: this machine only; 0.0.0.0 exposes the server to the network).
             Requests must call the server by this address (the Host header; on loopback also localhost, on 0.0.0.0
             any IP address of the machine): others get 421, which stops DNS-rebinding pages in a browser.
@@ -140,8 +139,6 @@ def serve(
     kind = kind_of_folder(checkpoint_dir)
     kind.check(SERVE)
     engine_class = Seq2SeqEngine if kind.seq2seq else Engine  # the one place the model kind picks the engine
-    if adapters and kind.seq2seq:
-        raise ValueError(f"--adapter: {NO_ADAPTERS}")
     model, tokenizer, precision, _ = load_for_inference(checkpoint_dir, precision, None, quantize)
     name = model_name or Path(checkpoint_dir).name
     if name in adapters:

@@ -40,14 +40,14 @@ BMM_MIN = 4
 """Distinct adapters in one batch from which MultiLoRALinear uses the gathered bmm instead of per-adapter segments."""
 
 
-def shared_copy(model: GPT) -> GPT:
+def shared_copy(model: nn.Module) -> nn.Module:
     """A new module tree over the same large tensors (weights are shared, never copied); small tensors are cloned so
     a method that loads trained norms into them cannot change the base."""
     memo: dict[int, object] = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
         if t.numel() >= SHARE_MIN:
             memo[id(t)] = t
-    for t in model._rope or ():
+    for t in getattr(model, "_rope", None) or ():  # a decoder's rotary tables (an encoder-decoder has none)
         memo[id(t)] = t
     return copy.deepcopy(model, memo)
 
@@ -159,7 +159,7 @@ def lora_factors(base: GPT, loaded: GPT) -> dict[str, tuple[torch.Tensor, torch.
     return {n: (m.lora_A.detach(), m.update_matrix().detach()) for n, m in lora.items()}
 
 
-def load_onto_copy(pristine: GPT, path: Path, checkpoint_dir: Path) -> tuple[GPT, dict]:
+def load_onto_copy(pristine: nn.Module, path: Path, checkpoint_dir: Path) -> tuple[nn.Module, dict]:
     """(shared copy of the base with the adapter at `path` applied unmerged, its manifest)."""
     model = shared_copy(pristine)
     manifest = load_any_adapter(model, path, checkpoint_dir)

@@ -199,7 +199,7 @@ class Engine:
             generator = torch.Generator(device=self.device).manual_seed(
                 seed if seed is not None else random.randrange(2**63))
         req = Request(list(prompt), adapter, max_tokens, sampling, generator, StopStringFilter(stop),
-                      self.tokenizer.stream_decoder(), sink)
+                      self._stream_decoder(), sink)
         with self.cv:
             if self.closing:
                 raise ShuttingDown("the server is shutting down")
@@ -214,6 +214,10 @@ class Engine:
             self.waiting.append(req)
             self.cv.notify()
         return req
+
+    def _stream_decoder(self):
+        """A request's incremental detokenizer: special tokens kept as text, as `generate` prints them."""
+        return self.tokenizer.stream_decoder()
 
     def _budget(self, adapter: Adapter, n_prompt: int, max_tokens: int | None, default_max_tokens: int) -> int:
         """The request's completion budget, or ContextOverflow: prompt and completion share the context window."""

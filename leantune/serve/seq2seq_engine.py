@@ -12,23 +12,28 @@ handling, with the model-kind part replaced.
   more are trimmed, so the next request never waits for a long one.
 - Budgets: the prompt is the encoder's input and the completion the decoder's, so each is bounded by the context
   length on its own (not their sum, as for a decoder).
-- Adapters: not per request. An encoder-decoder adapter is served by merging it first (`leantune merge`), then
-  serving the merged folder; `--adapter` and POST /v1/adapters say so in one line.
+- Adapters (`--adapter name=DIR`, POST /v1/adapters), as for decoders: LoRA adapters (leantune or PEFT folders)
+  are *shared*: their factors sit in the served model's `MultiLoRALinear` layers and their rows decode in the base's
+  batch, each row with its own adapter's update (`LoRARows`, set before each forward: the new rows' for an encoder
+  pass, the running rows' for a decoder step). Any other method T5 trains (IA3, DoRA, LoHa, LoKr, AdaLoRA,
+  prompt/P-tuning) is *grouped*: a copy of the model that shares every base weight, whose rows form a group with
+  its own cache and forward each step. An adapter's virtual tokens count against the context length.
 - Faults: a request whose own sampling or detokenizing fails ends alone (as for decoders); a failed encoder pass of
-  several new requests is retried one request at a time; a failed decoder step (the one base model, no per-request
-  weights) ends the rows of that step.
+  several new requests is retried one request at a time; a failed decoder step ends the rows of that group (one
+  model's forward over rows that share every weight), the other groups go on.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
 from leantune.decode.seq2seq import pad_inputs
 from leantune.models.kinds import kind_of
 from leantune.models.t5.model import T5, T5DecodeCache
+from leantune.serve.adapters import LoRARows, shared_copy
 from leantune.serve.engine import Adapter, ContextOverflow, Engine, Request
 
 log = logging.getLogger("leantune.serve")
@@ -37,8 +42,17 @@ DEFAULT_CONTEXT = 512
 """Tokens per encoder input and per completion when neither --max_seq_length nor config.json (n_positions) says."""
 FIRST_COLUMNS = 64
 """Decoder cache columns allocated at first; the cache doubles when a row needs more."""
-NO_ADAPTERS = ("per-request adapters are served for decoder models only; for an encoder-decoder (T5) run `leantune "
-               "merge` on the adapter and serve the merged folder")
+
+
+@dataclass
+class Group:
+    """The running rows of one served model (the base with its shared LoRA adapters, or one grouped adapter's copy)
+    and their decoding cache."""
+
+    model: T5
+    shared: bool  # rows pick their LoRA adapter per row (`LoRARows`)
+    batch: list[Request] = field(default_factory=list)  # the rows of `cache`, in order
+    cache: T5DecodeCache | None = None
 
 
 class Seq2SeqEngine(Engine):
@@ -49,49 +63,61 @@ class Seq2SeqEngine(Engine):
     def _setup(self, max_seq_length: int | None) -> None:
         model: T5 = self.pristine
         self.capacity = max_seq_length or kind_of(model).context_length(model.config) or DEFAULT_CONTEXT
-        self.served = model
-        self.batch: list[Request] = []  # the rows of self.cache, in order
-        self.cache: T5DecodeCache | None = None
+        self.served = shared_copy(model)
+        self.rows = LoRARows()
+        self.groups: dict[object, Group] = {}  # 0: the base and shared adapters; a grouped adapter's name
 
     @property
     def vocab_size(self) -> int:
         return self.pristine.config.vocab_size
 
-    def add_adapter(self, name: str, path: Path) -> Adapter:
-        raise ValueError(NO_ADAPTERS)
+    def _stream_decoder(self):
+        """Special tokens (a `<pad>` the decoder emits mid-answer) are skipped, as `generate` decodes T5's answer."""
+        return self.tokenizer.stream_decoder(skip_special_tokens=True)
+
+    def _attach(self, model: T5) -> None:
+        """Nothing to attach: a T5 keeps its decoding state in the cache passed to each call."""
+
+    def _drop(self, adapter: Adapter) -> None:
+        self.groups.pop(adapter.name, None)  # a grouped adapter's (empty) group
+        super()._drop(adapter)
+
+    def _set_rows(self, group: Group, reqs: list[Request]) -> None:
+        if group.shared:
+            self.rows.set([r.adapter.id for r in reqs], self.device)
 
     def _budget(self, adapter: Adapter, n_prompt: int, max_tokens: int | None, default_max_tokens: int) -> int:
         """The completion budget: the encoder reads the prompt, the decoder writes the completion, each up to the
-        context length."""
-        if n_prompt > self.capacity:
-            raise ContextOverflow(f"This model's maximum input length is {self.capacity} tokens. However, your "
+        context length less an adapter's virtual tokens."""
+        limit = self.capacity - adapter.n_virtual
+        if n_prompt > limit:
+            raise ContextOverflow(f"This model's maximum input length is {limit} tokens. However, your "
                                   f"prompt has {n_prompt} tokens. Please reduce the length of the prompt.")
         if max_tokens is None:
-            return min(default_max_tokens, self.capacity)
-        if max_tokens > self.capacity:
-            raise ContextOverflow(f"This model's maximum completion length is {self.capacity} tokens. However, you "
+            return min(default_max_tokens, limit)
+        if max_tokens > limit:
+            raise ContextOverflow(f"This model's maximum completion length is {limit} tokens. However, you "
                                   f"requested {max_tokens} tokens in the completion. Please reduce max_tokens.")
         return max_tokens
 
     # ---- the scheduler thread -------------------------------------------------------------------------
     def _admit(self, admit: list[Request], free: list[int]) -> None:
-        new = []
+        by_model: dict[object, list[Request]] = {}
         for req, slot in zip(admit, free):
             if req.cancelled:
                 self._finish(req, "cancelled")
                 continue
             self.slots[slot], req.slot = req, slot
-            new.append(req)
-        if not new:
-            return
-        try:
-            self._start(new)
-        except Exception as e:  # find the requests that fail on their own; the others start
-            if len(new) == 1:
-                self._fail_row(new[0], e)
-            else:
-                log.warning("the encoder pass of %d requests failed (%s: %s); running them one at a time", len(new),
-                            type(e).__name__, e)
+            by_model.setdefault(_key(req.adapter), []).append(req)
+        for new in by_model.values():
+            try:
+                self._start(new)
+            except Exception as e:  # find the requests that fail on their own; the others start
+                if len(new) == 1:
+                    self._fail_row(new[0], e)
+                    continue
+                log.warning("the encoder pass of %d requests failed (%s: %s); running them one at a time",
+                            len(new), type(e).__name__, e)
                 for req in new:
                     try:
                         self._start([req])
@@ -100,17 +126,22 @@ class Seq2SeqEngine(Engine):
         self._compact()
 
     def _start(self, reqs: list[Request]) -> None:
-        """Encode the new requests' prompts in one batch, run the decoder's first step for them, and add their rows
-        to the running cache; nothing is committed before every row has its first token."""
-        model, dev = self.served, self.device
+        """Encode the new requests' prompts (all for one served model) in one batch, run the decoder's first step
+        for them, and add their rows to that model's running cache; nothing is committed before every row has its
+        first token."""
+        a, dev = reqs[0].adapter, self.device
+        model = self._group_model(a)
+        group = self.groups.get(_key(a)) or Group(model, a.shared)
+        self._set_rows(group, reqs)
         ids, mask = pad_inputs([r.prompt for r in reqs], model.config.pad_token_id, device=dev)  # (n, S)
         enc = model.encode(ids, mask)
         cache = model.new_cache(enc, model.encoder_mask(mask), min(FIRST_COLUMNS, max(r.max_tokens for r in reqs)))
         start = torch.full((len(reqs), 1), model.config.decoder_start_token_id, dtype=torch.long, device=dev)
         hidden = model.decode(start, cache=cache, return_hidden=True)  # (n, 1, C)
         picked = self._pick(reqs, model.head, hidden[:, -1])
-        self.cache = cache if self.cache is None else _join(self.cache, cache)
-        self.batch += reqs
+        self.groups.setdefault(_key(a), group)
+        group.cache = cache if group.cache is None else _join(group.cache, cache)
+        group.batch += reqs
         with self.cv:
             self.prompt_tokens += sum(len(r.prompt) for r in reqs)
         for r in reqs:
@@ -119,55 +150,61 @@ class Seq2SeqEngine(Engine):
 
     def _decode_step(self) -> None:
         self._compact()
-        reqs = list(self.batch)
-        if not reqs:
-            return
-        try:
-            picked = self._step(reqs)
-        except Exception as e:  # one base model, no per-request weights: the step's rows end
-            log.warning("a decode step of %d rows failed: %s: %s", len(reqs), type(e).__name__, e)
+        for group in list(self.groups.values()):
+            reqs = list(group.batch)
+            try:
+                picked = self._step(group)
+            except Exception as e:  # one forward over rows that share every weight: the group's rows end
+                log.warning("a decode step of %d rows failed: %s: %s", len(reqs), type(e).__name__, e)
+                for r in reqs:
+                    self._fail_row(r, e)
+                continue
             for r in reqs:
-                self._fail_row(r, e)
-            self._compact()
-            return
-        for r in reqs:
-            r.length += 1
-        self._accept(reqs, picked)
+                r.length += 1
+            self._accept(reqs, picked)
         self._compact()
 
-    def _step(self, reqs: list[Request]) -> list[int | Exception]:
-        """One token for every running row, in one decoder forward: each row attends to its own tokens (the last
+    def _step(self, group: Group) -> list[int | Exception]:
+        """One token for every row of a group, in one decoder forward: each row attends to its own tokens (the last
         `length` columns of the cache) and the new one."""
-        cache, dev = self.cache, self.device
+        cache, reqs, dev = group.cache, group.batch, self.device
         L = cache.length
         _reserve(cache, L + 1)
         x = torch.tensor([[r.last] for r in reqs], dtype=torch.long, device=dev)  # (B, 1)
         lens = torch.tensor([r.length for r in reqs], device=dev)  # (B,)
         mask = torch.arange(L + 1, device=dev)[None] >= (L - lens)[:, None]  # (B, L + 1)
-        hidden = self.served.decode(x, cache=cache, decoder_attention_mask=mask, return_hidden=True)  # (B, 1, C)
-        return self._pick(reqs, self.served.head, hidden[:, -1])
+        self._set_rows(group, reqs)
+        hidden = group.model.decode(x, cache=cache, decoder_attention_mask=mask, return_hidden=True)  # (B, 1, C)
+        return self._pick(reqs, group.model.head, hidden[:, -1])
 
     def _compact(self) -> None:
-        """Drop the cache rows of finished requests and the columns no running row uses any more."""
-        keep = [i for i, r in enumerate(self.batch) if not r.done]
-        if len(keep) == len(self.batch):
-            return
-        if not keep:
-            self.batch, self.cache = [], None
-            return
-        self.batch = [self.batch[i] for i in keep]
-        c = self.cache
-        index = torch.tensor(keep, device=self.device)
-        top = max(r.length for r in self.batch)
-        cut = c.length - top  # leading columns that only finished rows used
-        S = max(len(r.prompt) for r in self.batch) + self.served.n_virtual  # encoder columns still needed
-        c.self_k = [t.index_select(0, index)[:, :, cut:] for t in c.self_k]
-        c.self_v = [t.index_select(0, index)[:, :, cut:] for t in c.self_v]
-        c.cross_k = [t.index_select(0, index)[:, :, :S] for t in c.cross_k]
-        c.cross_v = [t.index_select(0, index)[:, :, :S] for t in c.cross_v]
-        if c.cross_bias is not None:
-            c.cross_bias = c.cross_bias.index_select(0, index)[..., :S]
-        c.length = top
+        """Drop the cache rows of finished requests and the columns no running row uses any more; a group without
+        rows goes."""
+        for name, group in list(self.groups.items()):
+            keep = [i for i, r in enumerate(group.batch) if not r.done]
+            if not keep:
+                del self.groups[name]
+            elif len(keep) < len(group.batch):
+                group.batch = [group.batch[i] for i in keep]
+                S = max(len(r.prompt) for r in group.batch) + group.model.n_virtual  # encoder columns still needed
+                _keep_rows(group.cache, torch.tensor(keep, device=self.device), max(r.length for r in group.batch), S)
+
+
+def _key(adapter: Adapter) -> object:
+    """The group an adapter's rows decode in: the base's (0) for the base and shared LoRA adapters, else its own."""
+    return 0 if adapter.shared else adapter.name
+
+
+def _keep_rows(c: T5DecodeCache, index: torch.Tensor, top: int, S: int) -> None:
+    """Keep the cache rows `index`, whose longest row holds `top` tokens, and the first S encoder columns."""
+    cut = c.length - top  # leading columns that only dropped rows used
+    c.self_k = [t.index_select(0, index)[:, :, cut:] for t in c.self_k]
+    c.self_v = [t.index_select(0, index)[:, :, cut:] for t in c.self_v]
+    c.cross_k = [t.index_select(0, index)[:, :, :S] for t in c.cross_k]
+    c.cross_v = [t.index_select(0, index)[:, :, :S] for t in c.cross_v]
+    if c.cross_bias is not None:
+        c.cross_bias = c.cross_bias.index_select(0, index)[..., :S]
+    c.length = top
 
 
 def _reserve(cache: T5DecodeCache, columns: int) -> None:
