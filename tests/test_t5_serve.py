@@ -241,3 +241,44 @@ def test_adapters_load_and_unload_at_run_time(server, adapters):
     while "lora2" in engine.adapters and time.monotonic() < deadline:
         time.sleep(0.01)
     assert "lora2" not in engine.adapters
+
+
+def test_the_serve_command_serves_a_t5_folder_with_an_adapter(folder, adapters, ref):
+    """`leantune serve --checkpoint_dir <t5> --adapter lora=DIR` in its own process: the kind picks the encoder-
+    decoder engine, the adapter loads, answers equal generate, SIGTERM exits 0."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "leantune.cli", "serve", "--checkpoint_dir", str(folder),
+                             "--port", str(port), "--threads", "1", "--precision", "32-true",
+                             "--adapter", f"lora={adapters['lora']}"],
+                            env={**os.environ, "LEANTUNE_API_KEY": KEY}, stderr=subprocess.PIPE, text=True)
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {KEY}"}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.1)
+        for model, reference in (("t5", ref), ("lora", Reference(folder, adapters["lora"]))):
+            r = httpx.post(url + "/v1/completions", headers=auth, timeout=60,
+                           json={"model": model, "prompt": PROMPTS[0], "max_tokens": N, "temperature": 0})
+            assert r.json()["choices"][0]["text"] == reference.text(PROMPTS[0], N)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        err = proc.stderr.read()
+        assert "adapter lora: lora" in err and "context 512 tokens" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
