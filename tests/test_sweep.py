@@ -138,3 +138,21 @@ def test_killed_sweep_resumes_and_finishes(tmp_path, tiny_checkpoint, json_data)
     assert_grid_split(trials, 4)
     assert all(t.state.name in ("COMPLETE", "FAIL") for t in trials)  # the killed trial: failed, then rerun
     assert yaml.safe_load((out / "sweep.json").read_text())["counts"]["complete"] == 4
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("spec", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_specs_are_accepted(spec, capsys):
+    main(["sweep", str(spec), "--check_only", "true"])
+    assert "every trial's flags accepted" in capsys.readouterr().out
+
+
+def test_the_examples_are_the_seed_experiments():
+    specs = {p.stem: load_spec(p) for p in EXAMPLES}
+    assert {"lora-r-alpha", "qv-vs-all", "methods", "quick"} <= set(specs)
+    assert specs["lora-r-alpha"].slots() == 6 and specs["qv-vs-all"].slots() == 2
+    assert sorted(grid_points(specs["methods"])[i]["method"] for i in range(12)) == sorted(
+        ["lora", "qlora", "dora", "loha", "lokr", "adalora", "ia3", "adapter", "adapter_v2", "prompt_tuning",
+         "p_tuning", "prefix_tuning"])
