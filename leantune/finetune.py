@@ -42,7 +42,7 @@ from leantune.train.distributed import (
     quiet_unless_main,
     shutdown,
 )
-from leantune.train.loop import check_parallel_method, fit
+from leantune.train.loop import check_parallel_method, fit, resume_checkpoint
 from leantune.train.optim import OptimizerArgs
 from leantune.train.preference import (
     NEEDS_REFERENCE,
@@ -275,7 +275,8 @@ def preference_objective(run: RunSpec, model, trainable: list[str], data, device
         print(f"--objective {run.objective}: reference = " + (
             "the base model, the adapter switched off in one extra forward" if mode == "adapter_off" else
             f"the starting model's log-probs, computed once and stored in {run.out_dir}/reference_logps.safetensors"))
-        reference = reference_for(mode, layers, data, run.out_dir, bool(run.resume), model, device,
+        resuming = resume_checkpoint(run.out_dir, run.resume) is not None  # --resume auto may start afresh
+        reference = reference_for(mode, layers, data, run.out_dir, resuming, model, device,
                                   autocast_for(precision, device), parallel.is_main)
     return PreferenceObjective(run.objective, run.preference, reference)
 

@@ -199,3 +199,10 @@ def test_dpo_on_a_4_bit_base_switches_the_adapter_off(tiny_checkpoint, pair_file
     report = run(tmp_path / "run", tiny_checkpoint, pair_file, "dpo", method="qlora", max_steps=2)
     assert report["steps"] == 2 and not (tmp_path / "run" / "reference_logps.safetensors").exists()
     assert float(rows(tmp_path / "run")[0]["rewards_chosen"]) == 0.0
+
+
+def test_resume_auto_on_a_new_run_computes_the_reference(tiny_checkpoint, pair_file, tmp_path):
+    """--resume auto with no checkpoint yet starts afresh: the precomputed reference is computed, not looked for."""
+    report = run(tmp_path / "run", tiny_checkpoint, pair_file, preference=PreferenceArgs(reference="precomputed"),
+                 resume="auto", max_steps=1)
+    assert report["steps"] == 1 and (tmp_path / "run" / "reference_logps.safetensors").is_file()
