@@ -76,9 +76,10 @@ class TrainArgs:
     """Regional torch.compile of the transformer blocks (a minute of compiling on 2 CPU cores; on CPU it did not
     measurably beat leantune's fused eager ops, see bench/lora_cpu.py --compile)."""
     log_interval: int = 1
-    logger: Literal["csv", "tensorboard", "mlflow"] = "csv"
+    logger: Literal["csv", "tensorboard", "mlflow", "wandb"] = "csv"
     """metrics.csv is always written; tensorboard also writes event files to <out_dir>/tensorboard; mlflow logs
-    params, per-step metrics and artifacts to MLFLOW_TRACKING_URI (default: a local ./mlflow.db)."""
+    params, per-step metrics and artifacts to MLFLOW_TRACKING_URI (default: a local ./mlflow.db); wandb does the
+    same to a W&B run, offline in <out_dir>/wandb unless WANDB_MODE=online."""
     save_interval: int | None = None
     """Save a checkpoint every N optimizer steps (always at the end)."""
     seed: int = 42

@@ -1,4 +1,4 @@
-"""Experiment trackers for `--train.logger`: TensorBoard, and MLflow behind the same SummaryWriter interface.
+"""Experiment trackers for `--train.logger`: TensorBoard, and MLflow and W&B behind the same SummaryWriter interface.
 
 The loop feeds one scalar path (leantune.train.metrics.TensorBoardWriter: add_scalar, flush, close), so a tracker is
 a class with that interface: `MLflowWriter` buffers each step's scalars and sends them as one batch. What exists only
@@ -7,7 +7,8 @@ once the run is over (its settings in final/run.json, loss.png, summary.json, th
 
 MLflow writes to MLFLOW_TRACKING_URI, or by default to a local SQLite store, ./mlflow.db (MLflow's own default
 backend; its file store is retired), in the experiment MLFLOW_EXPERIMENT_NAME (default "leantune"). A sweep's
-trials become child runs of the sweep's run (LEANTUNE_MLFLOW_PARENT_RUN_ID).
+trials become child runs of the sweep's run (LEANTUNE_MLFLOW_PARENT_RUN_ID). W&B runs offline by default (no
+network, no key), into <out_dir>/wandb.
 """
 
 from __future__ import annotations
@@ -34,7 +35,18 @@ def require_logger(name: str):
     if name == "mlflow":
         require_mlflow()
         return MLflowWriter
+    if name == "wandb":
+        require_wandb()
+        return WandbWriter
     return None
+
+
+def require_wandb():
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError("--train.logger wandb needs the wandb package: pip install 'leantune[wandb]'") from e
+    return wandb
 
 
 def require_mlflow():
@@ -107,6 +119,53 @@ class MLflowWriter:
         self.flush()  # the run stays open for finish_tracking (params, artifacts, final results)
 
 
+class WandbWriter:
+    """SummaryWriter's interface over a Weights & Biases run in the run folder (`<out_dir>/wandb`), offline unless
+    WANDB_MODE says otherwise (`wandb sync <out_dir>/wandb/offline-run-*` uploads it later)."""
+
+    def __init__(self, log_dir: str, purge_step: int | None = None) -> None:
+        wandb = require_wandb()
+        self.out_dir = Path(log_dir).parent
+        previous = _read_tracking(self.out_dir)
+        run_id = previous.get("run_id") if purge_step is not None and previous.get("logger") == "wandb" else None
+        self.run = wandb.init(dir=str(self.out_dir), project=os.environ.get("WANDB_PROJECT", "leantune"),
+                              name=self.out_dir.name, id=run_id, resume="allow" if run_id else None,
+                              mode=os.environ.get("WANDB_MODE", "offline"), reinit="finish_previous",
+                              settings=wandb.Settings(console="off", x_disable_stats=True))
+        write_json(self.out_dir / TRACKING_FILE, {"logger": "wandb", "run_id": self.run.id})
+        self.pending: dict[int, dict[str, float]] = {}
+
+    def add_scalar(self, tag: str, value: float, global_step: int) -> None:
+        self.pending.setdefault(int(global_step), {})[tag] = float(value)
+
+    def flush(self) -> None:
+        for step in sorted(self.pending):
+            self.run.log(self.pending[step], step=step)
+        self.pending = {}
+
+    def close(self) -> None:
+        self.flush()  # the run stays open for finish_tracking
+
+
+def _finish_wandb(out_dir: Path, summary: dict[str, Any]) -> None:
+    wandb = require_wandb()
+    run = wandb.run
+    if run is None:  # the run was made in another process (a launcher's rank): nothing open here
+        return
+    run_json = out_dir / "final" / "run.json"
+    if run_json.is_file():
+        run.config.update(flat_params(json.loads(run_json.read_text(encoding="utf-8"))), allow_val_change=True)
+    run.summary.update({f"final/{k}": v for k, v in summary.items()
+                        if isinstance(v, int | float) and not isinstance(v, bool)})
+    artifact = wandb.Artifact(f"run-{run.id}", type="run")
+    for path in (out_dir / "loss.png", out_dir / "summary.json", out_dir / "metrics.csv",
+                 out_dir / "final" / "leantune.json", out_dir / "final" / "run.json"):
+        if path.is_file():
+            artifact.add_file(str(path), name=str(path.relative_to(out_dir)))
+    run.log_artifact(artifact)
+    run.finish()
+
+
 def _read_tracking(out_dir: Path) -> dict[str, Any]:
     path = Path(out_dir) / TRACKING_FILE
     try:
@@ -131,11 +190,14 @@ def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 def finish_tracking(out_dir: Path, summary: dict[str, Any]) -> None:
     """Log what exists once the run is over (settings, final results, loss plot, summary, adapter manifest) to the
     run's tracker, and end the run; a run without a tracker is left alone."""
-    from mlflow.entities import Metric, Param  # only reached when the run logged to MLflow
-
     info = _read_tracking(out_dir)
+    if info.get("logger") == "wandb":
+        _finish_wandb(Path(out_dir), summary)
+        return
     if info.get("logger") != "mlflow":
         return
+    from mlflow.entities import Metric, Param  # only reached when the run logged to MLflow
+
     client = require_mlflow()(tracking_uri=info["tracking_uri"])
     run_id = info["run_id"]
     out_dir = Path(out_dir)
