@@ -156,3 +156,17 @@ def test_the_examples_are_the_seed_experiments():
     assert sorted(grid_points(specs["methods"])[i]["method"] for i in range(12)) == sorted(
         ["lora", "qlora", "dora", "loha", "lokr", "adalora", "ia3", "adapter", "adapter_v2", "prompt_tuning",
          "p_tuning", "prefix_tuning"])
+
+
+def test_rouge_objective_evaluates_each_trial(tmp_path, tiny_checkpoint, json_data):
+    """objective rouge: `leantune evaluate --metric rouge` on the trained adapter over the tiny base (not the default
+    model), its ROUGE-L read back as the trial's value."""
+    spec = write_spec(tmp_path / "rouge.yaml", tiny_checkpoint, json_data, space={"--lora.r": [2]},
+                      objective="rouge", flags={"--train.max_seq_length": 64})
+    out = tmp_path / "sweep"
+    main(["sweep", str(spec), "--out_dir", str(out)])
+    (trial,) = read_trials(f"sqlite:///{out / 'study.db'}", "rouge")
+    assert trial.state.name == "COMPLETE", trial.user_attrs.get("error")
+    result = json.loads((Path(trial.user_attrs["run_dir"]) / "objective.json").read_text())
+    assert result["checkpoint"] == str(tiny_checkpoint)
+    assert trial.value == pytest.approx(result["rouge"]["rougeL"]) and 0 <= trial.value <= 1

@@ -375,16 +375,12 @@ def objective_value(sweep: Sweep, summary: dict, argv: list[str], run_dir: Path,
 def evaluated_objective(sweep: Sweep, summary: dict, argv: list[str], run_dir: Path, log_path: Path) -> float:
     """ROUGE or an lm-eval task: `leantune evaluate` on the trained run, its JSON read back."""
     spec = sweep.spec
-    final = Path(summary.get("checkpoint") or run_dir / "final")
-    carried = ("--data", "--prompt_style", "--precision", "--quantize", "--threads")
-    args = ["evaluate"]
-    base = summary.get("checkpoint_dir")
-    if summary.get("method") == "full":
-        args += ["--checkpoint_dir", str(final)]
-    else:
-        args += ["--adapter", str(final)] + (["--checkpoint_dir", str(base)] if base else [])
-    for i in range(2, len(argv) - 1, 2):
-        if argv[i].split(".")[0] in carried or argv[i] in carried:
+    final = Path(summary.get("checkpoint") or run_dir / "final")  # fit's summary: the final checkpoint folder
+    full = summary.get("method") == "full"
+    carried = ("--data", "--prompt_style", "--precision", "--quantize", "--threads", "--checkpoint_dir")
+    args = ["evaluate", "--checkpoint_dir", str(final)] if full else ["evaluate", "--adapter", str(final)]
+    for i in range(2, len(argv) - 1, 2):  # the trial's base, data and precision, as it trained
+        if argv[i].split(".")[0] in carried and not (full and argv[i] == "--checkpoint_dir"):
             args += [argv[i], argv[i + 1]]
     if spec.objective == "rouge":
         args += ["--metric", "rouge"]
