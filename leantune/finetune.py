@@ -253,8 +253,9 @@ def run_finetune(run: RunSpec, parallel: Parallel) -> dict:
         report["sample"] = sample_fn()
         print(describe_sample("after training", data, style, report["sample"], eval.sample_new_tokens))
     if task:
-        acc, _ = task(model)
+        acc, answers = task(model)
         report["exact_match_after"] = acc
+        report["heldout_answers"] = heldout_answers(data, answers)
         print(f"held-out exact match after finetuning: {acc:.1%}")
     print_summary(report)
     if parallel.is_main:
@@ -333,6 +334,21 @@ def sampler(model, tokenizer, data, style, max_new_tokens):
         return tokenizer.decode(out, skip_special_tokens=True)
 
     return sample
+
+
+HELDOUT_SHOWN = 5
+"""Held-out prompts whose answers after training summary.json keeps (`leantune report` shows them side by side)."""
+
+
+def heldout_answers(data, answers: list[str], n: int = HELDOUT_SHOWN) -> list[dict]:
+    """The first held-out prompts with the reference, the model's answer after training and whether it is right."""
+    out = []
+    for record, answer in zip(data.test_set()[:n], answers):
+        prompt = "\n".join(str(record[k]) for k in ("instruction", "input") if record.get(k))
+        expected = str(record.get("output", ""))
+        right = bool(data.score(answer, expected)) if hasattr(data, "score") else None
+        out.append({"prompt": prompt, "expected": expected, "answer": answer, "right": right})
+    return out
 
 
 def describe_sample(when: str, data, style, answer: str, max_new_tokens: int) -> str:

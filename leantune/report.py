@@ -39,6 +39,7 @@ class Run:
     curve: list[tuple[int, float]] = field(default_factory=list)
     val_curve: list[tuple[int, float]] = field(default_factory=list)
     sample: str | None = None
+    answers: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -122,6 +123,9 @@ def folder_run(folder: Path, name: str) -> Run:
         summary = _read_json(folder / "summary.json")
         run.results = {k: summary[k] for k, _, _ in RESULTS if k in summary}
         run.sample = summary.get("sample") if isinstance(summary.get("sample"), str) else None
+        answers = summary.get("heldout_answers")
+        if isinstance(answers, list):
+            run.answers = [a for a in answers if isinstance(a, dict) and isinstance(a.get("prompt"), str)]
     else:
         run.state = "unfinished"
     config = folder / "final" / "run.json"
@@ -301,6 +305,25 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}.best{background:#d9f2
 margin:0;font-size:12px}"""
 
 
+def answer_grid(c: Comparison) -> tuple[list[tuple[str, str]], list[Run]]:
+    """(prompt, expected) rows in first-seen order, and the runs that answered held-out prompts."""
+    runs = [r for r in c.runs if r.answers]
+    prompts = list(dict.fromkeys((a["prompt"], str(a.get("expected", ""))) for r in runs for a in r.answers))
+    return prompts, runs
+
+
+def _answer(run: Run, prompt: str) -> dict | None:
+    return next((a for a in run.answers if a["prompt"] == prompt), None)
+
+
+def _answer_cell(run: Run, prompt: str) -> str:
+    a = _answer(run, prompt)
+    if a is None:
+        return "<td></td>"
+    mark = {True: " class='best'", False: ""}.get(a.get("right"), "")
+    return f"<td{mark}><pre>{html.escape(str(a.get('answer', '')))}</pre></td>"
+
+
 def render_html(c: Comparison, figures: list[tuple[str, bytes]]) -> str:
     e = html.escape
     best = best_marks(c)
@@ -320,7 +343,14 @@ def render_html(c: Comparison, figures: list[tuple[str, bytes]]) -> str:
                    f"<figcaption>{e(t)}</figcaption></figure>" for t, p in figures)
     samples = [r for r in c.runs if r.sample]
     answers = ""
-    if samples:
+    prompts, with_answers = answer_grid(c)
+    if prompts:
+        answers = ("<h2>Answers to held-out prompts</h2><table id='answers'><tr><th>prompt</th><th>expected</th>"
+                   + "".join(f"<th>{e(r.name)}</th>" for r in with_answers) + "</tr>"
+                   + "".join("<tr><td><pre>" + e(p) + "</pre></td><td><pre>" + e(exp) + "</pre></td>"
+                             + "".join(_answer_cell(r, p) for r in with_answers) + "</tr>" for p, exp in prompts)
+                   + "</table>")
+    elif samples:
         answers = ("<h2>Answers to the first held-out prompt</h2><table id='answers'><tr>"
                    + "".join(f"<th>{e(r.name)}</th>" for r in samples) + "</tr><tr>"
                    + "".join(f"<td><pre>{e(r.sample or '')}</pre></td>" for r in samples) + "</tr></table>")
@@ -357,7 +387,19 @@ def render_markdown(c: Comparison, figure_files: list[tuple[str, str]]) -> str:
     lines.append("")
     lines += [f"![{t}]({f})" for t, f in figure_files]
     samples = [r for r in c.runs if r.sample]
-    if samples:
+    prompts, with_answers = answer_grid(c)
+    if prompts:
+        lines += ["", "## Answers to held-out prompts (bold: right)", "",
+                  "| prompt | expected | " + " | ".join(cell(r.name) for r in with_answers) + " |",
+                  "|" + "---|" * (2 + len(with_answers))]
+        for p, exp in prompts:
+            row = []
+            for r in with_answers:
+                a = _answer(r, p)
+                text = cell(str(a.get("answer", ""))) if a else ""
+                row.append(f"**{text}**" if a and a.get("right") and text else text)
+            lines.append(f"| {cell(p)} | {cell(exp)} | " + " | ".join(row) + " |")
+    elif samples:
         lines += ["", "## Answers to the first held-out prompt", "", "| run | answer |", "|---|---|"]
         lines += [f"| {cell(r.name)} | {cell(r.sample or '')} |" for r in samples]
     return "\n".join(lines) + "\n"

@@ -82,3 +82,24 @@ def test_report_refuses_a_folder_that_is_no_run(tmp_path, capsys):
         main(["report", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith(f"error: {tmp_path}: neither a run folder") and "\n" not in err
+
+
+def test_heldout_answers_side_by_side(tmp_path, tiny_checkpoint):
+    """finetune keeps its answers to the first held-out prompts in summary.json; the report lays them out prompt by
+    run, right answers marked."""
+    runs = []
+    for r in (2, 4):
+        out = tmp_path / f"lora-r{r}"
+        main(["finetune", "lora", "--checkpoint_dir", str(tiny_checkpoint), "--data", "Demo", "--data.num_test", "3",
+              "--data.num_train", "16", "--data.num_val", "4", "--train.max_steps", "1", "--train.micro_batch_size",
+              "2", "--train.global_batch_size", "2", "--eval.max_batches", "1", "--eval.sample_new_tokens", "0",
+              "--lora.r", str(r), "--precision", "32-true", "--out_dir", str(out)])
+        runs.append(out)
+    answers = json.loads((runs[0] / "summary.json").read_text())["heldout_answers"]
+    assert len(answers) == 3 and all({"prompt", "expected", "answer", "right"} <= set(a) for a in answers)
+    write_report(runs, tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    grid = re.search(r"<table id='answers'>(.*?)</table>", page)[1]
+    assert grid.count("<tr>") == 1 + 3 and grid.count("<th>lora-r") == 2
+    md = (tmp_path / "r.md").read_text()
+    assert md.split("## Answers to held-out prompts")[1].count("\n| ") == 1 + 3
