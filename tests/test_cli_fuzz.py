@@ -41,7 +41,7 @@ TRAIN = {
     "--train.max_steps": POS_INT, "--train.max_tokens": POS_INT, "--train.max_time": POS_FLOAT,
     "--train.max_seq_length": POS_INT, "--train.warmup_steps": NONNEG_INT,
     "--train.min_lr_ratio": ["-0.1", "1.5", ".nan", "abc"], "--train.max_norm": POS_FLOAT,
-    "--train.log_interval": POS_INT, "--train.save_interval": POS_INT, "--train.logger": ["wandb", ""],
+    "--train.log_interval": POS_INT, "--train.save_interval": POS_INT, "--train.logger": ["comet", ""],
     "--train.packing": BOOL, "--train.compile": BOOL, "--train.seed": ["abc", "-1", HUGE_SEED, "1.5"],
 }
 EVAL = {"--eval.interval": POS_INT, "--eval.max_batches": POS_INT, "--eval.sample_new_tokens": NONNEG_INT,
@@ -107,7 +107,7 @@ TABLE: dict[tuple[str, ...], dict[str, list[str]]] = {
                  "--shutdown_timeout": ["-1", ".nan", "abc"], "--log_level": ["loud", ""], "--allow_adapter_loading": BOOL,
                  "--max_body_mb": ["0", "-1", ".nan", "abc"], "--adapter_root": ["no-such-folder"],
                  "--allowed_hosts": ['[""]']},
-    ("sweep",): {"--stale_after": ["0", "-1", "abc"], "--storage": ["nodb:/x", "sqlite:///no-such-dir/\0/x.db"],
+    ("sweep",): {"--stale_after": ["0", "-1", "abc", ".nan"], "--storage": ["nodb:/x", "sqlite:///no-such-dir/\0/x.db"],
                  "--check_only": ["maybe"]},
     ("report",): {"--out": ["report.txt", ""], "--markdown": ["maybe"]},
     ("upload",): {"--repo_id": ["", "a/b/c", "has space"], "--private": BOOL, "--dry_run": BOOL,

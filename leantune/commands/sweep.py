@@ -37,7 +37,7 @@ def sweep(spec: Path, out_dir: Path | None = None, storage: str | None = None, s
     """
     require_sweep()
     parsed = load_spec(spec)
-    if stale_after <= 0:
+    if not stale_after > 0:  # NaN too
         raise ValueError(f"--stale_after must be > 0 seconds, got {stale_after}")
     out = Path(out_dir or Path("out") / "sweep" / parsed.name)
     check_trials(parsed, out)
