@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from leantune.models.decoder.model import GPT
-from leantune.models.kinds import is_seq2seq
+from leantune.models.kinds import is_seq2seq, kind_of
 from leantune.models.quantize import compute_dtype_of
 
 
@@ -111,8 +111,8 @@ def placement(model: GPT) -> dict:
 
 
 def input_embedding(model: nn.Module) -> nn.Embedding:
-    """The token embedding virtual tokens live beside (GPT's wte, T5's shared)."""
-    return model.shared if is_seq2seq(model) else model.transformer.wte
+    """The token embedding virtual tokens live beside (the model kind's: GPT's wte, T5's shared)."""
+    return kind_of(model).embedding(model)
 
 
 def virtual_params(model: nn.Module) -> list[nn.Parameter]:
