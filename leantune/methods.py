@@ -32,6 +32,7 @@ from leantune.checkpoint.peft_dir import is_peft_dir, read_peft_config
 from leantune.decode.woq import WEIGHT_ONLY_MODES
 from leantune.models.decoder.model import GPT
 from leantune.models.kinds import architecture, read_model_state, save_model
+from leantune.models.quantize import is_quantized
 from leantune.peft.base import Method, mark_trainable
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -245,8 +246,9 @@ def load_any_adapter(model: GPT, path: str | Path, checkpoint_dir: str | Path | 
 def meta_skeleton(model: nn.Module) -> nn.Module | None:
     """A copy of `model`'s module tree whose every tensor is on the meta device (shapes and dtypes, no storage),
     ~40 ms for the default model; None when a tensor cannot go to meta (a bitsandbytes weight's own class)."""
-    if any(hasattr(p, "quant_state") or hasattr(p, "SCB") for p in model.parameters()):
-        return None  # bitsandbytes storage: its meta copy is a plain uint8/int8 tensor the method cannot wrap
+    if any(is_quantized(p) for p in model.parameters()):
+        return None  # packed storage (bitsandbytes, int8/int4 weight-only): its meta copy is a plain integer tensor
+        # the method cannot wrap; the real load's own shape checks apply
     memo: dict[int, object] = {}
 
     def visit(v: object) -> None:

@@ -203,3 +203,14 @@ def test_exact_match_evaluation_can_be_switched_off(tiny_checkpoint, tmp_path):
                                                                      exact_match=False), **kw)
     assert "exact_match_before" in on and "exact_match_after" in on
     assert "exact_match_before" not in off and "exact_match_after" not in off
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4", "bnb.nf4"])
+def test_an_adapter_loads_onto_a_quantized_base(quantize, tiny_checkpoint, json_data, tmp_path, capsys):
+    """The adapter's dry run on a storage-free copy of the base steps aside for packed weights (weight-only int8/int4,
+    bitsandbytes), whose meta copies are plain integer tensors: `generate --quantize int4 --adapter` failed with
+    'Only Tensors of floating point ... can require gradients'."""
+    small_run("lora", tiny_checkpoint, json_data, tmp_path / "run")
+    main(["generate", "--checkpoint_dir", str(tiny_checkpoint), "--adapter", str(tmp_path / "run" / "final"),
+          "--quantize", quantize, "--prompt", "Add 2 and 3.", "--max_new_tokens", "3"])
+    assert "tokens/s" in capsys.readouterr().err
