@@ -108,6 +108,7 @@ def test_every_readme_command_runs(default_checkpoint, tmp_path, monkeypatch, ca
     link = tmp_path / "checkpoints" / DEFAULT_REPO_ID
     link.parent.mkdir(parents=True)
     link.symlink_to(default_checkpoint.resolve(), target_is_directory=True)
+    (tmp_path / "examples").symlink_to(README.parent / "examples", target_is_directory=True)  # the sweep specs
     ran, times = [], []
     for argv in readme_commands():
         key = command_key(argv)
