@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,32 @@ def test_offline_run_log(tmp_path, tiny_checkpoint, json_data, monkeypatch):
     assert finals["final/val_loss"] == pytest.approx(summary["val_loss"])
     assert any(r.WhichOneof("record_type") == "artifact" for r in records)
     assert any(r.WhichOneof("record_type") == "exit" for r in records)  # the run was finished
+
+
+def test_a_sweeps_trials_share_a_group_and_are_named_after_their_parameters(tmp_path, tiny_checkpoint, json_data,
+                                                                              monkeypatch):
+    """Under `--train.logger wandb` the sweep's trials are one W&B group (the sweep's name), each run named after its
+    trial number and swept values, as MLflow shows them as child runs of the sweep's run."""
+    pytest.importorskip("optuna", reason="the [sweep] extra is not installed")
+    from tests.sweep_support import read_trials, write_spec
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    spec = write_spec(tmp_path / "grouped.yaml", tiny_checkpoint, json_data,
+                      space={"--lora.r": [2, 4], "--lora.alpha": ["{2*--lora.r}"]},
+                      flags={"--train.logger": "wandb", "--train.max_seq_length": 64})
+    out = tmp_path / "sweep"
+    main(["sweep", str(spec), "--out_dir", str(out)])
+    trials = read_trials(f"sqlite:///{out / 'study.db'}", "grouped")
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"], [t.user_attrs.get("error") for t in trials]
+    names = set()
+    for t in trials:
+        run = Path(t.user_attrs["run_dir"])
+        run_id = json.loads((run / "tracking.json").read_text())["run_id"]
+        (log,) = (run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+        (record,) = [r.run for r in read_records(log) if r.WhichOneof("record_type") == "run"]
+        r = t.params["--lora.r"]
+        assert record.run_group == "grouped"
+        assert record.display_name == f"trial-{t.number:03d} lora.r={r} lora.alpha={2 * r}" == t.user_attrs["title"]
+        names.add(record.display_name)
+    assert len(names) == 2

@@ -43,7 +43,14 @@ from leantune.experiments.slots import (
     worker_id,
 )
 from leantune.experiments.spec import Dimension, SweepSpec, finetune_argv, grid_points, resolve_params
-from leantune.train.tracking import PARENT_RUN_ENV, flat_params, mlflow_client, start_run
+from leantune.train.tracking import (
+    PARENT_RUN_ENV,
+    SWEEP_ENV,
+    TRIAL_NAME_ENV,
+    flat_params,
+    mlflow_client,
+    start_run,
+)
 
 if TYPE_CHECKING:  # optional: the [sweep] extra; imported where used, with one error naming the extra
     import optuna
@@ -54,6 +61,8 @@ SWEEP_FILE = "sweep.json"
 HEARTBEAT_S = 5.0
 RESULT_KEYS = ("val_loss", "val_ppl", "exact_match_before", "exact_match_after", "tokens_per_s", "time_s",
                "peak_memory_gb", "trainable_params", "total_params", "steps", "tokens", "sample")
+METRIC_KEYS = ("acc_norm", "acc", "exact_match", "f1")
+"""An lm-eval task objective's number: the first of these its row has."""
 PARENT_RUN_KEY = "leantune_mlflow_parent_run_id"
 """The study's system attribute naming the sweep's MLflow run, of which each trial's run is a child."""
 
@@ -306,6 +315,7 @@ def run_slot(sweep: Sweep, slot: int, log: Callable[[str], None]) -> None:
     trial.set_user_attr("run_dir", str(run_dir))
     trial.set_user_attr("command", shlex.join(["leantune", *argv]))
     trial.set_user_attr("settings", {"method": method, **{k: v for k, v in flags.items()}})
+    trial.set_user_attr("title", trial_title(spec, trial.number, params))
     log(f"trial {trial.number} (slot {slot}): {shlex.join(['leantune', *argv])}")
     try:
         value, results = run_trial(sweep, trial, argv, run_dir, slot)
@@ -334,11 +344,27 @@ def run_slot(sweep: Sweep, slot: int, log: Callable[[str], None]) -> None:
     log(f"trial {trial.number}: {spec.objective} {value:.4g}")
 
 
+def trial_title(spec: SweepSpec, number: int, params: dict[str, Any]) -> str:
+    """The trial's run name on a tracker: its number and swept values ("trial-003 lora.r=16 lora.alpha=32"; a group
+    shows the flags it sets, a reference its number)."""
+    method, flags = resolve_params(spec, params)
+    parts = [f"trial-{number:03d}"]
+    for d in spec.space:
+        if d.name == "method":
+            parts.append(f"method={method}")
+            continue
+        for flag in (d.decode(params[d.name]) if d.is_group else [d.name]):
+            value = flags.get(flag)
+            text = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+            parts.append(f"{flag.removeprefix('--')}={text}")
+    return " ".join(parts)[:128]  # W&B's display name limit
+
+
 def run_trial(sweep: Sweep, trial: optuna.Trial, argv: list[str], run_dir: Path, slot: int) -> tuple[float, dict]:
     """Run the finetune subprocess (reporting its validation losses to the pruner), then read its objective."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = run_dir.parent / f"{run_dir.name}.log"
-    env = dict(os.environ)
+    env = {**os.environ, SWEEP_ENV: sweep.spec.name, TRIAL_NAME_ENV: trial.user_attrs["title"]}
     if sweep.parent_run_id:
         env[PARENT_RUN_ENV] = sweep.parent_run_id
     seen: dict[str, int] = {}
@@ -395,7 +421,8 @@ def evaluated_objective(sweep: Sweep, summary: dict, argv: list[str], run_dir: P
 
 
 def pick_metric(result: dict, objective: str) -> float:
-    """ROUGE-L of `evaluate --metric rouge`, or an lm-eval task's first accuracy-like number."""
+    """ROUGE-L of `evaluate --metric rouge`, or the first of acc_norm, acc, exact_match, f1 in the task's own row of
+    `evaluate --tasks` (a task YAML file's row is its `task:` name, the first row evaluate reports)."""
     if objective == "rouge":
         rouge = result.get("rouge")
         value = rouge.get("rougeL") if isinstance(rouge, dict) else rouge
@@ -403,23 +430,17 @@ def pick_metric(result: dict, objective: str) -> float:
             raise TrialFailed("evaluate wrote no rouge score")
         return float(value)
     task = objective.removeprefix("task:")
-    for key in ("acc_norm", "acc", "exact_match", "f1"):
-        found = _find_number(result, task, key)
-        if found is not None:
-            return found
-    raise TrialFailed(f"evaluate wrote no accuracy for task {task}")
-
-
-def _find_number(node: Any, task: str, key: str, inside: bool = False) -> float | None:
-    if isinstance(node, dict):
-        for k, v in node.items():
-            here = inside or task in str(k)
-            if here and (k == key or str(k).startswith(key + ",")) and isinstance(v, int | float):
-                return float(v)
-            found = _find_number(v, task, key, here)
-            if found is not None:
-                return found
-    return None
+    rows = result.get("tasks") or {}
+    row = rows.get(task)
+    if row is None and task.endswith((".yaml", ".yml")):  # one file asked for: its task (or group) comes first
+        row = next(iter(rows.values()), None)
+    if not isinstance(row, dict):
+        raise TrialFailed(f"evaluate reported no task {task} (it reported: {', '.join(rows) or 'none'})")
+    for key in METRIC_KEYS:
+        if isinstance(row.get(key), int | float) and not isinstance(row[key], bool):
+            return float(row[key])
+    raise TrialFailed(f"evaluate reported none of {', '.join(METRIC_KEYS)} for task {task} (it has: "
+                      f"{', '.join(k for k in row if k != 'alias') or 'nothing'})")
 
 
 def _prune_check(sweep: Sweep, trial: optuna.Trial, run_dir: Path, seen: dict[str, int]) -> None:

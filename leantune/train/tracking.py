@@ -8,7 +8,8 @@ once the run is over (its settings in final/run.json, loss.png, summary.json, th
 MLflow writes to MLFLOW_TRACKING_URI, or by default to a local SQLite store, ./mlflow.db (MLflow's own default
 backend; its file store is retired), in the experiment MLFLOW_EXPERIMENT_NAME (default "leantune"). A sweep's
 trials become child runs of the sweep's run (LEANTUNE_MLFLOW_PARENT_RUN_ID). W&B runs offline by default (no
-network, no key), into <out_dir>/wandb.
+network, no key), into <out_dir>/wandb; a sweep's trials share a W&B group named after the sweep (LEANTUNE_SWEEP).
+On both, a trial's run is named after its number and parameters (LEANTUNE_TRIAL_NAME), not its folder alone.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from leantune.train.metrics import require_tensorboard
 TRACKING_FILE = "tracking.json"
 """In the run folder: which tracker and run the run logs to (a resume continues the same MLflow run)."""
 PARENT_RUN_ENV = "LEANTUNE_MLFLOW_PARENT_RUN_ID"
+SWEEP_ENV = "LEANTUNE_SWEEP"
+"""Set by `leantune sweep` for its trials: the sweep's name, their W&B group."""
+TRIAL_NAME_ENV = "LEANTUNE_TRIAL_NAME"
+"""Set by `leantune sweep` for its trials: the trial's run name on the tracker ("trial-003 lora.r=16 ...")."""
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
@@ -87,6 +92,11 @@ def start_run(client, run_name: str, parent: str | None = None, tags: dict[str, 
     return client.create_run(experiment_id(client), tags=all_tags).info.run_id
 
 
+def run_name(out_dir: Path) -> str:
+    """The tracker's name for the run: a sweep trial's number and parameters, else the run folder's name."""
+    return os.environ.get(TRIAL_NAME_ENV) or Path(out_dir).name
+
+
 class MLflowWriter:
     """SummaryWriter's interface over an MLflow run of the run folder (`log_dir`'s parent)."""
 
@@ -101,7 +111,7 @@ class MLflowWriter:
             self.run_id = previous["run_id"]  # a resumed run continues its MLflow run
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            self.run_id = start_run(self.client, self.out_dir.name, os.environ.get(PARENT_RUN_ENV),
+            self.run_id = start_run(self.client, run_name(self.out_dir), os.environ.get(PARENT_RUN_ENV),
                                     tags={"leantune.out_dir": str(self.out_dir.resolve())})
         write_json(self.out_dir / TRACKING_FILE, {"logger": "mlflow", "tracking_uri": tracking_uri(),
                                                   "run_id": self.run_id})
@@ -129,7 +139,8 @@ class WandbWriter:
         previous = _read_tracking(self.out_dir)
         run_id = previous.get("run_id") if purge_step is not None and previous.get("logger") == "wandb" else None
         self.run = wandb.init(dir=str(self.out_dir), project=os.environ.get("WANDB_PROJECT", "leantune"),
-                              name=self.out_dir.name, id=run_id, resume="allow" if run_id else None,
+                              name=run_name(self.out_dir), group=os.environ.get(SWEEP_ENV) or None,
+                              id=run_id, resume="allow" if run_id else None,
                               mode=os.environ.get("WANDB_MODE", "offline"), reinit="finish_previous",
                               settings=wandb.Settings(console="off", x_disable_stats=True))
         write_json(self.out_dir / TRACKING_FILE, {"logger": "wandb", "run_id": self.run.id})
