@@ -5,12 +5,17 @@ User errors (bad flags, files, folders) end with one line on stderr and exit cod
 shows the traceback instead. Anything else is a bug and keeps its traceback.
 """
 
+# ruff: noqa: E402  (cpu_threads.prepare() runs before torch is imported)
 from __future__ import annotations
 
 import json
 import os
 import re
 import sys
+
+from leantune import cpu_threads
+
+cpu_threads.prepare()  # before torch loads libgomp, which reads its waiting policy once
 
 import torch
 from jsonargparse import CLI, ArgumentError, set_parsing_settings

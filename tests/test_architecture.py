@@ -30,7 +30,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "leantune"
 
 LAYERS = [
-    ("runtime", "models.decoder.config", "models.decoder.presets", "models.decoder.families", "models.t5.presets"),
+    ("runtime", "cpu_threads", "models.decoder.config", "models.decoder.presets", "models.decoder.families", "models.t5.presets"),
     ("models", "decode.compile", "decode.woq"),
     ("checkpoint", "data", "tokenizer", "peft", "decode", "download", "models.kinds"),
     ("methods", "train", "inference", "merge", "export", "estimate", "serve", "upload"),

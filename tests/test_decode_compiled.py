@@ -113,6 +113,47 @@ def test_compiled_decoding_equals_eager_with_every_method(method):
     assert len(set(eager)) > 3
 
 
+def _lora(seed: int) -> GPT:
+    """The tiny model with a LoRA adapter of non-zero trained weights (seeded): same shapes, other values per seed."""
+    model = tiny()
+    names = apply_method(model, "lora", tiny_args("lora"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for n in names:
+            params[n].add_(torch.randn(params[n].shape, generator=g) * 0.3)
+    return model.eval().requires_grad_(False)
+
+
+@needs_inductor
+def test_a_second_adapter_reuses_the_compiled_step():
+    """An adapter's weights enter the compiled step as inputs, not constants: another LoRA of the same shapes decodes
+    through the same graph (a recompile raises here) and each gives its own eager tokens."""
+    first, second = _lora(5), _lora(6)
+    prompt = torch.randint(0, 97, (9,), generator=torch.Generator().manual_seed(1))
+    eager = [list(generate_tokens(m, prompt, 20)) for m in (first, second)]
+    assert eager[0] != eager[1]
+    assert list(generate_tokens(first, prompt, 20, compiled=True)) == eager[0]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert list(generate_tokens(second, prompt, 20, compiled=True)) == eager[1]
+
+
+@pytest.mark.parametrize(("requested", "budget", "compiled"), [
+    (None, 256, False), (None, lt_compile.COMPILE_MIN_TOKENS - 1, False), (None, lt_compile.COMPILE_MIN_TOKENS, True),
+    (True, 1, True), (False, 10**6, False),
+])
+def test_short_answers_stay_eager_unless_compile_is_forced(requested, budget, compiled):
+    assert lt_compile.wants_compile(requested, budget) is compiled
+
+
+def test_compiled_graphs_are_cached_in_the_users_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert lt_compile.use_persistent_cache() == str(tmp_path / "leantune" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert lt_compile.use_persistent_cache() == str(tmp_path / "mine")
+
+
 def test_compile_unavailable_decodes_eager(monkeypatch, caplog):
     monkeypatch.setattr(lt_compile, "compile_unavailable_reason", lambda device="cpu": "no working C++ compiler (test)")
     model = tiny()
@@ -137,6 +178,10 @@ def test_generate_and_chat_commands_compile(tiny_checkpoint, monkeypatch, capsys
     assert generate(**kw, compile=True) == eager
     err = capsys.readouterr().err
     assert "compiling the decode step" in err and "[compiled in" in err and "tokens/s" in err
+    monkeypatch.setattr(lt_compile, "COMPILE_MIN_TOKENS", 13)  # compile unset: a 12-token budget stays eager
+    assert generate(**kw) == eager and "compiling" not in capsys.readouterr().err
+    monkeypatch.setattr(lt_compile, "COMPILE_MIN_TOKENS", 12)  # ... and compiles once it reaches the break-even
+    assert generate(**kw) == eager and "[compiled in" in capsys.readouterr().err
     monkeypatch.setattr("sys.stdin", io.StringIO(f"hi\n/save {tmp_path / 'c.json'}\n"))
     chat(checkpoint_dir=tiny_checkpoint, temperature=0.0, max_new_tokens=4, threads=1, quantize="int8", compile=True)
     saved = json.loads((tmp_path / "c.json").read_text())["messages"]

@@ -15,6 +15,8 @@ import torch
 
 from leantune.checkpoint.io import write_json
 from leantune.commands.flags import check_at_least, check_folder, check_model_flags, check_seed, check_threads
+from leantune.cpu_threads import apply_threads
+from leantune.decode.compile import wants_compile
 from leantune.decode.generate import Sampling, bos_for_rendered, stream_text
 from leantune.download import DEFAULT_CHECKPOINT
 from leantune.inference import load_for_inference
@@ -103,7 +105,7 @@ def chat(
     quantize: str | None = None,
     seed: int = 1234,
     threads: int | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
 ) -> None:
     """Chat with a model in the terminal. End a line with \\ to continue it, or wrap a pasted block in \"\"\" lines;
     /reset clears the history, /save FILE writes the conversation as JSON, /exit (or Ctrl-D) quits. The oldest turns
@@ -121,9 +123,12 @@ def chat(
         quantize: int8 or int4 for fast weight-only CPU decoding; or a bitsandbytes mode (bnb.nf4, bnb.nf4-dq,
             bnb.fp4, bnb.fp4-dq, bnb.int8) as a QLoRA adapter was trained with.
         seed: Random seed for sampling.
-        threads: CPU threads for torch (default: torch's choice).
+        threads: CPU threads for torch (default: one per usable CPU; when the machine is busy at start, OpenMP's
+            threads sleep instead of spinning while they wait, so other work cannot stall every op; the choice
+            is printed).
         compile: Compile the one-token decode step (see `leantune generate --help`): faster answers after a first
-            compile of about a minute on 2 CPU cores (seconds later, from inductor's cache).
+            compile of about a minute on 2 CPU cores (12-20 s later, from inductor's cache). Unset (the default):
+            only when --max_new_tokens is at least 1024; true always, false never.
     """
     sampling = Sampling(temperature, top_k, top_p)
     check_at_least("max_new_tokens", max_new_tokens, 1)
@@ -131,8 +136,7 @@ def chat(
     check_threads(threads)
     check_model_flags(precision, quantize, inference=True)
     check_folder("adapter", adapter)
-    if threads:
-        torch.set_num_threads(threads)
+    choice = apply_threads(threads)
     model, tokenizer, _, device = load_for_inference(checkpoint_dir, precision, adapter, quantize)
     if not tokenizer.chat_template:
         raise ValueError(f"{checkpoint_dir} has no chat template; use `leantune generate --raw true` instead")
@@ -142,6 +146,8 @@ def chat(
     context = model.max_tokens
     reserve = min(max_new_tokens, context // 2)  # room kept for the answer; half the window at most
     print(f"chat: {HELP}", file=sys.stderr)
+    print(f"[threads: {choice.describe()}]", file=sys.stderr)
+    compile = wants_compile(compile, reserve)
     if compile:
         print("[--compile: the first answer waits for the decode step to compile (about a minute the first time)]",
               file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 import leantune
 from leantune.checkpoint.io import atomic_write_bytes, write_json
 from leantune.commands.flags import check_at_least, check_folder, check_model_flags, check_threads
+from leantune.cpu_threads import apply_threads
 from leantune.data import DataModule, Demo, PreferenceDataModule
 from leantune.download import DEFAULT_CHECKPOINT
 from leantune.evaluation.evaluate import report_table, rouge_eval, task_eval
@@ -106,7 +108,9 @@ def evaluate(
         exact_match: Run the held-out exact-match evaluation when the data module has a test set (--metric unset).
         out_file: Write the results as JSON here, the table beside it (.md) and, with ROUGE, the predictions
             (.predictions.jsonl).
-        threads: CPU threads for torch.
+        threads: CPU threads for torch (default: one per usable CPU; when the machine is busy at start, OpenMP's
+            threads sleep instead of spinning while they wait, so other work cannot stall every op; the choice
+            is printed).
         tasks: lm-eval tasks, comma-separated: task or group names (hellaswag, mmlu_exemplars,
             mmlu_exemplars_stem, mmlu_exemplars_anatomy, ...) or task YAML files. With --tasks alone, only the
             tasks run; add --metric for the other metrics too.
@@ -135,8 +139,7 @@ def evaluate(
     if metrics is None and isinstance(data, PreferenceDataModule):
         metrics = ("preference",)  # pairs have no single reference answer: the preference metric is their score
     check_data_supports(data, metrics)
-    if threads:
-        torch.set_num_threads(threads)
+    print(f"[threads: {apply_threads(threads).describe()}]", file=sys.stderr)
     first_adapter = next((a for _, a in runs.values() if a is not None), None)
     if prompt_style is None and first_adapter is not None and (Path(first_adapter) / MANIFEST_FILE).is_file():
         prompt_style = read_manifest(Path(first_adapter)).get("prompt_style")  # a damaged one: an error naming it

@@ -15,7 +15,7 @@ SEED_LIMIT = 2**63
 
 def check_threads(threads: int | None) -> None:
     if threads is not None and (isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"--threads must be >= 1 (or unset for torch's choice), got {threads}")
+        raise ValueError(f"--threads must be >= 1 (or unset: one per usable CPU), got {threads}")
 
 
 def check_seed(seed: int, flag: str = "seed") -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from leantune.commands.flags import check_at_least, check_folder, check_model_flags, check_seed, check_threads
+from leantune.cpu_threads import apply_threads
+from leantune.decode.compile import wants_compile
 from leantune.decode.generate import Sampling, encode_prompt, generate_tokens, stream_text
 from leantune.download import DEFAULT_CHECKPOINT
 from leantune.inference import load_for_inference, seq2seq_answer
@@ -32,7 +34,7 @@ def generate(
     threads: int | None = None,
     num_beams: int = 1,
     length_penalty: float = 1.0,
-    compile: bool = False,
+    compile: bool | None = None,
 ) -> str:
     """Generate text from a prompt with the KV cache, streaming tokens to the terminal.
 
@@ -54,13 +56,18 @@ def generate(
             accumulation); or bitsandbytes 4/8 bits as QLoRA trains: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8
             (use the mode a QLoRA adapter was trained with).
         seed: Random seed for sampling.
-        threads: CPU threads for torch (default: torch's choice).
+        threads: CPU threads for torch (default: one per usable CPU; when the machine is busy at start, OpenMP's
+            threads sleep instead of spinning while they wait, so other work cannot stall every op; the choice
+            is printed).
         num_beams: Beam search with this many beams (encoder-decoder models such as T5; 1: greedy or sampling).
         length_penalty: Beam search ranks finished outputs by log-probability / length ** length_penalty.
         compile: Compile the one-token decode step with torch.compile (inductor, needs a C++ compiler on CPU): one
-            fused graph instead of ~20 small ops per layer, about 1.4x faster decoding with --quantize int4/int8 on
-            the default model. The first run compiles for about a minute on 2 CPU cores; later runs reuse inductor's
-            on-disk cache (seconds). Tokens can differ from eager decoding in the last bits of the logits.
+            fused graph instead of ~20 small ops per layer, 1.7-2x faster decoding with --quantize int4/int8 on the
+            default model. The first compile takes about a minute on 2 CPU cores, later ones 12-20 s from inductor's
+            cache (kept in ~/.cache/leantune/inductor, or TORCHINDUCTOR_CACHE_DIR). Unset (the default): compile
+            only when the token budget (--max_new_tokens, within the context) is at least 1024, where the compile
+            time is won back; true always, false never. Compile time is reported apart from tokens/s. Tokens can
+            differ from eager decoding in the last bits of the logits.
     """
     sampling = Sampling(temperature, top_k, top_p)
     check_at_least("max_new_tokens", max_new_tokens, 1)
@@ -70,9 +77,8 @@ def generate(
     check_folder("adapter", adapter)
     if raw and not prompt:
         raise ValueError("--prompt is empty: give a prompt (with --raw true nothing would be sent to the model)")
-    if threads:
-        torch.set_num_threads(threads)
     check_at_least("num_beams", num_beams, 1)
+    print(f"[threads: {apply_threads(threads).describe()}]", file=sys.stderr)
     model, tokenizer, precision, device = load_for_inference(checkpoint_dir, precision, adapter, quantize)
     if is_seq2seq(model):  # the prompt is the encoder's input as given (T5 has no chat template)
         if not prompt:
@@ -90,8 +96,9 @@ def generate(
         raise ValueError("--prompt is empty: give a prompt (or drop --raw to use the chat template)")
     ids = torch.tensor(ids, dtype=torch.long)
     generator = torch.Generator(device=device).manual_seed(seed)
+    compile = wants_compile(compile, min(max_new_tokens, model.max_tokens - len(ids)))
     if compile:  # compile before the timed run, for the same cache length, so tokens/s is the decoding rate
-        print("[compiling the decode step: about a minute the first time, seconds once inductor has cached it]",
+        print("[compiling the decode step: about a minute the first time, 12-20 s once inductor has cached it]",
               file=sys.stderr)
         t0 = time.perf_counter()
         warm = generate_tokens(model, ids, max_new_tokens, sampling, generator=torch.Generator(device=device),

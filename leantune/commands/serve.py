@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from leantune.commands.flags import check_at_least, check_folder, check_model_flags, check_threads
+from leantune.cpu_threads import apply_threads
 from leantune.download import DEFAULT_CHECKPOINT
 from leantune.inference import load_for_inference
 from leantune.models.kinds import SERVE, kind_of_folder
@@ -96,7 +95,9 @@ def serve(
             n_positions, else 512).
         precision: 32-true, bf16-true, 16-true (default: the fastest safe one for the device).
         quantize: Load the base's linears quantized (the modes `generate --quantize` takes).
-        threads: CPU threads for torch (default: torch's choice).
+        threads: CPU threads for torch (default: one per usable CPU; when the machine is busy at start, OpenMP's
+            threads sleep instead of spinning while they wait, so other work cannot stall every op; the choice
+            is printed).
         shutdown_timeout: Seconds to wait for requests in flight after Ctrl-C/SIGTERM before cancelling them.
         allow_adapter_loading: Allow loading and unloading adapters over HTTP (POST /v1/adapters, DELETE
             /v1/adapters/NAME), which reads folders on this machine. Default: on with an --api_key, off without
@@ -134,8 +135,7 @@ def serve(
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
     if api_key is not None and not api_key.strip():
         raise ValueError("--api_key is empty: give a key or leave it out")
-    if threads:
-        torch.set_num_threads(threads)
+    print(f"[threads: {apply_threads(threads).describe()}]", file=sys.stderr)
     kind = kind_of_folder(checkpoint_dir)
     kind.check(SERVE)
     engine_class = Seq2SeqEngine if kind.seq2seq else Engine  # the one place the model kind picks the engine
