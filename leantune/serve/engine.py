@@ -1,9 +1,12 @@
 """The serving engine: one scheduler thread owns the model and decodes every running request together.
 
-Continuous batching over `max_batch` slots: each loop turn runs pending adapter loads/unloads, prefills waiting
-requests into free slots (one forward per new request, which also samples its first token), then one decode step for
-every running row. A row that finishes (EOS, a stop string, its max_tokens) frees its slot at once for the next
-waiting request. Rows live in the slot KV cache (`cache.py`), each at its own length, so no row waits for another.
+Continuous batching over `max_batch` slots: each loop turn runs pending adapter loads/unloads, gives waiting
+requests the free slots, prefills up to `prefill_chunk` prompt tokens of the admitted requests (oldest first, one
+forward per request and chunk; the chunk that ends a prompt samples its first token), then one decode step for every
+row whose prompt is in. A long prompt is thus read over several turns while the running rows keep getting a token
+each turn (chunked prefill, as vLLM and llama.cpp's server do) instead of stalling them until it is all read. A row
+that finishes (EOS, a stop string, its max_tokens) frees its slot at once for the next waiting request. Rows live in
+the slot KV cache (`cache.py`), each at its own length, so no row waits for another.
 
 One step runs one forward per *group*: the base and every shared (LoRA) adapter form one group, decoded in one batch
 with per-row adapter selection (`adapters.LoRARows`); each grouped adapter (other methods) is a group of its own. A
@@ -70,6 +73,11 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
+PREFILL_CHUNK = 128
+"""Prompt tokens prefilled per engine turn (all admitted requests together): the running rows wait at most about
+one such chunk's forward for their next token, and a chunk this long still runs as a GEMM of many rows."""
+
+
 class QueueFull(Exception):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
@@ -121,6 +129,7 @@ class Request:
     slot: int = -1
     length: int = 0  # real tokens in this row's cache
     last: int = 0  # the newest sampled token (the next decode input)
+    ready: bool = False  # its prompt is prefilled and its first token sampled: it decodes with the batch
     generated: int = 0
     cancelled: bool = False
     done: bool = False
@@ -129,15 +138,19 @@ class Request:
 class Engine:
     """Serves a decoder `model` (loaded once, never modified) and the adapters added to it; `max_batch` rows decode
     together, at most `max_queue` requests wait, each request holds up to `max_seq_length` tokens (default: the
-    model's). The model-kind part (`_setup`, `_budget`, `_admit`, `_decode_step`) is what `Seq2SeqEngine` replaces
+    model's); at most `prefill_chunk` prompt tokens are prefilled between two decode steps. The model-kind part (`_setup`, `_budget`, `_admit`, `_decode_step`) is what `Seq2SeqEngine` replaces
     for an encoder-decoder; the scheduler, queue, sampling, text and fault handling are shared."""
 
     def __init__(self, model: GPT, tokenizer, checkpoint_dir: Path, base_name: str, max_batch: int = 8,
-                 max_queue: int = 64, max_seq_length: int | None = None, prefix_cache: bool = True) -> None:
+                 max_queue: int = 64, max_seq_length: int | None = None, prefix_cache: bool = True,
+                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
         self.pristine = model.eval()
         self.tokenizer, self.checkpoint_dir, self.base_name = tokenizer, Path(checkpoint_dir), base_name
         self.device = model.lm_head.weight.device
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.prefilling: deque[Request] = deque()  # admitted requests whose prompt is not all in yet, oldest first
         self._setup(max_seq_length)
         self.eos = set(tokenizer.eos_ids)
         self.adapters: dict[str, Adapter] = {base_name: Adapter(base_name, None, "base", shared=True)}
@@ -376,49 +389,82 @@ class Engine:
                     self._admit(admit, free)
                     for req in [r for r in self.slots if r is not None and r.cancelled]:
                         self._finish(req, "cancelled")
+                    self._prefill_turn()
                     if any(self.slots):
                         self._decode_step()
                 except Exception as e:  # outside any one request (a bug in the step itself): fail the rows, keep serving
                     log.error("engine step failed: %s", traceback.format_exc())
                     self.row_tokens = [[] for _ in self.slots]  # what the rows hold is unknown now
+                    self.prefilling.clear()
                     for req in [r for r in self.slots if r is not None]:
                         self._fail(req, f"{type(e).__name__}: {e}")
 
     def _admit(self, admit: list[Request], free: list[int]) -> None:
-        """Give each newly admitted request a free slot and prefill it, one request at a time."""
+        """Give each newly admitted request a free slot and queue its prompt for prefill (`_prefill_turn` runs it)."""
         for req, slot in zip(admit, free):
             if req.cancelled:
                 self._finish(req, "cancelled")
                 continue
             self.slots[slot], req.slot = req, slot
             try:
-                self._prefill(req)
+                self._start_prefill(req)
             except Exception as e:  # this request's own failure (its prompt, its adapter): it alone ends
                 self._fail_row(req, e)
+                continue
+            self.prefilling.append(req)
 
     def _group_model(self, adapter: Adapter) -> GPT:
         return self.served if adapter.shared else adapter.model
 
-    def _prefill(self, req: Request) -> None:
-        """Run the prompt of a newly admitted request into its slot's rows of the cache; sample its first token."""
-        a, slot = req.adapter, req.slot
-        model = self._group_model(a)
-        L = len(req.prompt)
-        self.layout.prefill(slot)
+    def _start_prefill(self, req: Request) -> None:
+        """Make the request's row ready to be prefilled: its cache columns zeroed (before any decode step may zero
+        them under it), a reusable prompt start copied in; `req.length` counts the prompt tokens in its row."""
+        a, slot, L = req.adapter, req.slot, len(req.prompt)
         for c in self.caches:
             c.ensure_filled(a.n_virtual + L)
         m = self._reuse_prefix(req) if self.prefix_cache else 0
-        self.row_tokens[slot], self.row_adapter[slot] = [], a
-        if a.shared:
-            self.rows.set([a.id], self.device)
-        ids = torch.tensor([req.prompt[m:]], dtype=torch.long, device=self.device)  # (1, L - m)
-        hidden = model.decode(ids, torch.arange(m, L, device=self.device), return_hidden=True)  # (1, L - m, C)
-        req.length = L
-        self.row_tokens[slot] = list(req.prompt)
+        req.length = m
+        self.row_tokens[slot], self.row_adapter[slot] = req.prompt[:m], a
         with self.cv:
             self.prompt_tokens += L
             self.reused_tokens += m
-        self._accept([req], self._pick([req], model.lm_head, hidden[:, -1]))
+
+    def _prefill_turn(self) -> None:
+        """Prefill up to `prefill_chunk` prompt tokens of the admitted requests, oldest first. A request whose
+        chunk fails ends alone; one cancelled meanwhile is left for the loop to finish."""
+        budget = self.prefill_chunk
+        while self.prefilling and budget > 0:
+            req = self.prefilling[0]
+            if req.done or req.cancelled:
+                self.prefilling.popleft()
+                continue
+            try:
+                budget -= self._prefill_chunk(req, budget)
+            except Exception as e:  # this request's own failure (its prompt, its adapter): it alone ends
+                self.prefilling.popleft()
+                self._fail_row(req, e)
+                continue
+            if req.ready or req.done:
+                self.prefilling.popleft()
+
+    def _prefill_chunk(self, req: Request, budget: int) -> int:
+        """Run the next (at most `budget`) prompt tokens of `req` into its slot's row of the cache; the chunk that
+        ends the prompt samples the first token. Returns the tokens run."""
+        a, slot = req.adapter, req.slot
+        model = self._group_model(a)
+        start, L = req.length, len(req.prompt)
+        end = min(L, start + budget)
+        self.layout.prefill(slot)
+        if a.shared:
+            self.rows.set([a.id], self.device)
+        ids = torch.tensor([req.prompt[start:end]], dtype=torch.long, device=self.device)  # (1, end - start)
+        hidden = model.decode(ids, torch.arange(start, end, device=self.device), return_hidden=True)  # (1, T, C)
+        req.length = end
+        self.row_tokens[slot] = req.prompt[:end]
+        if end == L:
+            req.ready = True
+            self._accept([req], self._pick([req], model.lm_head, hidden[:, -1]))
+        return end - start
 
     def _reuse_prefix(self, req: Request) -> int:
         """Tokens at the start of the prompt whose keys/values some row already holds for the same adapter (e.g.
@@ -441,7 +487,7 @@ class Engine:
     def _decode_step(self) -> None:
         groups: dict[object, list[int]] = {}
         for s, r in enumerate(self.slots):
-            if r is not None:
+            if r is not None and r.ready:  # a row still prefilling rides along as a passenger, if in range
                 groups.setdefault(0 if r.adapter.shared else r.adapter.name, []).append(s)
         for slots in groups.values():
             try:
