@@ -23,9 +23,27 @@ def environment() -> dict:
         env["peft"] = peft.__version__
     except ImportError:
         pass
+    env.update(cpu_facts())
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
+
+
+def cpu_facts() -> dict:
+    """The CPU model and the flags that decide bf16/int8 speed (CPU timings mean little without them)."""
+    facts: dict = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"cpu": platform.processor()}
+    for line in text.splitlines():
+        if line.startswith("model name") and "cpu" not in facts:
+            facts["cpu"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags") and "cpu_flags" not in facts:
+            have = set(line.split(":", 1)[1].split())
+            facts["cpu_flags"] = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+                                              "amx_int8") if f in have]
+    return facts
 
 
 def write_result(name: str, result: dict, out_dir: Path = Path("bench/results")) -> Path:

@@ -30,7 +30,14 @@ from leantune.models.kinds import (
 )
 from leantune.models.quantize import check_mode
 from leantune.peft.base import Method, mark_trainable
-from leantune.runtime import autocast_dtype, compute_dtype, default_device, resolve_precision, weight_dtype
+from leantune.runtime import (
+    autocast_dtype,
+    compute_dtype,
+    default_device,
+    describe_precision,
+    resolve_precision,
+    weight_dtype,
+)
 from leantune.tokenizer import Tokenizer
 from leantune.train.args import EvalArgs, TrainArgs, fit_max_seq_length
 from leantune.train.distributed import (
@@ -53,6 +60,7 @@ from leantune.train.preference import (
     choose_reference,
     reference_for,
 )
+from leantune.train.run_config import load_run_config
 from leantune.train.run_dir import prepare_run_dir
 from leantune.train.tracking import finish_tracking
 from leantune.train.validate import preference_validation
@@ -196,7 +204,10 @@ def run_finetune(run: RunSpec, parallel: Parallel) -> dict:
     train = dataclasses.replace(train, max_seq_length=fit_max_seq_length(train.max_seq_length, checkpoint_dir))
 
     device = parallel.device if parallel.enabled else default_device()
-    precision = resolve_precision(precision, device)
+    requested, precision = precision, run_precision(precision, device, run.out_dir, resume)
+    if parallel.is_main:
+        print(f"finetune {run.method.name}: {checkpoint_dir.name}, {device.type}, "
+              f"precision {describe_precision(requested, precision, device)}, {torch.get_num_threads()} threads")
     tokenizer = Tokenizer(checkpoint_dir)
     # several ranks: every rank plans the same global batches of micro x ranks rows and trains on its share
     data.connect(tokenizer, prompt_style=run.prompt_style, max_seq_length=train.max_seq_length,
@@ -262,6 +273,18 @@ def run_finetune(run: RunSpec, parallel: Parallel) -> dict:
         write_json(run.out_dir / "summary.json", json.loads(json.dumps(report, default=str)))
         finish_tracking(run.out_dir, report)
     return report
+
+
+def run_precision(precision: str | None, device, out_dir: Path, resume: str | None) -> str:
+    """The run's concrete precision. Unset or `auto` on a resumed run keeps the precision the run trained in
+    (run.json), so a run started before `auto` existed, or on another machine, resumes as it was; otherwise `auto`
+    picks the fastest safe training precision for the device."""
+    if precision in (None, "auto"):
+        ckpt = resume_checkpoint(out_dir, resume)
+        saved = load_run_config(ckpt) if ckpt is not None else None
+        if saved and saved.get("precision"):
+            return resolve_precision(saved["precision"], device)
+    return resolve_precision(precision, device, training=True)
 
 
 def preference_objective(run: RunSpec, model, trainable: list[str], data, device, precision: str,

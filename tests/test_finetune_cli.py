@@ -16,8 +16,9 @@ from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.optim import OptimizerArgs
 
 
-def small_run(method, ckpt, data_path, out_dir, quantize=None, **train):
+def small_run(method, ckpt, data_path, out_dir, quantize=None, precision=None, **train):
     return finetune(method, checkpoint_dir=ckpt, out_dir=out_dir, data=JSON(json_path=data_path), quantize=quantize,
+                    precision=precision,
                     train=TrainArgs(micro_batch_size=2, global_batch_size=4, max_steps=3, max_seq_length=128,
                                     warmup_steps=1, **train),
                     eval=EvalArgs(max_batches=2, sample_new_tokens=0), optimizer=OptimizerArgs(lr=1e-2), threads=2,
@@ -129,7 +130,9 @@ def test_qlora_trains_generates_and_merges_into_the_dequantized_base(tiny_checkp
     from leantune.commands.merge import merge as merge_command
     from leantune.inference import load_for_inference
 
-    report = small_run("qlora", tiny_checkpoint, json_data, tmp_path / "run")
+    # fp32 compute (the CPU default may be bf16-mixed): merge dequantizes into the dtype training computed in, and
+    # inference below computes in fp32
+    report = small_run("qlora", tiny_checkpoint, json_data, tmp_path / "run", precision="32-true")
     adapter = tmp_path / "run" / "final"
     manifest = json.loads((adapter / "leantune.json").read_text())
     assert manifest["method"] == "qlora" and manifest["quantize"] == "bnb.nf4-dq"
@@ -179,7 +182,7 @@ def test_quantize_with_full_finetuning_is_refused(tiny_checkpoint, json_data, tm
 def test_evaluate_reproduces_the_validation_loss_of_training(tiny_checkpoint, json_data, tmp_path):
     from leantune.commands.evaluate import evaluate as evaluate_command
 
-    report = small_run("lora", tiny_checkpoint, json_data, tmp_path / "run")
+    report = small_run("lora", tiny_checkpoint, json_data, tmp_path / "run", precision="32-true")  # evaluate: fp32
     main(["evaluate", "--checkpoint_dir", str(tiny_checkpoint), "--adapter", str(tmp_path / "run" / "final"),
           "--data", "JSON", "--data.json_path", str(json_data), "--batch_size", "2", "--max_seq_length", "128",
           "--max_batches", "2", "--out_file", str(tmp_path / "eval.json")])

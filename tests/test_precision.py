@@ -6,10 +6,14 @@ import csv
 
 import pytest
 import torch
-from conftest import TinyData, make_model
+from conftest import TinyData, V, make_model
+from method_cases import EVERY_METHOD, tiny_args
 
-from leantune.methods import load_trainable, save_checkpoint
-from leantune.runtime import resolve_precision
+from leantune.methods import apply_method, load_trainable, save_checkpoint
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import GPT
+from leantune.peft.lora import LoRAArgs
+from leantune.runtime import cast_frozen_linears, resolve_precision, restore_dtypes
 from leantune.train.loop import EvalArgs, TrainArgs, fit
 from leantune.train.optim import OptimizerArgs
 
@@ -61,3 +65,62 @@ def test_gpu_precisions_follow_the_fp32_loss_curve(precision, tmp_path):
     half = torch.float16 if precision.startswith("16") else torch.bfloat16
     assert seen == {half} and dtypes == ({half} if precision.endswith("true") else {torch.float32})
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=3e-2, atol=0)
+
+
+def train_steps(method: str, precision: str, out_dir, steps: int = 20):
+    """`steps` optimizer steps of `method` (tiny args) on the tiny GPT; the losses, and the dtypes the frozen block
+    weights had while a step ran (seen by a forward hook)."""
+    torch.manual_seed(0)
+    model = GPT(Config(vocab_size=V, block_size=64, n_layer=2, n_embd=32, n_head=4, n_query_groups=2))  # room for
+    names = apply_method(model, method, tiny_args(method))  # virtual tokens besides the longest sample
+    frozen_seen = set()
+    mlp = model.transformer.h[1].mlp
+    mlp.register_forward_hook(lambda m, i, o: frozen_seen.update(
+        p.dtype for n, p in m.named_parameters() if not p.requires_grad and n.endswith("weight")))
+    fit(model, names, TinyData(micro_batch_size=2), out_dir,
+        lambda p: save_checkpoint(p, model, method, names, {"method": method}, checkpoint_dir=None),
+        lambda p: load_trainable(model, method, p),
+        TrainArgs(micro_batch_size=2, global_batch_size=4, max_steps=steps, warmup_steps=2),
+        EvalArgs(sample_new_tokens=0), OptimizerArgs(lr=3e-3), precision=precision, device=torch.device("cpu"))
+    with open(out_dir / "metrics.csv") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f) if r["loss"]]
+    return losses, frozen_seen, model
+
+
+@pytest.mark.parametrize("method", EVERY_METHOD)
+def test_bf16_mixed_on_cpu_follows_fp32_for_20_steps(method, tmp_path):
+    """The CPU default on bf16 hardware (bf16-mixed: bf16 frozen base, fp32 trained tensors) tracks fp32 training:
+    every one of 20 losses within 2% of fp32's, for every method."""
+    ref, _, _ = train_steps(method, "32-true", tmp_path / "fp32")
+    mixed, frozen_seen, model = train_steps(method, "bf16-mixed", tmp_path / "mixed")
+    assert len(ref) == len(mixed) == 20
+    torch.testing.assert_close(torch.tensor(mixed), torch.tensor(ref), rtol=2e-2, atol=0)
+    if method != "full":  # full finetuning trains every weight: nothing frozen to store in bf16
+        assert frozen_seen == {torch.bfloat16}
+    # after fit the model is back in the dtypes it came in (exact match, merge and export read it next)
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float32}
+
+
+def test_cast_frozen_linears_keeps_trained_tensors_norms_and_a_tied_head():
+    model = GPT(Config(vocab_size=V, block_size=32, n_layer=2, n_embd=32, n_head=4, n_query_groups=2))
+    model.lm_head.weight = model.transformer.wte.weight  # tied, as SmolLM2's
+    names = apply_method(model, "lora", LoRAArgs(r=4, targets="all"))
+    cast = cast_frozen_linears(model, names, torch.bfloat16)
+    params = dict(model.named_parameters())
+    assert cast and all(params[n].dtype == torch.bfloat16 and not params[n].requires_grad for n in cast)
+    assert all(params[n].dtype == torch.float32 for n in names)  # LoRA A/B: fp32 masters
+    assert model.transformer.wte.weight.dtype == torch.float32  # the tied head/embedding keeps the stream fp32
+    assert all(p.dtype == torch.float32 for n, p in params.items() if "norm" in n)
+    restore_dtypes(model, cast)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_auto_precision_follows_the_cpu_bf16_units(monkeypatch):
+    cpu = torch.device("cpu")
+    for amx, avx512_bf16, expected in [(True, False, "bf16-mixed"), (False, True, "bf16-mixed"),
+                                       (False, False, "32-true")]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert resolve_precision("auto", cpu, training=True) == expected
+        assert resolve_precision(None, cpu, training=True) == expected
+        assert resolve_precision("auto", cpu) == "32-true"  # inference stays fp32 (equal to transformers)

@@ -2,6 +2,7 @@
 run configuration check: a resume with other data or method args is refused, naming the differing flags."""
 
 import csv
+import json
 import shutil
 
 import pytest
@@ -15,8 +16,9 @@ from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.optim import OptimizerArgs
 
 
-def run(method, ckpt, data_path, out_dir, resume=None, max_steps=6, method_args=None, save_interval=3):
-    return finetune(method, checkpoint_dir=ckpt, out_dir=out_dir, data=JSON(json_path=data_path),
+def run(method, ckpt, data_path, out_dir, resume=None, max_steps=6, method_args=None, save_interval=3,
+        precision=None):
+    return finetune(method, checkpoint_dir=ckpt, out_dir=out_dir, data=JSON(json_path=data_path), precision=precision,
                     train=TrainArgs(micro_batch_size=2, global_batch_size=4, max_steps=max_steps, max_seq_length=128,
                                     warmup_steps=1, save_interval=save_interval),
                     eval=EvalArgs(max_batches=1, sample_new_tokens=0, exact_match=False),
@@ -43,6 +45,22 @@ def test_resume_through_a_dataloader_is_bit_identical(method, tiny_checkpoint, j
     shutil.copytree(tmp_path / "a" / "step-000003", tmp_path / "b" / "step-000003")
     report = run(method, tiny_checkpoint, json_data, tmp_path / "b", resume="auto")
     assert report["steps"] == 6
+    a, b = weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final")
+    assert a.keys() == b.keys() and a
+    assert all(a[k].equal(b[k]) for k in a), [k for k in a if not a[k].equal(b[k])]
+    assert losses(tmp_path / "a")[3:] == losses(tmp_path / "b")
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "full"])
+def test_resume_under_bf16_mixed_is_bit_identical(method, tiny_checkpoint, json_data, tmp_path, monkeypatch):
+    """bf16-mixed (the CPU default where the CPU has bf16 units; asked for by name so every machine tests it): the
+    frozen base goes to bf16 again on resume, the fp32 masters come back from the checkpoint, bit for bit."""
+    run(method, tiny_checkpoint, json_data, tmp_path / "a", precision="bf16-mixed")
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "step-000003", tmp_path / "b" / "step-000003")
+    monkeypatch.setattr("leantune.runtime.cpu_bf16_units", lambda: None)  # auto alone would now pick 32-true ...
+    run(method, tiny_checkpoint, json_data, tmp_path / "b", resume="auto")  # ... unset on resume: the run's own
+    assert json.loads((tmp_path / "b" / "final" / "run.json").read_text())["precision"] == "bf16-mixed"
     a, b = weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final")
     assert a.keys() == b.keys() and a
     assert all(a[k].equal(b[k]) for k in a), [k for k in a if not a[k].equal(b[k])]

@@ -28,7 +28,10 @@ HELP = {
     "out_dir": "Where checkpoints, metrics.csv and loss.png go (default out/finetune/<method>).",
     "data": "Dataset module (default Demo, the built-in verifiable tasks), e.g. --data JSON --data.json_path "
             "file.jsonl, --data Alpaca, --data Chat; `--data.help JSON` lists a module's own flags.",
-    "precision": "32-true, bf16-true, bf16-mixed, 16-mixed (default: the fastest safe one for the device).",
+    "precision": "auto (default), 32-true, bf16-true, bf16-mixed, 16-mixed. auto: bf16-mixed on a CPU with AMX or "
+                 "AVX512-BF16 (bf16 matmuls over a bf16 frozen base; trained tensors and optimizer state fp32), "
+                 "32-true on other CPUs, bf16-true on a GPU with bf16; a resumed run keeps the precision it trained "
+                 "in. The choice is printed at the start and stored in run.json.",
     "quantize": "Store the frozen base's block linears in 4 or 8 bits with bitsandbytes (QLoRA): bnb.nf4, bnb.nf4-dq, "
                 "bnb.fp4, bnb.fp4-dq, bnb.int8. Compute runs in the --precision dtype.",
     "prompt_style": "Prompt style name (default: the checkpoint's chat template, else from its config).",

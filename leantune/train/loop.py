@@ -22,7 +22,7 @@ from leantune.decode.compile import compile_blocks
 from leantune.models.kinds import blocks
 from leantune.models.quantize import logical_numel
 from leantune.peft.base import Method
-from leantune.runtime import autocast_dtype
+from leantune.runtime import autocast_dtype, cast_frozen_linears, restore_dtypes
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.distributed import (
     FSDPArgs,
@@ -114,6 +114,10 @@ def fit(
     setup_model(model, train)
     if parallel.enabled:
         shard_model(model, parallel, precision, fsdp or FSDPArgs())
+    amp = autocast_dtype(precision)
+    # -mixed in one process: the frozen base's linears in the autocast dtype for the run (restored at the end);
+    # several processes keep FSDP's / DDP's own mixed-precision handling
+    cast = cast_frozen_linears(model, trainable, amp) if amp is not None and not parallel.enabled else {}
     params, optimizer = setup_optimizer(model, trainable, optimizer_args)
     scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
     accumulation = accumulation_steps(train, parallel)
@@ -127,7 +131,6 @@ def fit(
                                               len(data.train_dataloader(epoch=state.epoch)))
         if main:
             print(f"Resumed from {ckpt} at step {state.step}")
-    amp = autocast_dtype(precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
 
     def evaluate() -> dict[str, float]:
@@ -195,7 +198,8 @@ def fit(
                 if main:
                     bar.write(f"step {state.step}: {_fmt(row)}")
                 if sample_fn and eval.sample_new_tokens:
-                    text = sample_fn()  # every rank: a sharded model generates together
+                    with autocast():
+                        text = sample_fn()  # every rank: a sharded model generates together
                     if main:
                         bar.write(f"sample: {text!r}")
             loggers.write(row)
@@ -223,6 +227,7 @@ def fit(
     n_total = sum(logical_numel(p) for p in {id(p): p for p in model.parameters()}.values())  # 4-bit: 2 per byte
     if main:
         plot_loss(out_dir / "metrics.csv", out_dir / "loss.png")
+    restore_dtypes(model, cast)  # callers (exact match, merge, export) get the model in the dtypes they gave
     return dict(steps=state.step, tokens=state.tokens, time_s=round(state.train_time, 2),
                 tokens_per_s=round(state.tokens / max(state.train_time, 1e-9), 1), final_loss=last_loss,
                 peak_memory_gb=round(_memory_gb(device, peak=True), 3), trainable_params=n_trainable,

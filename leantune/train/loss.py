@@ -29,15 +29,23 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         gw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         gb = torch.zeros_like(bias, dtype=torch.float32) if need_b and bias is not None else None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        probs_buf = torch.empty(min(chunk_size, h.shape[0]), weight.shape[0], dtype=torch.float32,
-                                device=h.device)  # (n, V), reused by every chunk
+        rows_max = min(chunk_size, h.shape[0])
+        probs_buf = torch.empty(rows_max, weight.shape[0], dtype=torch.float32, device=h.device)  # (n, V), reused
+        # the products run in the weight's dtype: a bf16 head (bf16-mixed) gets bf16 GEMMs with fp32 accumulation,
+        # its logits and softmax-minus-one-hot rounded to bf16 in a second reused (n, V) buffer, as autocast would
+        low = weight.dtype if weight.dtype != torch.float32 else None
+        low_buf = torch.empty(rows_max, weight.shape[0], dtype=low, device=h.device) if low else None
         for s in range(0, h.shape[0], chunk_size):
             hc, yc = h[s:s + chunk_size], y[s:s + chunk_size]
+            hc = hc.to(weight.dtype)
             n = hc.shape[0]
             probs = probs_buf[:n]
-            if h.dtype == torch.float32 and bias is None:
+            if bias is None and low is None:
                 torch.mm(hc, weight.t(), out=probs)  # logits, then softmax in place
                 torch.softmax(probs, dim=-1, out=probs)
+            elif bias is None:
+                torch.mm(hc, weight.t(), out=low_buf[:n])  # (n, V) bf16 logits
+                torch.softmax(low_buf[:n], dim=-1, dtype=torch.float32, out=probs)
             else:
                 torch.softmax(F.linear(hc, weight, bias), dim=-1, dtype=torch.float32, out=probs)
             rows = torch.arange(n, device=yc.device)
@@ -51,9 +59,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if gh is None and gw is None and gb is None:
                 continue
             probs[rows, yc] -= 1.0  # d loss / d logits = softmax - one-hot
-            g = probs.to(h.dtype)
-            if gh is not None:
+            g = low_buf[:n].copy_(probs) if low else probs.to(hc.dtype)
+            if gh is not None and gh.dtype == g.dtype:
                 torch.mm(g, weight, out=gh[s:s + n])  # (n, C)
+            elif gh is not None:
+                gh[s:s + n] = g @ weight  # (n, C) in the head's dtype, stored in h's
             if gw is not None:
                 gw += (g.t() @ hc).float()  # (V, C)
             if gb is not None:
@@ -83,7 +93,12 @@ def supervised_ce_sum(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: to
     if type(lm_head) is torch.nn.Linear:
         if not torch.is_grad_enabled():
             return _plain(h, lm_head, y, chunk_size)
-        return _FusedLinearCrossEntropy.apply(h, lm_head.weight, lm_head.bias, y, chunk_size)
+        weight, bias = lm_head.weight, lm_head.bias
+        amp = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else None
+        if amp is not None and not weight.requires_grad:  # a frozen head under autocast: its GEMMs in the amp dtype
+            weight = weight.to(amp)  # a no-op for a head stored in it; one copy a step for an fp32 (tied) one
+            bias = bias.to(amp) if bias is not None and not bias.requires_grad else bias
+        return _FusedLinearCrossEntropy.apply(h, weight, bias, y, chunk_size)
     # A PEFT layer on the head (LoRA, adapter v2): call it as a module; recompute per chunk to bound memory.
     pieces = list(zip(h.split(chunk_size), y.split(chunk_size)))
     if len(pieces) == 1 or not torch.is_grad_enabled():
