@@ -150,8 +150,9 @@ def main() -> None:
     pp_times: dict[str, list[float]] = {k: [] for k in pp_runners}
     outputs = {}
     batched = []
-    for fn in runners.values():
-        fn(8)  # warm-up (compiles the compiled modes' decode step)
+    for fn in runners.values():  # warm-up; the compiled modes compile their step for both static cache lengths the
+        fn(1)                    # rounds use (prompt + 1 and prompt + --new tokens, rounded up to 128)
+        fn(a.new)
     for name in pp_runners:
         runners[name](1, long_ids)
     for r in range(a.rounds):
