@@ -4,12 +4,14 @@
 #
 #   bash bench/llama_cpp_setup.sh            # installs into .venv
 #   VENV=/path/to/venv bash bench/llama_cpp_setup.sh
+#   FORCE=1 bash bench/llama_cpp_setup.sh    # rebuild although the pinned version is installed
 #
 # Why the flags: llama.cpp's default native build (-march=native) also enables its AMX-INT8 kernels, whose q8_0
 # path dies with SIGILL on cloud VMs that report AMX in cpuid but do not let the guest use it. So the build is
 # not native: it names the x86 extensions explicitly, and only those this CPU lists in /proc/cpuinfo
 # (AVX-512 F/BW/DQ/VL, plus VBMI, VNNI and BF16 when present). AMX stays off.
-# The build compiles a few hundred C++ files: run it under nice on a shared machine, e.g.
+# The build runs about 140 compile steps (28 minutes at nice 19 on a busy 2-core VM): on a shared machine run it
+# in the background under nice, e.g.
 #   nohup nice -n 19 bash bench/llama_cpp_setup.sh > llama-build.log 2>&1 &
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -17,6 +19,13 @@ root="$(dirname "$here")"
 venv="${VENV:-$root/.venv}"
 py="$venv/bin/python"
 [ -x "$py" ] || { echo "llama_cpp_setup: no Python at $py (set VENV to the project's virtual environment)" >&2; exit 1; }
+
+pin="$(grep -o '^llama-cpp-python==[^ ]*' "$here/requirements-llama-cpp.txt" | cut -d= -f3)"
+have="$("$py" -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null || true)"
+if [ "$have" = "$pin" ] && [ -z "${FORCE:-}" ]; then
+  echo "llama_cpp_setup: llama-cpp-python $pin is already installed in $venv (FORCE=1 rebuilds it)"
+  exit 0
+fi
 
 flags="$(grep -m1 '^flags' /proc/cpuinfo || true)"
 has() { [[ " $flags " == *" $1 "* ]]; }
