@@ -74,6 +74,15 @@ def _counted(model_class: type, config, method: str, method_args):
     return model, trainable_names, unique, total, trainable
 
 
+def _frozen_matrices_in_half(model, unique: dict, trainable_names: set, precision: str, quantized: list) -> int:
+    """Elements that a -mixed run stores in 2 bytes instead of 4: the frozen float matrices other than embedding
+    tables and packed quantized weights (leantune.runtime.cast_frozen_linears)."""
+    if not precision.endswith("mixed"):
+        return 0
+    skip = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} | {id(p) for p in quantized}
+    return sum(p.numel() for i, (n, p) in unique.items() if p.ndim >= 2 and n not in trainable_names and i not in skip)
+
+
 def estimate_t5(config: T5Config, method: str, method_args=None, precision: str = "bf16-true",
                 optimizer: str = "AdamW") -> dict:
     """Parameter counts and the parameter-sized memory (weights, gradients, optimizer state) of a T5 finetune, in
@@ -109,8 +118,10 @@ def estimate(config: Config, method: str, method_args=None, precision: str = "bf
         weights += (total - sum(p.numel() for p in quantized)) * wbytes
         dequant_temp = max((p.numel() for p in quantized), default=0) * (2 if precision != "32-true" else 4)
     else:
+        quantized = []
         weights = total * wbytes
         dequant_temp = 0
+    weights -= 2 * _frozen_matrices_in_half(model, unique, trainable_names, precision, quantized)
     weights += rope_cache
     grads = trainable * (4 if precision.endswith("mixed") else wbytes)
     adam = 2 * wbytes if precision.endswith("true") else 8  # torch keeps the moments in the parameter dtype

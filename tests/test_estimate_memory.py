@@ -92,3 +92,19 @@ def test_quantized_estimate_within_tolerance_of_a_measured_step(mode):
     plain = estimate(cfg, "lora", None, "32-true", device="cpu", **kw)
     assert est["weights_gb"] < 0.6 * plain["weights_gb"]  # the quantization is really counted
     assert est["total_gb"] == pytest.approx(meas["total_gb"], rel=TOLERANCE), (est, meas)
+
+
+def test_bf16_mixed_counts_the_frozen_matrices_at_two_bytes():
+    """-mixed stores the frozen matrices in bf16 for the run (runtime.cast_frozen_linears): the estimate's weights are
+    what the model cast that way holds (to the estimate's 1 MB rounding)."""
+    from leantune.runtime import cast_frozen_linears
+
+    cfg = Config(vocab_size=8192, block_size=64, n_layer=4, n_embd=256, n_head=4, n_query_groups=2,
+                 intermediate_size=1024)
+    model, names = build_random_model(cfg, "lora", LoRAArgs(r=4), "32-true")
+    cast_frozen_linears(model, names, torch.bfloat16)
+    rope = 2 * cfg.block_size * cfg.rope_n_elem * 4
+    stored = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()) + rope
+    mixed = estimate(cfg, "lora", LoRAArgs(r=4), precision="bf16-mixed", device="cpu")["weights_gb"]
+    fp32 = estimate(cfg, "lora", LoRAArgs(r=4), precision="32-true", device="cpu")["weights_gb"]
+    assert mixed == pytest.approx(stored / 2**30, abs=1e-3) and mixed < fp32 - 0.005

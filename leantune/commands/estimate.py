@@ -7,12 +7,14 @@ import typing
 from collections.abc import Callable
 from typing import Literal
 
+import torch
+
 from leantune.commands.flags import check_at_least
 from leantune.estimate import estimate, estimate_t5, resolve_config
 from leantune.methods import METHODS
 from leantune.models.quantize import check_mode
 from leantune.models.t5.model import T5Config
-from leantune.runtime import PRECISIONS
+from leantune.runtime import PRECISIONS, default_precision
 from leantune.train.optim import optimizer_class
 
 
@@ -26,6 +28,8 @@ def _estimate(model: str = "HuggingFaceTB/SmolLM2-135M-Instruct", method: str = 
         raise ValueError(f"--method {method!r}: choose among {', '.join(METHODS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "auto":  # what finetune's auto picks on that device (a CPU: this machine's)
+        precision = "bf16-true" if device == "cuda" else default_precision(torch.device("cpu"), training=True)
     check_at_least("micro_batch_size", micro_batch_size, 1)
     check_at_least("max_seq_length", max_seq_length, 1)
     try:
@@ -67,7 +71,7 @@ def _build() -> Callable[..., dict]:
         "Parameter counts and a memory estimate for finetuning, without loading any weights.", "", "Args:",
         "    model: A preset name (see `leantune download list`) or a checkpoint folder.",
         f"    method: One of {', '.join(METHODS)}.",
-        "    precision: 32-true, bf16-true, 16-true, bf16-mixed, 16-mixed.",
+        "    precision: 32-true, bf16-true, 16-true, bf16-mixed, 16-mixed, or auto (what finetune picks on --device).",
         "    quantize: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8 for the frozen base (default: the method's).",
         "    micro_batch_size: Samples per forward/backward pass.",
         "    max_seq_length: Tokens per sample.",
