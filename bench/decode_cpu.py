@@ -4,7 +4,7 @@ leantune's fp32 greedy tokens.
 
 Usage: python bench/decode_cpu.py [--threads 2] [--new 64] [--rounds 3] [--batch 16] [--prompts 50] [--agree_new 32]
                                   [--agree_batch 1] [--modes int8,int4] [--compiled int8,int4]
-                                  [--llama_cpp] [--pp_tokens 512]
+                                  [--llama_cpp] [--llama_flash_attn] [--pp_tokens 512]
 
 - single stream: every model generates exactly --new tokens greedily (no early stop) from the same chat-rendered
   prompt; rounds alternate over the models so machine noise hits all alike; the best round counts. tok_s is
@@ -29,7 +29,8 @@ Usage: python bench/decode_cpu.py [--threads 2] [--new 64] [--rounds 3] [--batch
   llama.cpp, on --threads threads for prompt and decode, to the same alternating rounds, the same prompt token ids
   (leantune's, passed as ids), prompt-processing and agreement tables (its greedy sampler, the same stop ids), and
   prints the ratios issue 25 names: int8 vs q8_0 and int4 vs Q4_K_M single-stream tok/s, prompt processing in the
-  same mode, each with whether leantune's agreement is at least the llama.cpp file's. Writes decode_cpu_llama.json.
+  same mode, each with whether leantune's agreement is at least the llama.cpp file's. Writes decode_cpu_llama.json
+  (decode_cpu_llama_fa.json with --llama_flash_attn).
 Prints tables and writes bench/results/decode_cpu.json (decode_cpu_llama.json with --llama_cpp).
 """
 
@@ -105,6 +106,9 @@ def main() -> None:
     ap.add_argument("--llama_cpp", action="store_true",
                     help="also time llama.cpp (llama-cpp-python, built by bench/llama_cpp_setup.sh) on leantune's "
                          "GGUF exports: f16, q8_0, and q4_0 / Q4_K_M quantized from f16")
+    ap.add_argument("--llama_flash_attn", action="store_true",
+                    help="llama.cpp with flash attention (off by default in llama-cpp-python; llama.cpp's own 'auto' "
+                         "enables it on CPU): faster prompts; writes decode_cpu_llama_fa.json")
     a = ap.parse_args()
     if a.llama_cpp:
         from llama_cpp_side import require_llama_cpp
@@ -150,7 +154,7 @@ def main() -> None:
         longest = max(len(ids) + a.new, a.pp_tokens + 1, max(len(p) for p in prompts) + a.agree_new)
         n_ctx = -(-(longest + 1) // 256) * 256
         for name, path in files.items():
-            llm = llama_cpp_side.load(path, a.threads, n_ctx, max(512, a.pp_tokens))
+            llm = llama_cpp_side.load(path, a.threads, n_ctx, max(512, a.pp_tokens), a.llama_flash_attn)
             llamas[f"llama.cpp {name}"] = llm
             runners[f"llama.cpp {name}"] = lambda n, prompt=ids, llm=llm: llama_cpp_side.greedy(llm, prompt.tolist(), n)
         print(f"llama-cpp-python {llama_cpp.__version__}; GGUF sizes: "
@@ -239,6 +243,7 @@ def main() -> None:
         import llama_cpp
 
         result["env"]["llama_cpp_python"] = llama_cpp.__version__
+        result["env"]["llama_cpp_flash_attn"] = a.llama_flash_attn
         result["env"]["llama_cpp_system_info"] = llama_cpp.llama_print_system_info().decode().strip()
         result["vs_llama_cpp"] = llama_ratios(single, agree)
         for name in llamas:
@@ -246,7 +251,8 @@ def main() -> None:
         print_table(result["vs_llama_cpp"], ["comparison", "measure", "leantune", "llama_cpp", "ratio",
                                              "agreement_at_least_llama_cpp"])
     gguf_dir.cleanup()
-    path = write_result("decode_cpu_llama" if llamas else "decode_cpu", result)
+    name = ("decode_cpu_llama_fa" if a.llama_flash_attn else "decode_cpu_llama") if llamas else "decode_cpu"
+    path = write_result(name, result)
     print(f"wrote {path}")
 
 
