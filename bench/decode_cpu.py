@@ -70,18 +70,6 @@ def long_prompt(tok, n: int) -> list[int]:
     raise ValueError(f"--pp_tokens {n}: the Demo test prompts give only {len(ids)} tokens")
 
 
-def cpu_facts() -> dict:
-    """The CPU's model name and the x86 extensions that decide which kernels run (Linux; empty elsewhere)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.split("\n\n")[0].splitlines())}
-    flags = set(field.get("flags", "").split())
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-    return {"cpu_model": field.get("model name", ""), "cpu_flags": [f for f in wanted if f in flags]}
-
-
 def agreement(ref: list[list[int]], got: list[list[int]]) -> dict:
     same = sum(a == b for a, b in zip(ref, got))
     prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) for a, b in zip(ref, got))
@@ -236,7 +224,7 @@ def main() -> None:
                         "token_agreement_to_first_divergence"])
     same_fp32 = outputs["leantune fp32"] == outputs["transformers fp32"]
     print(f"leantune fp32 single-stream tokens identical to transformers': {same_fp32}")
-    result = {"env": {**environment(), **cpu_facts()}, "prompt_tokens": len(ids), "new_tokens": a.new, "pp_tokens": a.pp_tokens,
+    result = {"env": environment(), "prompt_tokens": len(ids), "new_tokens": a.new, "pp_tokens": a.pp_tokens,
               "single_stream": single, "batched": batched, "agreement": agree, "agreement_new_tokens": a.agree_new,
               "agreement_batch": a.agree_batch, "fp32_identical_to_transformers": same_fp32}
     if llamas:
