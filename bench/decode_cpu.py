@@ -222,6 +222,8 @@ def main() -> None:
                   for name, llm in llamas.items()]
     print_table(agree, ["decoder", "identical_prompts", "prompts", "identical_share",
                         "token_agreement_to_first_divergence"])
+    print_table(summary_rows(single, agree), ["decoder", "tok_s", "rounds_tok_s", "decode_tok_s", "pp_tok_s",
+                                              "identical_prompts", "token_agreement_to_first_divergence"])
     same_fp32 = outputs["leantune fp32"] == outputs["transformers fp32"]
     print(f"leantune fp32 single-stream tokens identical to transformers': {same_fp32}")
     result = {"env": environment(), "prompt_tokens": len(ids), "new_tokens": a.new, "pp_tokens": a.pp_tokens,
@@ -266,6 +268,17 @@ def single_stream_rows(a, times: dict, firsts: dict, pp_times: dict) -> list[dic
             row["rounds_pp_tok_s"] = [round(a.pp_tokens / t, 1) for t in pp_times[name]]
         single.append(row)
     return single
+
+
+def summary_rows(single: list[dict], agree: list[dict]) -> list[dict]:
+    """One row per decoder: speed (end to end with every round, decode, prompt) next to its agreement with fp32."""
+    agreements = {r["decoder"]: r for r in agree}
+    keys = ("identical_prompts", "token_agreement_to_first_divergence")
+    return [{**{k: r[k] for k in ("decoder", "tok_s", "rounds_tok_s", "decode_tok_s") if k in r},
+             "pp_tok_s": r.get("pp_tok_s", "eager's" if r["decoder"].endswith(" compiled") else ""),
+             **({"identical_prompts": "reference"} if r["decoder"] == "leantune fp32" else
+                {k: agreements[r["decoder"]][k] for k in keys} if r["decoder"] in agreements else {})}
+            for r in single]
 
 
 LLAMA_PAIRS = [("int8", "q8_0"), ("int4", "Q4_K_M"), ("int4", "q4_0"), ("fp32", "f16")]
