@@ -96,7 +96,8 @@ def trial_run(sweep_dir: Path, trial: dict) -> Run:
     run = folder_run(folder, f"trial-{trial['number']:03d}") if folder is not None else Run(f"trial-{trial['number']:03d}", None)
     run.state = trial.get("state", "complete")
     run.error = trial.get("error")
-    run.settings = {**{k: v for k, v in (trial.get("settings") or {}).items()}, **_decoded(trial.get("params", {}))}
+    settings = dict(trial.get("settings") or {})  # the flags as the trial ran: references resolved ({2*--lora.r})
+    run.settings = {**settings, **{k: settings.get(k, v) for k, v in _decoded(trial.get("params", {})).items()}}
     for key, _, _ in RESULTS:
         if trial.get(key) is not None and key not in run.results:
             run.results[key] = trial[key]

@@ -66,6 +66,23 @@ def test_sweep_report_table_plots_and_twin(tmp_path):
         assert (tmp_path / "out" / name).read_bytes().startswith(b"\x89PNG")
 
 
+def test_a_swept_reference_shows_the_value_the_trial_ran_with(tmp_path):
+    """A choice like {2*--lora.r} is the number it resolved to in that trial, in the table and on the plot's axis."""
+    sweep = fake_sweep(tmp_path / "sweep")
+    record = json.loads((sweep / "sweep.json").read_text())
+    record["swept"].append("--lora.alpha")
+    for t in record["trials"]:
+        t["params"]["--lora.alpha"] = "{2*--lora.r}"
+        t["settings"]["--lora.alpha"] = 2 * t["settings"]["--lora.r"]
+    (sweep / "sweep.json").write_text(json.dumps(record))
+    write_report([sweep], tmp_path / "r.html")
+    rows = re.findall(r"<tr class='run'>(.*?)</tr>", (tmp_path / "r.html").read_text())
+    assert len(rows) == 4
+    for row, r in zip(rows, (2, 4, 8, 16)):
+        assert re.search(rf">{r}</td><td[^>]*>{2 * r}</td>", row), row
+    assert "2*--lora.r" not in (tmp_path / "r.md").read_text()
+
+
 def test_plain_runs_compare_what_differs(tmp_path, capsys):
     a = fake_run(tmp_path / "lora8", "lora", 8, 2.0, 500.0, sample="The answer is 7")
     b = fake_run(tmp_path / "dora8", "dora", 8, 1.9, 400.0, sample="7")
