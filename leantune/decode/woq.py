@@ -31,12 +31,16 @@ WEIGHT_ONLY_MODES = ("int8", "int4")
 INT4_GROUP = 32  # inputs per int4 scale/zero pair (torch's kernel takes 32, 64, 128 or 256)
 KERNEL_DTYPE = torch.bfloat16  # the activation dtype of the kernels' vectorised path
 DENSE_BATCH = 8
-"""From this many sequences in one call (batched decoding: serve, greedy_batch, evaluate) a layer multiplies with a
-bfloat16 copy of its dequantized weight instead (oneDNN's GEMM, fp32 accumulation; +2 bytes per weight, made once on
-the first such call): the int8/int4 kernels are matrix-vector loops whose cost grows with the rows, a dense GEMM's
-barely does. One sequence (generate, chat) never makes the copy. On CPU the copy is stored in oneDNN's blocked layout
-(prepacked once): `F.linear` would reorder a plain weight on every call, which made the 16-row GEMMs of a decode step
-about 1.4x slower."""
+"""From this many rows in one call (a prompt's positions, or batched decoding's sequences: serve, greedy_batch,
+evaluate) a layer multiplies with a bfloat16 dense copy instead (oneDNN's GEMM, fp32 accumulation): the int8/int4
+kernels are matrix-vector loops whose cost grows with the rows (on the default model a prompt cost about what the
+fp32 GEMMs do, ~1.5 ms a row), a dense GEMM's barely does. The copy costs +2 bytes per weight, made once on the first
+such call and kept: dequantizing per call instead would cost a pass over every weight per prompt, as much as the
+GEMMs of a short prompt. An int8 copy holds the codes themselves (exact in bfloat16), the per-row scales applied to
+the fp32-accumulated product, so it multiplies with exactly the weights the kernel uses; an int4 copy holds the
+dequantized weights rounded to bfloat16. One-token decode steps of one sequence never read it. On CPU the copy is
+stored in oneDNN's blocked layout (prepacked once): `F.linear` would reorder a plain weight on every call, which made
+the 16-row GEMMs of a decode step about 1.4x slower."""
 
 
 @dataclass
@@ -48,8 +52,9 @@ class WeightOnly:
     scales: torch.Tensor  # int8: (out,) per-row scales; int4: (in / group, out, 2) scales and zeros
     compute_dtype: torch.dtype  # the model's float dtype: outputs, biases and adapters on top use it
     group_size: int = 0  # int4 only
-    dense: torch.Tensor | None = None  # (out, in) KERNEL_DTYPE copy for batched decoding, made on first use
+    dense: torch.Tensor | None = None  # (out, in) KERNEL_DTYPE copy for calls of many rows, made on first use
     screen: tuple[torch.Tensor, torch.Tensor] | None = None  # an int8 head's int4 copy (packed codes, scales_zeros)
+    exact_rows: torch.Tensor | None = None  # (out, in) float rows that score screened candidates: a tied embedding
 
 
 class WeightOnlyParameter(nn.Parameter):
@@ -131,10 +136,8 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     lead = x.shape[:-1]
     if x.device.type == "cpu":
         x2 = x.reshape(-1, K).to(KERNEL_DTYPE)  # (M, in): the kernels take 2-D bfloat16 and accumulate in fp32
-        if x.dim() >= 2 and x.shape[0] >= DENSE_BATCH:  # (sequences, in) at a head, (sequences, T, in) in a block
-            if st.dense is None:
-                st.dense = prepack(dense_weight(weight))
-            y = dense_linear(x2, st.dense)
+        if x2.shape[0] >= DENSE_BATCH:  # a prompt's positions or many sequences: the dense GEMM
+            y = dense_product(x2, weight)
         elif st.mode == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, weight, st.scales)
         else:
@@ -145,39 +148,61 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return y if bias is None else y + bias.to(y.dtype)
 
 
+def dense_product(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x2 (M, in) KERNEL_DTYPE -> x2 W^T (M, out) through the layer's dense copy (made here on first use)."""
+    st: WeightOnly = weight.weight_only
+    if st.dense is None:
+        st.dense = prepack(dense_weight(weight))
+    y = dense_linear(x2, st.dense)  # (M, out)
+    return y.float() * st.scales.float() if st.mode == "int8" else y  # int8: the codes' product times row scales
+
+
 SCREEN_CANDIDATES = 64
 """Tokens an LM head's int4 copy keeps for `screened_argmax` to score exactly. On the default model, over ~2000
 positions of Demo prompts, the int8 head's argmax was among them every time (the differences from the full int8
 head's argmax were all ties of its bfloat16-rounded logits)."""
 
 
-def add_screen(weight: torch.Tensor) -> None:
+def add_screen(weight: torch.Tensor, exact_rows: torch.Tensor | None = None) -> None:
     """Give an int8 LM-head weight on CPU an int4 copy for greedy picks (`screened_argmax`), when the int4 kernel
     takes its shape: the copy reads half the bytes of the int8 head, which is a quarter of a small model's bytes per
-    token. Off CPU the weight is dequantized per call, and `quantize.greedy_tokens` never screens: no copy."""
+    token. Off CPU the weight is dequantized per call, and `quantize.greedy_tokens` never screens: no copy.
+
+    `exact_rows` (out, in): the float table the head was quantized from when the model keeps it anyway (a tied input
+    embedding). The candidates are then scored from it, so a greedy pick is the float head's own: on the default model
+    the int8 head alone took greedy agreement with fp32 from 100% of 50 Demo prompts to 80%."""
     st: WeightOnly = weight.weight_only
     N, K = st.shape
     if weight.device.type != "cpu" or st.mode != "int8" or not kernel_fits("int4", N, K) or N <= SCREEN_CANDIDATES:
         return
-    w = weight.data.float() * st.scales.float()[:, None]  # (out, in): screen what the exact scores use
+    if exact_rows is not None:
+        w = exact_rows.detach().float()  # (out, in): screen what the exact scores use
+    else:
+        w = weight.data.float() * st.scales.float()[:, None]
     q, scales = int4_quantize(w)
     st.screen = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales
+    st.exact_rows = exact_rows
 
 
 def screened_argmax(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (B, in) -> argmax over the int8 head's logits x W^T + b (B,), computed in fp32, reading ~1/3 of its bytes.
+    """x (B, in) -> argmax over the head's logits x W^T + b (B,), computed in fp32, reading ~1/3 of its bytes.
 
-    The head's int4 copy (`add_screen`) ranks every token; the SCREEN_CANDIDATES best are scored exactly from their
-    int8 rows (rows * scales in fp32, x in fp32) and the best of those wins. The full head's kernel rounds its logits
-    to bfloat16, where near-equal logits tie; these scores do not."""
+    The head's int4 copy (`add_screen`) ranks every token; the SCREEN_CANDIDATES best are scored exactly, in fp32,
+    from their float rows where the head has them (`exact_rows`, a tied embedding) or else from their int8 rows
+    (codes * scales), and the best of those wins. The full head's kernel rounds its logits to bfloat16, where
+    near-equal logits tie; these scores do not."""
     st: WeightOnly = weight.weight_only
     packed, scales_zeros = st.screen
     coarse = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), packed, INT4_GROUP, scales_zeros)  # (B, V)
     if bias is not None:
         coarse = coarse + bias.to(coarse.dtype)
     candidates = coarse.topk(SCREEN_CANDIDATES, dim=-1).indices  # (B, k)
-    rows = weight[candidates].float()  # (B, k, in): the int8 codes of the candidates
-    exact = torch.bmm(rows, x.float()[:, :, None]).squeeze(-1) * st.scales[candidates].float()  # (B, k)
+    if st.exact_rows is not None:
+        rows = st.exact_rows[candidates].float()  # (B, k, in): the candidates' float rows
+        exact = torch.bmm(rows, x.float()[:, :, None]).squeeze(-1)  # (B, k)
+    else:
+        rows = weight[candidates].float()  # (B, k, in): the int8 codes of the candidates
+        exact = torch.bmm(rows, x.float()[:, :, None]).squeeze(-1) * st.scales[candidates].float()  # (B, k)
     if bias is not None:
         exact = exact + bias.float()[candidates]
     return candidates.gather(-1, exact.argmax(-1, keepdim=True)).squeeze(-1)
@@ -198,10 +223,12 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def dense_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The (out, in) weight rounded to KERNEL_DTYPE (int4: read back through the kernel, one exact term per entry)."""
+    """The (out, in) KERNEL_DTYPE matrix `dense_product` multiplies with: int8 codes as they are (exact, the scales
+    come after the product); int4 weights rounded to KERNEL_DTYPE (read back through the kernel, one exact term
+    per entry)."""
     st: WeightOnly = weight.weight_only
     if st.mode == "int8":
-        return (weight.data.float() * st.scales.float()[:, None]).to(KERNEL_DTYPE)
+        return weight.data.to(KERNEL_DTYPE)
     N, K = st.shape
     eye = torch.eye(K, dtype=KERNEL_DTYPE, device=weight.device)
     rows = [torch.ops.aten._weight_int4pack_mm_for_cpu(eye[i:i + 256], weight, st.group_size, st.scales)

@@ -239,12 +239,16 @@ def quantize_for_inference(model: nn.Module, mode: str) -> nn.Module:
     the head gets its own quantized copy, in int8 under int4 too (as llama.cpp keeps its output matrix at higher
     precision: on the default model an int4 head took greedy agreement with fp32 from ~66% of prompts to ~19%, for
     ~10% more speed). The int8 head also keeps an int4 copy that only screens greedy picks (`greedy_tokens`), whose
-    winner is then scored from the int8 rows, so greedy decoding gets most of that speed without the loss. Layers
+    winner is then scored from the int8 rows, or from the float rows of a tied input embedding, which the model keeps
+    anyway (greedy picks are then the float head's: no extra memory). Layers
     whose shape the kernels refuse stay float, counted in one warning.
     """
     if mode not in WEIGHT_ONLY_MODES:
         raise ValueError(f"--quantize {mode!r} is not one of {', '.join(WEIGHT_ONLY_MODES)}")
     kept: list[str] = []
+    head = model.get_submodule("lm_head")
+    tied = next((p for n, p in model.named_parameters(remove_duplicate=False)
+                 if n != "lm_head.weight" and p is head.weight), None)  # a tied input embedding's table
     for name in [*quantized_module_names(model), "lm_head"]:
         layer = model.get_submodule(name)
         if type(layer) is not nn.Linear:
@@ -259,7 +263,7 @@ def quantize_for_inference(model: nn.Module, mode: str) -> nn.Module:
             bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
             weight = quantize_weight_only(layer.weight.detach(), layer_mode, layer.weight.dtype)
             if head:
-                add_screen(weight)
+                add_screen(weight, exact_rows=tied)
             return QuantLinear(layer.in_features, layer.out_features, weight, bias)
         _swap(model, name, make)
     if kept:
