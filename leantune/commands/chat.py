@@ -127,7 +127,7 @@ def chat(
             threads sleep instead of spinning while they wait, so other work cannot stall every op; the choice
             is printed).
         compile: Compile the one-token decode step (see `leantune generate --help`): faster answers after a first
-            compile of about a minute on 2 CPU cores (12-20 s later, from inductor's cache). Unset (the default):
+            compile of about a minute on 2 CPU cores (7-20 s later, from inductor's cache). Unset (the default):
             only when --max_new_tokens is at least 1024; true always, false never.
     """
     sampling = Sampling(temperature, top_k, top_p)

@@ -62,8 +62,8 @@ def generate(
         num_beams: Beam search with this many beams (encoder-decoder models such as T5; 1: greedy or sampling).
         length_penalty: Beam search ranks finished outputs by log-probability / length ** length_penalty.
         compile: Compile the one-token decode step with torch.compile (inductor, needs a C++ compiler on CPU): one
-            fused graph instead of ~20 small ops per layer, 1.7-2x faster decoding with --quantize int4/int8 on the
-            default model. The first compile takes about a minute on 2 CPU cores, later ones 12-20 s from inductor's
+            fused graph instead of ~20 small ops per layer, 1.1-2x faster decoding with --quantize int4/int8 on the
+            default model. The first compile takes about a minute on 2 CPU cores, later ones 7-20 s from inductor's
             cache (kept in ~/.cache/leantune/inductor, or TORCHINDUCTOR_CACHE_DIR). Unset (the default): compile
             only when the token budget (--max_new_tokens, within the context) is at least 1024, where the compile
             time is won back; true always, false never. Compile time is reported apart from tokens/s. Tokens can
@@ -98,7 +98,7 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(seed)
     compile = wants_compile(compile, min(max_new_tokens, model.max_tokens - len(ids)))
     if compile:  # compile before the timed run, for the same cache length, so tokens/s is the decoding rate
-        print("[compiling the decode step: about a minute the first time, 12-20 s once inductor has cached it]",
+        print("[compiling the decode step: about a minute the first time, 7-20 s once inductor has cached it]",
               file=sys.stderr)
         t0 = time.perf_counter()
         warm = generate_tokens(model, ids, max_new_tokens, sampling, generator=torch.Generator(device=device),

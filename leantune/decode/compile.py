@@ -113,9 +113,11 @@ def _compiled(step):
 
 COMPILE_MIN_TOKENS = 1024
 """Unset --compile compiles the decode step only for answers allowed at least this many tokens. Even from inductor's
-cache the compile takes 12-20 s on 2 CPU cores (the graph is traced again in each process), and it saves ~14 ms a
-token with --quantize int8/int4 on the default model (eager 28/36 tokens/s, compiled 47/70), so it is won back after
-roughly a thousand tokens; a first, uncached compile (about a minute) needs several thousand."""
+cache the compile takes 7-20 s on 2 CPU cores (the graph is traced again in each process), and it saves 4-15 ms a
+token with --quantize int8/int4 on the default model (bench/results/compile_cpu_int8.json on a loaded 2-core VM:
+int8 eager 30.1/27.7 tokens/s, compiled 38.0/31.3 after a 7.9/7.4 s cached compile; decode_cpu.json, quieter: int8
+28 -> 47, int4 36 -> 70), so it is won back after roughly 1000-1800 tokens; a first, uncached compile (about a
+minute) needs several thousand."""
 
 
 def wants_compile(requested: bool | None, max_new_tokens: int) -> bool:
