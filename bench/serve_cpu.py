@@ -1,14 +1,19 @@
 """`leantune serve` under load on CPU: the default model with two LoRA adapters, through HTTP and the real `openai`
-client on loopback (the server is a `leantune serve` process), one client at a time vs --concurrency clients at once (continuous batching).
+client on loopback (the server is a `leantune serve` process), against the compiled single stream.
 
 Usage: python bench/serve_cpu.py [--threads 2] [--requests 64] [--concurrency 16] [--max_batch 16] [--new 32]
-                                 [--quantize MODE] [--rounds 1]
+                                 [--quantize MODE] [--precision P] [--rounds 2]
 
 Requests cycle over the base and the two adapters (q/v LoRA r=8 with random non-zero B, one leantune and one PEFT
-folder), each a different prompt, greedy, exactly --new tokens unless EOS comes first. Reports p50/p95 latency per
-request and aggregate completion tokens/s for the sequential and the concurrent run, and their ratio; every answer
-is checked against the sequential run's answer for the same request (nothing crossed). Prints a table and writes
-bench/results/serve_cpu.json. Only 127.0.0.1 is used; the run stops by itself.
+folder), each a different prompt, greedy, exactly --new tokens unless EOS comes first. Each round runs, one after
+the other: the compiled single stream (`generate --compile true`'s decode loop in this process, same precision and
+--quantize as the server, the first --sequential prompts one at a time on the base, prompt included; compiled in a
+warm-up run of the same prompts that is not timed), the server with one client at a time (--sequential requests), and the server with
+--concurrency clients at once (--requests requests, continuous batching). Reports every round's tokens/s, p50/p95
+latency per request, and the ratios the issue names: concurrent aggregate / compiled single stream, and concurrent /
+sequential through the server. Every answer is checked against the sequential run's answer for the same request
+(nothing crossed). Prints a table and writes bench/results/serve_cpu.json. Only 127.0.0.1 is used; the run stops by
+itself.
 """
 
 from __future__ import annotations
@@ -72,6 +77,38 @@ def run(client, jobs: list[tuple[str, str]], new: int, concurrency: int) -> dict
             "tokens_per_s": round(tokens / wall, 1), "p50_ms": round(q[49] * 1000), "p95_ms": round(q[94] * 1000)}
 
 
+class compiled_single_stream:
+    """`generate --compile true`'s loop in this process on the base (same precision and --quantize as the server):
+    one request at a time, chat-rendered prompt included, exactly what one client of the server asks for."""
+
+    def __init__(self, a) -> None:
+        from leantune.decode.generate import encode_prompt
+        from leantune.inference import load_for_inference
+
+        self.model, self.tokenizer, self.precision, _ = load_for_inference(a.checkpoint_dir, a.precision, None,
+                                                                           a.quantize)
+        self.new, self.encode = a.new, lambda text: torch.tensor(encode_prompt(self.tokenizer, text))
+        self.compile_s = None  # the untimed warm-up run, compiling included
+
+    def _one(self, prompt: str) -> int:
+        from leantune.decode.generate import generate_tokens
+
+        return len(list(generate_tokens(self.model, self.encode(prompt), self.new, stop_ids=self.tokenizer.eos_ids,
+                                        compiled=True)))
+
+    def run(self, jobs: list[tuple[str, str]]) -> dict:
+        lat, tokens = [], 0
+        t0 = time.perf_counter()
+        for _, prompt in jobs:
+            t = time.perf_counter()
+            tokens += self._one(prompt)
+            lat.append(time.perf_counter() - t)
+        wall = time.perf_counter() - t0
+        q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [lat[0]] * 99
+        return {"tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1),
+                "p50_ms": round(q[49] * 1000), "p95_ms": round(q[94] * 1000)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint_dir", type=Path, default=DEFAULT_CHECKPOINT)
@@ -83,6 +120,8 @@ def main() -> None:
     ap.add_argument("--quantize", default=None)
     ap.add_argument("--sequential", type=int, default=16, help="requests in the one-at-a-time run")
     ap.add_argument("--prefix_cache", default="true", help="serve --prefix_cache")
+    ap.add_argument("--precision", default=None, help="serve/generate --precision (default: theirs)")
+    ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     import httpx
@@ -102,7 +141,10 @@ def main() -> None:
                "--port", str(port), "--threads", str(a.threads), "--max_batch_size", str(a.max_batch),
                "--max_queue", str(a.requests), "--max_new_tokens", str(a.new), "--log_level", "warning",
                "--prefix_cache", a.prefix_cache]
-        server = subprocess.Popen(cmd + (["--quantize", a.quantize] if a.quantize else []))
+        cmd += ["--quantize", a.quantize] if a.quantize else []
+        cmd += ["--precision", a.precision] if a.precision else []
+        server = subprocess.Popen(cmd)
+        single = compiled_single_stream(a)
         try:
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 300
@@ -120,24 +162,37 @@ def main() -> None:
             jobs = [(models[i % 3], f"Request {i}: write two sentences about {TOPICS[i % len(TOPICS)]}.")
                     for i in range(a.requests)]
             run(client, jobs[:2], 4, 1)  # warm-up
-            seq = run(client, jobs[: a.sequential], a.new, 1)
-            conc = run(client, jobs, a.new, a.concurrency)
+            t0 = time.perf_counter()
+            single.run(jobs[: a.sequential])  # warm-up: compiles, and again for any prompt length that needs it
+            single.compile_s = round(time.perf_counter() - t0, 1)
+            rows, rounds, crossed = [], [], set()
+            for r in range(a.rounds):  # alternating, so machine noise hits every run alike
+                one = single.run(jobs[: a.sequential])
+                seq = run(client, jobs[: a.sequential], a.new, 1)
+                conc = run(client, jobs, a.new, a.concurrency)
+                crossed |= {i for i, (x, y) in enumerate(zip(seq["texts"], conc["texts"])) if x != y}
+                rows += [{"round": r, "run": "compiled single stream (in process)", "requests": a.sequential, **one},
+                         {"round": r, "run": "server, 1 client", "requests": a.sequential,
+                          **{k: v for k, v in seq.items() if k != "texts"}},
+                         {"round": r, "run": f"server, {a.concurrency} concurrent clients", "requests": a.requests,
+                          **{k: v for k, v in conc.items() if k != "texts"}}]
+                rounds.append({"round": r, "vs_compiled": round(conc["tokens_per_s"] / one["tokens_per_s"], 2),
+                               "vs_sequential": round(conc["tokens_per_s"] / seq["tokens_per_s"], 2)})
             health = httpx.get(url + "/health").json()
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=120)
-    crossed = [i for i, (x, y) in enumerate(zip(seq["texts"], conc["texts"])) if x != y]
-    rows = [{"run": "sequential (1 client)", "requests": a.sequential, **{k: v for k, v in seq.items() if k != "texts"}},
-            {"run": f"{a.concurrency} concurrent clients", "requests": a.requests,
-             **{k: v for k, v in conc.items() if k != "texts"}}]
-    ratio = round(conc["tokens_per_s"] / seq["tokens_per_s"], 2)
-    print_table(rows, ["run", "requests", "tokens", "wall_s", "tokens_per_s", "p50_ms", "p95_ms"])
-    print(f"aggregate / single-stream tokens/s: {ratio}x; answers differing from the sequential run: {len(crossed)}"
-          f" of {a.sequential}; {a.quantize or 'no --quantize'}, {a.threads} threads, "
+    print_table(rows, ["round", "run", "requests", "tokens", "wall_s", "tokens_per_s", "p50_ms", "p95_ms"])
+    for x in rounds:
+        print(f"round {x['round']}: {a.concurrency} concurrent / compiled single stream: {x['vs_compiled']}x; "
+              f"/ server with 1 client: {x['vs_sequential']}x")
+    print(f"answers differing from the sequential run: {len(crossed)} of {a.sequential}; "
+          f"{a.quantize or 'no --quantize'}, precision {single.precision}, torch.set_num_threads({a.threads}), "
           f"{a.max_batch} rows; prompt tokens {health['prompt_tokens']}, {health['prompt_tokens_reused']} of them "
-          "reused from rows holding the same start")
+          f"reused from rows holding the same start; warm-up run with compiling {single.compile_s} s (not timed)")
     result = {"environment": environment(), "args": vars(a) | {"checkpoint_dir": str(a.checkpoint_dir)},
-              "rows": rows, "ratio": ratio, "crossed": crossed,
+              "precision": single.precision, "rows": rows, "rounds": rounds, "crossed": sorted(crossed),
+              "compile_s": single.compile_s,
               "prompt_tokens": health["prompt_tokens"], "prompt_tokens_reused": health["prompt_tokens_reused"]}
     print(write_result("serve_cpu", result))
 

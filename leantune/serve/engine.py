@@ -74,8 +74,10 @@ def check_adapter_name(name: str) -> str:
 
 
 PREFILL_CHUNK = 128
-"""Prompt tokens prefilled per engine turn (all admitted requests together): the running rows wait at most about
-one such chunk's forward for their next token, and a chunk this long still runs as a GEMM of many rows."""
+"""Prompt tokens prefilled per engine turn (all admitted requests together). Measured on the default model (fp32, 2
+threads, a 512-token prompt, 2 alternating rounds): 2.4-3.0 ms a token at 128 against 2.2-3.1 for the whole prompt
+at once and 3.2-3.4 at 64, 4.2-4.5 at 32; a 128-token chunk took 240-350 ms, about two 16-row decode steps, which is
+how long a running row waits for its next token while a long prompt is read."""
 
 
 class QueueFull(Exception):
