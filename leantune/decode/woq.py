@@ -4,12 +4,22 @@ bytes than fp32, which is what single-stream decoding on a CPU waits for.
 - int8: symmetric per output channel, w ~ q * s with q in [-127, 127] and one scale per row.
 - int4: asymmetric in groups of `INT4_GROUP` inputs, w ~ (q - 8) * s + z with q in [0, 15] (torch's int4 layout).
 
-The products run in torch's CPU kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`): the
-activation goes in as bfloat16 (their vectorised path; an fp32 input takes a scalar loop ~10x slower), each dot
-product is accumulated in fp32 and the output comes back in the model's dtype, so norms, attention, the residual
-stream and the KV cache stay in fp32 under `--precision 32-true`. Off CPU the weight is dequantized per call (correct,
-not fast). Weights are quantized once after loading and never trained: `finetune` refuses these modes (its quantized
-bases are bitsandbytes' `bnb.*`).
+One-token steps of fewer than `DENSE_BATCH` sequences run torch's CPU kernels (`aten._weight_int8pack_mm`,
+`aten._weight_int4pack_mm_for_cpu`): the activation goes in as bfloat16 (their vectorised path; an fp32 input takes a
+scalar loop 60-80x slower on a 1536x576 layer, and a hi + lo bfloat16 split of it costs a second pass), each dot product is accumulated
+in fp32 and the output comes back in the model's dtype, so norms, attention, the residual stream and the KV cache
+stay in fp32 under `--precision 32-true`. Calls of `DENSE_BATCH` rows or more (a prompt's positions, batched
+decoding) multiply with a prepacked bfloat16 copy of the layer instead (oneDNN's GEMM). Off CPU the weight is
+dequantized per call (correct, not fast).
+
+Where greedy agreement with fp32 goes (default model, 50 Demo prompts x 32 tokens, identical continuations): the
+bfloat16 activation rounding costs about nothing (int8 through the kernels 30/50, the same dequantized weights in
+fp32 32/50, hi + lo split 29/50); the int8 weights do: the blocks alone 36/50, the LM head alone 40/50 (per-group int8
+scales in groups of 32 would give the blocks 38/50). So the head's greedy picks are scored from the float embedding
+table when the model ties it (`add_screen`): int8 36/50 (from 30/50), int4 34/50 (bench/decode_cpu.py).
+
+Weights are quantized once after loading and never trained: `finetune` refuses these modes (its quantized bases are
+bitsandbytes' `bnb.*`).
 
 The block linears and the LM head are quantized (the head is a quarter of a small model's bytes; it stays int8 under
 int4, see `quantize.quantize_for_inference`); a tied input embedding keeps its float table (a lookup reads one row per token), so the head gets its own quantized copy. A layer
