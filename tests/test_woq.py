@@ -336,7 +336,7 @@ def test_default_model_still_answers_with_int8(default_checkpoint):
 @pytest.mark.parametrize("method", [m for m in EVERY_METHOD if m != "full"])
 def test_every_adapter_method_applies_on_top_of_an_int8_base(method):
     """Each PEFT method, unmerged on the int8 base, computes what it computes on the dequantized float base."""
-    model = tiny()
+    model = tiny(std=0.2)  # std 0.5 amplifies the bf16 rounding of 22-row (dense copy) products unevenly
     q = quantize_for_inference(copy.deepcopy(model), "int8")
     ref = dequantize_model(copy.deepcopy(q))
     x = torch.randint(0, V, (2, 11), generator=torch.Generator().manual_seed(6))
