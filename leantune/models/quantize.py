@@ -193,9 +193,9 @@ class QuantLinear(nn.Module):
 
 def greedy_tokens(head: nn.Module, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, in) -> the argmax of head(x) (B,). A weight-only head on CPU with few rows takes `woq.screened_argmax`
-    (its int4 copy screens, int8 rows decide: ~1.2 ms instead of ~3.4 ms of a compiled int4 token on the default
-    model); any other head (float, bitsandbytes, or wrapped by an adapter) takes the argmax of its logits, `logits`
-    (head(x), when the caller has them already) or computed here."""
+    (its int4 copy screens, the tied float table or the int8 rows decide: ~1.2 ms instead of ~3.4 ms of a compiled
+    int4 token on the default model); any other head (float, bitsandbytes, or wrapped by an adapter) takes the argmax
+    of its logits, `logits` (head(x), when the caller has them already) or computed here."""
     st = getattr(head.weight, "weight_only", None) if type(head) is QuantLinear else None
     if st is not None and st.screen is not None and x.device.type == "cpu" and x.shape[0] < DENSE_BATCH:
         return screened_argmax(x, head.weight, head.bias)
