@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from leantune.checkpoint.io import disk_full_names, write_json
+from leantune.cpu_threads import apply_threads
 from leantune.data import DataModule, Demo, PreferenceDataModule
 from leantune.download import DEFAULT_CHECKPOINT, ensure_checkpoint
 from leantune.evaluation.evaluate import cut_at_stop, encode_prompts, task_eval
@@ -196,8 +197,7 @@ def run_finetune(run: RunSpec, parallel: Parallel) -> dict:
     check_fsdp_args(parallel, run.fsdp, precision, run.optimizer.name)
     # first: a bad or taken --out_dir fails before any loading (rank 0 checks and locks it; its error stops all)
     parallel.on_main(lambda: prepare_run_dir(run.out_dir, resume, run.overwrite))
-    if run.threads:
-        torch.set_num_threads(run.threads)
+    threads = apply_threads(run.threads)  # --threads, else one per usable CPU (leantune.cpu_threads)
     torch.manual_seed(train.seed)
     checkpoint_dir = parallel.on_main(lambda: ensure_checkpoint(run.checkpoint_dir))  # one import, not N racing
     check_model_kind(checkpoint_dir, run.method.name, run.quantize, train, parallel.world_size)
@@ -207,7 +207,7 @@ def run_finetune(run: RunSpec, parallel: Parallel) -> dict:
     requested, precision = precision, run_precision(precision, device, run.out_dir, resume)
     if parallel.is_main:
         print(f"finetune {run.method.name}: {checkpoint_dir.name}, {device.type}, "
-              f"precision {describe_precision(requested, precision, device)}, {torch.get_num_threads()} threads")
+              f"precision {describe_precision(requested, precision, device)}, threads {threads.describe()}")
     tokenizer = Tokenizer(checkpoint_dir)
     # several ranks: every rank plans the same global batches of micro x ranks rows and trains on its share
     data.connect(tokenizer, prompt_style=run.prompt_style, max_seq_length=train.max_seq_length,
