@@ -97,13 +97,20 @@ def trial_run(sweep_dir: Path, trial: dict) -> Run:
     run.state = trial.get("state", "complete")
     run.error = trial.get("error")
     settings = dict(trial.get("settings") or {})  # the flags as the trial ran: references resolved ({2*--lora.r})
-    run.settings = {**settings, **{k: settings.get(k, v) for k, v in _decoded(trial.get("params", {})).items()}}
+    run.settings = {**settings, **{k: _group_text(v) if isinstance(v, dict) else settings.get(k, v)
+                                   for k, v in _decoded(trial.get("params", {})).items()}}
     for key, _, _ in RESULTS:
         if trial.get(key) is not None and key not in run.results:
             run.results[key] = trial[key]
     if trial.get("value") is not None:
         run.results["objective"] = trial["value"]
     return run
+
+
+def _group_text(group: dict) -> str:
+    """A swept group of flags as one short label: {"--lora.targets": ["query", "value"]} -> lora.targets=query,value."""
+    return " ".join(f"{str(k).removeprefix('--')}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                    for k, v in group.items())
 
 
 def _decoded(params: dict) -> dict:

@@ -81,6 +81,14 @@ def test_a_swept_reference_shows_the_value_the_trial_ran_with(tmp_path):
     for row, r in zip(rows, (2, 4, 8, 16)):
         assert re.search(rf">{r}</td><td[^>]*>{2 * r}</td>", row), row
     assert "2*--lora.r" not in (tmp_path / "r.md").read_text()
+    group = json.dumps({"--lora.targets": ["query", "value"]})  # a group of flags: one label, not its JSON
+    record["swept"].append("layers")
+    for t in record["trials"]:
+        t["params"]["layers"] = group
+    (sweep / "sweep.json").write_text(json.dumps(record))
+    write_report([sweep], tmp_path / "g.html")
+    rows = re.findall(r"<tr class='run'>(.*?)</tr>", (tmp_path / "g.html").read_text())
+    assert all(">lora.targets=query,value</td>" in row for row in rows), rows[0]
 
 
 def test_plain_runs_compare_what_differs(tmp_path, capsys):
