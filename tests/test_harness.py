@@ -410,7 +410,9 @@ def test_evaluate_tasks_on_an_int8_weight_only_base(tiny_checkpoint):
     pairs = [lm._encode_pair(*r.args) for r in reqs]
     shared = score_continuations(model, pairs, lm.max_length, batch_size=4)
     plain = score_continuations(model, pairs, lm.max_length, batch_size=4, plain=True)
-    _assert_same_scores(shared, plain)
+    # the two paths send calls of different row counts: one may take the int8 kernels, the other the dense bf16 copy
+    # of the same codes (leantune.decode.woq, 8+ rows), which round differently (measured 1.4e-3 absolute)
+    _assert_same_scores(shared, plain, tol=5e-3)
     fp32 = harness_lm(*load_for_inference(tiny_checkpoint, "32-true")[:2], batch_size=4)
     assert [x for x, _ in lm.loglikelihood(reqs)] == pytest.approx([x for x, _ in fp32.loglikelihood(reqs)], abs=0.05)
 
