@@ -16,7 +16,7 @@ from leantune.download import DEFAULT_CHECKPOINT
 from leantune.inference import load_for_inference
 from leantune.models.kinds import SERVE, kind_of_folder
 from leantune.serve.app import ServeSettings, create_app
-from leantune.serve.engine import Engine, check_adapter_name
+from leantune.serve.engine import PREFILL_CHUNK, Engine, check_adapter_name
 from leantune.serve.seq2seq_engine import Seq2SeqEngine
 
 API_KEY_ENV = "LEANTUNE_API_KEY"
@@ -63,6 +63,7 @@ def serve(
     max_body_mb: float = 4.0,
     allowed_hosts: list[str] | None = None,
     prefix_cache: bool = True,
+    prefill_chunk: int = PREFILL_CHUNK,
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
 ) -> None:
     """Serve the base and its adapters over OpenAI's HTTP API (chat/completions, completions, models; SSE streaming).
@@ -110,12 +111,16 @@ def serve(
             '[myserver.lan]'; "*" accepts any (behind a proxy that checks it).
         prefix_cache: Reuse the keys and values of a prompt's start that a row already holds for the same
             adapter (the chat template's system message, a shared few-shot preamble) instead of prefilling it again.
+        prefill_chunk: Most prompt tokens read per engine turn (chunked prefill, decoder models): between two chunks
+            every running row gets its next token, so a long prompt does not stall the others. Smaller chunks wait
+            less and read prompts slower (default 128: about two 16-row decode steps on the default model).
         log_level: uvicorn's log level (critical, error, warning, info, debug).
     """
     import uvicorn  # the server stack loads only for this command (so does FastAPI, in create_app)
 
     check_at_least("max_batch_size", max_batch_size, 1)
     check_at_least("max_queue", max_queue, 1)
+    check_at_least("prefill_chunk", prefill_chunk, 1)
     check_at_least("max_new_tokens", max_new_tokens, 1)
     check_at_least("max_seq_length", max_seq_length, 2, allow_none=True)
     check_at_least("port", port, 0)
@@ -145,7 +150,8 @@ def serve(
         raise ValueError(f"--adapter {name}: that is the base model's name; pick another (or set --model_name)")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
     engine = engine_class(model, tokenizer, checkpoint_dir, name, max_batch=max_batch_size, max_queue=max_queue,
-                          max_seq_length=max_seq_length, prefix_cache=prefix_cache)
+                          max_seq_length=max_seq_length, prefix_cache=prefix_cache,
+                          **({} if kind.seq2seq else {"prefill_chunk": prefill_chunk}))  # T5 reads its prompt whole
     try:
         for n, folder in adapters.items():
             engine.add_adapter(n, folder)  # the engine logs one line for each

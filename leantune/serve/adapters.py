@@ -14,7 +14,7 @@ the adapter's tensors plus a clone of the small ones (norms, biases, which some 
   forward of their own each step.
 
 Per-row update, design choice: rows are split into segments by adapter and each segment computes
-`(x_rows A^T) U^T` with two small matmuls and adds it in place (`index_add_`), the exact arithmetic of a single
+`(x_rows A^T) U^T` with two small matmuls and adds it in place (a gather, add and `index_copy_` of its rows), the exact arithmetic of a single
 `LoRALinear`, so a served adapter gives the same greedy text as `generate --adapter`. With many distinct adapters in
 one batch (>= `BMM_MIN`), the per-segment calls would dominate, so the layer switches to one gathered `bmm` over
 stacked, rank-padded factors (punica/S-LoRA style), one launch whatever the mix.
@@ -108,7 +108,10 @@ class MultiLoRALinear(nn.Module):
             if r is None:
                 y = y + F.linear(F.linear(x, a.to(x.dtype)), u.to(x.dtype))
             else:
-                y.index_add_(0, r, F.linear(F.linear(x.index_select(0, r), a.to(x.dtype)), u.to(x.dtype)))
+                d = F.linear(F.linear(x.index_select(0, r), a.to(x.dtype)), u.to(x.dtype))
+                # y[r] += d as a gather, add and copy: r's rows are distinct, so the same single add per element as
+                # index_add_, whose CPU kernel (a scatter-add) cost ~15% of a 16-row decode step
+                y.index_copy_(0, r, y.index_select(0, r) + d)
         return y
 
     def _gathered(self, x: torch.Tensor) -> torch.Tensor:
