@@ -258,9 +258,9 @@ def plots(c: Comparison) -> list[tuple[str, bytes]]:
     done = [r for r in c.runs if _number(r.results.get(key))]
     for param in c.swept:
         pts = [(fmt(r.settings.get(param)), float(r.results[key])) for r in done if param in r.settings]
-        if len(pts) < 2:
-            continue
         labels = list(dict.fromkeys(p for p, _ in pts))
+        if len(labels) < 2:  # a parameter every run shares (e.g. a one-value seed list) says nothing
+            continue
         numeric = all(_is_float(p) for p in labels)
         fig, ax = plt.subplots(figsize=(5, 3.4))
         if numeric:

@@ -128,3 +128,16 @@ def test_heldout_answers_side_by_side(tmp_path, tiny_checkpoint):
     assert grid.count("<tr>") == 1 + 3 and grid.count("<th>lora-r") == 2
     md = (tmp_path / "r.md").read_text()
     assert md.split("## Answers to held-out prompts")[1].count("\n| ") == 1 + 3
+
+
+def test_a_parameter_every_trial_shares_gets_no_plot(tmp_path):
+    """methods.yaml sweeps `method` with `--train.seed: [42]`: objective vs method is plotted, vs the seed is not."""
+    sweep = fake_sweep(tmp_path / "sweep")
+    data = json.loads((sweep / "sweep.json").read_text())
+    for t in data["trials"]:
+        t["settings"]["--train.seed"] = 42
+    data["swept"] = ["--lora.r", "--train.seed"]
+    (sweep / "sweep.json").write_text(json.dumps(data))
+    write_report([sweep], tmp_path / "report.html")
+    md = (tmp_path / "report.md").read_text()
+    assert "vs --lora.r" in md and "vs --train.seed" not in md
