@@ -18,6 +18,8 @@ from leantune.checkpoint.hf import TOKENIZER_FILES, load_hf_checkpoint
 from leantune.decode.generate import Sampling, encode_prompt, stream_text
 from leantune.inference import load_for_inference
 from leantune.methods import apply_method, build_manifest, method_args_class, save_checkpoint
+from leantune.models.decoder.config import Config
+from leantune.models.decoder.model import GPT
 from leantune.serve.app import ServeSettings, create_app
 from leantune.serve.engine import Engine
 from leantune.tokenizer import Tokenizer
@@ -30,6 +32,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class StubTokenizer:
+    """Token i decodes to "<i>": the engine's tokenizer for random tiny models, which have no vocabulary. `eos_ids`
+    end a row (none: rows run to their max_tokens)."""
+
+    def __init__(self, eos_ids=()) -> None:
+        self.eos_ids = list(eos_ids)
+
+    def text(self, ids) -> str:
+        return "".join(f"<{i}>" for i in ids if i not in self.eos_ids)
+
+    def stream_decoder(self):
+        class Decoder:
+            def push(self, token):
+                return f"<{token}>"
+
+            def flush(self):
+                return ""
+        return Decoder()
+
+
+def sliding_window_model() -> GPT:
+    """A Mistral-style tiny GPT (vocab 97, window 6) with large random weights, so rows of different prompts differ;
+    the caller seeds torch first."""
+    model = GPT(Config(vocab_size=97, block_size=64, n_layer=2, n_embd=32, n_head=4, n_query_groups=2,
+                       norm_class="rmsnorm", mlp_class="swiglu", intermediate_size=64, sliding_window=6)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5)
+    return model
 
 
 def tiny_checkpoint(default_checkpoint: Path, out: Path, block_size: int = 256) -> Path:

@@ -9,12 +9,10 @@ import threading
 
 import pytest
 import torch
-from serve_support import Reference, make_adapter, one_thread, tiny_checkpoint
+from serve_support import Reference, StubTokenizer, make_adapter, one_thread, sliding_window_model, tiny_checkpoint
 
 from leantune.decode.generate import Sampling, encode_prompt, generate_tokens
 from leantune.inference import load_for_inference
-from leantune.models.decoder.config import Config
-from leantune.models.decoder.model import GPT
 from leantune.serve.engine import Engine
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -178,38 +176,18 @@ def test_a_failing_chunk_ends_its_request_alone(world, monkeypatch):
         engine.close()
 
 
-class StubTokenizer:
-    """Token i decodes to "<i>"; no EOS (rows run to their max_tokens)."""
-
-    eos_ids: list[int] = []
-
-    def stream_decoder(self):
-        class Decoder:
-            def push(self, token):
-                return f"<{token}>"
-
-            def flush(self):
-                return ""
-        return Decoder()
-
-
 def test_chunks_across_a_sliding_window_equal_generate(tmp_path):
     """A Mistral-style window of 6 with prompts of 3 to 17 tokens read 4 at a time: each chunk sees only its
     window of the earlier chunks' keys."""
     torch.manual_seed(0)
-    model = GPT(Config(vocab_size=97, block_size=64, n_layer=2, n_embd=32, n_head=4, n_query_groups=2,
-                       norm_class="rmsnorm", mlp_class="swiglu", intermediate_size=64, sliding_window=6)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.5)
+    model = sliding_window_model()
     engine = Engine(model, StubTokenizer(), tmp_path, "base", max_batch=4, prefill_chunk=4)
     try:
         prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 11, 7, 17)]
         got = [submit(engine, "base", p, max_tokens=12) for p in prompts]
         for p, c in zip(prompts, got):
             want = generate_tokens(model, torch.tensor(p), 12)
-            assert c.text == "".join(f"<{i}>" for i in want)
+            assert c.text == StubTokenizer().text(want)
     finally:
         engine.close()
     with pytest.raises(ValueError, match="prefill_chunk"):

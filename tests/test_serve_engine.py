@@ -10,13 +10,11 @@ import time
 
 import pytest
 import torch
-from serve_support import Reference, make_adapter, one_thread, tiny_checkpoint
+from serve_support import Reference, StubTokenizer, make_adapter, one_thread, sliding_window_model, tiny_checkpoint
 
 from leantune.decode.generate import Sampling, encode_prompt, generate_tokens
 from leantune.inference import load_for_inference
 from leantune.methods import METHODS
-from leantune.models.decoder.config import Config
-from leantune.models.decoder.model import GPT
 from leantune.serve import adapters as serve_adapters
 from leantune.serve.adapters import MultiLoRALinear
 from leantune.serve.engine import Engine, QueueFull, UnknownModel
@@ -132,43 +130,20 @@ def test_sliding_window_per_row_and_seeded_sampling_equal_generate(tmp_path):
     """A Mistral-style window of 6 with rows of different lengths (each row's window is its own), and seeded
     top-p sampling, against generate_tokens one prompt at a time."""
     torch.manual_seed(0)
-    model = GPT(Config(vocab_size=97, block_size=64, n_layer=2, n_embd=32, n_head=4, n_query_groups=2,
-                       norm_class="rmsnorm", mlp_class="swiglu", intermediate_size=64, sliding_window=6)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.5)
-    engine = Engine(model, StubTokenizer(), tmp_path, "base", max_batch=4)
+    model = sliding_window_model()
+    tok = StubTokenizer(eos_ids=[96])
+    engine = Engine(model, tok, tmp_path, "base", max_batch=4)
     try:
         prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 11, 7, 17)]
         s = Sampling(temperature=0.8, top_p=0.9)
         greedy = [submit(engine, "base", p, max_tokens=20) for p in prompts]
         sampled = [submit(engine, "base", p, max_tokens=20, sampling=s, seed=i) for i, p in enumerate(prompts)]
         for i, (p, g, r) in enumerate(zip(prompts, greedy, sampled)):
-            assert g.text == StubTokenizer.text(generate_tokens(model, torch.tensor(p), 20, stop_ids=[96]))
+            assert g.text == tok.text(generate_tokens(model, torch.tensor(p), 20, stop_ids=[96]))
             gen = torch.Generator().manual_seed(i)
-            assert r.text == StubTokenizer.text(generate_tokens(model, torch.tensor(p), 20, s, [96], generator=gen))
+            assert r.text == tok.text(generate_tokens(model, torch.tensor(p), 20, s, [96], generator=gen))
     finally:
         engine.close()
-
-
-class StubTokenizer:
-    """Token i decodes to "<i>"; 96 is the EOS."""
-
-    eos_ids = [96]
-
-    @staticmethod
-    def text(ids) -> str:
-        return "".join(f"<{i}>" for i in ids if i != 96)
-
-    def stream_decoder(self):
-        class Decoder:
-            def push(self, token):
-                return f"<{token}>"
-
-            def flush(self):
-                return ""
-        return Decoder()
 
 
 def test_a_finished_row_frees_its_slot_for_a_waiting_request(world):
