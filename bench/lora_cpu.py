@@ -71,7 +71,7 @@ def main() -> None:
                          "CPU with AMX/AVX512-BF16); a -mixed one runs peft under torch.autocast(bfloat16) over its "
                          "fp32 model, and adds leantune at 32-true as a third row (its own fp32 baseline)")
     a = ap.parse_args()
-    from leantune.runtime import autocast_dtype, cast_frozen_linears, resolve_precision
+    from leantune.runtime import autocast_dtype, cast_frozen_matrices, resolve_precision
 
     precision = resolve_precision(a.precision, torch.device(a.device), training=True) if a.precision else None
     if precision in ("32-true", "bf16-true"):
@@ -124,7 +124,7 @@ def main() -> None:
         fp32_ours.to(device=device, dtype=dtype).train()
         fp32_params = dict(fp32_ours.named_parameters())
         step_fp32 = make_step(fp32_ours, torch.optim.AdamW([fp32_params[n] for n in fp32_names], lr=2e-4), False)
-        cast_frozen_linears(ours, names, amp)
+        cast_frozen_matrices(ours, names, amp)
     step_ours = make_step(ours, opt_ours, True)
 
     hf = AutoModelForCausalLM.from_pretrained(a.checkpoint_dir, dtype=dtype)

@@ -76,7 +76,7 @@ def _counted(model_class: type, config, method: str, method_args):
 
 def _frozen_matrices_in_half(model, unique: dict, trainable_names: set, precision: str, quantized: list) -> int:
     """Elements that a -mixed run stores in 2 bytes instead of 4: the frozen float matrices other than embedding
-    tables and packed quantized weights (leantune.runtime.cast_frozen_linears)."""
+    tables and packed quantized weights (leantune.runtime.cast_frozen_matrices)."""
     if not precision.endswith("mixed"):
         return 0
     skip = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} | {id(p) for p in quantized}

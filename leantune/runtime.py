@@ -57,7 +57,7 @@ def resolve_precision(precision: str | None, device: torch.device, training: boo
     return precision
 
 
-def cast_frozen_linears(model: torch.nn.Module, trainable: list[str], dtype: torch.dtype) -> dict[str, torch.dtype]:
+def cast_frozen_matrices(model: torch.nn.Module, trainable: list[str], dtype: torch.dtype) -> dict[str, torch.dtype]:
     """Store the frozen matrices of the model (its linear layers' weights, whichever module holds them) in `dtype`
     (a -mixed precision's autocast dtype): autocast casts them to it on every call anyway, so the products are the
     same while a step skips those copies and the frozen base takes half the memory. Trained tensors stay fp32
@@ -77,7 +77,7 @@ def cast_frozen_linears(model: torch.nn.Module, trainable: list[str], dtype: tor
 
 
 def restore_dtypes(model: torch.nn.Module, cast: dict[str, torch.dtype]) -> None:
-    """Undo `cast_frozen_linears`: the named parameters back in their original dtypes."""
+    """Undo `cast_frozen_matrices`: the named parameters back in their original dtypes."""
     params = dict(model.named_parameters())
     for name, dtype in cast.items():
         params[name].data = params[name].data.to(dtype)

@@ -95,14 +95,14 @@ def test_quantized_estimate_within_tolerance_of_a_measured_step(mode):
 
 
 def test_bf16_mixed_counts_the_frozen_matrices_at_two_bytes():
-    """-mixed stores the frozen matrices in bf16 for the run (runtime.cast_frozen_linears): the estimate's weights are
+    """-mixed stores the frozen matrices in bf16 for the run (runtime.cast_frozen_matrices): the estimate's weights are
     what the model cast that way holds (to the estimate's 1 MB rounding)."""
-    from leantune.runtime import cast_frozen_linears
+    from leantune.runtime import cast_frozen_matrices
 
     cfg = Config(vocab_size=8192, block_size=64, n_layer=4, n_embd=256, n_head=4, n_query_groups=2,
                  intermediate_size=1024)
     model, names = build_random_model(cfg, "lora", LoRAArgs(r=4), "32-true")
-    cast_frozen_linears(model, names, torch.bfloat16)
+    cast_frozen_matrices(model, names, torch.bfloat16)
     rope = 2 * cfg.block_size * cfg.rope_n_elem * 4
     stored = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()) + rope
     mixed = estimate(cfg, "lora", LoRAArgs(r=4), precision="bf16-mixed", device="cpu")["weights_gb"]

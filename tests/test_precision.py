@@ -13,7 +13,7 @@ from leantune.methods import apply_method, load_trainable, save_checkpoint
 from leantune.models.decoder.config import Config
 from leantune.models.decoder.model import GPT
 from leantune.peft.lora import LoRAArgs
-from leantune.runtime import cast_frozen_linears, resolve_precision, restore_dtypes
+from leantune.runtime import cast_frozen_matrices, resolve_precision, restore_dtypes
 from leantune.train.loop import EvalArgs, TrainArgs, fit
 from leantune.train.optim import OptimizerArgs
 
@@ -101,11 +101,11 @@ def test_bf16_mixed_on_cpu_follows_fp32_for_20_steps(method, tmp_path):
     assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float32}
 
 
-def test_cast_frozen_linears_keeps_trained_tensors_norms_and_a_tied_head():
+def test_cast_frozen_matrices_keeps_trained_tensors_norms_and_a_tied_head():
     model = GPT(Config(vocab_size=V, block_size=32, n_layer=2, n_embd=32, n_head=4, n_query_groups=2))
     model.lm_head.weight = model.transformer.wte.weight  # tied, as SmolLM2's
     names = apply_method(model, "lora", LoRAArgs(r=4, targets="all"))
-    cast = cast_frozen_linears(model, names, torch.bfloat16)
+    cast = cast_frozen_matrices(model, names, torch.bfloat16)
     params = dict(model.named_parameters())
     assert cast and all(params[n].dtype == torch.bfloat16 and not params[n].requires_grad for n in cast)
     assert all(params[n].dtype == torch.float32 for n in names)  # LoRA A/B: fp32 masters

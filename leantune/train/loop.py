@@ -22,7 +22,7 @@ from leantune.decode.compile import compile_blocks
 from leantune.models.kinds import blocks
 from leantune.models.quantize import logical_numel
 from leantune.peft.base import Method
-from leantune.runtime import autocast_dtype, cast_frozen_linears, restore_dtypes
+from leantune.runtime import autocast_dtype, cast_frozen_matrices, restore_dtypes
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.distributed import (
     FSDPArgs,
@@ -117,7 +117,7 @@ def fit(
     amp = autocast_dtype(precision)
     # -mixed in one process: the frozen base's linears in the autocast dtype for the run (restored at the end);
     # several processes keep FSDP's / DDP's own mixed-precision handling
-    cast = cast_frozen_linears(model, trainable, amp) if amp is not None and not parallel.enabled else {}
+    cast = cast_frozen_matrices(model, trainable, amp) if amp is not None and not parallel.enabled else {}
     params, optimizer = setup_optimizer(model, trainable, optimizer_args)
     scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
     accumulation = accumulation_steps(train, parallel)
