@@ -207,12 +207,11 @@ def screened_argmax(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if bias is not None:
         coarse = coarse + bias.to(coarse.dtype)
     candidates = coarse.topk(SCREEN_CANDIDATES, dim=-1).indices  # (B, k)
-    if st.exact_rows is not None:
-        rows = st.exact_rows[candidates].float()  # (B, k, in): the candidates' float rows
-        exact = torch.bmm(rows, x.float()[:, :, None]).squeeze(-1)  # (B, k)
-    else:
-        rows = weight[candidates].float()  # (B, k, in): the int8 codes of the candidates
-        exact = torch.bmm(rows, x.float()[:, :, None]).squeeze(-1) * st.scales[candidates].float()  # (B, k)
+    table = st.exact_rows if st.exact_rows is not None else weight  # float rows, or the int8 codes
+    rows = table[candidates].float()  # (B, k, in): the candidates' rows
+    exact = torch.bmm(rows, x.float()[:, :, None]).squeeze(-1)  # (B, k)
+    if st.exact_rows is None:
+        exact = exact * st.scales[candidates].float()  # the codes' products times their row scales
     if bias is not None:
         exact = exact + bias.float()[candidates]
     return candidates.gather(-1, exact.argmax(-1, keepdim=True)).squeeze(-1)
