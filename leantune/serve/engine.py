@@ -140,8 +140,9 @@ class Request:
 class Engine:
     """Serves a decoder `model` (loaded once, never modified) and the adapters added to it; `max_batch` rows decode
     together, at most `max_queue` requests wait, each request holds up to `max_seq_length` tokens (default: the
-    model's); at most `prefill_chunk` prompt tokens are prefilled between two decode steps. The model-kind part (`_setup`, `_budget`, `_admit`, `_decode_step`) is what `Seq2SeqEngine` replaces
-    for an encoder-decoder; the scheduler, queue, sampling, text and fault handling are shared."""
+    model's); at most `prefill_chunk` prompt tokens are prefilled between two decode steps. The model-kind part
+    (`_setup`, `_budget`, `_admit`, `_decode_step`) is what `Seq2SeqEngine` replaces for an encoder-decoder; the
+    scheduler, queue, sampling, text and fault handling are shared."""
 
     def __init__(self, model: GPT, tokenizer, checkpoint_dir: Path, base_name: str, max_batch: int = 8,
                  max_queue: int = 64, max_seq_length: int | None = None, prefix_cache: bool = True,
