@@ -101,7 +101,7 @@ TABLE: dict[tuple[str, ...], dict[str, list[str]]] = {
                  "--dequantize_base": BOOL},
     ("export",): {"--format": ["xyz", ""], "--dtype": ["int8", "float64", ""], "--gguf_type": ["q4_0", ""]},
     ("data", "preview"): {"--num_samples": ["-1", "abc"], "--max_seq_length": POS_INT},
-    ("serve",): {"--port": ["-1", "70000", "abc"], "--max_batch_size": POS_INT, "--max_queue": POS_INT,
+    ("serve",): {"--port": ["-1", "70000", "abc"], "--max_batch_size": POS_INT, "--max_queue": POS_INT, "--prefill_chunk": POS_INT,
                  "--max_new_tokens": POS_INT, "--max_seq_length": ["1", "0", "-3", "abc", "1.5"],
                  "--threads": ["0", "-2"], "--precision": PRECISION, "--adapter": ["=x", "nope", "a b=x"],
                  "--shutdown_timeout": ["-1", ".nan", "abc"], "--log_level": ["loud", ""], "--allow_adapter_loading": BOOL,
