@@ -7,6 +7,9 @@ default 2 threads against 11.6 with --threads 1). Sleeping at once (OMP_WAIT_POL
 and then all usable CPUs beat fewer threads under load too (measured in bench/threads_cpu.py: the scheduler shares
 CPU time per thread, so one thread gets a smaller share of a busy machine). So: passive waiting when the machine is
 busy at start, libgomp's spinning when it is idle, and one thread per usable CPU (affinity mask, cgroup quota).
+"Busy" is other tasks runnable now (sampled a few times over ~10 ms), not the 1-minute load average alone: the
+average still shows the user's own previous run for a minute after it ended, and passive waiting costs an idle
+machine a few percent.
 
 libgomp reads its environment once, when torch loads it: `prepare()` runs before `import torch` (leantune.cli).
 """
@@ -15,23 +18,31 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-BUSY_LOAD = 0.5
-"""The machine counts as busy when the 1-minute load average reaches this, or another task is runnable right now."""
+RUNNABLE_SAMPLES = 5
+"""How many times `current_load` reads the runnable tasks (2 ms apart); the median counts, so a task that runs for a
+moment (a shell, a pipe's other end) does not make the machine busy."""
+
+SAMPLE_GAP_S = 0.002
 
 
 @dataclass(frozen=True)
 class Load:
-    """The machine's load when the process started: 1-minute average and tasks runnable besides us."""
+    """The machine's load when the process started: 1-minute average and tasks runnable besides us (the median of
+    a few samples)."""
 
     average: float
     runnable_others: int
+    cpus: int = 1
 
     @property
     def busy(self) -> bool:
-        return self.average >= BUSY_LOAD or self.runnable_others >= 1
+        """Another task wants a CPU now, or the last minute averaged more runnable tasks than one run on every usable
+        CPU leaves behind (so the user's own previous command does not count)."""
+        return self.runnable_others >= 1 or self.average > self.cpus + 0.5
 
 
 @dataclass(frozen=True)
@@ -50,16 +61,30 @@ _load: Load | None = None
 _torch_default: int | None = None
 
 
-def current_load(stat: str | None = None) -> Load | None:
-    """The load average and the runnable tasks other than this one (/proc/stat's procs_running); None without
-    /proc (the load average alone is not worth acting on)."""
+def current_load(stats: list[str] | None = None) -> Load | None:
+    """The load average and the runnable tasks other than this one (/proc/stat's procs_running, the median of
+    `RUNNABLE_SAMPLES` reads, or of `stats` given); None without /proc (the load average alone is not worth acting
+    on)."""
     try:
-        stat = Path("/proc/stat").read_text() if stat is None else stat
+        stats = _read_stats() if stats is None else stats
         average = os.getloadavg()[0]
     except (OSError, AttributeError):
         return None
-    running = next((int(line.split()[1]) for line in stat.splitlines() if line.startswith("procs_running")), 1)
-    return Load(average, max(0, running - 1))
+    running = sorted(_procs_running(stat) for stat in stats)[len(stats) // 2]
+    return Load(average, max(0, running - 1), usable_cpus())
+
+
+def _read_stats() -> list[str]:
+    stats = []
+    for i in range(RUNNABLE_SAMPLES):
+        if i:
+            time.sleep(SAMPLE_GAP_S)
+        stats.append(Path("/proc/stat").read_text())
+    return stats
+
+
+def _procs_running(stat: str) -> int:
+    return next((int(line.split()[1]) for line in stat.splitlines() if line.startswith("procs_running")), 1)
 
 
 def prepare() -> None:

@@ -22,21 +22,37 @@ def clean_env(monkeypatch):
 
 
 @pytest.mark.parametrize(("average", "running", "busy"), [
-    (0.1, 1, False), (0.49, 1, False), (0.5, 1, True), (7.5, 1, True), (0.0, 2, True), (0.0, 0, False),
+    (0.1, [1, 1, 1, 1, 1], False),
+    (1.9, [1, 1, 1, 1, 1], False),  # the user's own 2-thread run just ended: the average remembers it, nothing runs
+    (2.6, [1, 1, 1, 1, 1], True),  # more than one run on both CPUs leaves behind
+    (7.5, [1, 1, 1, 1, 1], True),
+    (0.0, [2, 2, 2, 1, 3], True),  # another task runnable in most samples
+    (0.0, [1, 3, 1, 1, 2], False),  # a task that ran for a moment (a shell, a pipe's other end)
+    (0.0, [0, 0, 0, 0, 0], False),
 ])
-def test_busy_from_the_load_average_or_another_runnable_task(monkeypatch, average, running, busy):
+def test_busy_from_other_runnable_tasks_or_an_average_beyond_our_own_run(monkeypatch, average, running, busy):
     monkeypatch.setattr(os, "getloadavg", lambda: (average, 0.0, 0.0))
-    load = cpu_threads.current_load(STAT.format(running=running))
-    assert load.runnable_others == max(0, running - 1) and load.average == average
+    monkeypatch.setattr(cpu_threads, "usable_cpus", lambda: 2)
+    load = cpu_threads.current_load([STAT.format(running=n) for n in running])
+    assert load.runnable_others == max(0, sorted(running)[2] - 1) and load.average == average and load.cpus == 2
     assert load.busy is busy
 
 
-@pytest.mark.parametrize(("average", "policy"), [(3.0, "passive"), (0.0, "spin then sleep (libgomp default)")])
-def test_prepare_waits_passively_on_a_busy_machine(clean_env, monkeypatch, average, policy):
-    monkeypatch.setattr(cpu_threads, "current_load", lambda: cpu_threads.Load(average, 0))
+def test_current_load_samples_proc_stat_several_times(monkeypatch):
+    reads = []
+    monkeypatch.setattr(cpu_threads, "_read_stats", lambda: reads.append(1) or [STAT.format(running=1)] * 5)
+    assert cpu_threads.current_load() is not None and len(reads) == 1
+    if Path("/proc/stat").exists():
+        monkeypatch.undo()
+        assert len(cpu_threads._read_stats()) == cpu_threads.RUNNABLE_SAMPLES
+
+
+@pytest.mark.parametrize(("others", "policy"), [(1, "passive"), (0, "spin then sleep (libgomp default)")])
+def test_prepare_waits_passively_on_a_busy_machine(clean_env, monkeypatch, others, policy):
+    monkeypatch.setattr(cpu_threads, "current_load", lambda: cpu_threads.Load(1.0, others, 2))
     cpu_threads.prepare()
     assert cpu_threads.wait_policy() == policy
-    assert os.environ.get("OMP_WAIT_POLICY") == ("PASSIVE" if average else None)
+    assert os.environ.get("OMP_WAIT_POLICY") == ("PASSIVE" if others else None)
 
 
 @pytest.mark.parametrize(("name", "value", "policy"), [("OMP_WAIT_POLICY", "ACTIVE", "active"),
