@@ -124,3 +124,27 @@ def test_auto_precision_follows_the_cpu_bf16_units(monkeypatch):
         assert resolve_precision("auto", cpu, training=True) == expected
         assert resolve_precision(None, cpu, training=True) == expected
         assert resolve_precision("auto", cpu) == "32-true"  # inference stays fp32 (equal to transformers)
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_bf16_mixed_attention_runs_in_fp32_without_amx(monkeypatch, amx):
+    """Under CPU bf16 autocast RoPE and attention take fp32 q, k, v where the CPU has no AMX (its bf16 flash-attention
+    backward is slower than fp32's there), and stay bf16 with AMX; the products and gradients match fp32's."""
+    from leantune.models.decoder import model as decoder
+
+    monkeypatch.setattr(decoder, "_cpu_has_amx", lambda: amx)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(decoder.F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(
+        (q.dtype, torch.is_autocast_enabled("cpu"))) or sdpa(q, k, v, **kw))
+    torch.manual_seed(0)
+    model = GPT(Config(vocab_size=V, block_size=32, n_layer=2, n_embd=32, n_head=4, n_query_groups=2))
+    x = torch.randint(0, V, (2, 12))
+    ref = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    # with AMX autocast stays on around SDPA, which then computes in bf16 (RoPE's fp32 tables promote q and k first)
+    assert seen[-2:] == [(torch.float32, amx)] * 2, seen
+    out.float().sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)  # bf16 matmuls: ~3 significant digits
