@@ -53,8 +53,9 @@ def submit(engine, name, prompt, max_tokens=8, collector=None):
 
 
 def count_chunks(engine, log: list | None = None) -> list:
-    """Wrap the engine's `_prefill_chunk` to record (slot, tokens run) per call (and ("chunk", slot) into `log`)."""
-    calls, real = [], engine._prefill_chunk
+    """Wrap the engine's `_prefill_chunk` (a chunk's own forward) and `_decode_group` (chunks run inside the decode
+    step) to record (slot, tokens run) per chunk (and ("chunk", slot) into `log`)."""
+    calls, real, real_group = [], engine._prefill_chunk, engine._decode_group
 
     def chunk(req, budget):
         if log is not None:
@@ -62,7 +63,14 @@ def count_chunks(engine, log: list | None = None) -> list:
         n = real(req, budget)
         calls.append((req.slot, n))
         return n
-    engine._prefill_chunk = chunk
+
+    def group(slots, mixed=()):
+        runs = [(r.slot, end - r.length) for r, end in mixed]
+        if log is not None:
+            log.extend(("chunk", s) for s, _ in runs)
+        real_group(slots, mixed)
+        calls.extend(runs)
+    engine._prefill_chunk, engine._decode_group = chunk, group
     return calls
 
 
@@ -85,13 +93,15 @@ def new_engine(ckpt, folders=(), **kw):
     return engine
 
 
+@pytest.mark.parametrize("mix", [True, False])
 @pytest.mark.parametrize("chunk", [1, 7])
-def test_chunked_prefill_gives_the_tokens_of_the_whole_prompt(world, chunk):
+def test_chunked_prefill_gives_the_tokens_of_the_whole_prompt(world, chunk, mix):
     """Base, a shared LoRA, prefix tuning (virtual keys/values) and prompt tuning (virtual embeddings), each on a
     short and a long prompt, admitted in two waves so the second wave's prompts are read in chunks between decode
-    steps of the first; every text equals `generate`'s with the same adapter."""
+    steps of the first; every text equals `generate`'s with the same adapter, whether the base's and the LoRA's
+    chunks run inside the decode step (mix) or in forwards of their own."""
     ckpt, folders, refs = world
-    engine = new_engine(ckpt, folders.items(), max_batch=8, prefill_chunk=chunk)
+    engine = new_engine(ckpt, folders.items(), max_batch=8, prefill_chunk=chunk, mix_prefill=mix)
     calls = count_chunks(engine)
     try:
         names = ["base", "lora", "prefix", "prompt"]

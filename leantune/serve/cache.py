@@ -6,7 +6,10 @@ says, so rows of different lengths decode in one forward without left padding or
 
 - prefill (one new request in slot i): columns `input_pos` of row i, as KVCache would (virtual positions included);
 - decode (a slice of slots lo:hi, one token each): row b at its own column `cols[b]`; the step attends over the
-  first S columns, rows shorter than S-1 masked by the attention mask the engine passes.
+  first S columns, rows shorter than S-1 masked by the attention mask the engine passes;
+- mixed (a decode step with prompt tokens of admitted requests riding along): forward row b is one token of slot
+  `slots[b]`, written at column `cols[b]`; every row's token is written before any row reads, so a prompt token sees
+  the earlier tokens of its own chunk (the mask makes each row causal), and the rows' keys are gathered per row.
 
 A row that is only a passenger of a step (an idle slot, or a row of another adapter group inside the slice) writes to
 the scratch column at index `capacity`, which no step reads. Memory is reserved with `torch.empty` and zeroed lazily
@@ -27,13 +30,19 @@ class SlotLayout:
         self.cols: torch.Tensor | None = None  # (hi - lo,) decode columns; None: prefill at input_pos
         self.S = 0
         self.rows: torch.Tensor | None = None  # arange(hi - lo), for the decode write
+        self.slots: torch.Tensor | None = None  # mixed: (B,) slot of each forward row; None otherwise
 
     def prefill(self, slot: int) -> None:
-        self.lo, self.hi, self.cols = slot, slot + 1, None
+        self.lo, self.hi, self.cols, self.slots = slot, slot + 1, None, None
 
     def decode(self, lo: int, hi: int, cols: torch.Tensor, S: int) -> None:
-        self.lo, self.hi, self.cols, self.S = lo, hi, cols, S
+        self.lo, self.hi, self.cols, self.S, self.slots = lo, hi, cols, S, None
         self.rows = torch.arange(hi - lo, device=cols.device)
+
+    def mixed(self, slots: torch.Tensor, cols: torch.Tensor, S: int) -> None:
+        """slots, cols (B,): forward row b writes its token to (slots[b], cols[b]) and attends over that slot's
+        first S columns."""
+        self.slots, self.cols, self.S = slots, cols, S
 
 
 class SlotKVCache:
@@ -58,13 +67,21 @@ class SlotKVCache:
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, ng, T, hs) -> this row slice's keys and values (B, ng, S, hs) to attend over."""
         L = self.layout
-        ks, vs = self.k[L.lo:L.hi], self.v[L.lo:L.hi]  # views
         if L.cols is None:  # prefill: one slot, KVCache's own indexing
+            ks, vs = self.k[L.lo:L.hi], self.v[L.lo:L.hi]  # views
             ks.index_copy_(2, input_pos, k.to(ks.dtype))
             vs.index_copy_(2, input_pos, v.to(vs.dtype))
             S = int(input_pos[-1]) + 1
-        else:  # decode: row b writes its token at its own column
-            ks[L.rows, :, L.cols] = k[:, :, 0].to(ks.dtype)
-            vs[L.rows, :, L.cols] = v[:, :, 0].to(vs.dtype)
-            S = L.S
-        return ks[:, :, :S], vs[:, :, :S]
+            return ks[:, :, :S], vs[:, :, :S]
+        # decode and mixed: row b writes its token at (its slot, every group, its column), as one index_copy_ over
+        # the flattened (slot, group, column) rows (an advanced-index write cost ~4% of a 16-row step)
+        slots = L.slots if L.slots is not None else L.rows + L.lo  # (B,)
+        n_groups, width = self.k.shape[1], self.k.shape[2]
+        groups = torch.arange(n_groups, device=slots.device)
+        flat = ((slots[:, None] * n_groups + groups) * width + L.cols[:, None]).flatten()  # (B * ng,)
+        hs = self.k.shape[3]
+        self.k.view(-1, hs).index_copy_(0, flat, k[:, :, 0].reshape(-1, hs).to(self.k.dtype))
+        self.v.view(-1, hs).index_copy_(0, flat, v[:, :, 0].reshape(-1, hs).to(self.v.dtype))
+        if L.slots is not None:  # mixed: rows of any slots, several rows per slot; all written, now gathered
+            return self.k[:, :, :L.S].index_select(0, L.slots), self.v[:, :, :L.S].index_select(0, L.slots)
+        return self.k[L.lo:L.hi, :, :L.S], self.v[L.lo:L.hi, :, :L.S]

@@ -1,12 +1,14 @@
 """The serving engine: one scheduler thread owns the model and decodes every running request together.
 
 Continuous batching over `max_batch` slots: each loop turn runs pending adapter loads/unloads, gives waiting
-requests the free slots, prefills up to `prefill_chunk` prompt tokens of the admitted requests (oldest first, one
-forward per request and chunk; the chunk that ends a prompt samples its first token), then one decode step for every
-row whose prompt is in. A long prompt is thus read over several turns while the running rows keep getting a token
-each turn (chunked prefill, as vLLM and llama.cpp's server do) instead of stalling them until it is all read. A row
-that finishes (EOS, a stop string, its max_tokens) frees its slot at once for the next waiting request. Rows live in
-the slot KV cache (`cache.py`), each at its own length, so no row waits for another.
+requests the free slots, prefills up to `prefill_chunk` prompt tokens of the admitted requests (oldest first; the
+chunk that ends a prompt samples its first token), then one decode step for every row whose prompt is in. A short
+chunk of a base or LoRA request (MIX_TOKENS) runs inside that decode step, one forward row per prompt token, since
+a forward's cost is mostly what does not grow with its rows; a longer one runs in a forward of its own. A long
+prompt is thus read over several turns while the running rows keep getting a token each turn (chunked prefill, as
+vLLM and llama.cpp's server do) instead of stalling them until it is all read. A row that finishes (EOS, a stop
+string, its max_tokens) frees its slot at once for the next waiting request. Rows live in the slot KV cache
+(`cache.py`), each at its own length, so no row waits for another.
 
 One step runs one forward per *group*: the base and every shared (LoRA) adapter form one group, decoded in one batch
 with per-row adapter selection (`adapters.LoRARows`); each grouped adapter (other methods) is a group of its own. A
@@ -17,8 +19,9 @@ Prefix reuse: a new request whose prompt starts like what a row already holds fo
 row, or a finished one whose slot was not refilled yet; typically the chat template's system message) gets those
 keys and values copied into its row and prefills only the rest.
 
-Sampling is per row: greedy rows share one `greedy_tokens` call, sampled rows use their own `Sampling` and a
-`torch.Generator` seeded from the request's seed, so a seeded request draws the same tokens as `generate --seed`.
+Sampling is per row: greedy rows share one `greedy_tokens` call (an fp32 head on CPU: `screen.Bf16Screen`, the
+same argmax from a bfloat16 copy), sampled rows use their own `Sampling` and a `torch.Generator` seeded from the
+request's seed, so a seeded request draws the same tokens as `generate --seed`.
 
 Faults are isolated per request, as vLLM and llama.cpp's server do: a request whose own prefill, sampling or
 detokenizing fails ends alone with an error event; a group's decode forward that fails is retried one row at a time,
@@ -52,6 +55,7 @@ from leantune.models.decoder.model import GPT
 from leantune.models.quantize import greedy_tokens
 from leantune.serve.adapters import LoRARows, install_lora, load_onto_copy, lora_factors, shared_copy, uninstall_lora
 from leantune.serve.cache import SlotKVCache, SlotLayout
+from leantune.serve.screen import Bf16Screen
 
 log = logging.getLogger("leantune.serve")
 
@@ -78,6 +82,16 @@ PREFILL_CHUNK = 128
 threads, a 512-token prompt, 2 alternating rounds): 2.4-3.0 ms a token at 128 against 2.2-3.1 for the whole prompt
 at once and 3.2-3.4 at 64, 4.2-4.5 at 32; a 128-token chunk took 240-350 ms, about two 16-row decode steps, which is
 how long a running row waits for its next token while a long prompt is read."""
+
+
+MIX_TOKENS = 32
+"""A shared-group request's prompt chunk of at most this many tokens is run inside the decode step, one forward row
+per token, instead of a forward of its own: on the default model at 16 rows a forward costs mostly what does not grow
+with its rows (reading every weight, per-op overhead), so a chat prompt's ~20 new tokens cost a few ms inside the
+step against ~100-130 ms alone (measured below, `bench/serve_cpu.py`)."""
+MIX_KEYS = 16384
+"""At most this many (forward rows x attended columns) in a mixed step: its rows' keys and values are gathered per
+row, a copy that grows with both (a long prompt's last chunk runs in a forward of its own instead)."""
 
 
 class QueueFull(Exception):
@@ -146,14 +160,17 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer, checkpoint_dir: Path, base_name: str, max_batch: int = 8,
                  max_queue: int = 64, max_seq_length: int | None = None, prefix_cache: bool = True,
-                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, mix_prefill: bool = True, screen_head: bool = True) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
         self.pristine = model.eval()
         self.tokenizer, self.checkpoint_dir, self.base_name = tokenizer, Path(checkpoint_dir), base_name
         self.device = model.lm_head.weight.device
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.mix_prefill, self.screen_head = mix_prefill, screen_head
+        self._screens: dict[int, tuple[torch.Tensor, Bf16Screen]] = {}  # id(head weight) -> (it, its screen)
         self.prefilling: deque[Request] = deque()  # admitted requests whose prompt is not all in yet, oldest first
+        self.mixed: list[tuple[Request, int]] = []  # this turn's (request, chunk end) for the decode step to run
         self._setup(max_seq_length)
         self.eos = set(tokenizer.eos_ids)
         self.adapters: dict[str, Adapter] = {base_name: Adapter(base_name, None, "base", shared=True)}
@@ -395,10 +412,12 @@ class Engine:
                     self._prefill_turn()
                     if any(self.slots):
                         self._decode_step()
+                    self.prefilling = deque(r for r in self.prefilling if not (r.ready or r.done or r.cancelled))
                 except Exception as e:  # outside any one request (a bug in the step itself): fail the rows, keep serving
                     log.error("engine step failed: %s", traceback.format_exc())
                     self.row_tokens = [[] for _ in self.slots]  # what the rows hold is unknown now
                     self.prefilling.clear()
+                    self.mixed = []
                     for req in [r for r in self.slots if r is not None]:
                         self._fail(req, f"{type(e).__name__}: {e}")
 
@@ -433,22 +452,34 @@ class Engine:
             self.reused_tokens += m
 
     def _prefill_turn(self) -> None:
-        """Prefill up to `prefill_chunk` prompt tokens of the admitted requests, oldest first. A request whose
-        chunk fails ends alone; one cancelled meanwhile is left for the loop to finish."""
-        budget = self.prefill_chunk
-        while self.prefilling and budget > 0:
-            req = self.prefilling[0]
+        """Prefill up to `prefill_chunk` prompt tokens of the admitted requests, oldest first. A short chunk of a
+        shared-group request is left in `self.mixed` for the decode step to run as rows of its own forward
+        (`_mixable`); the others run now, one forward each. A request whose chunk fails ends alone; one cancelled
+        meanwhile is left for the loop to finish."""
+        budget, self.mixed = self.prefill_chunk, []
+        for req in list(self.prefilling):
+            if budget <= 0:
+                break
             if req.done or req.cancelled:
-                self.prefilling.popleft()
+                continue
+            end = min(len(req.prompt), req.length + budget)
+            if self._mixable(req, end):
+                self.mixed.append((req, end))
+                budget -= end - req.length
                 continue
             try:
                 budget -= self._prefill_chunk(req, budget)
             except Exception as e:  # this request's own failure (its prompt, its adapter): it alone ends
-                self.prefilling.popleft()
                 self._fail_row(req, e)
-                continue
-            if req.ready or req.done:
-                self.prefilling.popleft()
+
+    def _mixable(self, req: Request, end: int) -> bool:
+        """Whether prompt tokens [req.length, end) ride along in this turn's decode step: a shared-group request's
+        chunk of at most MIX_TOKENS, while the step's gathered keys (rows x columns) stay under MIX_KEYS."""
+        if not (self.mix_prefill and req.adapter.shared and end - req.length <= MIX_TOKENS):
+            return False
+        rows = self.max_batch + sum(e - r.length for r, e in self.mixed) + end - req.length
+        longest = max([end, *(e for _, e in self.mixed), *(r.length + 1 for r in self.slots if r is not None and r.ready)])
+        return rows * longest <= MIX_KEYS
 
     def _prefill_chunk(self, req: Request, budget: int) -> int:
         """Run the next (at most `budget`) prompt tokens of `req` into its slot's row of the cache; the chunk that
@@ -492,72 +523,101 @@ class Engine:
         for s, r in enumerate(self.slots):
             if r is not None and r.ready:  # a row still prefilling rides along as a passenger, if in range
                 groups.setdefault(0 if r.adapter.shared else r.adapter.name, []).append(s)
-        for slots in groups.values():
+        mixed = [(r, end) for r, end in self.mixed if not (r.done or r.cancelled)]
+        self.mixed = []
+        if mixed:
+            groups.setdefault(0, [])
+        for key, slots in groups.items():
+            mix = mixed if key == 0 else []
             try:
-                self._decode_group(slots)
+                self._decode_group(slots, mix)
             except Exception as e:  # nothing of this step is committed yet: find the rows that fail on their own
-                if len(slots) == 1:
-                    self._fail_row(self.slots[slots[0]], e)
+                if len(slots) + len(mix) == 1:
+                    self._fail_row(self.slots[slots[0]] if slots else mix[0][0], e)
                     continue
-                log.warning("a decode step of %d rows failed (%s: %s); running them one at a time", len(slots),
-                            type(e).__name__, e)
+                log.warning("a decode step of %d rows and %d prompt chunks failed (%s: %s); running them one at a "
+                            "time", len(slots), len(mix), type(e).__name__, e)
+                for r, end in mix:
+                    try:
+                        self._prefill_chunk(r, end - r.length)
+                    except Exception as e1:  # this request's own failure
+                        self._fail_row(r, e1)
                 for s in slots:
                     try:
                         self._decode_group([s])
                     except Exception as e1:  # this row's own failure
                         self._fail_row(self.slots[s], e1)
 
-    def _decode_group(self, slots: list[int]) -> None:
-        """One token for each row in `slots` (all of one group), in one forward over the slot range they span.
-        Nothing is committed before every row has its token, so a failed call can be retried row by row (a row
-        rewrites the same cache column)."""
+    def _decode_group(self, slots: list[int], mixed: list[tuple[Request, int]] = ()) -> None:
+        """One token for each row in `slots` (all of one group), in one forward over the slot range they span, and
+        prompt tokens [r.length, end) of each (r, end) in `mixed` (shared group only) as one forward row each, whose
+        chunk that ends a prompt samples its first token. Nothing is committed before every row has its token, so
+        a failed call can be retried row by row (a row rewrites the same cache columns)."""
         reqs = [self.slots[s] for s in slots]
-        a = reqs[0].adapter
+        a = reqs[0].adapter if reqs else mixed[0][0].adapter
         model, P, dev = self._group_model(a), a.n_virtual, self.device
-        lo, hi = slots[0], slots[-1] + 1
+        lo, hi = (slots[0], slots[-1] + 1) if slots else (0, 0)
         B = hi - lo
-        b = torch.tensor([s - lo for s in slots], device=dev)  # (n,) rows of the group inside the slice
-        lens = torch.tensor([r.length for r in reqs], device=dev)  # (n,)
-        S_real = int(lens.max()) + 1
-        tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
-        tokens[b, 0] = torch.tensor([r.last for r in reqs], device=dev)
-        pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
-        pos[b, 0] = lens
-        cols = torch.full((B,), self.capacity, dtype=torch.long, device=dev)  # passengers: the scratch column
-        cols[b] = P + lens
-        row_len = torch.full((B,), S_real - 1, dtype=torch.long, device=dev)
-        row_len[b] = lens
+        # forward rows: the slot range lo:hi (passengers write the scratch column), then one row per prompt token
+        tokens, pos, cols, seen, ids = [0] * B, [0] * B, [self.capacity] * B, [-1] * B, [0] * B
+        for s, r in zip(slots, reqs):
+            i = s - lo
+            tokens[i], pos[i], cols[i], seen[i], ids[i] = r.last, r.length, P + r.length, r.length, r.adapter.id
+        row_slots, ends = list(range(lo, hi)), []  # ends: (request, its last prompt row) for chunks ending a prompt
+        for r, end in mixed:
+            n = end - r.length
+            tokens += r.prompt[r.length:end]
+            pos += range(r.length, end)
+            cols += range(r.length, end)
+            seen += range(r.length, end)
+            ids += [r.adapter.id] * n
+            row_slots += [r.slot] * n
+            if end == len(r.prompt):
+                ends.append((r, len(tokens) - 1))
+        S_real = max(seen) + 1
+        seen = [S_real - 1 if x < 0 else x for x in seen]  # passengers see every column (their output is dropped)
+        seen_t = torch.tensor(seen, device=dev)  # (B',) the last column each row may see
         keys = torch.arange(S_real, device=dev)[None]  # (1, S_real)
-        mask = keys <= row_len[:, None]  # (B, S_real): each row sees its own tokens and the new one
+        mask = keys <= seen_t[:, None]  # (B', S_real): each row sees its own tokens and the new one
         window = model.config.sliding_window
         if window is not None:
-            mask &= row_len[:, None] - keys < window
-        self.layout.decode(lo, hi, cols, P + S_real)
+            mask &= seen_t[:, None] - keys < window
+        cols_t = torch.tensor(cols, device=dev)
+        if mixed:
+            self.layout.mixed(torch.tensor(row_slots, device=dev), cols_t, P + S_real)
+        else:
+            self.layout.decode(lo, hi, cols_t, P + S_real)
         for c in self.caches:
             c.ensure_filled(P + S_real)
         if a.shared:
-            ids = [0] * B
-            for s, r in zip(slots, reqs):
-                ids[s - lo] = r.adapter.id
             self.rows.set(ids, dev)
         with _no_model_window(model):  # the per-row window is in `mask`; the model's would use one shared position
-            hidden = model.decode(tokens, torch.tensor([S_real - 1], device=dev), position_ids=pos,
-                                  attention_mask=mask, return_hidden=True)  # (B, 1, C)
-        h = hidden[b, -1]  # (n, C)
+            hidden = model.decode(torch.tensor(tokens, device=dev)[:, None], torch.tensor([S_real - 1], device=dev),
+                                  position_ids=torch.tensor(pos, device=dev)[:, None], attention_mask=mask,
+                                  return_hidden=True)  # (B', 1, C)
+        out = reqs + [r for r, _ in ends]  # the rows that get a token
+        h = hidden[[s - lo for s in slots] + [i for _, i in ends], -1]  # (len(out), C)
         if a.shared:
-            self.rows.set([r.adapter.id for r in reqs], dev)
-        picked = self._pick(reqs, model.lm_head, h)
+            self.rows.set([r.adapter.id for r in out], dev)
+        picked = self._pick(out, model.lm_head, h)
         for r in reqs:
             r.length += 1
             self.row_tokens[r.slot].append(r.last)  # the token just written at its row's column
-        self._accept(reqs, picked)
+        for r, end in mixed:
+            r.length, self.row_tokens[r.slot] = end, r.prompt[:end]
+            r.ready = end == len(r.prompt)
+        self._accept(out, picked)
 
     def _pick(self, reqs: list[Request], head: torch.nn.Module, h: torch.Tensor) -> list[int | Exception]:
         """One token per row from its last hidden state h (n, C): greedy rows through `greedy_tokens` over all n rows
         (the per-row adapter ids cover all of them; with few rows a weight-only head screens with its int4 copy, as
         `generate` does), sampled rows from the head's logits. A row whose own sampling fails gets its exception
         instead of a token; a failure of the shared calls raises."""
+        if not reqs:  # a mixed step of prompt chunks none of which ends its prompt
+            return []
         sampled = [i for i, r in enumerate(reqs) if r.generator is not None]
+        if not sampled and self.screen_head and Bf16Screen.applies(head):
+            return self._screen(head).argmax(h).tolist()
         logits = head(h) if sampled else None  # (n, V)
         tokens: list[int | Exception] = (greedy_tokens(head, h, logits).tolist() if len(sampled) < len(reqs)
                                          else [0] * len(reqs))
@@ -567,6 +627,14 @@ class Engine:
             except Exception as e:  # e.g. non-finite logits under this row's own sampling
                 tokens[i] = e
         return tokens
+
+    def _screen(self, head: torch.nn.Linear) -> Bf16Screen:
+        """The bfloat16 screen of this head's weight (made on first use; heads sharing a weight share it)."""
+        weight, screen = self._screens.get(id(head.weight), (None, None))
+        if weight is not head.weight:
+            screen = Bf16Screen(head)
+            self._screens[id(head.weight)] = (head.weight, screen)
+        return screen
 
     def _accept(self, reqs: list[Request], tokens: list[int | Exception]) -> None:
         """Hand each row its token; a row whose token is an exception, or whose text fails to decode, ends alone."""
