@@ -101,13 +101,16 @@ def test_every_method_decodes_mixed_in_one_engine_equal_to_generate(world):
         engine.close()
 
 
-@pytest.mark.parametrize("bmm", [False, True])
-def test_lora_rows_of_different_adapters_share_one_forward(world, monkeypatch, bmm):
+@pytest.mark.parametrize("path", ["masked", "segments", "bmm"])
+def test_lora_rows_of_different_adapters_share_one_forward(world, monkeypatch, path):
     """Three LoRA adapters of different ranks and targets plus the base in one batch: one forward per step, each row
-    with its own update (per-adapter segments, or the gathered bmm over rank-padded stacks)."""
+    with its own update (all factors side by side with other adapters' columns masked, per-adapter segments, or the
+    gathered bmm over rank-padded stacks)."""
     ckpt, folders = world
-    if bmm:
+    if path == "bmm":
         monkeypatch.setattr(serve_adapters, "BMM_MIN", 1)
+    if path == "segments":
+        monkeypatch.setattr(serve_adapters, "MASKED_RANK", 0)
     engine = new_engine(ckpt, max_batch=8)
     calls = []
     try:

@@ -13,11 +13,14 @@ the adapter's tensors plus a clone of the small ones (norms, biases, which some 
   loaded copy is kept as that adapter's model (still sharing the base weights) and its rows run together, in a
   forward of their own each step.
 
-Per-row update, design choice: rows are split into segments by adapter and each segment computes
-`(x_rows A^T) U^T` with two small matmuls and adds it in place (a gather, add and `index_copy_` of its rows), the exact arithmetic of a single
-`LoRALinear`, so a served adapter gives the same greedy text as `generate --adapter`. With many distinct adapters in
-one batch (>= `BMM_MIN`), the per-segment calls would dominate, so the layer switches to one gathered `bmm` over
-stacked, rank-padded factors (punica/S-LoRA style), one launch whatever the mix.
+Per-row update, design choice: a batch of one adapter's rows adds `(x A^T) U^T` with two small matmuls, the
+arithmetic of a single `LoRALinear`, so a served adapter gives the same greedy text as `generate --adapter`. A batch
+that mixes adapters (and base rows) puts every adapter's factors side by side and zeroes each row's columns of the
+other adapters between the two matmuls (`MASKED_RANK`): zero terms add nothing, so each row still sums its own
+adapter's products, and a layer costs 2 matmuls whatever the mix. With many installed adapters (ranks summing past
+MASKED_RANK) rows are split into segments by adapter (two matmuls, a gather and an `index_copy_` each), and with
+many distinct adapters in one batch (>= `BMM_MIN`) one gathered `bmm` over stacked, rank-padded factors
+(punica/S-LoRA style) runs, one launch whatever the mix.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ SHARE_MIN = 4096
 """Tensors at least this large are shared by reference in a shared copy; smaller ones (norms, biases) are cloned."""
 BMM_MIN = 4
 """Distinct adapters in one batch from which MultiLoRALinear uses the gathered bmm instead of per-adapter segments."""
+MASKED_RANK = 256
+"""Most ranks of all installed adapters together (per layer) for which a batch mixing adapters (fewer than BMM_MIN)
+takes the masked two-matmul update (`MultiLoRALinear._masked`), whose work grows with that sum."""
 
 
 def shared_copy(model: nn.Module) -> nn.Module:
@@ -87,20 +93,23 @@ class MultiLoRALinear(nn.Module):
         self.rows = rows
         self.factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (A (R, in), U = scaling * B (out, R))
         self._stacks: tuple | None = None  # (ids, A (N+1, R, in), U (N+1, out, R), index of each id) for bmm
+        self._cat: tuple | None = None  # (A (sum R, in), U (out, sum R), owner (sum R,)) for the masked update
 
     def add(self, adapter_id: int, a: torch.Tensor, u: torch.Tensor) -> None:
         self.factors[adapter_id] = (a, u)
-        self._stacks = None
+        self._stacks = self._cat = None
 
     def remove(self, adapter_id: int) -> None:
         self.factors.pop(adapter_id, None)
-        self._stacks = None
+        self._stacks = self._cat = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         segments = [(i, r) for i, r in self.rows.segments if i in self.factors]
         if not segments:
             return y
+        if self.rows.ids is not None and len(segments) < BMM_MIN and self._masked_fits():
+            return y + self._masked(x)
         if len(segments) >= BMM_MIN and self.rows.ids is not None:
             return y + self._gathered(x)
         for i, r in segments:
@@ -113,6 +122,25 @@ class MultiLoRALinear(nn.Module):
                 # index_add_, whose CPU kernel (a scatter-add) cost ~15% of a 16-row decode step
                 y.index_copy_(0, r, y.index_select(0, r) + d)
         return y
+
+    def _masked_fits(self) -> bool:
+        return sum(a.shape[0] for a, _ in self.factors.values()) <= MASKED_RANK
+
+    def _masked(self, x: torch.Tensor) -> torch.Tensor:
+        """Every row's update in two matmuls over all adapters' factors side by side: x A_all^T, each row's
+        columns of other adapters zeroed (base rows: all), times U_all^T. Zero terms add nothing, so each row gets
+        its own adapter's sum, as LoRALinear's own zero-padded update matrix does; 2 matmuls a layer instead of 2
+        per adapter with a gather and a copy each (which under passive OpenMP waiting cost ~30 us apiece)."""
+        if self._cat is None or self._cat[0].dtype != x.dtype:
+            ids = sorted(self.factors)
+            A = torch.cat([self.factors[i][0] for i in ids]).to(x.dtype)  # (sum R, in)
+            U = torch.cat([self.factors[i][1] for i in ids], dim=1).to(x.dtype)  # (out, sum R)
+            owner = torch.cat([torch.full((self.factors[i][0].shape[0],), i, device=A.device) for i in ids])
+            self._cat = (A, U, owner)
+        A, U, owner = self._cat
+        keep = (self.rows.ids[:, None] == owner).to(x.dtype)  # (B, sum R)
+        xa = F.linear(x, A) * (keep if x.dim() == 2 else keep[:, None])  # (B, [T,] sum R)
+        return F.linear(xa, U)  # (B, [T,] out)
 
     def _gathered(self, x: torch.Tensor) -> torch.Tensor:
         """Every row's update in one bmm over the rank-padded stacks (row of stack 0 is zeros: base rows)."""
