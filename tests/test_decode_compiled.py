@@ -1,5 +1,7 @@
 """The static KV cache (attention over the whole buffer under a mask) and the compiled decode step (`--compile`)."""
 
+import dataclasses
+
 import pytest
 import torch
 from method_cases import EVERY_METHOD, tiny_args
@@ -113,10 +115,12 @@ def test_compiled_decoding_equals_eager_with_every_method(method):
     assert len(set(eager)) > 3
 
 
-def _lora(seed: int) -> GPT:
-    """The tiny model with a LoRA adapter of non-zero trained weights (seeded): same shapes, other values per seed."""
+def _lora(seed: int, alpha: float | None = None) -> GPT:
+    """The tiny model with a LoRA adapter of non-zero trained weights (seeded): same shapes, other values per seed
+    (and another scale alpha / r with `alpha`)."""
     model = tiny()
-    names = apply_method(model, "lora", tiny_args("lora"))
+    args = tiny_args("lora") if alpha is None else dataclasses.replace(tiny_args("lora"), alpha=alpha)
+    names = apply_method(model, "lora", args)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         params = dict(model.named_parameters())
@@ -136,6 +140,41 @@ def test_a_second_adapter_reuses_the_compiled_step():
     assert list(generate_tokens(first, prompt, 20, compiled=True)) == eager[0]
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert list(generate_tokens(second, prompt, 20, compiled=True)) == eager[1]
+
+
+@needs_inductor
+def test_an_adapter_with_another_alpha_reuses_the_compiled_step():
+    """LoRA's scale alpha / r reaches the compiled step as a tensor input, not a baked constant: an adapter that
+    differs only in alpha decodes through the same graph (no new frame compiled, a recompile raises) and gets its own
+    eager tokens, which differ from the first's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    first, second = _lora(5), _lora(5, alpha=3.0)
+    assert first.transformer.h[0].attn.qkv.scaling != second.transformer.h[0].attn.qkv.scaling
+    prompt = torch.randint(0, 97, (9,), generator=torch.Generator().manual_seed(1))
+    eager = [list(generate_tokens(m, prompt, 20)) for m in (first, second)]
+    assert eager[0] != eager[1], "the scale must change the continuation, or the check below proves nothing"
+    assert list(generate_tokens(first, prompt, 20, compiled=True)) == eager[0]
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert list(generate_tokens(second, prompt, 20, compiled=True)) == eager[1]
+    assert counters["stats"]["unique_graphs"] == graphs
+    with torch.inference_mode():  # and the logits themselves, not only the picks, follow the second scale
+        second.set_kv_cache(1, lt_compile.static_cache_length(12, second.max_tokens), static=True)
+        try:
+            second.decode(prompt[None], torch.arange(9), return_hidden=True)
+            x, pos = prompt[-1:][None], torch.tensor([9])
+            compiled = lt_compile.compiled_decode_step(second)(x, pos)  # (1, V)
+        finally:
+            second.clear_kv_cache()
+        second.set_kv_cache(1, 12)
+        try:
+            second.decode(prompt[None], torch.arange(9), return_hidden=True)
+            ref = lt_compile.decode_step(second, x, pos)  # (1, V)
+        finally:
+            second.clear_kv_cache()
+    torch.testing.assert_close(compiled, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("requested", "budget", "compiled"), [
