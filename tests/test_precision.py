@@ -148,3 +148,21 @@ def test_bf16_mixed_attention_runs_in_fp32_without_amx(monkeypatch, amx):
     out.float().sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)  # bf16 matmuls: ~3 significant digits
+
+
+def test_a_frozen_fp32_head_is_cast_once_while_its_values_stay():
+    """bf16-mixed with a tied fp32 head: the bf16 copy the head's GEMMs use is made once, and made again when the
+    weight changes in place (a resume's load) or another tensor comes."""
+    from leantune.train.loss import frozen_copy, release_frozen_copies
+
+    w = torch.randn(8, 4)
+    first = frozen_copy(w, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and frozen_copy(w, torch.bfloat16) is first
+    w.mul_(2)  # in place: a new version
+    second = frozen_copy(w, torch.bfloat16)
+    assert second is not first and torch.equal(second, (w.to(torch.bfloat16)))
+    other = w.clone()
+    assert frozen_copy(other, torch.bfloat16) is not second
+    assert frozen_copy(w, torch.float32) is w
+    release_frozen_copies()
+    assert frozen_copy(other, torch.bfloat16) is not second
