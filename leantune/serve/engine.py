@@ -55,6 +55,7 @@ from leantune.models.decoder.model import GPT
 from leantune.models.quantize import greedy_tokens
 from leantune.serve.adapters import LoRARows, install_lora, load_onto_copy, lora_factors, shared_copy, uninstall_lora
 from leantune.serve.cache import SlotKVCache, SlotLayout
+from leantune.serve.packed import pack_block_linears
 from leantune.serve.screen import Bf16Screen
 
 log = logging.getLogger("leantune.serve")
@@ -160,14 +161,15 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer, checkpoint_dir: Path, base_name: str, max_batch: int = 8,
                  max_queue: int = 64, max_seq_length: int | None = None, prefix_cache: bool = True,
-                 prefill_chunk: int = PREFILL_CHUNK, mix_prefill: bool = True, screen_head: bool = True) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, mix_prefill: bool = True, screen_head: bool = True,
+                 pack_weights: bool = True) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
         self.pristine = model.eval()
         self.tokenizer, self.checkpoint_dir, self.base_name = tokenizer, Path(checkpoint_dir), base_name
         self.device = model.lm_head.weight.device
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self.mix_prefill, self.screen_head = mix_prefill, screen_head
+        self.mix_prefill, self.screen_head, self.pack_weights = mix_prefill, screen_head, pack_weights
         self._screens: dict[int, tuple[torch.Tensor, Bf16Screen]] = {}  # id(head weight) -> (it, its screen)
         self.prefilling: deque[Request] = deque()  # admitted requests whose prompt is not all in yet, oldest first
         self.mixed: list[tuple[Request, int]] = []  # this turn's (request, chunk end) for the decode step to run
@@ -197,6 +199,8 @@ class Engine:
         """The model-kind part of the engine's state: the served copy with per-row LoRA, the slot KV cache."""
         model, cfg = self.pristine, self.pristine.config
         self.served = shared_copy(model)
+        if self.pack_weights:
+            pack_block_linears(self.served.transformer.h)
         self.rows = LoRARows()
         self.capacity = min(cfg.block_size, max_seq_length or cfg.block_size)
         self.layout = SlotLayout(self.capacity)
