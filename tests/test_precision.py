@@ -148,6 +148,14 @@ def test_bf16_mixed_attention_runs_in_fp32_without_amx(monkeypatch, amx):
     out.float().sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)  # bf16 matmuls: ~3 significant digits
+    for cache_dtype in (torch.float32, torch.bfloat16):  # KV-cache decoding under autocast (samples during training)
+        model.set_kv_cache(2, 16, dtype=cache_dtype)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model.decode(x, torch.arange(12))
+            step = model.decode(x[:, -1:], torch.tensor([12]))
+        model.clear_kv_cache()
+        torch.testing.assert_close(logits.float(), ref, rtol=0.05, atol=0.05)
+        assert step.shape == (2, 1, V) and torch.isfinite(step.float()).all()
 
 
 def test_a_frozen_fp32_head_is_cast_once_while_its_values_stay():

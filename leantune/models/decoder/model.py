@@ -337,6 +337,8 @@ class CausalSelfAttention(nn.Module):
             y = one_query_attention(q, k, v, mask, scale=1.0 / math.sqrt(cfg.head_size))
         else:
             is_causal = mask is None and input_pos is None and T > 1
+            if fp32_attention:  # a KV cache kept in another dtype (the embedding table's) joins q's
+                k, v = k.to(q.dtype), v.to(q.dtype)
             with torch.autocast("cpu", enabled=False) if fp32_attention else contextlib.nullcontext():
                 y = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0 / math.sqrt(cfg.head_size),
