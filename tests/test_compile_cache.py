@@ -1,6 +1,7 @@
 """`--compile` with `--adapter` in a new process: inductor's on-disk cache must serve the compiled decode step again
 (the graph and its cache key may not depend on anything that changes per process: ids, hash order, paths), and an
-adapter that differs only in LoRA's alpha must reuse it too (the scale is a graph input, not a constant)."""
+adapter that differs only in LoRA's alpha or dropout must reuse it too (the scale is a graph input, not a constant;
+eval's dropout is not traced)."""
 
 import json
 import os
@@ -62,12 +63,12 @@ def hit(run: dict) -> bool:
 @pytest.mark.parametrize("quantize", ["int8"])
 def test_a_new_process_with_a_saved_adapter_hits_inductors_cache(tiny_checkpoint, tmp_path, quantize):
     """A finetune's saved adapter folder (a tiny random base): the first process compiles and fills the cache, a
-    second process with the same folder loads the graphs from it; so does an adapter with another alpha."""
+    second process with the same folder loads the graphs from it; so does an adapter with another alpha and dropout."""
     adapter = random_lora(tiny_checkpoint, tmp_path / "lora")
-    other = tmp_path / "lora-alpha"  # the same tensors, another alpha: another scale, the same shapes
+    other = tmp_path / "lora-alpha"  # the same tensors, another alpha (scale) and dropout, the same shapes
     shutil.copytree(adapter, other)
     manifest = json.loads((other / "leantune.json").read_text())
-    manifest["method_args"]["alpha"] = 5.0
+    manifest["method_args"].update(alpha=5.0, dropout=0.2)
     (other / "leantune.json").write_text(json.dumps(manifest))
     cache = tmp_path / "inductor"
 

@@ -115,11 +115,11 @@ def test_compiled_decoding_equals_eager_with_every_method(method):
     assert len(set(eager)) > 3
 
 
-def _lora(seed: int, alpha: float | None = None) -> GPT:
+def _lora(seed: int, **args) -> GPT:
     """The tiny model with a LoRA adapter of non-zero trained weights (seeded): same shapes, other values per seed
-    (and another scale alpha / r with `alpha`)."""
+    (and other LoRAArgs, e.g. alpha, with `args`)."""
     model = tiny()
-    args = tiny_args("lora") if alpha is None else dataclasses.replace(tiny_args("lora"), alpha=alpha)
+    args = dataclasses.replace(tiny_args("lora"), **args)
     names = apply_method(model, "lora", args)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -143,14 +143,14 @@ def test_a_second_adapter_reuses_the_compiled_step():
 
 
 @needs_inductor
-def test_an_adapter_with_another_alpha_reuses_the_compiled_step():
-    """LoRA's scale alpha / r reaches the compiled step as a tensor input, not a baked constant: an adapter that
-    differs only in alpha decodes through the same graph (no new frame compiled, a recompile raises) and gets its own
-    eager tokens, which differ from the first's."""
+def test_an_adapter_with_another_alpha_and_dropout_reuses_the_compiled_step():
+    """LoRA's scale alpha / r reaches the compiled step as a tensor input, not a baked constant, and eval's dropout
+    is not traced at all: an adapter that differs only in alpha and dropout decodes through the same graph (no new
+    graph, a recompile raises) and gets its own eager tokens, which differ from the first's."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    first, second = _lora(5), _lora(5, alpha=3.0)
+    first, second = _lora(5), _lora(5, alpha=3.0, dropout=0.3)
     assert first.transformer.h[0].attn.qkv.scaling != second.transformer.h[0].attn.qkv.scaling
     prompt = torch.randint(0, 97, (9,), generator=torch.Generator().manual_seed(1))
     eager = [list(generate_tokens(m, prompt, 20)) for m in (first, second)]

@@ -159,7 +159,8 @@ class LoRALinear(nn.Module):
         if self.lora_magnitude is not None:
             return dora_forward(self, x)
         y = self.base_forward(x, self.bias)
-        a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., parts * r)
+        x_ = self.dropout(x) if self.training else x  # eval: not traced, so other dropouts share a graph
+        a = F.linear(x_, self.lora_A.to(x.dtype))  # (..., parts * r)
         return y + F.linear(a, self.update_matrix().to(x.dtype))  # (..., out)
 
     def weight_norm(self) -> torch.Tensor:
