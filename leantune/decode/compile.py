@@ -144,6 +144,9 @@ def compiled_decode_step(model: nn.Module, batch_size: int = 1, greedy: bool = F
     overhead, not the weights, is most of an eager step of a small model on a CPU (see bench/decode_cpu.py). The first
     (batch, cache length) compiles a static graph, about a minute on 2 CPU cores the first time and seconds later from
     inductor's on-disk cache; a second shape compiles once more with those sizes symbolic, which then serves all.
+    An adapter's tensors and LoRA's scale are graph inputs and eval skips its dropout, so another adapter of the same
+    shapes (other weights, alpha or dropout) runs the same graph: in this process without a recompile, in a new one
+    from the cache (tests/test_compile_cache.py).
 
     Also None for `batch_size` >= woq.DENSE_BATCH rows of a weight-only quantized model: those steps run its prepacked
     oneDNN weights (opaque to the compiler) and are bound by the GEMMs, so they stay eager."""
