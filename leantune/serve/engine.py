@@ -55,7 +55,7 @@ from leantune.models.decoder.model import GPT
 from leantune.models.quantize import greedy_tokens
 from leantune.serve.adapters import LoRARows, install_lora, load_onto_copy, lora_factors, shared_copy, uninstall_lora
 from leantune.serve.cache import SlotKVCache, SlotLayout
-from leantune.serve.packed import pack_block_linears
+from leantune.serve.packed import PackedLinear, pack_block_linears, packable
 from leantune.serve.screen import Bf16Screen
 
 log = logging.getLogger("leantune.serve")
@@ -201,6 +201,9 @@ class Engine:
         self.served = shared_copy(model)
         if self.pack_weights:
             pack_block_linears(self.served.transformer.h)
+            head = self.served.lm_head
+            if packable(head) and head.weight.dtype == torch.bfloat16:  # an fp32 head is read through Bf16Screen
+                self.served.lm_head = PackedLinear(head)
         self.rows = LoRARows()
         self.capacity = min(cfg.block_size, max_seq_length or cfg.block_size)
         self.layout = SlotLayout(self.capacity)
