@@ -12,7 +12,8 @@ warm-up run of the same prompts that is not timed), the server with one client a
 --concurrency clients at once (--requests requests, continuous batching). Reports every round's tokens/s, p50/p95
 latency per request, and the ratios the issue names: concurrent aggregate / compiled single stream, and concurrent /
 sequential through the server. Every answer is checked against the sequential run's answer for the same request
-(nothing crossed). Prints a table and writes bench/results/serve_cpu.json. Only 127.0.0.1 is used; the run stops by
+(nothing crossed). Prints a table and writes bench/results/serve_cpu.json (serve_cpu_int8.json, serve_cpu_bf16-true.json,
+... under --quantize/--precision). Only 127.0.0.1 is used; the run stops by
 itself.
 """
 
@@ -194,7 +195,8 @@ def main() -> None:
               "precision": single.precision, "rows": rows, "rounds": rounds, "crossed": sorted(crossed),
               "compile_s": single.compile_s,
               "prompt_tokens": health["prompt_tokens"], "prompt_tokens_reused": health["prompt_tokens_reused"]}
-    print(write_result("serve_cpu", result))
+    mode = "".join(f"_{m}" for m in (a.quantize, a.precision) if m)  # fp32 (the defaults): serve_cpu.json
+    print(write_result("serve_cpu" + mode, result))
 
 
 if __name__ == "__main__":
