@@ -202,3 +202,28 @@ def test_chunks_across_a_sliding_window_equal_generate(tmp_path):
         engine.close()
     with pytest.raises(ValueError, match="prefill_chunk"):
         Engine(model, StubTokenizer(), tmp_path, "base", prefill_chunk=0)
+
+
+def test_short_chunks_run_inside_the_decode_step(world):
+    """With mixing on, the base's and the LoRA's short prompts never get a forward of their own: every forward of the
+    served model is one token a row (decode rows and prompt rows together), one per engine turn, and the texts still
+    equal `generate`'s; the prefix adapter (a grouped model) still prefills alone."""
+    ckpt, folders, refs = world
+    engine = new_engine(ckpt, folders.items(), max_batch=4, prefill_chunk=16)
+    shapes = []
+    real = engine.served.decode
+    engine.served.decode = lambda idx, pos, **kw: shapes.append(tuple(idx.shape)) or real(idx, pos, **kw)
+    try:
+        first = submit(engine, "base", PROMPTS[0], max_tokens=12)
+        assert first.finished.wait(60)
+        with engine.cv:  # a running row, then two short prompts that join it
+            running = submit(engine, "lora", PROMPTS[0], max_tokens=20)
+        later = [(n, submit(engine, n, PROMPTS[1], max_tokens=6)) for n in ("base", "lora", "prefix")]
+        assert running.text == refs["lora"].text(PROMPTS[0], 20)
+        for name, c in later:
+            assert c.text == refs[name].text(PROMPTS[1], 6), name
+        assert first.text == refs["base"].text(PROMPTS[0], 12)
+        assert shapes and all(t == 1 for _, t in shapes)  # no (1, T) prefill forward of the served model
+        assert max(b for b, _ in shapes) > 4  # some step carried prompt rows beside its decode rows
+    finally:
+        engine.close()
