@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from leantune.models.decoder.model import _cpu_has_amx
+
 
 class SlotLayout:
     """Where the next forward's keys and values go; shared by every layer's SlotKVCache."""
@@ -56,6 +58,16 @@ class SlotKVCache:
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.filled = 0  # columns [0, filled) of every row hold finite values (written or zeroed)
+        self._fp32_steps = dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not _cpu_has_amx()
+
+    @property
+    def attend_fp32(self) -> bool:
+        """Whether this forward's attention runs on fp32 q, k, v (cast in, cast back; read by CausalSelfAttention).
+        True for a decode or mixed step (one query a row) over a bf16 cache on a CPU without AMX: there bf16 SDPA
+        made the default model's step longer than with the casts (16 rows ~84 vs ~63 ms, 4 rows ~50 vs ~43, 1 row
+        ~40 vs ~38; 2 threads, AVX-512 bf16). Prefill chunks (many queries a row) keep bf16, which was as fast or
+        faster there (20-32 queries over 60-100 keys: the casts took 1.05-1.8x as long)."""
+        return self._fp32_steps and self.layout.cols is not None
 
     def ensure_filled(self, n: int) -> None:
         """Zero columns [filled, n) of every row before anything is written there or read from there."""

@@ -339,11 +339,16 @@ class CausalSelfAttention(nn.Module):
             is_causal = mask is None and input_pos is None and T > 1
             if fp32_attention:  # a KV cache kept in another dtype (the embedding table's) joins q's
                 k, v = k.to(q.dtype), v.to(q.dtype)
+            # only serve's cache has this attribute (SlotKVCache.attend_fp32: its bf16 decode steps attend in fp32)
+            upcast = input_pos is not None and getattr(self.kv_cache, "attend_fp32", False)
+            qa, ka, va = (q.float(), k.float(), v.float()) if upcast else (q, k, v)
             with torch.autocast("cpu", enabled=False) if fp32_attention else contextlib.nullcontext():
                 y = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0 / math.sqrt(cfg.head_size),
+                    qa, ka, va, attn_mask=mask, is_causal=is_causal, scale=1.0 / math.sqrt(cfg.head_size),
                     enable_gqa=cfg.n_query_groups != cfg.n_head,
                 )  # (B, nh, T, hs)
+            if upcast:
+                y = y.to(q.dtype)
         if self.adapter is not None:
             y = y + self.adapter(self, q)
         y = y.transpose(1, 2).reshape(B, y.shape[2], cfg.n_head * cfg.head_size)  # (B, T|m, nh*hs)
