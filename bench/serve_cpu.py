@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import os
 import signal
 import socket
 import statistics
@@ -110,6 +111,17 @@ class compiled_single_stream:
                 "p50_ms": round(q[49] * 1000), "p95_ms": round(q[94] * 1000)}
 
 
+def server_env() -> dict[str, str]:
+    """The server's environment with this process's OpenMP waiting. Left alone, `leantune serve` would look at the
+    machine while this process loads its own model, count it as another runnable task and wait passively, while the
+    single stream it is compared with keeps libgomp's default spinning (passive waiting made a tiny matmul ~3x slower
+    at 2 threads): both sides get the same. Set OMP_WAIT_POLICY or GOMP_SPINCOUNT to choose another for both."""
+    env = dict(os.environ)
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+        env["GOMP_SPINCOUNT"] = "300000"  # libgomp's own default spin count when OMP_WAIT_POLICY is unset
+    return env
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint_dir", type=Path, default=DEFAULT_CHECKPOINT)
@@ -144,7 +156,7 @@ def main() -> None:
                "--prefix_cache", a.prefix_cache]
         cmd += ["--quantize", a.quantize] if a.quantize else []
         cmd += ["--precision", a.precision] if a.precision else []
-        server = subprocess.Popen(cmd)
+        server = subprocess.Popen(cmd, env=server_env())
         single = compiled_single_stream(a)
         try:
             url = f"http://127.0.0.1:{port}"
