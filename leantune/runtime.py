@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -23,6 +24,13 @@ def cpu_bf16_units() -> str | None:
     if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
         return "AVX512-BF16"
     return None
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """`cpu_bf16_units() == "AMX"`, checked once per process: the bf16 attention choices (training's and serve's)
+    read it on every call, and only AMX makes CPU bf16 attention faster than fp32."""
+    return cpu_bf16_units() == "AMX"
 
 
 def default_precision(device: torch.device, training: bool = False) -> str:

@@ -132,7 +132,7 @@ def test_bf16_mixed_attention_runs_in_fp32_without_amx(monkeypatch, amx):
     backward is slower than fp32's there), and stay bf16 with AMX; the products and gradients match fp32's."""
     from leantune.models.decoder import model as decoder
 
-    monkeypatch.setattr(decoder, "_cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(decoder, "cpu_has_amx", lambda: amx)
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(decoder.F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from leantune.models.decoder.config import Config
-from leantune.models.decoder.model import GPT, KVCache, _cpu_has_amx, apply_rope
+from leantune.models.decoder.model import GPT, KVCache, apply_rope
+from leantune.runtime import cpu_has_amx
 from leantune.serve.cache import SlotKVCache, SlotLayout
 
-pytestmark = pytest.mark.skipif(_cpu_has_amx(), reason="with AMX the slot cache keeps bf16 attention")
+pytestmark = pytest.mark.skipif(cpu_has_amx(), reason="with AMX the slot cache keeps bf16 attention")
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from leantune.models.decoder.model import _cpu_has_amx
+from leantune.runtime import cpu_has_amx
 
 
 class SlotLayout:
@@ -58,7 +58,7 @@ class SlotKVCache:
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.filled = 0  # columns [0, filled) of every row hold finite values (written or zeroed)
-        self._fp32_steps = dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not _cpu_has_amx()
+        self._fp32_steps = dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not cpu_has_amx()
 
     @property
     def attend_fp32(self) -> bool:

@@ -2,13 +2,13 @@
 
 Module names follow one scheme (`transformer.h.N.attn.qkv`, `mlp.fc_1`, ...) so PEFT methods swap layers by
 position in the tree, and `leantune.checkpoint.hf` maps HF key layouts onto it. The model imports nothing
-else from leantune except the config: PEFT methods plug in by replacing modules or setting `attn.adapter`.
+else from leantune except the config, its fused ops and runtime's CPU check: PEFT methods plug in by replacing modules
+or setting `attn.adapter`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 import torch
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from leantune.models import ops
 from leantune.models.decoder.config import Config
+from leantune.runtime import cpu_has_amx
 
 # Under torch.compile, end the graph after the qkv projection: a LoRA qkv adds its updates to output slices in
 # place, and inductor fusing those slice writes with RoPE's rotate-half concat gave one slow, mask-heavy loop nest.
@@ -337,11 +338,10 @@ class CausalSelfAttention(nn.Module):
             y = one_query_attention(q, k, v, mask, scale=1.0 / math.sqrt(cfg.head_size))
         else:
             is_causal = mask is None and input_pos is None and T > 1
-            if fp32_attention:  # a KV cache kept in another dtype (the embedding table's) joins q's
-                k, v = k.to(q.dtype), v.to(q.dtype)
-            # only serve's cache has this attribute (SlotKVCache.attend_fp32: its bf16 decode steps attend in fp32)
+            # fp32 attention: under bf16-mixed training (q is fp32 already; a KV cache kept in bf16 joins it), or
+            # serve's bf16 decode steps (SlotKVCache.attend_fp32, the only cache with it), whose output goes back
             upcast = input_pos is not None and getattr(self.kv_cache, "attend_fp32", False)
-            qa, ka, va = (q.float(), k.float(), v.float()) if upcast else (q, k, v)
+            qa, ka, va = (q.float(), k.float(), v.float()) if fp32_attention or upcast else (q, k, v)
             with torch.autocast("cpu", enabled=False) if fp32_attention else contextlib.nullcontext():
                 y = F.scaled_dot_product_attention(
                     qa, ka, va, attn_mask=mask, is_causal=is_causal, scale=1.0 / math.sqrt(cfg.head_size),
@@ -498,12 +498,7 @@ def _attend_in_fp32(qkv: torch.Tensor) -> bool:
     flash attention's bf16 backward without AMX took 2.4x its fp32 time (4 rows x 9 heads x 64 positions, 2 threads).
     With AMX the bf16 kernels run on the tiles and stay."""
     return (qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and not _cpu_has_amx())
-
-
-@functools.cache
-def _cpu_has_amx() -> bool:
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+            and not torch.compiler.is_compiling() and not cpu_has_amx())
 
 
 def _use_fused(x: torch.Tensor) -> bool:
