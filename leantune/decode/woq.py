@@ -217,18 +217,24 @@ def screened_argmax(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return candidates.gather(-1, exact.argmax(-1, keepdim=True)).squeeze(-1)
 
 
+def onednn_packs(w: torch.Tensor) -> bool:
+    """Whether `prepack` reorders this weight: a CPU fp32 one, or bfloat16 where oneDNN runs bfloat16 here."""
+    return (w.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and (w.dtype == torch.float32
+                 or (w.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())))
+
+
 def prepack(w: torch.Tensor) -> torch.Tensor:
-    """(out, in) bfloat16 -> the same weight in oneDNN's blocked layout where oneDNN runs bfloat16 here (else as is)."""
-    if w.device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.ops.mkldnn._reorder_linear_weight(w, 2 * DENSE_BATCH)
-    return w
+    """(out, in) fp32 or bfloat16 -> the same weight in oneDNN's blocked layout where `onednn_packs` (else as is),
+    reordered for calls of about 2 * DENSE_BATCH rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(w, 2 * DENSE_BATCH) if onednn_packs(w) else w
 
 
-def dense_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (M, in) @ w^T for a weight from `prepack` -> (M, out) in x's dtype."""
+def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, in) @ w^T (+ bias) for a weight from `prepack` -> (M, out) in x's dtype."""
     if w.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-    return F.linear(x, w)
+        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    return F.linear(x, w, bias)
 
 
 def dense_weight(weight: torch.Tensor) -> torch.Tensor:

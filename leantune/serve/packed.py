@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from leantune.decode.woq import dense_linear, onednn_packs, prepack
+
 PACK_MAX_BYTES = 2 * 2**30
 """Largest total of block linear weights that the served copy packs (the default model's fp32 body: 0.43 GB)."""
-PACK_BATCH = 16
-"""The batch size oneDNN's reorder is told to expect (the serve default's rows)."""
 
 
 class PackedLinear(nn.Module):
@@ -28,20 +28,17 @@ class PackedLinear(nn.Module):
         self.weight = layer.weight  # the plain weight, for anything that reads it (dtype, device, shape)
         self.bias = layer.bias
         with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), PACK_BATCH)
+            self.packed = prepack(layer.weight.detach())  # reordered for ~16-row calls (serve's default batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         bias = None if self.bias is None else self.bias.detach()
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, bias, "none", [], "")
+        y = dense_linear(x.reshape(-1, self.in_features), self.packed, bias)
         return y.reshape(*lead, self.out_features)  # (..., out)
 
 
 def packable(layer: nn.Module) -> bool:
-    w = getattr(layer, "weight", None)
-    return (type(layer) is nn.Linear and w.device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and (w.dtype == torch.float32 or (w.dtype == torch.bfloat16
-                                              and torch.ops.mkldnn._is_mkldnn_bf16_supported())))
+    return type(layer) is nn.Linear and onednn_packs(layer.weight)
 
 
 def pack_block_linears(blocks: nn.Module) -> int:
