@@ -80,13 +80,10 @@ def test_one_query_attention_equals_sdpa(groups):
 
 
 @needs_inductor
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_compiled_decoding_equals_eager(quantize):
-    from leantune.models.quantize import quantize_for_inference
-
+def test_compiled_decoding_equals_eager():
+    """fp32 (int8's compiled steps multiply in fp32 where its eager kernels round to bfloat16, so they are checked
+    against the dequantized fp32 model instead: test_woq.py)."""
     model = tiny()
-    if quantize:
-        quantize_for_inference(model, quantize)
     prompt = torch.randint(0, 97, (9,))
     eager = list(generate_tokens(model, prompt, 30))
     assert list(generate_tokens(model, prompt, 30, compiled=True)) == eager

@@ -9,9 +9,11 @@ import torch
 from method_cases import EVERY_METHOD, tiny_args
 
 from leantune.cli import main
+from leantune.decode.compile import compile_unavailable_reason
 from leantune.decode.generate import generate_tokens, greedy_batch
 from leantune.decode.woq import (
     DENSE_BATCH,
+    GEMV_ROWS,
     INT4_GROUP,
     SCREEN_CANDIDATES,
     add_screen,
@@ -40,6 +42,7 @@ from leantune.models.quantize import (
 from leantune.peft.lora import LoRAArgs
 
 MODES = ("int8", "int4")
+needs_inductor = pytest.mark.skipif(compile_unavailable_reason() is not None, reason="inductor cannot compile here")
 V = 97
 
 
@@ -67,6 +70,27 @@ def test_kernel_equals_the_dequantized_fp32_product(mode, lead):
     assert y.dtype == torch.float32 and y.shape == (*lead, 48)
     # fp32 accumulation; only the kernel's bfloat16 output rounding (2^-8 relative) separates the two
     assert (y - ref).abs().max() <= 2 ** -8 * ref.abs().max()
+
+
+@needs_inductor
+@pytest.mark.parametrize("rows", [1, GEMV_ROWS, GEMV_ROWS + 1])
+def test_compiled_int8_steps_of_few_rows_multiply_in_fp32(rows):
+    """Under torch.compile, int8 calls of up to GEMV_ROWS rows are inductor's reductions over the fp32 activations:
+    equal to the dequantized fp32 product up to summation order, where the eager kernel's bfloat16 rounding of
+    activations and outputs misses by ~2^-9 relative. More rows keep the kernel."""
+    g = torch.Generator().manual_seed(5)
+    w, b = torch.randn(48, 96, generator=g), torch.randn(48, generator=g)
+    p = quantize_weight_only(w, "int8", torch.float32)
+    x = torch.randn(rows, 96, generator=g)
+    ref = torch.nn.functional.linear(x, dequantize_weight(p), b)
+    compiled = torch.compile(quantized_linear, fullgraph=True, dynamic=False)(x, p, b)
+    eager = quantized_linear(x, p, b)
+    fp32_error, eager_error = (compiled - ref).abs().max(), (eager - ref).abs().max()
+    if rows <= GEMV_ROWS:
+        assert fp32_error <= 1e-5 * ref.abs().max() < eager_error, (fp32_error, eager_error)
+    else:
+        assert fp32_error > 1e-5 * ref.abs().max()  # the bfloat16 kernel, as eager
+        assert (compiled - eager).abs().max() <= 2 ** -7 * ref.abs().max()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -158,6 +182,20 @@ def test_greedy_follows_the_dequantized_fp32_reference(mode, tie):
     batched = greedy_batch(q, short, 12, stop_ids=[])
     exact = sum(picks_follow(ref, p, g) for p, g in [*zip(PROMPTS, got), *zip(short, batched)])
     assert exact >= 0.9 * (32 * len(PROMPTS) + 12 * len(short)), exact  # measured 117-127 of 128 single-stream
+
+
+@needs_inductor
+def test_compiled_int8_greedy_follows_the_dequantized_fp32_reference():
+    """The compiled decode step (`--compile`: fp32 int8 products for one sequence and for a batch of three, the
+    prompts' forward eager) picks the reference's argmax, or a near tie of it, as the eager kernels do."""
+    q = quantize_for_inference(tiny(True, std=0.2), "int8")
+    ref = dequantized_reference(q)
+    got = [list(generate_tokens(q, torch.tensor(p), 32, compiled=True)) for p in PROMPTS]
+    short = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [3]]
+    batched = greedy_batch(q, short, 12, stop_ids=[], compiled=True)
+    assert all(len(set(g)) > 3 for g in got)
+    exact = sum(picks_follow(ref, p, g) for p, g in [*zip(PROMPTS, got), *zip(short, batched)])
+    assert exact >= 0.95 * (32 * len(PROMPTS) + 12 * len(short)), exact
 
 
 def picks_follow(ref: GPT, prompt: list[int], got: list[int]) -> int:
