@@ -174,6 +174,36 @@ def test_an_adapter_with_another_alpha_and_dropout_reuses_the_compiled_step():
     torch.testing.assert_close(compiled, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["lora", "dora", "adalora", "loha", "lokr"])
+def test_an_adapters_scale_is_a_graph_input_not_a_constant(method):
+    """Every scaled adapter layer reads its scale as a tensor under torch.compile (`peft.scale.GraphScale`): layers
+    that differ only in alpha trace one graph (a recompile raises) and each gives its eager output. Dynamo alone
+    decides this (backend="eager"), so no C++ compile runs."""
+    from leantune.methods import get_method
+
+    layers = []
+    for alpha in (2.0, 7.0):
+        model = tiny()
+        args = get_method(method).make_args(tiny_args(method))
+        names = apply_method(model, method, dataclasses.replace(args, alpha=alpha))
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():  # the same non-zero trained state for both
+            params = dict(model.named_parameters())
+            for n in names:
+                params[n].add_(torch.randn(params[n].shape, generator=g) * 0.3)
+        layers.append(model.eval().requires_grad_(False).transformer.h[0].attn.qkv)
+    assert layers[0].scaling != layers[1].scaling
+    x = torch.randn(2, 3, layers[0].in_features, generator=torch.Generator().manual_seed(4))
+    torch._dynamo.reset()
+    forward = torch.compile(lambda layer, x: layer(x), backend="eager", fullgraph=True)
+    with torch.no_grad():
+        eager = [layer(x) for layer in layers]
+        assert not torch.allclose(eager[0], eager[1]), "the scale must change the output, or this proves nothing"
+        torch.testing.assert_close(forward(layers[0], x), eager[0])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            torch.testing.assert_close(forward(layers[1], x), eager[1])
+
+
 @pytest.mark.parametrize(("requested", "budget", "compiled"), [
     (None, 256, False), (None, lt_compile.COMPILE_MIN_TOKENS - 1, False), (None, lt_compile.COMPILE_MIN_TOKENS, True),
     (True, 1, True), (False, 10**6, False),

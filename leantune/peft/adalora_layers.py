@@ -23,6 +23,7 @@ from leantune.models.decoder.model import GPT
 from leantune.models.quantize import compute_dtype_of, is_quantized, quantized_linear
 from leantune.peft.base import mark_trainable, merge_into_linears, params_of
 from leantune.peft.lora_layers import TARGETS, target_layers
+from leantune.peft.scale import GraphScale
 
 STATE_BUFFERS = ("ipt_A", "unc_A", "ipt_E", "unc_E", "ipt_B", "unc_B", "rank_mask")
 """Per layer: EMA of the sensitivity |p * grad| and of its uncertainty for A, E and B, and the final rank mask."""
@@ -97,7 +98,7 @@ class AdaLoRAArgs:
         return tinit, tfinal, total
 
 
-class AdaLoRALinear(nn.Module):
+class AdaLoRALinear(GraphScale, nn.Module):
     """A linear layer with SVD-form updates on one or more contiguous output ranges (`parts`)."""
 
     def __init__(self, base: nn.Module, parts: list[tuple[int, int]], args: AdaLoRAArgs) -> None:
@@ -139,7 +140,7 @@ class AdaLoRALinear(nn.Module):
     def update_matrix(self) -> torch.Tensor:
         """scaling * B as one (out, parts * r) matrix: B_i at part i's rows and columns i*r..(i+1)*r, zeros elsewhere."""
         P, r = len(self.parts), self.r
-        B = self.lora_B * self.scaling
+        B = self.lora_B * self.scale_on(self.lora_B.device)
         if P == 1 and self.parts[0] == (0, self.out_features):
             return B
         rows, prev = [], 0

@@ -59,7 +59,7 @@ class _HadaWeight(torch.autograd.Function):
     autograd would keep both (out, in) products of every adapted layer."""
 
     @staticmethod
-    def forward(ctx, w1a, w1b, w2a, w2b, scale: float):
+    def forward(ctx, w1a, w1b, w2a, w2b, scale: float | torch.Tensor):
         ctx.save_for_backward(w1a, w1b, w2a, w2b)
         ctx.scale = scale
         return ((w1a @ w1b) * (w2a @ w2b)) * scale
@@ -91,7 +91,7 @@ class LoHaFactors(nn.Module):
         init_kaiming(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a)
         nn.init.zeros_(self.hada_w2_b)
 
-    def delta(self, scale: float) -> torch.Tensor:
+    def delta(self, scale: float | torch.Tensor) -> torch.Tensor:
         """This part's (width, in) update, computed in the factors' dtype (outside autocast: backward runs there)."""
         kind = self.hada_w1_a.device.type
         with torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext():

@@ -108,7 +108,7 @@ class LoKrFactors(nn.Module):
         full = getattr(self, f"lokr_w{i}", None)
         return full if full is not None else getattr(self, f"lokr_w{i}_a") @ getattr(self, f"lokr_w{i}_b")
 
-    def delta(self, scale: float) -> torch.Tensor:
+    def delta(self, scale: float | torch.Tensor) -> torch.Tensor:
         """This part's (width, in) update (autograd keeps only the small factors)."""
         return torch.kron(self._w(1), self._w(2)) * scale
 

@@ -25,6 +25,7 @@ from leantune.models.quantize import compute_dtype_of, dequantize_weight, is_qua
 from leantune.models.t5.model import T5
 from leantune.peft.base import mark_trainable, merge_into_linears, params_of
 from leantune.peft.lora_dora import dora_forward, dora_norms, spread_rows, squared_row_norms
+from leantune.peft.scale import GraphScale
 
 TARGETS = ("query", "key", "value", "projection", "mlp", "head")
 
@@ -72,7 +73,7 @@ class DoRAArgs(LoRAArgs):
     flag: ClassVar[str] = "dora"
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(GraphScale, nn.Module):
     """A linear layer with LoRA updates on one or more contiguous output ranges (`parts`)."""
 
     def __init__(self, base: nn.Linear, parts: list[tuple[int, int]], r: int, scaling: float, dropout: float,
@@ -84,7 +85,7 @@ class LoRALinear(nn.Module):
         self.parts = parts
         self.quantized = is_quantized(base.weight)  # a frozen 4/8-bit base (QLoRA): never merged in place
         self.r = r
-        self.scaling = scaling  # also sets _scale, its tensor for compiled graphs
+        self.scaling = scaling  # a float, and a tensor for compiled graphs (GraphScale)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         widths = sum(e - s for s, e in parts)
         factory = dict(device=base.weight.device, dtype=compute_dtype_of(base.weight))
@@ -98,18 +99,6 @@ class LoRALinear(nn.Module):
         self._merged_norm: torch.Tensor | None = None  # DoRA: the row norms a merge divided by, for unmerge
         if not self.lora_A.is_meta:
             self.reset_lora_parameters()
-
-    @property
-    def scaling(self) -> float:
-        return self._scaling
-
-    @scaling.setter
-    def scaling(self, value: float) -> None:
-        # compiled graphs read the scale as a 0-d fp32 CPU tensor, a graph input, where the float would be baked in
-        # as a constant and an adapter with another alpha / r would compile a graph of its own (and miss inductor's
-        # cache). A plain attribute, not a buffer: no state_dict key, untouched by .to(dtype) and to_empty
-        self._scaling = float(value)
-        self._scale = torch.tensor(self._scaling, dtype=torch.float32)
 
     def reset_lora_parameters(self) -> None:
         for i in range(len(self.parts)):  # same init as PEFT, per part
@@ -135,9 +124,7 @@ class LoRALinear(nn.Module):
         zeros elsewhere, so the whole update is one matmul on the stacked A output (no per-part slice writes,
         which cost extra copies in backward)."""
         P, r = len(self.parts), self.r
-        # compiled: the scale as a graph input (see `scaling`); eager: the float, as always
-        scale = self._scale.to(self.lora_B.device) if torch.compiler.is_compiling() else self.scaling
-        B = self.lora_B * scale  # (sum of part widths, r): scaling the small factor, not the output
+        B = self.lora_B * self.scale_on(self.lora_B.device)  # (sum of part widths, r): scaling the small factor, not the output
         if self._full:
             return B
         rows, off, prev = [], 0, 0

@@ -20,6 +20,7 @@ from leantune.models.decoder.model import GPT
 from leantune.models.quantize import compute_dtype_of, is_quantized, quantized_linear
 from leantune.peft.base import mark_trainable, merge_into_linears
 from leantune.peft.lora_layers import TARGETS, target_layers
+from leantune.peft.scale import GraphScale
 
 
 def parse_targets(targets: list[str] | str, flag: str) -> list[str]:
@@ -53,7 +54,7 @@ def init_kaiming(*params: torch.Tensor) -> None:
 _EXACT_SUM_DTYPES = (torch.float32, torch.float64)
 
 
-class LycorisLinear(nn.Module):
+class LycorisLinear(GraphScale, nn.Module):
     """A linear layer plus dW = concat over parts of scaling * factors_i.delta() (zeros between the parts).
 
     Training-only randomness follows PEFT: `module_dropout` skips a part's update for a whole forward, `rank_dropout`
@@ -74,7 +75,7 @@ class LycorisLinear(nn.Module):
         self.merged = False
 
     def _part_delta(self, f: nn.Module, training: bool) -> torch.Tensor:
-        w = f.delta(self.scaling)  # (width, in)
+        w = f.delta(self.scale_on(self.weight.device))  # (width, in)
         if training and self.rank_dropout > 0:
             drop = (torch.rand(w.shape[0]) > self.rank_dropout).to(w.dtype)  # (width,) rows kept, as PEFT draws it
             if self.rank_dropout_scale:
