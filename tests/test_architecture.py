@@ -4,7 +4,7 @@ of leantune modules (they only ever hide a cycle), and no runtime import of the 
 Layers, bottom to top (a module may import its own layer and the ones below; a dotted name matches its package and
 everything under it, the longest match wins):
   0 facts       runtime, the decoder's config, presets and families, T5 presets
-  1 model       models (the two model kinds, fused ops, quantized layers), the decode kernels (compile, woq)
+  1 model       models (the two model kinds, fused ops, quantized layers), the decode kernels (compile, woq, gemv)
   2 parts       checkpoint, data, tokenizer, peft, decode (generate, seq2seq), download, and the kind records
                 (models.kinds: each kind's load/save and decoding entry points live in checkpoint and decode)
   3 library     methods, train, inference, merge, export, estimate, serve, upload
@@ -31,7 +31,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "leantune"
 
 LAYERS = [
     ("runtime", "cpu_threads", "models.decoder.config", "models.decoder.presets", "models.decoder.families", "models.t5.presets"),
-    ("models", "decode.compile", "decode.woq"),
+    ("models", "decode.compile", "decode.woq", "decode.gemv"),
     ("checkpoint", "data", "tokenizer", "peft", "decode", "download", "models.kinds"),
     ("methods", "train", "inference", "merge", "export", "estimate", "serve", "upload"),
     ("evaluation",),

@@ -10,10 +10,10 @@ from method_cases import EVERY_METHOD, tiny_args
 
 from leantune.cli import main
 from leantune.decode.compile import compile_unavailable_reason
+from leantune.decode.gemv import GEMV_ROWS
 from leantune.decode.generate import generate_tokens, greedy_batch
 from leantune.decode.woq import (
     DENSE_BATCH,
-    GEMV_ROWS,
     INT4_GROUP,
     SCREEN_CANDIDATES,
     add_screen,

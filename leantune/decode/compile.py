@@ -11,6 +11,7 @@ stay eager and the caller is told why.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from leantune.decode.gemv import ReductionLinears
 from leantune.decode.woq import DENSE_BATCH, WeightOnlyParameter
 from leantune.models.quantize import greedy_tokens
 
@@ -89,7 +91,8 @@ def static_cache_length(tokens: int, limit: int) -> int:
 def decode_step(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """One KV-cache step: idx (B, T) at input_pos (T,) -> logits (B, padded_vocab) of the last position."""
-    return model.lm_head(_last_hidden(model, idx, input_pos, position_ids, attention_mask))
+    with reduction_linears():
+        return model.lm_head(_last_hidden(model, idx, input_pos, position_ids, attention_mask))
 
 
 def greedy_decode_step(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor,
@@ -97,7 +100,13 @@ def greedy_decode_step(model: nn.Module, idx: torch.Tensor, input_pos: torch.Ten
                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """`decode_step` for greedy decoding: -> the next token ids (B,), through `quantize.greedy_tokens` (a weight-only
     head screens with its int4 copy instead of computing every logit in int8)."""
-    return greedy_tokens(model.lm_head, _last_hidden(model, idx, input_pos, position_ids, attention_mask))
+    with reduction_linears():
+        return greedy_tokens(model.lm_head, _last_hidden(model, idx, input_pos, position_ids, attention_mask))
+
+
+def reduction_linears():
+    """While compiling a decode step: its few-row float products as fused reductions (`gemv.ReductionLinears`)."""
+    return ReductionLinears() if torch.compiler.is_compiling() else contextlib.nullcontext()
 
 
 def _last_hidden(model, idx, input_pos, position_ids, attention_mask) -> torch.Tensor:

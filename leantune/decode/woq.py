@@ -12,7 +12,7 @@ stay in fp32 under `--precision 32-true`. Calls of `DENSE_BATCH` rows or more (a
 decoding) multiply with a prepacked bfloat16 copy of the layer instead (oneDNN's GEMM). Off CPU the weight is
 dequantized per call (correct, not fast).
 
-Under torch.compile (`--compile`, the decode step compiled whole) int8 steps of up to `GEMV_ROWS` sequences skip the
+Under torch.compile (`--compile`, the decode step compiled whole) int8 steps of up to `gemv.GEMV_ROWS` sequences skip the
 kernel: the product is written as a plain reduction over the codes and the fp32 activations (`int8_gemv`), which
 inductor compiles into vectorised loops fused with the step's other work, twice as fast on the default model, and
 exact up to summation order (no bfloat16 rounding).
@@ -41,6 +41,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from leantune.decode.gemv import compiled_gemv_rows
 
 WEIGHT_ONLY_MODES = ("int8", "int4")
 INT4_GROUP = 32  # inputs per int4 scale/zero pair (torch's kernel takes 32, 64, 128 or 256)
@@ -165,24 +167,11 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return y if bias is None else y + bias.to(y.dtype)
 
 
-GEMV_ROWS = 4
-"""Under torch.compile, int8 calls of up to this many rows (a decode step of 1-4 sequences) are written as plain
-reductions (`int8_gemv`) that inductor turns into one vectorised C++ loop per layer, fused with its neighbours,
-instead of `_weight_int8pack_mm` calls. The 150 block products of a default-model token took 4.8 ms this way against
-9.8 ms through the kernel (2 threads, AMD EPYC with AVX512; 6.3 vs 11.4 ms for 2 rows, 9.8 vs 12.9 ms for 4)."""
-
-
-def compiled_gemv_rows(x2: torch.Tensor) -> bool:
-    """Whether a (M, in) input is traced by torch.compile with a static M of at most GEMV_ROWS."""
-    rows = x2.shape[0]
-    return torch.compiler.is_compiling() and isinstance(rows, int) and rows <= GEMV_ROWS
-
-
 def int8_gemv(x2: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x2 (M, in) -> x2 (codes * scales)^T (M, out) in fp32, for inductor to compile: the codes are widened inside
     its loop (never materialised), and the activations stay fp32, so the product is the dequantized fp32 weight's
-    up to summation order (the eager kernel rounds activations and outputs to bfloat16). One reduction per row: a
-    broadcast (M, out, in) product compiled slower from 2 rows on."""
+    up to summation order (the eager kernel rounds activations and outputs to bfloat16). One reduction per row
+    (`gemv.GEMV_ROWS`)."""
     codes = weight.float()  # (out, in)
     rows = [(codes * row.float()).sum(-1) for row in x2.unbind(0)]  # M x (out,)
     return torch.stack(rows) * scales.float()  # (M, out)

@@ -143,8 +143,9 @@ class AdaLoRALinear(GraphScale, nn.Module):
         B = self.lora_B * self.scale_on(self.lora_B.device)
         if P == 1 and self.parts[0] == (0, self.out_features):
             return B
-        rows, prev = [], 0
-        for i, ((s, e), b) in enumerate(zip(self.parts, B.split([e - s for s, e in self.parts]))):
+        rows, prev, off = [], 0, 0
+        for i, (s, e) in enumerate(self.parts):
+            b, off = B[off:off + e - s], off + e - s  # part i's rows (slices, not Tensor.split: see the model's qkv)
             if s > prev:
                 rows.append(B.new_zeros(s - prev, P * r))
             rows.append(F.pad(b, (i * r, (P - i - 1) * r)))  # (width_i, P * r)

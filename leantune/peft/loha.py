@@ -94,7 +94,8 @@ class LoHaFactors(nn.Module):
     def delta(self, scale: float | torch.Tensor) -> torch.Tensor:
         """This part's (width, in) update, computed in the factors' dtype (outside autocast: backward runs there)."""
         kind = self.hada_w1_a.device.type
-        with torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext():
+        off = kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind)  # (a no-op context is not traced at all)
+        with torch.autocast(kind, enabled=False) if off else contextlib.nullcontext():
             return _HadaWeight.apply(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, scale)
 
 

@@ -307,7 +307,10 @@ class CausalSelfAttention(nn.Module):
         fp32_attention = _attend_in_fp32(qkv)
         if fp32_attention:
             qkv = qkv.float()
-        q, k, v = qkv.split(cfg.qkv_sizes, dim=-1)
+        # slices, not Tensor.split: under a compiled decode step's gemv.ReductionLinears dynamo records that Python-level
+        # method as a call AOT autograd's cache refuses (a new process would trace the step again)
+        nq, nk, _ = cfg.qkv_sizes
+        q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
         q = q.view(B, T, cfg.n_head, cfg.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, cfg.n_query_groups, cfg.head_size).transpose(1, 2)  # (B, ng, T, hs)
         v = v.view(B, T, cfg.n_query_groups, cfg.head_size).transpose(1, 2)  # (B, ng, T, hs)
