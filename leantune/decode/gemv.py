@@ -8,10 +8,12 @@ bfloat16 weights, and the 49152-row fp32 head 2.9 against 9.4 ms. Products of mo
 reuse each weight across rows.
 
 `ReductionLinears` swaps `F.linear` for that reduction inside a traced step (the model's linears, PEFT layers' base
-products and adapter factors, the LM head); weight-only int8 layers do the same in `woq.int8_gemv`.
+products and adapter factors, the LM head); weight-only int8 layers reduce over their codes with `row_products` too (`woq.weight_only_linear`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -23,18 +25,22 @@ reduction per row: int8 codes measured 4.8 vs 9.8 ms at 1 row, 6.3 vs 11.4 ms at
 `_weight_int8pack_mm`; a broadcast (rows, out, in) product was slower from 2 rows on."""
 
 
-def compiled_gemv_rows(x2: torch.Tensor) -> bool:
-    """Whether a (M, in) input is traced by torch.compile with a static M of at most GEMV_ROWS."""
-    rows = x2.shape[0]
-    return torch.compiler.is_compiling() and isinstance(rows, int) and rows <= GEMV_ROWS
+def compiled_gemv_rows(x: torch.Tensor) -> bool:
+    """Whether an (..., in) input is traced by torch.compile with static sizes and at most GEMV_ROWS rows."""
+    return (torch.compiler.is_compiling() and all(isinstance(d, int) for d in x.shape)
+            and math.prod(x.shape[:-1]) <= GEMV_ROWS)
+
+
+def row_products(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., in) -> x W^T as (rows, out) fp32 sums, one reduction per row, for inductor to compile: W (float or int8
+    codes) is widened inside its loop, never materialised."""
+    w = weight.float()  # (out, in)
+    return torch.stack([(w * row.float()).sum(-1) for row in x.reshape(-1, x.shape[-1]).unbind(0)])  # (M, out)
 
 
 def float_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., in) -> x W^T + b (..., out) in x's dtype, accumulated in fp32 (as the GEMMs do), for inductor to compile:
-    W is widened inside its loop, never materialised."""
-    rows = x.reshape(-1, x.shape[-1])  # (M, in)
-    w = weight.float()  # (out, in)
-    y = torch.stack([(w * row.float()).sum(-1) for row in rows.unbind(0)])  # (M, out)
+    """x (..., in) -> x W^T + b (..., out) in x's dtype, accumulated in fp32 (as the GEMMs do)."""
+    y = row_products(x, weight)  # (M, out)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
@@ -43,7 +49,7 @@ def float_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 def _reducible(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and weight.dtype == x.dtype and x.dtype in (torch.float32, torch.bfloat16)
             and weight.dim() == 2 and not weight.is_mkldnn and not torch.is_autocast_enabled("cpu")
-            and all(isinstance(d, int) for d in x.shape) and compiled_gemv_rows(x.reshape(-1, x.shape[-1])))
+            and compiled_gemv_rows(x))
 
 
 class ReductionLinears(TorchFunctionMode):

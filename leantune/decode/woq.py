@@ -13,7 +13,7 @@ decoding) multiply with a prepacked bfloat16 copy of the layer instead (oneDNN's
 dequantized per call (correct, not fast).
 
 Under torch.compile (`--compile`, the decode step compiled whole) int8 steps of up to `gemv.GEMV_ROWS` sequences skip the
-kernel: the product is written as a plain reduction over the codes and the fp32 activations (`int8_gemv`), which
+kernel: the product is written as a plain reduction over the codes and the fp32 activations (`gemv.row_products`), which
 inductor compiles into vectorised loops fused with the step's other work, twice as fast on the default model, and
 exact up to summation order (no bfloat16 rounding).
 
@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from leantune.decode.gemv import compiled_gemv_rows
+from leantune.decode.gemv import compiled_gemv_rows, row_products
 
 WEIGHT_ONLY_MODES = ("int8", "int4")
 INT4_GROUP = 32  # inputs per int4 scale/zero pair (torch's kernel takes 32, 64, 128 or 256)
@@ -152,29 +152,19 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     N, K = st.shape
     lead = x.shape[:-1]
     if x.device.type == "cpu":
-        rows = x.reshape(-1, K)  # (M, in)
-        if st.mode == "int8" and compiled_gemv_rows(rows):  # a compiled decode step: inductor's fused loop
-            y = int8_gemv(rows, weight, st.scales)
-        elif rows.shape[0] >= DENSE_BATCH:  # a prompt's positions or many sequences: the dense GEMM
-            y = dense_product(rows.to(KERNEL_DTYPE), weight)
-        elif st.mode == "int8":  # the kernels take 2-D bfloat16 and accumulate in fp32
-            y = torch.ops.aten._weight_int8pack_mm(rows.to(KERNEL_DTYPE), weight, st.scales)
+        x2 = x.reshape(-1, K).to(KERNEL_DTYPE)  # (M, in): the kernels take 2-D bfloat16 and accumulate in fp32
+        if st.mode == "int8" and compiled_gemv_rows(x):  # a compiled decode step: inductor's fused loop, fp32 input
+            y = row_products(x, weight) * st.scales.float()  # the codes' products times their row scales
+        elif x2.shape[0] >= DENSE_BATCH:  # a prompt's positions or many sequences: the dense GEMM
+            y = dense_product(x2, weight)
+        elif st.mode == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2, weight, st.scales)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(KERNEL_DTYPE), weight, st.group_size, st.scales)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, st.group_size, st.scales)
         y = y.to(x.dtype).reshape(*lead, N)  # (..., out)
     else:
         y = F.linear(x, dequantize_weight_only(weight).to(x.dtype))
     return y if bias is None else y + bias.to(y.dtype)
-
-
-def int8_gemv(x2: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x2 (M, in) -> x2 (codes * scales)^T (M, out) in fp32, for inductor to compile: the codes are widened inside
-    its loop (never materialised), and the activations stay fp32, so the product is the dequantized fp32 weight's
-    up to summation order (the eager kernel rounds activations and outputs to bfloat16). One reduction per row
-    (`gemv.GEMV_ROWS`)."""
-    codes = weight.float()  # (out, in)
-    rows = [(codes * row.float()).sum(-1) for row in x2.unbind(0)]  # M x (out,)
-    return torch.stack(rows) * scales.float()  # (M, out)
 
 
 def dense_product(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
