@@ -22,7 +22,7 @@ from leantune.models.decoder.families import FAMILIES
 from leantune.models.decoder.model import GPT
 from leantune.models.quantize import compute_dtype_of, is_quantized, quantized_linear
 from leantune.peft.base import mark_trainable, merge_into_linears, params_of
-from leantune.peft.lora_layers import TARGETS, target_layers
+from leantune.peft.lora_layers import TARGETS, parts_matrix, target_layers
 from leantune.peft.scale import GraphScale
 
 STATE_BUFFERS = ("ipt_A", "unc_A", "ipt_E", "unc_E", "ipt_B", "unc_B", "rank_mask")
@@ -139,20 +139,9 @@ class AdaLoRALinear(GraphScale, nn.Module):
 
     def update_matrix(self) -> torch.Tensor:
         """scaling * B as one (out, parts * r) matrix: B_i at part i's rows and columns i*r..(i+1)*r, zeros elsewhere."""
-        P, r = len(self.parts), self.r
         B = self.lora_B * self.scale_on(self.lora_B.device)
-        if P == 1 and self.parts[0] == (0, self.out_features):
-            return B
-        rows, prev, off = [], 0, 0
-        for i, (s, e) in enumerate(self.parts):
-            b, off = B[off:off + e - s], off + e - s  # part i's rows (slices, not Tensor.split: see the model's qkv)
-            if s > prev:
-                rows.append(B.new_zeros(s - prev, P * r))
-            rows.append(F.pad(b, (i * r, (P - i - 1) * r)))  # (width_i, P * r)
-            prev = e
-        if prev < self.out_features:
-            rows.append(B.new_zeros(self.out_features - prev, P * r))
-        return torch.cat(rows)  # (out, P * r)
+        full = len(self.parts) == 1 and self.parts[0] == (0, self.out_features)
+        return B if full else parts_matrix(B, self.parts, self.r, self.out_features)
 
     def delta_weight(self) -> torch.Tensor:
         """The full (out, in) update, computed in fp32."""

@@ -73,6 +73,23 @@ class DoRAArgs(LoRAArgs):
     flag: ClassVar[str] = "dora"
 
 
+def parts_matrix(B: torch.Tensor, parts: list[tuple[int, int]], r: int, out: int) -> torch.Tensor:
+    """(sum of part widths, r) -> (out, parts * r): part i's rows of B at its output range and columns i*r..(i+1)*r,
+    zeros elsewhere, so an update over several parts is one matmul on the stacked A output (no per-part slice writes,
+    which cost extra copies in backward). Rows are sliced, not `Tensor.split`: under a compiled decode step's
+    `gemv.ReductionLinears` dynamo records that Python-level method as a call AOT autograd's cache refuses."""
+    P = len(parts)
+    rows, off, prev = [], 0, 0
+    for i, (s, e) in enumerate(parts):  # parts are disjoint and in output order
+        if s > prev:
+            rows.append(B.new_zeros(s - prev, P * r))
+        rows.append(F.pad(B[off:off + e - s], (i * r, (P - i - 1) * r)))  # (width_i, P * r)
+        off, prev = off + e - s, e
+    if prev < out:
+        rows.append(B.new_zeros(out - prev, P * r))
+    return torch.cat(rows)  # (out, P * r)
+
+
 class LoRALinear(GraphScale, nn.Module):
     """A linear layer with LoRA updates on one or more contiguous output ranges (`parts`)."""
 
@@ -120,22 +137,9 @@ class LoRALinear(GraphScale, nn.Module):
         return (self.update_matrix().float() @ self.lora_A.float()).to(self.lora_A.dtype)
 
     def update_matrix(self) -> torch.Tensor:
-        """scaling * B as one (out, parts * r) matrix: part i's B_i at its output rows and columns i*r..(i+1)*r,
-        zeros elsewhere, so the whole update is one matmul on the stacked A output (no per-part slice writes,
-        which cost extra copies in backward)."""
-        P, r = len(self.parts), self.r
+        """scaling * B as one (out, parts * r) matrix (`parts_matrix`)."""
         B = self.lora_B * self.scale_on(self.lora_B.device)  # (sum of part widths, r): scaling the small factor, not the output
-        if self._full:
-            return B
-        rows, off, prev = [], 0, 0
-        for i, (s, e) in enumerate(self.parts):  # parts are disjoint and in output order
-            if s > prev:
-                rows.append(B.new_zeros(s - prev, P * r))
-            rows.append(F.pad(B[off:off + e - s], (i * r, (P - i - 1) * r)))  # (width_i, P * r)
-            off, prev = off + e - s, e
-        if prev < self.out_features:
-            rows.append(B.new_zeros(self.out_features - prev, P * r))
-        return torch.cat(rows)  # (out, P * r)
+        return B if self._full else parts_matrix(B, self.parts, self.r, self.out_features)
 
     def base_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return quantized_linear(x, self.weight, bias) if self.quantized else F.linear(x, self.weight, bias)
