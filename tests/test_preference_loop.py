@@ -23,7 +23,14 @@ from leantune.peft.base import adapter_off, switchable_layers
 from leantune.peft.lora import LoRAArgs
 from leantune.train.args import EvalArgs, TrainArgs
 from leantune.train.optim import OptimizerArgs
-from leantune.train.preference import PreferenceArgs, PreferenceObjective, adapter_off_reference, shard_pairs
+from leantune.train.preference import (
+    PrecomputedReference,
+    PreferenceArgs,
+    PreferenceObjective,
+    adapter_off_reference,
+    compute_reference_table,
+    shard_pairs,
+)
 from leantune.train.step import train_step
 
 
@@ -120,13 +127,13 @@ def tiny_lora():
     return model, names
 
 
-def pair_batch(n_pairs: int, seed: int = 0) -> dict:
+def pair_batch(n_pairs: int, seed: int = 0, first_index: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     pairs = []
     for i in range(n_pairs):
         p, c, r = (torch.randint(3, 61, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
                    for _ in range(3))
-        pairs.append(PairSample([1, *p], c, r, i, index=i))
+        pairs.append(PairSample([1, *p], c, r, i, index=first_index + i))
     return collate_pairs(pairs, pad_id=0)
 
 
@@ -179,6 +186,20 @@ def test_an_empty_pair_share_contributes_nothing():
     assert float(terms["pairs"].detach()) == 0.0 and all(float(v) == 0.0 for v in stats.values())
 
 
+def test_a_reference_over_the_first_batches_only_refuses_other_pairs():
+    """`evaluate --max_batches N` computes the reference log-probs of the first N batches' pairs only; a pair outside
+    them fails in one line instead of scoring against NaN."""
+    model, _ = tiny_lora()
+    batches = [pair_batch(2, seed=s, first_index=2 * s) for s in range(3)]  # pairs 0-1, 2-3, 4-5
+    full = compute_reference_table(model, batches, 6, torch.device("cpu"))
+    first = compute_reference_table(model, batches, 6, torch.device("cpu"), max_batches=1)
+    assert torch.equal(first[:2], full[:2]) and bool(first[2:].isnan().all()) and not bool(full.isnan().any())
+    reference = PrecomputedReference({"train": first})
+    assert torch.equal(reference(model, batches[0]), torch.cat([full[:2, 0], full[:2, 1]]))
+    with pytest.raises(RuntimeError, match="no reference log-probs for some train pairs"):
+        reference(model, batches[1])
+
+
 def test_evaluate_preference_metric_against_the_base(tiny_checkpoint, pair_file, tmp_path):
     """The trained adapter's held-out reward accuracy equals what training logged at its end; the base against
     itself has rewards 0 (accuracy 0, margin 0); data without pairs is refused before a model loads."""
@@ -189,6 +210,9 @@ def test_evaluate_preference_metric_against_the_base(tiny_checkpoint, pair_file,
     assert out["base"]["reward_accuracy"] == 0.0 and out["base"]["reward_margin"] == 0.0
     assert out["reward_accuracy"] == pytest.approx(report["val_reward_accuracy"], abs=1e-6)
     assert out["reward_margin"] == pytest.approx(report["val_reward_margin"], abs=1e-4)
+    first = evaluate_command(checkpoint_dir=tiny_checkpoint, adapter=tmp_path / "run" / "final", data=data,
+                             metric="preference", max_seq_length=64, batch_size=1, max_batches=1)
+    assert first["reward_accuracy"] in (0.0, 1.0)  # one pair scored, against a reference of that pair alone
     with pytest.raises(ValueError, match="--metric preference scores chosen/rejected pairs"):
         evaluate_command(checkpoint_dir=tiny_checkpoint, data=JSON(json_path=pair_file), metric="preference")
 

@@ -161,7 +161,7 @@ def evaluate(
                 prepared_for = ckpt
                 if "preference" in evaluators:
                     evaluators["preference_objective"] = base_reference(ckpt, adapter_dir, model, data, precision,
-                                                                        quantize, device)
+                                                                        quantize, device, max_batches)
             results[label], preds = measure(model, evaluators, data, device, max_batches, prefix)
         if task_specs is not None:
             specs, manager, local = task_specs
@@ -302,7 +302,9 @@ def measure(model, evaluators: dict[str, Any], data: DataModule, device: torch.d
                                     max_batches)
         out.update(reward_accuracy=row["val_reward_accuracy"], reward_margin=row["val_reward_margin"],
                    dpo_loss=row["val_loss"])
-        print(f"{prefix}held-out pairs ({len(data.val_dataset)}), the base model as reference (beta "
+        pairs = len(data.val_dataset)
+        shown = f"{pairs}" if max_batches is None else f"at most {max_batches} batches of {pairs}"
+        print(f"{prefix}held-out pairs ({shown}), the base model as reference (beta "
               f"{PreferenceArgs.beta}): reward accuracy {out['reward_accuracy']:.1%}, margin "
               f"{out['reward_margin']:.4f}, DPO loss {out['dpo_loss']:.4f}")
     if "loss" in evaluators:
@@ -323,13 +325,15 @@ def measure(model, evaluators: dict[str, Any], data: DataModule, device: torch.d
 
 
 def base_reference(ckpt: Path, adapter_dir: Path | None, model, data: DataModule, precision: str,
-                   quantize: str | None, device: torch.device) -> PreferenceObjective:
-    """DPO's objective on the held-out pairs with the base model (`ckpt` without adapter) as the reference: its
-    log-probs computed once (the model itself when no adapter is applied: rewards are then 0)."""
+                   quantize: str | None, device: torch.device, max_batches: int | None) -> PreferenceObjective:
+    """DPO's objective on the held-out pairs (those of the first `max_batches` batches) with the base model (`ckpt`
+    without adapter) as the reference: its log-probs computed once (the model itself when no adapter is applied:
+    rewards are then 0)."""
     base = model
     if adapter_dir is not None:
         base, _, _, _ = load_for_inference(ckpt, precision, None, quantize)
-    table = compute_reference_table(base, data.val_dataloader(), len(data.val_dataset), device)
+    table = compute_reference_table(base, data.val_dataloader(), len(data.val_dataset), device,
+                                    max_batches=max_batches)
     del base
     gc.collect()
     return PreferenceObjective("dpo", PreferenceArgs(), PrecomputedReference({"val": table}))

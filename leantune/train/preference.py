@@ -21,6 +21,7 @@ Rewards are beta * (log-prob - reference) for dpo/ipo, beta * log-prob (mean log
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -262,17 +263,23 @@ class PrecomputedReference:
     def __call__(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         table = self.tables[batch["split"]]
         idx = batch["pair_index"].to(table.device)
-        return torch.cat([table[idx, 0], table[idx, 1]])
+        ref = torch.cat([table[idx, 0], table[idx, 1]])
+        if bool(ref.isnan().any()):
+            raise RuntimeError(f"no reference log-probs for some {batch['split']} pairs of this batch (the table "
+                               "covers only the batches it was computed over)")
+        return ref
 
 
 def compute_reference_table(model: torch.nn.Module, loader, n: int, device: torch.device,
-                            autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> torch.Tensor:
-    """(n, 2) summed chosen/rejected response log-probs of `model` over every pair of a split's loader."""
+                            autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+                            max_batches: int | None = None) -> torch.Tensor:
+    """(n, 2) summed chosen/rejected response log-probs of `model` over every pair of a split's loader, or over the
+    pairs of its first `max_batches` batches (the other rows stay NaN: `evaluate --max_batches` reads no more)."""
     table = torch.full((n, 2), float("nan"))
     was = model.training
     model.eval()
     with torch.no_grad():
-        for batch in loader:
+        for batch in itertools.islice(loader, max_batches):
             B = int(batch["pairs"])
             b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             with autocast():
@@ -280,7 +287,7 @@ def compute_reference_table(model: torch.nn.Module, loader, n: int, device: torc
             idx = batch["pair_index"]
             table[idx, 0], table[idx, 1] = logps[:B], logps[B:]
     model.train(was)
-    if bool(table.isnan().any()):
+    if max_batches is None and bool(table.isnan().any()):
         raise RuntimeError("reference log-probs missing for some pairs (the loader skipped rows)")
     return table
 
