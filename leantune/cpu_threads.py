@@ -18,15 +18,20 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 RUNNABLE_SAMPLES = 5
 """How many times `current_load` reads the runnable tasks (2 ms apart); the median counts, so a task that runs for a
 moment (a shell, a pipe's other end) does not make the machine busy."""
 
 SAMPLE_GAP_S = 0.002
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -144,3 +149,30 @@ def apply_threads(threads: int | None) -> ThreadChoice:
     choice = ThreadChoice(threads, cpus, True) if threads else ThreadChoice(min(cpus, _torch_default), cpus, False)
     torch.set_num_threads(choice.threads)
     return choice
+
+
+def in_own_thread(fn: Callable[..., T], *args, **kwargs) -> T:
+    """fn(*args, **kwargs) run in a thread of its own that ends with it: its result, or its exception raised here.
+
+    For heavy torch work (loading a model or an adapter) in a thread that lives on while another thread does the
+    decoding, as `leantune serve`'s main and request threads do beside its engine thread. libgomp keeps an OpenMP
+    thread pool for every thread that has run a parallel region, for as long as that thread lives, and once it manages
+    more threads than there are CPUs it cuts every waiting thread's spin to ~100 iterations: each small op of the
+    decoding thread then waits for a sleeping worker to wake. On 2 cores a [16, 576] x [576, 16] matmul took ~80-100
+    us instead of ~6, and the default model's 16-row serve step ~70 ms instead of ~59. A thread that ends takes its
+    pool with it."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append((True, fn(*args, **kwargs)))
+        except BaseException as e:  # raised again in the caller's thread
+            result.append((False, e))
+
+    thread = threading.Thread(target=run, name=f"leantune-{getattr(fn, '__name__', 'work')}", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from leantune.commands.flags import check_at_least, check_folder, check_model_flags, check_threads
-from leantune.cpu_threads import apply_threads
+from leantune.cpu_threads import apply_threads, in_own_thread
 from leantune.download import DEFAULT_CHECKPOINT
 from leantune.inference import load_for_inference
 from leantune.models.kinds import SERVE, kind_of_folder
@@ -144,7 +144,8 @@ def serve(
     kind = kind_of_folder(checkpoint_dir)
     kind.check(SERVE)
     engine_class = Seq2SeqEngine if kind.seq2seq else Engine  # the one place the model kind picks the engine
-    model, tokenizer, precision, _ = load_for_inference(checkpoint_dir, precision, None, quantize)
+    # loaded in a thread that ends, so that the engine thread's OpenMP pool is the only one (cpu_threads.in_own_thread)
+    model, tokenizer, precision, _ = in_own_thread(load_for_inference, checkpoint_dir, precision, None, quantize)
     name = model_name or Path(checkpoint_dir).name
     if name in adapters:
         raise ValueError(f"--adapter {name}: that is the base model's name; pick another (or set --model_name)")

@@ -121,12 +121,13 @@ def _compiled(step):
 
 
 COMPILE_MIN_TOKENS = 1024
-"""Unset --compile compiles the decode step only for answers allowed at least this many tokens. Even from inductor's
-cache the compile takes 7-20 s on 2 CPU cores (the graph is traced again in each process), and it saves 4-15 ms a
-token with --quantize int8/int4 on the default model (bench/results/compile_cpu_int8.json on a loaded 2-core VM:
-int8 eager 30.1/27.7 tokens/s, compiled 38.0/31.3 after a 7.9/7.4 s cached compile; decode_cpu.json, quieter: int8
-28 -> 47, int4 36 -> 70), so it is won back after roughly 1000-1800 tokens; a first, uncached compile (about a
-minute) needs several thousand."""
+"""Unset --compile compiles the decode step only for answers allowed at least this many tokens. On the default model (2
+CPU cores, 128 greedy tokens, bench/results/compile_cpu.json) compiling saves ~37 ms a token in fp32 (18 -> 54
+tokens/s), ~10.5 ms under int8 (53 -> 119) and ~17 ms under int4 (38 -> 108), against 8-10 s for a compile from
+inductor's cache (the step is traced again in each process) and 14-38 s for a first one. So a cached compile is won
+back after ~210 (fp32), ~560 (int4) and ~940 (int8) tokens, a first one only after 900-3600. The budget is an upper
+bound (most answers stop at EOS well before it) and a run cannot tell cheaply whether the cache holds its graph, so
+the threshold stays where every mode wins back even a first compile in most runs."""
 
 
 def wants_compile(requested: bool | None, max_new_tokens: int) -> bool:

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from leantune.cpu_threads import in_own_thread
 from leantune.decode.generate import Sampling, StopStringFilter, sample
 from leantune.models.decoder.model import GPT
 from leantune.models.quantize import greedy_tokens
@@ -174,7 +175,7 @@ class Engine:
         self._screens: dict[int, tuple[torch.Tensor, Bf16Screen]] = {}  # id(head weight) -> (it, its screen)
         self.prefilling: deque[Request] = deque()  # admitted requests whose prompt is not all in yet, oldest first
         self.mixed: list[tuple[Request, int]] = []  # this turn's (request, chunk end) for the decode step to run
-        self._setup(max_seq_length)
+        in_own_thread(self._setup, max_seq_length)  # its OpenMP pool must not outlive it (cpu_threads.in_own_thread)
         self.eos = set(tokenizer.eos_ids)
         self.adapters: dict[str, Adapter] = {base_name: Adapter(base_name, None, "base", shared=True)}
         self._pending: set[str] = set()
@@ -304,8 +305,9 @@ class Engine:
                 raise FileExistsError(f"a model named {name!r} is already being served; unload it first")
             self._pending.add(name)
         try:
-            model, manifest = load_onto_copy(self.pristine, Path(path), self.checkpoint_dir)
-            factors = lora_factors(self.pristine, model)
+            # in a thread that ends: the caller (the main thread, a request thread) lives on beside the engine
+            model, manifest = in_own_thread(load_onto_copy, self.pristine, Path(path), self.checkpoint_dir)
+            factors = in_own_thread(lora_factors, self.pristine, model)
             adapter = Adapter(name, Path(path), manifest.get("method", "?"), shared=factors is not None)
             if factors is not None:
                 adapter.id = self._take_id()
