@@ -53,6 +53,27 @@ def test_a_near_tie_bfloat16_cannot_see_is_decided_in_fp32():
         assert Bf16Screen(head).argmax(x).tolist() == head(x).argmax(-1).tolist() == [7, 7]
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_rows_unsure_of_their_candidates_score_the_tokens_still_in_the_running(bias, monkeypatch):
+    """With 2 candidates a row most often cannot prove its winner among them: the tokens whose bound still reaches the
+    best candidate are scored in fp32, and the picks are the fp32 argmax without the full head."""
+    head = head_of(3000, 64, bias)
+    x = torch.randn(40, 64) * 3
+    screen = Bf16Screen(head)
+    screen.k = 2
+    calls = []
+    real = screen_module.F.linear
+    monkeypatch.setattr(screen_module.F, "linear", lambda *a: calls.append(1) or real(*a))
+    widened = []
+    real_widen = screen._widen
+    screen._widen = lambda x_, *a: widened.append(len(x_)) or real_widen(x_, *a)
+    with torch.no_grad():
+        want = head(x).argmax(-1)
+        calls.clear()
+        assert torch.equal(screen.argmax(x), want)
+    assert widened and widened[0] > 0 and not calls  # unsure rows were widened, never through the full head
+
+
 def test_near_flat_logits_fall_back_to_the_fp32_head(monkeypatch):
     """Rows of a near-constant head leave every token a candidate: the full fp32 head decides (same pick)."""
     head = head_of(1000, 16)
