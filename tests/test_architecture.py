@@ -31,7 +31,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "leantune"
 
 LAYERS = [
     ("runtime", "cpu_threads", "models.decoder.config", "models.decoder.presets", "models.decoder.families", "models.t5.presets"),
-    ("models", "decode.compile", "decode.woq", "decode.gemv"),
+    ("models", "decode.compile", "decode.woq", "decode.gemv", "decode.packed"),
     ("checkpoint", "data", "tokenizer", "peft", "decode", "download", "models.kinds"),
     ("methods", "train", "inference", "merge", "export", "estimate", "serve", "upload"),
     ("evaluation",),

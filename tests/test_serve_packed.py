@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from leantune.serve import packed as packed_module
-from leantune.serve.packed import PackedLinear, pack_block_linears, packable
+from leantune.decode import packed as packed_module
+from leantune.decode.packed import PackedLinear, pack_block_linears, packable
 
 pytestmark = pytest.mark.skipif(not packable(nn.Linear(2, 2)), reason="no oneDNN on this build")
 

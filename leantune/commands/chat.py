@@ -19,7 +19,7 @@ from leantune.cpu_threads import apply_threads
 from leantune.decode.compile import wants_compile
 from leantune.decode.generate import Sampling, bos_for_rendered, stream_text
 from leantune.download import DEFAULT_CHECKPOINT
-from leantune.inference import load_for_inference
+from leantune.inference import load_for_inference, pack_for_eager_decoding
 
 HELP = ('commands: /reset clears the history, /save FILE writes the conversation as JSON, /exit (or Ctrl-D) quits; '
         'end a line with \\ to continue it, or open and close a multi-line block with """')
@@ -151,6 +151,8 @@ def chat(
     if compile:
         print("[--compile: the first answer waits for the decode step to compile (about a minute the first time)]",
               file=sys.stderr)
+    else:
+        pack_for_eager_decoding(model)
     while True:
         user = read_message()
         if user is None:

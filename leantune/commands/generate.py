@@ -13,7 +13,7 @@ from leantune.cpu_threads import apply_threads
 from leantune.decode.compile import wants_compile
 from leantune.decode.generate import Sampling, encode_prompt, generate_tokens, stream_text
 from leantune.download import DEFAULT_CHECKPOINT
-from leantune.inference import load_for_inference, seq2seq_answer
+from leantune.inference import load_for_inference, pack_for_eager_decoding, seq2seq_answer
 from leantune.models.kinds import is_seq2seq
 
 
@@ -107,6 +107,8 @@ def generate(
             pass
         warm.close()
         print(f"[compiled in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    else:
+        pack_for_eager_decoding(model)
     text, n, t0 = stream_text(model, tokenizer, ids, max_new_tokens, sampling, stop, generator, compiled=compile)
     dt = time.perf_counter() - t0
     print(f"\n[{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s, prompt {len(ids)} tokens, {precision}]", file=sys.stderr)

@@ -52,11 +52,11 @@ import torch
 
 from leantune.cpu_threads import in_own_thread
 from leantune.decode.generate import Sampling, StopStringFilter, sample
+from leantune.decode.packed import PackedLinear, pack_block_linears, packable
 from leantune.models.decoder.model import GPT
 from leantune.models.quantize import greedy_tokens
 from leantune.serve.adapters import LoRARows, install_lora, load_onto_copy, lora_factors, shared_copy, uninstall_lora
 from leantune.serve.cache import SlotKVCache, SlotLayout
-from leantune.serve.packed import PackedLinear, pack_block_linears, packable
 from leantune.serve.screen import Bf16Screen
 
 log = logging.getLogger("leantune.serve")

@@ -1,4 +1,5 @@
-"""The served model's block linears with their weights in oneDNN's blocked layout (CPU), packed once at start.
+"""Block linears with their weights in oneDNN's blocked layout (CPU), packed once: the served model's, and eager
+decoding's in `generate` and `chat` (`inference.pack_for_eager_decoding`).
 
 torch's eager F.linear on CPU multiplies fp32 through MKL's sgemm with the weight as stored; oneDNN's matmul on a
 weight reordered once for its kernels measured ~2x faster on the default model's body (150 block matmuls, 2 threads,
