@@ -122,10 +122,10 @@ def _compiled(step):
 
 COMPILE_MIN_TOKENS = 1024
 """Unset --compile compiles the decode step only for answers allowed at least this many tokens. On the default model (2
-CPU cores, 128 greedy tokens, bench/results/compile_cpu.json) compiling saves ~37 ms a token in fp32 (18 -> 54
-tokens/s), ~10.5 ms under int8 (53 -> 119) and ~17 ms under int4 (38 -> 108), against 8-10 s for a compile from
-inductor's cache (the step is traced again in each process) and 14-38 s for a first one. So a cached compile is won
-back after ~210 (fp32), ~560 (int4) and ~940 (int8) tokens, a first one only after 900-3600. The budget is an upper
+CPU cores, 128 greedy tokens, bench/results/compile_cpu.json) compiling saves ~23 ms a token in fp32 (~24.5 tokens/s
+eager with packed linears -> 54), ~10.5 ms under int8 (53 -> 119) and ~17 ms under int4 (38 -> 108), against 8-10 s
+for a compile from inductor's cache (the step is traced again in each process) and 14-38 s for a first one. So a
+cached compile is won back after ~350 (fp32), ~560 (int4) and ~940 (int8) tokens, a first one only after 900-3600. The budget is an upper
 bound (most answers stop at EOS well before it) and a run cannot tell cheaply whether the cache holds its graph, so
 the threshold stays where every mode wins back even a first compile in most runs."""
 
