@@ -297,17 +297,16 @@ class Engine:
                     "prompt_tokens_reused": self.reused_tokens}
 
     def add_adapter(self, name: str, path: Path) -> Adapter:
-        """Load an adapter folder (leantune or PEFT, any method) under `name`; runs in the caller's thread, installs
-        between two decode steps. Raises ValueError/FileNotFoundError for a bad name or folder."""
+        """Load an adapter folder (leantune or PEFT, any method) under `name`; the caller waits while it loads (in a
+        thread that ends, so the caller keeps no OpenMP pool beside the engine's: `cpu_threads.in_own_thread`), and it
+        installs between two decode steps. Raises ValueError/FileNotFoundError for a bad name or folder."""
         check_adapter_name(name)
         with self.cv:
             if name in self.adapters or name in self._pending:
                 raise FileExistsError(f"a model named {name!r} is already being served; unload it first")
             self._pending.add(name)
         try:
-            # in a thread that ends: the caller (the main thread, a request thread) lives on beside the engine
-            model, manifest = in_own_thread(load_onto_copy, self.pristine, Path(path), self.checkpoint_dir)
-            factors = in_own_thread(lora_factors, self.pristine, model)
+            model, manifest, factors = in_own_thread(self._load_adapter, Path(path))
             adapter = Adapter(name, Path(path), manifest.get("method", "?"), shared=factors is not None)
             if factors is not None:
                 adapter.id = self._take_id()
@@ -323,6 +322,11 @@ class Engine:
         finally:
             with self.cv:
                 self._pending.discard(name)
+
+    def _load_adapter(self, path: Path) -> tuple[torch.nn.Module, dict, dict | None]:
+        """(a shared copy of the base with the adapter applied, its manifest, its LoRA factors or None)."""
+        model, manifest = load_onto_copy(self.pristine, path, self.checkpoint_dir)
+        return model, manifest, lora_factors(self.pristine, model)
 
     def remove_adapter(self, name: str) -> None:
         """Unload an adapter: new requests for it get 404 at once; requests already queued or running finish."""
