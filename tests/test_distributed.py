@@ -39,6 +39,7 @@ from leantune.models.t5.model import T5, T5Config
 from leantune.peft.adapter_v2 import AdapterV2Args
 from leantune.peft.lora import LoRAArgs
 from leantune.peft.lora_layers import DoRAArgs
+from leantune.train import distributed
 from leantune.train.distributed import (
     DCP_DIR,
     FSDPArgs,
@@ -101,6 +102,9 @@ def train(method, out_dir, parallel=None, mbs=4, gbs=8, steps=4, save_interval=N
 
 def _rank(rank, world, port, kwargs):
     torch.set_num_threads(1)
+    # gloo ranks on the CPU on a GPU machine too: a forked child cannot use CUDA once the parent has, and a second
+    # rank would find no GPU of its own on a 1-GPU machine (this process only: it exits after the run)
+    torch.cuda.is_available = lambda: False
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     parallel = init_from_env(timeout_s=60)
@@ -164,6 +168,31 @@ def test_two_ranks_of_batch_2_equal_one_process_of_batch_4(method, tmp_path):
     first = weights(tmp_path / "two" / "final")
     assert any(not torch.equal(v, dict(untouched.named_parameters()).get(k.split(":", 1)[1], v))
                for k, v in first.items()), "training changed nothing"
+
+
+class FirstHalfUnsupervised(TinyData):
+    """TinyData whose global batches have no supervised token in their first half of rows: on 2 ranks, rank 0's share
+    skips the LM head's loss entirely."""
+
+    def train_dataloader(self, epoch: int = 0):
+        batches = super().train_dataloader(epoch)
+        for b in batches:
+            b["labels"][: len(b["labels"]) // 2] = -100
+        return batches
+
+
+def test_a_rank_without_supervised_tokens_joins_the_reduce_scatter_on_torch_without_unused_params(tmp_path,
+                                                                                                   monkeypatch):
+    """torch before 2.12 has no `set_reduce_scatter_unused_params`: the head (LoRA on it) must still get a gradient on
+    a rank whose share has no supervised token, or the ranks reduce-scatter different tensors. Simulated here by
+    removing the method (the forked ranks inherit the patch); the run equals one process."""
+    from torch.distributed.fsdp import FSDPModule
+
+    monkeypatch.setattr(sys.modules[__name__], "TinyData", FirstHalfUnsupervised)
+    monkeypatch.delattr(FSDPModule, "set_reduce_scatter_unused_params", raising=False)
+    in_process(method="lora", out_dir=tmp_path / "one", mbs=4, gbs=8, steps=2)
+    on_ranks(2, method="lora", out_dir=tmp_path / "two", mbs=2, gbs=8, steps=2)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.parametrize("case", [dict(method="lora", activation_checkpointing=True),
@@ -302,7 +331,7 @@ def test_devices_2_trains_and_a_killed_rank_ends_the_job_with_the_last_checkpoin
     loopback) gives the same bytes; a long run whose rank 1 is SIGKILLed after its second checkpoint exits 2 with one
     error line naming the rank and the signal, within a bounded time, and its last complete checkpoint resumes in one
     process."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo ranks, on a GPU machine too
     done = subprocess.run([sys.executable, "-m", "leantune.cli", *cli_args(tiny_checkpoint, json_data,
                                                                             tmp_path / "short", 2)],
                           capture_output=True, text=True, env=env, timeout=180)
@@ -355,7 +384,7 @@ def test_devices_2_trains_and_a_killed_rank_ends_the_job_with_the_last_checkpoin
     assert report["steps"] == step + 2
 
 
-def test_settings_one_machine_cannot_honour_are_refused_before_loading():
+def test_settings_one_machine_cannot_honour_are_refused_before_loading(monkeypatch):
     with pytest.raises(ValueError, match="--fsdp.cpu_offload .* needs an accelerator"):
         check_fsdp_args(Parallel(rank=0, world_size=2), FSDPArgs(cpu_offload=True))
     with pytest.raises(ValueError, match="16-mixed .* not supported on several processes"):
@@ -366,6 +395,11 @@ def test_settings_one_machine_cannot_honour_are_refused_before_loading():
         check_parallel_method(Parallel(rank=0, world_size=2), get_method("adalora"))
     with pytest.raises(ValueError, match="--fsdp.timeout must be > 0"):
         FSDPArgs(timeout=0)
+    assert distributed.fsdp_available()  # this torch; an older one (before 2.8) is refused in one line
+    monkeypatch.setattr(distributed, "fsdp_available", lambda: False)
+    with pytest.raises(ValueError, match=r"several processes need FSDP2 as torch 2.8 or later has it .* this is torch"):
+        check_fsdp_args(Parallel(rank=0, world_size=2), FSDPArgs())
+    check_fsdp_args(Parallel(rank=0, world_size=1), FSDPArgs())  # one process needs none
     with pytest.raises(ValueError, match="is not a multiple of micro_batch_size 2 x 2 processes = 4"):
         accumulation_steps(TrainArgs(micro_batch_size=2, global_batch_size=6), Parallel(rank=0, world_size=2))
 

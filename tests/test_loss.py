@@ -60,3 +60,19 @@ def test_no_supervised_tokens_gives_zero_with_graph():
     loss = supervised_ce_sum(hidden, torch.nn.Linear(8, 10), torch.full((1, 4), -100))
     loss.backward()
     assert loss.item() == 0.0 and hidden.grad.abs().sum() == 0
+
+
+def test_no_supervised_tokens_still_gives_the_heads_tensors_a_zero_gradient():
+    """An FSDP rank whose share has no supervised token must reduce-scatter the same gradients as the others; torch
+    before 2.12 has no `set_reduce_scatter_unused_params`, so the head is never skipped: zero gradients, not None."""
+    from leantune.peft.lora import LoRALinear
+
+    hidden = torch.randn(2, 3, 8, requires_grad=True)
+    plain = torch.nn.Linear(8, 10)
+    lora = LoRALinear(torch.nn.Linear(8, 10, bias=False), [(0, 10)], r=2, scaling=2.0, dropout=0.0)
+    for head in (plain, lora):
+        loss = supervised_ce_sum(hidden, head, torch.full((2, 3), -100))
+        loss.backward()
+        assert loss.item() == 0.0
+        trained = [p for p in head.parameters() if p.requires_grad]
+        assert trained and all(p.grad is not None and not p.grad.any() for p in trained)

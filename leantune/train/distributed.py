@@ -238,9 +238,21 @@ def quantized_params(model: torch.nn.Module) -> set[torch.nn.Parameter]:
     return found
 
 
+def fsdp_available() -> bool:
+    """FSDP2 with `set_force_sum_reduction_for_comms` (torch >= 2.8): gloo and nccl reduce with a plain SUM."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return hasattr(FSDPModule, "set_force_sum_reduction_for_comms")
+
+
 def check_fsdp_args(parallel: Parallel, args: FSDPArgs, precision: str | None = None,
                     optimizer: str | None = None) -> None:
     """Settings this machine or several ranks cannot honour, refused before the model loads."""
+    if parallel.enabled and not fsdp_available():
+        raise ValueError(f"several processes need FSDP2 as torch 2.8 or later has it (fully_shard with plain SUM "
+                         f"reductions); this is torch {torch.__version__}: upgrade torch or train in one process")
     if parallel.enabled and args.cpu_offload and parallel.device.type != "cuda":
         raise ValueError("--fsdp.cpu_offload keeps GPU shards in CPU memory; this run is on the CPU already (FSDP2's "
                          "offload needs an accelerator): leave it out")
@@ -276,7 +288,8 @@ def shard_model(model: torch.nn.Module, parallel: Parallel, precision: str, args
     for module in (*blocks, model):  # per FSDP module, not recursive
         module.set_gradient_divide_factor(1.0)
         module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
-    model.set_reduce_scatter_unused_params(True)  # recursive: a rank whose share skipped the head still joins in
+    if hasattr(model, "set_reduce_scatter_unused_params"):  # torch >= 2.12; older: supervised_ce_sum never skips
+        model.set_reduce_scatter_unused_params(True)  # the head, so every rank has the same gradients to reduce
     # the root returns hidden states for the chunked loss (a view); the loop never writes into them in place
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     return [*blocks, model]

@@ -114,8 +114,8 @@ def supervised_ce_sum(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: to
     keep = labels != -100  # (B, T)
     h = hidden[keep]  # (N, C): only supervised positions
     y = labels[keep]  # (N,)
-    if h.shape[0] == 0:
-        return hidden.sum() * 0.0
+    if h.shape[0] == 0:  # through the head all the same: its trained tensors get zero gradients, not None, so that
+        return lm_head(h).sum()  # every FSDP rank reduce-scatters the same tensors (torch < 2.12 cannot skip unused)
     if type(lm_head) is torch.nn.Linear:
         if not torch.is_grad_enabled():
             return _plain(h, lm_head, y, chunk_size)
