@@ -395,9 +395,9 @@ def test_settings_one_machine_cannot_honour_are_refused_before_loading(monkeypat
         check_parallel_method(Parallel(rank=0, world_size=2), get_method("adalora"))
     with pytest.raises(ValueError, match="--fsdp.timeout must be > 0"):
         FSDPArgs(timeout=0)
-    assert distributed.fsdp_available()  # this torch; an older one (before 2.8) is refused in one line
+    assert distributed.fsdp_available()  # this torch; an older one is refused in one line
     monkeypatch.setattr(distributed, "fsdp_available", lambda: False)
-    with pytest.raises(ValueError, match=r"several processes need FSDP2 as torch 2.8 or later has it .* this is torch"):
+    with pytest.raises(ValueError, match=r"several processes need FSDP2's plain SUM reductions .* upgrade torch"):
         check_fsdp_args(Parallel(rank=0, world_size=2), FSDPArgs())
     check_fsdp_args(Parallel(rank=0, world_size=1), FSDPArgs())  # one process needs none
     with pytest.raises(ValueError, match="is not a multiple of micro_batch_size 2 x 2 processes = 4"):

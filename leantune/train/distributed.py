@@ -239,7 +239,8 @@ def quantized_params(model: torch.nn.Module) -> set[torch.nn.Parameter]:
 
 
 def fsdp_available() -> bool:
-    """FSDP2 with `set_force_sum_reduction_for_comms` (torch >= 2.8): gloo and nccl reduce with a plain SUM."""
+    """FSDP2 with `set_force_sum_reduction_for_comms` (mid-2025 torch; 2.9 has it): gloo and nccl reduce with a plain
+    SUM."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
@@ -251,8 +252,9 @@ def check_fsdp_args(parallel: Parallel, args: FSDPArgs, precision: str | None = 
                     optimizer: str | None = None) -> None:
     """Settings this machine or several ranks cannot honour, refused before the model loads."""
     if parallel.enabled and not fsdp_available():
-        raise ValueError(f"several processes need FSDP2 as torch 2.8 or later has it (fully_shard with plain SUM "
-                         f"reductions); this is torch {torch.__version__}: upgrade torch or train in one process")
+        raise ValueError(f"several processes need FSDP2's plain SUM reductions (set_force_sum_reduction_for_comms), "
+                         f"which torch {torch.__version__} lacks: upgrade torch (2.9 or later has them) or train in "
+                         "one process")
     if parallel.enabled and args.cpu_offload and parallel.device.type != "cuda":
         raise ValueError("--fsdp.cpu_offload keeps GPU shards in CPU memory; this run is on the CPU already (FSDP2's "
                          "offload needs an accelerator): leave it out")
