@@ -66,3 +66,38 @@ def test_each_loss_is_reported_once(tmp_path):
     _prune_check(sweep, trial, tmp_path / "run", seen)
     frozen = sweep.study().get_trials()[0]
     assert frozen.intermediate_values == {1: 2.0, 2: 1.8} and seen["n"] == 2
+
+
+def test_a_second_process_that_loses_the_sqlite_schema_race_retries(tmp_path, monkeypatch):
+    """Two `leantune sweep` processes starting on one new SQLite file both create optuna's tables; the loser's
+    SQLite says "table alembic_version already exists" (an OperationalError). It retries and opens the storage; any
+    other OperationalError is not retried."""
+    import optuna
+    import sqlalchemy as sa
+
+    from leantune.experiments import sweep
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise sa.exc.OperationalError("CREATE TABLE alembic_version", {}, Exception(
+                "table alembic_version already exists"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    storage, engine = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    assert len(calls) == 2 and isinstance(storage, real)
+    engine.dispose()
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise sa.exc.OperationalError("SELECT 1", {}, Exception("disk I/O error"))
+
+    calls.clear()
+    monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
+    with pytest.raises(ValueError, match="cannot open the study database .*disk I/O error"):
+        open_storage(f"sqlite:///{tmp_path / 'other.db'}")
+    assert len(calls) == 1

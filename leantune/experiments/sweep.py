@@ -117,15 +117,16 @@ def open_storage(url: str) -> tuple[optuna.storages.RDBStorage, sa.Engine]:
 
 
 def _rdb_storage(optuna, sa, url: str, kwargs: dict):
-    """Optuna's storage; two processes creating its tables at once on PostgreSQL collide on a catalog key (the
-    loser retries and finds them made)."""
+    """Optuna's storage; two processes creating its tables at once collide (PostgreSQL: on a catalog key; SQLite:
+    "table alembic_version already exists"): the loser retries and finds them made."""
     for attempt in range(6):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-        except (sa.exc.IntegrityError, sa.exc.ProgrammingError):
-            if attempt == 5:
+        except (sa.exc.IntegrityError, sa.exc.ProgrammingError, sa.exc.OperationalError) as e:
+            collided = not isinstance(e, sa.exc.OperationalError) or "already exists" in str(e)
+            if attempt == 5 or not collided:
                 raise
             time.sleep(0.5 * (attempt + 1))
 
