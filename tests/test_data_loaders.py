@@ -200,10 +200,11 @@ def test_jsonargparse_builds_modules_from_cli_flags():
     parser.add_argument("--data", type=DataModule | None)
     cfg = parser.parse_args(["--data", "JSON", "--data.json_path", "train.jsonl", "--data.mask_prompt", "false",
                              "--data.truncation", "drop"])
-    data = parser.instantiate(cfg).data
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # as leantune.commands.sweep
+    data = instantiate(cfg).data
     assert isinstance(data, JSON) and str(data.json_path) == "train.jsonl"
     assert data.mask_prompt is False and data.truncation == "drop"
-    demo = parser.instantiate(parser.parse_args(["--data", "Demo", "--data.num_train", "50"])).data
+    demo = instantiate(parser.parse_args(["--data", "Demo", "--data.num_train", "50"])).data
     assert isinstance(demo, Demo) and demo.num_train == 50
 
 
