@@ -37,7 +37,8 @@ Running it on a lent GPU machine: ../shared does not travel, and bitsandbytes / 
 the peer scripts into an ignored folder of the repo (e.g. `.peers/`), carry it and wheels (`.whl/`, see
 ../shared/bench/README.md) and pass `--peer_dir .peers --out $OUT/train_gpu.json`. The full default grid is 16
 leantune and 12 peer processes; where one command may run at most 10 minutes, split it with --models / --batches
-(each part writes its own JSON) and join the parts with --merge.
+(each part writes its own JSON) and join the parts with --merge. `bench/device_lease.sh` is such a split, sized for
+one 9-minute call: the headline table, the CUDA tests, the AMX CPU training bench, then the batch-1 rows.
 Exit status: 0 when every leantune run gave a finite loss (a failed peer is recorded, not fatal), 1 otherwise,
 2 without CUDA and without --smoke (nothing is measured; the message says so).
 """
