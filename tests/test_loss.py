@@ -76,3 +76,34 @@ def test_no_supervised_tokens_still_gives_the_heads_tensors_a_zero_gradient():
         assert loss.item() == 0.0
         trained = [p for p in head.parameters() if p.requires_grad]
         assert trained and all(p.grad is not None and not p.grad.any() for p in trained)
+
+
+def test_cpu_workspace_is_reused_across_calls_and_sizes_without_stale_values():
+    """The head's scratch buffers persist between steps on the CPU (no fresh, page-faulted mmap a step); calls with
+    fewer, more, then fewer rows again, in fp32 and under bf16 autocast, each equal a fresh reference computation."""
+    from leantune.train import loss as loss_mod
+
+    loss_mod.release_frozen_copies()
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    held = []
+    for rows in (5, 12, 5):
+        hidden = torch.randn(1, rows, 16, requires_grad=True)
+        labels = torch.randint(0, 50, (1, rows))
+        ours = supervised_ce_sum(hidden, head, labels)
+        ours.backward()
+        g = hidden.grad.clone()
+        hidden.grad = None
+        ref = reference(hidden, head, labels)
+        ref.backward()
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g, hidden.grad, atol=1e-6, rtol=1e-5)
+        held.append(loss_mod._workspaces[(torch.float32, torch.device("cpu"))])
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the bf16 logits buffer joins the fp32 one
+            low = supervised_ce_sum(hidden.detach(), head, labels)
+        torch.testing.assert_close(low, ref.detach(), atol=0.05 * rows, rtol=0.02)
+    assert held[0].numel() == 5 * 50 and held[1].numel() == 12 * 50  # grown once for 12 rows,
+    assert held[2] is held[1]  # then reused for 5
+    assert (torch.bfloat16, torch.device("cpu")) in loss_mod._workspaces
+    loss_mod.release_frozen_copies()
+    assert not loss_mod._workspaces
