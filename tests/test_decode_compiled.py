@@ -208,7 +208,8 @@ def test_an_adapters_scale_is_a_graph_input_not_a_constant(method):
     (None, 256, False), (None, lt_compile.COMPILE_MIN_TOKENS - 1, False), (None, lt_compile.COMPILE_MIN_TOKENS, True),
     (True, 1, True), (False, 10**6, False),
 ])
-def test_short_answers_stay_eager_unless_compile_is_forced(requested, budget, compiled):
+def test_short_answers_stay_eager_unless_compile_is_forced(requested, budget, compiled, monkeypatch):
+    monkeypatch.setattr(lt_compile, "compile_unavailable_reason", lambda device="cpu": None)  # a compiler, anywhere
     assert lt_compile.wants_compile(requested, budget) is compiled
 
 
@@ -218,6 +219,17 @@ def test_compiled_graphs_are_cached_in_the_users_cache(monkeypatch, tmp_path):
     assert lt_compile.use_persistent_cache() == str(tmp_path / "leantune" / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert lt_compile.use_persistent_cache() == str(tmp_path / "mine")
+
+
+def test_compile_unavailable_is_not_wanted_so_the_commands_pack_for_eager(monkeypatch, caplog):
+    """generate and chat decide before loading the step: without a compiler they take the packed eager path instead
+    of compiled_decode_step's unprepared eager fallback; --compile true says why in one warning."""
+    monkeypatch.setattr(lt_compile, "compile_unavailable_reason", lambda device="cpu": "no working C++ compiler (test)")
+    with caplog.at_level("WARNING"):
+        assert lt_compile.wants_compile(None, lt_compile.COMPILE_MIN_TOKENS) is False
+        assert "--compile ignored" not in caplog.text  # not asked for: no warning
+        assert lt_compile.wants_compile(True, 1) is False
+    assert "--compile ignored, decoding eager: no working C++ compiler (test)" in caplog.text
 
 
 def test_compile_unavailable_decodes_eager(monkeypatch, caplog):

@@ -147,7 +147,7 @@ def chat(
     reserve = min(max_new_tokens, context // 2)  # room kept for the answer; half the window at most
     print(f"chat: {HELP}", file=sys.stderr)
     print(f"[threads: {choice.describe()}]", file=sys.stderr)
-    compile = wants_compile(compile, reserve)
+    compile = wants_compile(compile, reserve, device)
     if compile:
         print("[--compile: the first answer waits for the decode step to compile (about a minute the first time)]",
               file=sys.stderr)

@@ -96,7 +96,7 @@ def generate(
         raise ValueError("--prompt is empty: give a prompt (or drop --raw to use the chat template)")
     ids = torch.tensor(ids, dtype=torch.long)
     generator = torch.Generator(device=device).manual_seed(seed)
-    compile = wants_compile(compile, min(max_new_tokens, model.max_tokens - len(ids)))
+    compile = wants_compile(compile, min(max_new_tokens, model.max_tokens - len(ids)), device)
     if compile:  # compile before the timed run, for the same cache length, so tokens/s is the decoding rate
         print("[compiling the decode step: about a minute the first time, 7-20 s once inductor has cached it]",
               file=sys.stderr)

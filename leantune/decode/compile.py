@@ -130,9 +130,18 @@ bound (most answers stop at EOS well before it) and a run cannot tell cheaply wh
 the threshold stays where every mode wins back even a first compile in most runs."""
 
 
-def wants_compile(requested: bool | None, max_new_tokens: int) -> bool:
-    """--compile as given; unset (None): compile only when the token budget can win back the compile time."""
-    return requested if requested is not None else max_new_tokens >= COMPILE_MIN_TOKENS
+def wants_compile(requested: bool | None, max_new_tokens: int, device: torch.device | str = "cpu") -> bool:
+    """--compile as given; unset (None): compile only when the token budget can win back the compile time. False
+    where inductor cannot compile for `device` (logged when --compile true asked for it), so the caller prepares
+    eager decoding (packed linears) instead of falling back to unprepared eager steps."""
+    wanted = requested if requested is not None else max_new_tokens >= COMPILE_MIN_TOKENS
+    if not wanted:
+        return False
+    reason = compile_unavailable_reason(device)
+    if reason is not None:
+        (log.warning if requested else log.info)("--compile ignored, decoding eager: %s", reason)
+        return False
+    return True
 
 
 def use_persistent_cache() -> str:
