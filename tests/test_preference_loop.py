@@ -44,8 +44,8 @@ def pair_file(tmp_path_factory):
 
 
 def run(tmp, ckpt, pair_file, objective="dpo", method="lora", max_steps=4, resume=None, save_interval=None,
-        preference=None, micro=2, global_batch=4):
-    return finetune(method, checkpoint_dir=ckpt, out_dir=tmp, data=Preference(json_path=pair_file),
+        preference=None, micro=2, global_batch=4, precision=None):
+    return finetune(method, checkpoint_dir=ckpt, out_dir=tmp, data=Preference(json_path=pair_file), precision=precision,
                     objective=objective, preference=preference,
                     train=TrainArgs(micro_batch_size=micro, global_batch_size=global_batch, max_steps=max_steps,
                                     max_seq_length=64, warmup_steps=1, save_interval=save_interval),
@@ -202,8 +202,9 @@ def test_a_reference_over_the_first_batches_only_refuses_other_pairs():
 
 def test_evaluate_preference_metric_against_the_base(tiny_checkpoint, pair_file, tmp_path):
     """The trained adapter's held-out reward accuracy equals what training logged at its end; the base against
-    itself has rewards 0 (accuracy 0, margin 0); data without pairs is refused before a model loads."""
-    report = run(tmp_path / "run", tiny_checkpoint, pair_file, "dpo", max_steps=3)
+    itself has rewards 0 (accuracy 0, margin 0); data without pairs is refused before a model loads. Trained in fp32,
+    as evaluate scores: auto's bf16-mixed validation differs from an fp32 evaluation by bf16 rounding (~2e-4 here)."""
+    report = run(tmp_path / "run", tiny_checkpoint, pair_file, "dpo", max_steps=3, precision="32-true")
     data = Preference(json_path=pair_file)
     out = evaluate_command(checkpoint_dir=tiny_checkpoint, adapter=tmp_path / "run" / "final", data=data,
                            metric="preference", compare_base=True, max_seq_length=64, batch_size=2)
