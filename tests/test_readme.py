@@ -2,7 +2,9 @@
 where the answer is known. The README is parsed at test time, so a new example is tested the day it is written.
 
 The only additions, in ADDITIONS, bound the slow commands: a 2-step limit for finetune (no exact-match evaluation,
-2 validation batches, no sample), 16 new tokens for generate, 2 batches for evaluate. The commands run in order (later
+2 validation batches, no sample), 16 new tokens for generate and no compiling (the README's `--compile true` example
+spent ~35 s compiling the default model's int4 step for 16 tokens; compiled int8 and int4 decoding are tested on tiny
+models in tests/test_woq.py and tests/test_decode_compiled.py), 2 batches for evaluate. The commands run in order (later
 ones use earlier outputs, e.g. out/finetune/lora/final) in a fresh working directory whose checkpoints/ holds the
 default model (linked, so nothing re-imports) and where the data files the README names (--data.json_path,
 --data.local_path: the user's own or already downloaded files) are written as small placeholders. No network is used.
@@ -25,7 +27,7 @@ PREFIXES = ("leantune ", ".venv/bin/leantune ")
 ADDITIONS = {
     "finetune": ["--train.max_steps", "2", "--eval.exact_match", "false", "--eval.max_batches", "2",
                  "--eval.sample_new_tokens", "0"],
-    "generate": ["--max_new_tokens", "16"],
+    "generate": ["--max_new_tokens", "16", "--compile", "false"],
     "evaluate": ["--max_batches", "2", "--exact_match", "false"],
 }
 """Flags appended per command (a later flag wins in jsonargparse, e.g. over the README's --train.max_steps 1000)."""

@@ -185,17 +185,19 @@ def test_greedy_follows_the_dequantized_fp32_reference(mode, tie):
 
 
 @needs_inductor
-def test_compiled_int8_greedy_follows_the_dequantized_fp32_reference():
-    """The compiled decode step (`--compile`: fp32 int8 products for one sequence and for a batch of three, the
-    prompts' forward eager) picks the reference's argmax, or a near tie of it, as the eager kernels do."""
-    q = quantize_for_inference(tiny(True, std=0.2), "int8")
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_greedy_follows_the_dequantized_fp32_reference(mode):
+    """The compiled decode step (`--compile`: fp32 int8 products, or int4's tinygemm kernel, for one sequence and for
+    a batch of three, the prompts' forward eager) picks the reference's argmax, or a near tie of it, as the eager
+    kernels do."""
+    q = quantize_for_inference(tiny(True, std=0.2), mode)
     ref = dequantized_reference(q)
     got = [list(generate_tokens(q, torch.tensor(p), 32, compiled=True)) for p in PROMPTS]
     short = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [3]]
     batched = greedy_batch(q, short, 12, stop_ids=[], compiled=True)
     assert all(len(set(g)) > 3 for g in got)
     exact = sum(picks_follow(ref, p, g) for p, g in [*zip(PROMPTS, got), *zip(short, batched)])
-    assert exact >= 0.95 * (32 * len(PROMPTS) + 12 * len(short)), exact
+    assert exact >= (0.95 if mode == "int8" else 0.9) * (32 * len(PROMPTS) + 12 * len(short)), exact
 
 
 def picks_follow(ref: GPT, prompt: list[int], got: list[int]) -> int:
