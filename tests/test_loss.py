@@ -83,7 +83,7 @@ def test_cpu_workspace_is_reused_across_calls_and_sizes_without_stale_values():
     fewer, more, then fewer rows again, in fp32 and under bf16 autocast, each equal a fresh reference computation."""
     from leantune.train import loss as loss_mod
 
-    loss_mod.release_frozen_copies()
+    loss_mod.release_head_caches()
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
     held = []
@@ -105,5 +105,5 @@ def test_cpu_workspace_is_reused_across_calls_and_sizes_without_stale_values():
     assert held[0].numel() == 5 * 50 and held[1].numel() == 12 * 50  # grown once for 12 rows,
     assert held[2] is held[1]  # then reused for 5
     assert (torch.bfloat16, torch.device("cpu")) in loss_mod._workspaces
-    loss_mod.release_frozen_copies()
+    loss_mod.release_head_caches()
     assert not loss_mod._workspaces

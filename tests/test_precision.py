@@ -164,7 +164,7 @@ def test_bf16_mixed_attention_runs_in_fp32_with_or_without_amx(monkeypatch, requ
 def test_a_frozen_fp32_head_is_cast_once_while_its_values_stay():
     """bf16-mixed with a tied fp32 head: the bf16 copy the head's GEMMs use is made once, and made again when the
     weight changes in place (a resume's load) or another tensor comes."""
-    from leantune.train.loss import frozen_copy, release_frozen_copies
+    from leantune.train.loss import frozen_copy, release_head_caches
 
     w = torch.randn(8, 4)
     first = frozen_copy(w, torch.bfloat16)
@@ -175,5 +175,5 @@ def test_a_frozen_fp32_head_is_cast_once_while_its_values_stay():
     other = w.clone()
     assert frozen_copy(other, torch.bfloat16) is not second
     assert frozen_copy(w, torch.float32) is w
-    release_frozen_copies()
+    release_head_caches()
     assert frozen_copy(other, torch.bfloat16) is not second

@@ -41,7 +41,7 @@ from leantune.train.distributed import (
     shard_model,
     shared_atomic_dir,
 )
-from leantune.train.loss import release_frozen_copies
+from leantune.train.loss import release_head_caches
 from leantune.train.metrics import PREFERENCE_FIELDS, open_loggers, plot_loss
 from leantune.train.optim import OptimizerArgs, build_optimizer
 from leantune.train.preference import PreferenceObjective
@@ -229,7 +229,7 @@ def fit(
     if main:
         plot_loss(out_dir / "metrics.csv", out_dir / "loss.png")
     restore_dtypes(model, cast)  # callers (exact match, merge, export) get the model in the dtypes they gave
-    release_frozen_copies()  # the head's bf16 copy (bf16-mixed with a tied fp32 head) and its CPU workspaces
+    release_head_caches()  # the head's bf16 copy (bf16-mixed with a tied fp32 head) and its CPU workspaces
     return dict(steps=state.step, tokens=state.tokens, time_s=round(state.train_time, 2),
                 tokens_per_s=round(state.tokens / max(state.train_time, 1e-9), 1), final_loss=last_loss,
                 peak_memory_gb=round(_memory_gb(device, peak=True), 3), trainable_params=n_trainable,

@@ -3,7 +3,8 @@
 The LM head is a large share of a small model's FLOPs and its fp32 logits (tokens x vocab) dominate activation
 memory. Masked prompt tokens need no logits at all, so only supervised positions are projected. For a plain
 linear head the loss and its gradients are computed chunk by chunk in one pass (softmax minus one-hot, then the
-two matmuls), so no (tokens x vocab) tensor outlives its chunk and no log-softmax backward pass is needed.
+two matmuls), so no (tokens x vocab) tensor is kept for the backward pass and no log-softmax backward is needed
+(on the CPU the chunk's scratch buffers are reused from step to step, see `workspace`).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def frozen_copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`weight` in `dtype`, cast once and reused while the same tensor holds the same values (its storage and version
     unchanged). A frozen head tied to the fp32 embedding table (SmolLM2's) is otherwise copied to bf16 every step
     under bf16-mixed: 28 M values, ~15 ms of a ~0.6 s CPU step on the default model. One copy is kept per dtype;
-    `release_frozen_copies` frees it when training ends."""
+    `release_head_caches` frees it when training ends."""
     if weight.dtype == dtype:
         return weight
     key = (weight.data_ptr(), weight._version, weight.shape)
@@ -112,7 +113,7 @@ def workspace(rows: int, cols: int, dtype: torch.dtype, device: torch.device) ->
     one there is a new mmap whose pages fault in on first touch, every step (the default model's 1020 x 49152 logits
     in fp32 and bf16: ~300 MB, ~73k page faults a step). The head runs while the forward's activations are alive, so
     keeping it raises no peak. CUDA's caching allocator reuses memory by itself. One call's buffers at a time: the
-    loss is never re-entered. `release_frozen_copies` frees them."""
+    loss is never re-entered. `release_head_caches` frees them."""
     if device.type != "cpu":
         return torch.empty(rows, cols, dtype=dtype, device=device)
     key = (dtype, device)
@@ -123,7 +124,7 @@ def workspace(rows: int, cols: int, dtype: torch.dtype, device: torch.device) ->
     return held[:rows * cols].view(rows, cols)
 
 
-def release_frozen_copies() -> None:
+def release_head_caches() -> None:
     """Free what the head loss keeps between steps: the frozen head's low-precision copy and its CPU workspaces."""
     _frozen_copies.clear()
     _workspaces.clear()
