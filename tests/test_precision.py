@@ -177,3 +177,28 @@ def test_a_frozen_fp32_head_is_cast_once_while_its_values_stay():
     assert frozen_copy(w, torch.float32) is w
     release_head_caches()
     assert frozen_copy(other, torch.bfloat16) is not second
+
+
+def test_a_failed_bf16_mixed_run_gives_the_model_back_in_its_dtypes_and_frees_the_head_caches(tmp_path):
+    """fit's cleanup runs when training raises too: a notebook that catches the error reuses the model in fp32 and
+    does not keep the head loss's scratch buffers (~300 MB on the default model) or the frozen head's bf16 copy."""
+    from leantune.train import loss as loss_mod
+
+    torch.manual_seed(0)
+    model = GPT(Config(vocab_size=V, block_size=32, n_layer=2, n_embd=32, n_head=4, n_query_groups=2))
+    model.lm_head.weight = model.transformer.wte.weight  # tied and frozen: the head loss keeps a bf16 copy of it
+    names = apply_method(model, "lora", LoRAArgs(r=4, dropout=0.0))  # q and v: the head stays the fused loss's
+    held = {}
+
+    def failing_save(path):
+        held.update(workspaces=len(loss_mod._workspaces), copies=len(loss_mod._frozen_copies),
+                    dtypes={p.dtype for p in model.parameters()})
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        fit(model, names, TinyData(micro_batch_size=2), tmp_path, failing_save, lambda p: None,
+            TrainArgs(micro_batch_size=2, global_batch_size=2, max_steps=3, save_interval=1),
+            EvalArgs(sample_new_tokens=0), OptimizerArgs(lr=1e-3), precision="bf16-mixed")
+    assert held["workspaces"] and held["copies"] and torch.bfloat16 in held["dtypes"]  # what the run held
+    assert not loss_mod._workspaces and not loss_mod._frozen_copies
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -119,121 +119,123 @@ def fit(
     # -mixed in one process: the frozen base's linears in the autocast dtype for the run (restored at the end);
     # several processes keep FSDP's / DDP's own mixed-precision handling
     cast = cast_frozen_matrices(model, trainable, amp) if amp is not None and not parallel.enabled else {}
-    params, optimizer = setup_optimizer(model, trainable, optimizer_args)
-    scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
-    accumulation = accumulation_steps(train, parallel)
-    total_steps = plan_steps(data, train, accumulation)
-    torch.manual_seed(train.seed + parallel.rank)  # rank 0 draws the one-process stream; other ranks their own
-    state = TrainState()
-    if ckpt is not None:
-        state = resume_state(ckpt, model, trainable, optimizer, scaler, load_fn, method, parallel)
-        state.batch_in_epoch = batch_position(load_run_config(ckpt), state.batch_in_epoch,  # another cut: same rows
-                                              train.micro_batch_size * parallel.world_size,
-                                              len(data.train_dataloader(epoch=state.epoch)))
-        if main:
-            print(f"Resumed from {ckpt} at step {state.step}")
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+    try:
+        params, optimizer = setup_optimizer(model, trainable, optimizer_args)
+        scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
+        accumulation = accumulation_steps(train, parallel)
+        total_steps = plan_steps(data, train, accumulation)
+        torch.manual_seed(train.seed + parallel.rank)  # rank 0 draws the one-process stream; other ranks their own
+        state = TrainState()
+        if ckpt is not None:
+            state = resume_state(ckpt, model, trainable, optimizer, scaler, load_fn, method, parallel)
+            state.batch_in_epoch = batch_position(load_run_config(ckpt), state.batch_in_epoch,  # another cut: same rows
+                                                  train.micro_batch_size * parallel.world_size,
+                                                  len(data.train_dataloader(epoch=state.epoch)))
+            if main:
+                print(f"Resumed from {ckpt} at step {state.step}")
+        autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
 
-    def evaluate() -> dict[str, float]:
-        loader = data.val_dataloader() if not parallel.enabled else ShardedLoader(data.val_dataloader(), parallel)
-        reduce = parallel.sum if parallel.enabled else None
-        with autocast():
-            if objective is not None:
-                return preference_validation(model, loader, device, objective, eval.max_batches, reduce=reduce)
-            return validation_loss(model, loader, device, eval.max_batches, reduce=reduce)
+        def evaluate() -> dict[str, float]:
+            loader = data.val_dataloader() if not parallel.enabled else ShardedLoader(data.val_dataloader(), parallel)
+            reduce = parallel.sum if parallel.enabled else None
+            with autocast():
+                if objective is not None:
+                    return preference_validation(model, loader, device, objective, eval.max_batches, reduce=reduce)
+                return validation_loss(model, loader, device, eval.max_batches, reduce=reduce)
 
-    if eval.initial_validation:
-        row = evaluate()
-        if main:
-            print(f"initial validation: {_fmt(row)}")
-    loggers = (open_loggers(out_dir, summary_writer_cls, state.step if ckpt is not None and state.step > 0 else None,
-                            tuple(PREFERENCE_FIELDS) if objective is not None else ())
-               if main else _NoLoggers())
-    model.train()
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
-    t_start = time.perf_counter() - state.train_time
-    last_loss, stop_reason = float("nan"), None
-    resuming = ckpt is not None
-    sum_across = parallel.sum if parallel.enabled else None
+        if eval.initial_validation:
+            row = evaluate()
+            if main:
+                print(f"initial validation: {_fmt(row)}")
+        loggers = (open_loggers(out_dir, summary_writer_cls, state.step if ckpt is not None and state.step > 0 else None,
+                                tuple(PREFERENCE_FIELDS) if objective is not None else ())
+                   if main else _NoLoggers())
+        model.train()
+        bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
+        t_start = time.perf_counter() - state.train_time
+        last_loss, stop_reason = float("nan"), None
+        resuming = ckpt is not None
+        sum_across = parallel.sum if parallel.enabled else None
 
-    def save(path: Path, consolidate: bool = False) -> None:
-        if parallel.enabled:
-            save_sharded_checkpoint(path, parallel, model, save_fn if consolidate else None, state, optimizer,
-                                    scaler, config, frozen=method is None or method.saves_full_model)
-        else:
-            save_checkpoint(path, save_fn, state, optimizer, scaler, config, method_state(method, model))
-    while stop_reason is None:
-        if state.step >= total_steps:
-            stop_reason = "max_steps" if train.max_steps is not None else "epochs"
-            break
-        if train.max_steps is None and state.epoch >= train.epochs:
-            stop_reason = "epochs"
-            break
-        batches = epoch_batches(data, state, resuming)
-        if parallel.enabled:
-            batches = (shard_batch(b, parallel.rank, parallel.world_size) for b in batches)
-        resuming = False
-        while state.step < total_steps:
-            window = [b for b in (next(batches, None) for _ in range(accumulation)) if b is not None]
-            if len(window) < accumulation:
-                break  # drop the incomplete tail window of the epoch (keeps every step's batch size equal)
-            state.batch_in_epoch += accumulation
-            lr = lr_at(state.step, optimizer_args.lr, train.warmup_steps, total_steps, train.min_lr_ratio)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            result = train_step(model, window, optimizer, params, device=device, autocast=autocast, scaler=scaler,
-                                max_norm=train.max_norm, step=state.step + 1, sum_across=sum_across,
-                                objective=objective, **step_hooks(method, model, state.step, total_steps))
-            last_loss = result.loss
-            state.step += 1
-            state.tokens += result.tokens
-            state.train_time = time.perf_counter() - t_start
-            tok_s = state.tokens / max(state.train_time, 1e-9)
-            row = dict(step=state.step, epoch=state.epoch, loss=last_loss, lr=lr, grad_norm=result.grad_norm,
-                       tokens=state.tokens, tokens_per_s=tok_s, time_s=state.train_time, mem_gb=_memory_gb(device),
-                       **result.metrics)
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", mem=f"{row['mem_gb']:.1f}G")
-            if eval.interval and state.step % eval.interval == 0 and state.step < total_steps:
-                row.update(evaluate())
-                if main:
-                    bar.write(f"step {state.step}: {_fmt(row)}")
-                if sample_fn and eval.sample_new_tokens:
-                    with autocast():
-                        text = sample_fn()  # every rank: a sharded model generates together
-                    if main:
-                        bar.write(f"sample: {text!r}")
-            loggers.write(row)
-            if train.save_interval and state.step % train.save_interval == 0 and state.step < total_steps:
-                save(out_dir / f"step-{state.step:06d}")
-            if train.max_tokens and state.tokens >= train.max_tokens:
-                stop_reason = "max_tokens"
-            elif train.max_time and state.train_time >= train.max_time:
-                stop_reason = "max_time"
-            if stop_reason is not None:
+        def save(path: Path, consolidate: bool = False) -> None:
+            if parallel.enabled:
+                save_sharded_checkpoint(path, parallel, model, save_fn if consolidate else None, state, optimizer,
+                                        scaler, config, frozen=method is None or method.saves_full_model)
+            else:
+                save_checkpoint(path, save_fn, state, optimizer, scaler, config, method_state(method, model))
+        while stop_reason is None:
+            if state.step >= total_steps:
+                stop_reason = "max_steps" if train.max_steps is not None else "epochs"
                 break
-        else:
-            continue  # step == total_steps mid-epoch: the epoch is not over, the check above stops the run
-        if stop_reason is None:  # the epoch ran out of full windows
-            state.epoch += 1
-            state.batch_in_epoch = 0
-    bar.close()
-    final = evaluate()
-    loggers.write(dict(step=state.step, **final))
-    loggers.close()
-    final_dir = out_dir / "final"
-    save(final_dir, consolidate=True)
-    named = dict(model.named_parameters())
-    n_trainable = sum(named[n].numel() for n in trainable)
-    n_total = sum(logical_numel(p) for p in {id(p): p for p in model.parameters()}.values())  # 4-bit: 2 per byte
-    if main:
-        plot_loss(out_dir / "metrics.csv", out_dir / "loss.png")
-    restore_dtypes(model, cast)  # callers (exact match, merge, export) get the model in the dtypes they gave
-    release_head_caches()  # the head's bf16 copy (bf16-mixed with a tied fp32 head) and its CPU workspaces
-    return dict(steps=state.step, tokens=state.tokens, time_s=round(state.train_time, 2),
-                tokens_per_s=round(state.tokens / max(state.train_time, 1e-9), 1), final_loss=last_loss,
-                peak_memory_gb=round(_memory_gb(device, peak=True), 3), trainable_params=n_trainable,
-                total_params=n_total, stop_reason=stop_reason, checkpoint=str(final_dir), **final)
+            if train.max_steps is None and state.epoch >= train.epochs:
+                stop_reason = "epochs"
+                break
+            batches = epoch_batches(data, state, resuming)
+            if parallel.enabled:
+                batches = (shard_batch(b, parallel.rank, parallel.world_size) for b in batches)
+            resuming = False
+            while state.step < total_steps:
+                window = [b for b in (next(batches, None) for _ in range(accumulation)) if b is not None]
+                if len(window) < accumulation:
+                    break  # drop the incomplete tail window of the epoch (keeps every step's batch size equal)
+                state.batch_in_epoch += accumulation
+                lr = lr_at(state.step, optimizer_args.lr, train.warmup_steps, total_steps, train.min_lr_ratio)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                result = train_step(model, window, optimizer, params, device=device, autocast=autocast, scaler=scaler,
+                                    max_norm=train.max_norm, step=state.step + 1, sum_across=sum_across,
+                                    objective=objective, **step_hooks(method, model, state.step, total_steps))
+                last_loss = result.loss
+                state.step += 1
+                state.tokens += result.tokens
+                state.train_time = time.perf_counter() - t_start
+                tok_s = state.tokens / max(state.train_time, 1e-9)
+                row = dict(step=state.step, epoch=state.epoch, loss=last_loss, lr=lr, grad_norm=result.grad_norm,
+                           tokens=state.tokens, tokens_per_s=tok_s, time_s=state.train_time, mem_gb=_memory_gb(device),
+                           **result.metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", mem=f"{row['mem_gb']:.1f}G")
+                if eval.interval and state.step % eval.interval == 0 and state.step < total_steps:
+                    row.update(evaluate())
+                    if main:
+                        bar.write(f"step {state.step}: {_fmt(row)}")
+                    if sample_fn and eval.sample_new_tokens:
+                        with autocast():
+                            text = sample_fn()  # every rank: a sharded model generates together
+                        if main:
+                            bar.write(f"sample: {text!r}")
+                loggers.write(row)
+                if train.save_interval and state.step % train.save_interval == 0 and state.step < total_steps:
+                    save(out_dir / f"step-{state.step:06d}")
+                if train.max_tokens and state.tokens >= train.max_tokens:
+                    stop_reason = "max_tokens"
+                elif train.max_time and state.train_time >= train.max_time:
+                    stop_reason = "max_time"
+                if stop_reason is not None:
+                    break
+            else:
+                continue  # step == total_steps mid-epoch: the epoch is not over, the check above stops the run
+            if stop_reason is None:  # the epoch ran out of full windows
+                state.epoch += 1
+                state.batch_in_epoch = 0
+        bar.close()
+        final = evaluate()
+        loggers.write(dict(step=state.step, **final))
+        loggers.close()
+        final_dir = out_dir / "final"
+        save(final_dir, consolidate=True)
+        named = dict(model.named_parameters())
+        n_trainable = sum(named[n].numel() for n in trainable)
+        n_total = sum(logical_numel(p) for p in {id(p): p for p in model.parameters()}.values())  # 4-bit: 2 per byte
+        if main:
+            plot_loss(out_dir / "metrics.csv", out_dir / "loss.png")
+        return dict(steps=state.step, tokens=state.tokens, time_s=round(state.train_time, 2),
+                    tokens_per_s=round(state.tokens / max(state.train_time, 1e-9), 1), final_loss=last_loss,
+                    peak_memory_gb=round(_memory_gb(device, peak=True), 3), trainable_params=n_trainable,
+                    total_params=n_total, stop_reason=stop_reason, checkpoint=str(final_dir), **final)
+    finally:  # on success and on failure alike (a notebook catching the error reuses the model)
+        restore_dtypes(model, cast)  # callers (exact match, merge, export) get the model in the dtypes they gave
+        release_head_caches()  # the head's bf16 copy (bf16-mixed with a tied fp32 head) and its CPU workspaces
 
 
 def run_configuration(run_config: dict[str, Any] | None, train: TrainArgs, eval: EvalArgs,
