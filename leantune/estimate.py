@@ -143,7 +143,7 @@ def estimate(config: Config, method: str, method_args=None, precision: str = "bf
     tokens = rows * (max_seq_length + (model.n_virtual if run_through else 0))
     first = _first_block_with_gradient(model, trainable_names)
     grad_layers = c.n_layer - first
-    block = _block_bytes(model.transformer.h[-1], c, act, device)
+    block = _block_bytes(model.transformer.h[-1], c, act)
     if quantize == "bnb.int8":
         # bitsandbytes' int8 matmul keeps its input for backward even with a frozen weight: the qkv, attention
         # projection, MLP input and MLP projection inputs of each block (4-bit matmuls keep none)
@@ -211,7 +211,7 @@ def _norm_bytes(norm: torch.nn.Module, c: Config, act: int) -> int:
     return act * c.n_embd + 8
 
 
-def _block_bytes(block: torch.nn.Module, c: Config, act: int, device: str) -> int:
+def _block_bytes(block: torch.nn.Module, c: Config, act: int) -> int:
     """Bytes per token one block keeps for backward (counted against torch's saved tensors; see the tests)."""
     C, inter = c.n_embd, c.intermediate_size
     q, k, v = c.qkv_sizes
@@ -231,7 +231,7 @@ def _block_bytes(block: torch.nn.Module, c: Config, act: int, device: str) -> in
         b += 3 * act * inter + (act * inter if linears_train else 0)  # fc_1 out, silu out, fc_2 out (+ proj's input)
     else:
         b += act * inter + (act * inter if linears_train else 0)
-    mask = act if device == "cpu" else 1
+    mask = 1  # dropout keeps a bool mask (leantune.models.ops.dropout on the CPU, the fused kernel on CUDA)
     for m in [*attn.children(), *mlp.children()]:
         if isinstance(m, LoRALinear):
             p = m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0

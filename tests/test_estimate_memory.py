@@ -45,7 +45,7 @@ def test_block_formula_counts_what_autograd_saves(method, args, precision, arch,
     model, _ = build_random_model(cfg, method, args, precision)
     block = model.transformer.h[-1]
     act = 4 if precision == "32-true" else 2
-    expected = _block_bytes(block, cfg, act, "cpu")
+    expected = _block_bytes(block, cfg, act)
     from leantune.estimate import _block_constant_bytes
 
     expected += _block_constant_bytes(block, cfg, act) / T  # per block, not per token: spread over the T tokens

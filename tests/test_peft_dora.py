@@ -127,10 +127,14 @@ def test_same_logits_step_and_count_as_peft(tmp_path, name, targets):
         torch.testing.assert_close(mine[k], theirs[k], atol=1e-5, rtol=0, msg=k)
 
 
-def test_training_forward_with_dropout_equals_peft(tmp_path):
+def test_training_forward_with_dropout_equals_peft(tmp_path, monkeypatch):
     """With dropout on, PEFT runs the dropped input through W too (W x + b + (g - 1) W x' + g s B A x'); with the same
     seed both draw the same masks when every adapted layer calls dropout once in the same order (o_proj, then
-    gate/up/down)."""
+    gate/up/down) and both draw them with torch's bernoulli (leantune's own CPU masks come from 16-bit lanes of random
+    words, ops.dropout, so its masks are swapped for F.dropout's here: the formula is what is compared)."""
+    from leantune.models import ops
+
+    monkeypatch.setattr(ops, "dropout", lambda x, p, training=True: torch.nn.functional.dropout(x, p, training))
     base = make_hf("llama-gqa", tmp_path)
     ours = load_hf_checkpoint(base)
     args = DoRAArgs(r=4, alpha=8, dropout=0.3, targets=["projection", "mlp"])

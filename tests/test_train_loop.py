@@ -93,7 +93,8 @@ def test_golden_losses_fixed_seed(tmp_path):
     assert got == pytest.approx(expected, abs=1e-4), got
 
 
-GOLDEN = [4.58908, 4.71644, 4.5916, 4.40442]  # recorded from this loop; ln(89) = 4.49 at init
+GOLDEN = [4.58908, 4.71021, 4.58614, 4.4013]  # recorded from this loop; ln(89) = 4.49 at init (LoRA dropout 0.1:
+# re-recorded when the CPU dropout masks came to be drawn as 16-bit lanes, leantune.models.ops.dropout)
 
 
 def test_non_finite_loss_stops_with_step_and_samples(tmp_path):

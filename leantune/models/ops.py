@@ -10,14 +10,16 @@ forward and gradients with the plain expressions (tests/test_speed_ops.py).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 class _RMSNormFn(torch.autograd.Function):
     """y = w * x / sqrt(mean(x^2) + eps) over the last dim; saves x and 1/rms (N, 1), not the normalised x."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, x2, rstd = _rms_norm_forward(x, weight, eps)
+    def forward(ctx, x, weight, eps, out_dtype):
+        y, x2, rstd = _rms_norm_forward(x, weight, eps, out_dtype)
         ctx.save_for_backward(x2, rstd, weight)
         return y
 
@@ -25,7 +27,7 @@ class _RMSNormFn(torch.autograd.Function):
     def backward(ctx, gy):
         x2, rstd, weight = ctx.saved_tensors
         C = x2.shape[-1]
-        g = gy.reshape(-1, C)  # (N, C)
+        g = gy.reshape(-1, C).to(x2.dtype)  # (N, C); a bf16 gy (out_dtype) in fp32 once: mixed-dtype ops are slow
         gw = None
         if ctx.needs_input_grad[1]:
             gw = (g * x2 * rstd).sum(0)
@@ -36,14 +38,15 @@ class _RMSNormFn(torch.autograd.Function):
             dot = (gxhat * x2).sum(-1, keepdim=True)  # (N, 1)
             coef = rstd.pow(3).mul_(dot).div_(C)
             gx = gxhat.mul_(rstd).sub_(x2 * coef).view(gy.shape)
-        return gx, gw, None
+        return gx, gw, None, None
 
 
-def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None):
     C = x.shape[-1]
     x2 = x.reshape(-1, C)  # (N, C)
     rstd = torch.linalg.vector_norm(x2, dim=-1, keepdim=True).square_().div_(C).add_(eps).rsqrt_()  # (N, 1)
-    y = torch.mul(x2, rstd).mul_(weight)
+    y = torch.mul(x2, rstd)
+    y = y.mul_(weight) if out_dtype in (None, y.dtype) else torch.mul(y, weight, out=torch.empty_like(y, dtype=out_dtype))
     return y.view(x.shape), x2, rstd
 
 
@@ -51,13 +54,14 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fused fp32 RMSNorm (Llama). Other dtypes should use the reference path, which rounds as transformers.
     Without autograd (decoding, evaluation) the same kernels run without the autograd.Function call, which costs
-    about as much as the math for one token: the bits are the training path's."""
+    about as much as the math for one token: the bits are the training path's. `out_dtype` writes the result in a
+    lower precision (the fp32 result rounded once, as a cast after it would)."""
     if not _needs_grad(x, weight):
-        return _rms_norm_forward(x, weight, eps)[0]
-    return _RMSNormFn.apply(x, weight, eps)
+        return _rms_norm_forward(x, weight, eps, out_dtype)[0]
+    return _RMSNormFn.apply(x, weight, eps, out_dtype)
 
 
 class _RoPEFn(torch.autograd.Function):
@@ -97,3 +101,50 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if not _needs_grad(x):
         return _rotate(x, cos, sin, sign=1.0)
     return _RoPEFn.apply(x, cos, sin)
+
+
+_LEVELS = 1 << 16
+"""A CPU dropout mask compares 16-bit random numbers with a threshold: the drop probability is p rounded to a multiple
+of 2^-16 (0.05 -> 0.0500031), and the kept values are scaled by the reciprocal of that rounded keep probability, so the
+output's expectation is x exactly."""
+
+
+class _KeepScaleFn(torch.autograd.Function):
+    """out = x * keep * scale with a bool `keep` mask; saves the mask (1 byte a value, not a float noise tensor)."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x.mul(keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, g):
+        (keep,) = ctx.saved_tensors
+        return g.mul(keep).mul_(ctx.scale), None, None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout. On the CPU the mask comes from 64-bit random words cut into four 16-bit lanes: torch's
+    `bernoulli_` draws one (serial) random number and a float conversion per value, ~3.5x the time of this whole op
+    (LoRA's dropout on the default model was ~6% of a bf16-mixed step). Elsewhere, or under torch.compile, F.dropout."""
+    if not training or p == 0:
+        return x
+    drop = round(p * _LEVELS)
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or not 0 < drop < _LEVELS:
+        return F.dropout(x, p, training)
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(1 << 63), None)  # 64 random bits
+    lanes = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-2^15, 2^15)
+    keep = lanes >= drop - _LEVELS // 2  # P(drop) = drop / 2^16
+    scale = _LEVELS / (_LEVELS - drop)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _KeepScaleFn.apply(x, keep, scale)
+    return x.mul(keep).mul_(scale)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (same `p`, state and repr) that runs `dropout` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from leantune.models.decoder.families import FAMILIES
 from leantune.models.decoder.model import GPT
+from leantune.models.ops import Dropout
 from leantune.models.quantize import compute_dtype_of, is_quantized, quantized_linear
 from leantune.peft.base import mark_trainable, merge_into_linears, params_of
 from leantune.peft.lora_layers import TARGETS, parts_matrix, target_layers
@@ -38,7 +39,7 @@ class AdaLoRAArgs:
     alpha: float = 32.0
     """Scale numerator: the update is multiplied by alpha / init_r (PEFT's lora_alpha / ranknum)."""
     dropout: float = 0.05
-    """Dropout on the adapter branch input."""
+    """Dropout on the adapter branch input (on CPU, p is applied rounded to a multiple of 2^-16: 0.05 -> 0.0500031)."""
     targets: list[str] | str = field(default_factory=lambda: ["query", "value"])
     """Layers to adapt: a list or comma-separated string among query, key, value, projection, mlp, head; or all."""
     tinit: int | None = None
@@ -111,7 +112,7 @@ class AdaLoRALinear(GraphScale, nn.Module):
         self.args = args  # the schedule and penalty settings the allocator reads
         self.r = args.init_r
         self.scaling = args.scaling
-        self.dropout = nn.Dropout(args.dropout) if args.dropout > 0 else nn.Identity()
+        self.dropout = Dropout(args.dropout) if args.dropout > 0 else nn.Identity()
         factory = dict(device=base.weight.device, dtype=compute_dtype_of(base.weight))
         n = len(parts) * self.r
         self.lora_A = nn.Parameter(torch.empty(n, self.in_features, **factory))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from leantune.models.decoder.model import GPT
 from leantune.models.kinds import is_seq2seq
+from leantune.models.ops import Dropout
 from leantune.models.quantize import compute_dtype_of, dequantize_weight, is_quantized, quantized_linear
 from leantune.models.t5.model import T5
 from leantune.peft.base import mark_trainable, merge_into_linears, params_of
@@ -37,7 +38,7 @@ class LoRAArgs:
     alpha: float = 16.0
     """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
     dropout: float = 0.05
-    """Dropout on the LoRA branch input."""
+    """Dropout on the LoRA branch input (on CPU, p is applied rounded to a multiple of 2^-16: 0.05 -> 0.0500031)."""
     targets: list[str] | str = field(default_factory=lambda: ["query", "value"])
     """Layers to adapt: a list or comma-separated string among query, key, value, projection, mlp, head; or all."""
     rslora: bool = False
@@ -103,7 +104,7 @@ class LoRALinear(GraphScale, nn.Module):
         self.quantized = is_quantized(base.weight)  # a frozen 4/8-bit base (QLoRA): never merged in place
         self.r = r
         self.scaling = scaling  # a float, and a tensor for compiled graphs (GraphScale)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         widths = sum(e - s for s, e in parts)
         factory = dict(device=base.weight.device, dtype=compute_dtype_of(base.weight))
         self.lora_A = nn.Parameter(torch.empty(len(parts) * r, self.in_features, **factory))

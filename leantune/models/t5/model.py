@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from leantune.models.ops import Dropout
 from leantune.models.t5.presets import find_t5_preset
 
 
@@ -346,7 +347,7 @@ class T5Stack(nn.Module):
         n = config.num_decoder_layers if is_decoder else config.num_layers
         self.block = nn.ModuleList(T5Block(config, is_decoder, i) for i in range(n))
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
     def position_bias(self, q_len: int, k_len: int, offset: int, device: torch.device) -> torch.Tensor:
         """(1, H, q_len, k_len) bias for queries at positions offset..offset+q_len-1 and keys 0..k_len-1."""
@@ -397,7 +398,7 @@ class T5Block(nn.Module):
         self.cross_attn = T5Attention(config) if is_decoder else None
         self.ff_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.ff = T5FeedForward(config)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
     def forward(self, x, bias, encoder_hidden, cross_bias, cache):
         h = self.attn_norm(x)
@@ -456,7 +457,7 @@ class T5FeedForward(nn.Module):
             self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
         self.act = ACTIVATIONS[config.dense_act_fn]
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
     def forward(self, x):
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
