@@ -138,7 +138,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     lanes = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-2^15, 2^15)
     keep = lanes >= drop - _LEVELS // 2  # P(drop) = drop / 2^16
     scale = _LEVELS / (_LEVELS - drop)
-    if torch.is_grad_enabled() and x.requires_grad:
+    if _needs_grad(x):
         return _KeepScaleFn.apply(x, keep, scale)
     return x.mul(keep).mul_(scale)
 
