@@ -116,12 +116,16 @@ class _KeepScaleFn(torch.autograd.Function):
     def forward(ctx, x, keep, scale):
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return x.mul(keep).mul_(scale)
+        return _keep_scale(x, keep, scale)
 
     @staticmethod
     def backward(ctx, g):
         (keep,) = ctx.saved_tensors
-        return g.mul(keep).mul_(ctx.scale), None, None
+        return _keep_scale(g, keep, ctx.scale), None, None
+
+
+def _keep_scale(t: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    return t.mul(keep).mul_(scale)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -140,7 +144,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     scale = _LEVELS / (_LEVELS - drop)
     if _needs_grad(x):
         return _KeepScaleFn.apply(x, keep, scale)
-    return x.mul(keep).mul_(scale)
+    return _keep_scale(x, keep, scale)
 
 
 class Dropout(nn.Dropout):
