@@ -231,11 +231,12 @@ def _block_bytes(block: torch.nn.Module, c: Config, act: int) -> int:
         b += 3 * act * inter + (act * inter if linears_train else 0)  # fc_1 out, silu out, fc_2 out (+ proj's input)
     else:
         b += act * inter + (act * inter if linears_train else 0)
-    mask = 1  # dropout keeps a bool mask (leantune.models.ops.dropout on the CPU, the fused kernel on CUDA)
     for m in [*attn.children(), *mlp.children()]:
         if isinstance(m, LoRALinear):
             p = m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0
-            b += (act + mask) * m.in_features if p > 0 else 0  # dropout output (A's input) and mask
+            # dropout output (A's input) and its bool mask, 1 byte a value (leantune.models.ops.dropout on the CPU,
+            # the fused kernel on CUDA)
+            b += (act + 1) * m.in_features if p > 0 else 0
             b += act * len(m.parts) * m.r  # x A^T, the input of B
         elif isinstance(m, AdapterV2Linear):
             b += act * m.out_features  # x W^T before the trainable scale
